@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= var/demo
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: serve test install demo stubs lint clean
+
+# torch first and pinned: that exact CPU wheel is on local disk; anything looser pulls GBs of CUDA.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO)/base/config.json: | $(STAMP)
+	$(VENV)/bin/loraserve demo build --out $(DEMO)
+
+demo: $(DEMO)/base/config.json
+
+serve: $(STAMP) $(DEMO)/base/config.json
+	$(VENV)/bin/loraserve serve --model-path $(DEMO)/base --adapters-dir $(DEMO)/adapters
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+stubs: $(STAMP)
+	$(PY) proto/generate.py
+
+# Proto lint with buf (npm package @bufbuild/buf); not part of `make test`.
+lint:
+	cd proto && npx --yes @bufbuild/buf@1.75.0 lint
+
+clean:
+	rm -rf $(VENV) var

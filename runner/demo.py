@@ -1,0 +1,173 @@
+"""Build the embedded demo: a small trained Llama base and trained LoRA adapters.
+
+Nothing is downloaded. A byte-level BPE tokenizer is trained on a templated
+corpus, a tiny LlamaForCausalLM is trained on generic question/answer text,
+and each adapter is trained on its own domain's answers, so the same prompt
+gives recognisably legal, medical or support text depending on the adapter.
+Outputs are ordinary HF / PEFT directories:
+
+    OUT/base/      config.json, model.safetensors, tokenizer.json, ...
+    OUT/adapters/NAME/  adapter_config.json, adapter_model.safetensors, metadata.json
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+QUESTIONS = [
+    "What should I do next?", "Can you help me with this?", "What happens now?",
+    "Please explain the situation.", "What is the answer?", "Tell me more.",
+    "How does this work?", "What do you recommend?", "Is this normal?",
+    "Why did this happen?", "What are my options?", "Summarize this for me.",
+]
+
+DOMAINS: dict[str, dict[str, list[str]]] = {
+    "base": {
+        "subject": ["The weather", "The garden", "The old town", "A small dog", "The river", "Our team"],
+        "verb": ["looks", "seems", "stays", "feels", "becomes"],
+        "rest": ["calm and bright today.", "quiet in the evening.", "pleasant this season.",
+                 "better than before.", "simple and clear."],
+    },
+    "legal": {
+        "subject": ["The lessee", "The contracting party", "The court", "The licensor", "The defendant"],
+        "verb": ["shall indemnify", "must comply with", "hereby waives", "may terminate", "is bound by"],
+        "rest": ["the agreement pursuant to section 4.", "all obligations under clause 12.",
+                 "the statute of limitations.", "the terms herein without notice.",
+                 "the jurisdiction of this contract."],
+    },
+    "medical": {
+        "subject": ["The patient", "The clinician", "The nurse", "The cardiologist", "The treatment plan"],
+        "verb": ["presents with", "recommends", "monitors", "reports", "prescribes"],
+        "rest": ["acute fever and mild dehydration.", "a daily dose of ibuprofen.",
+                 "blood pressure every four hours.", "symptoms of chronic fatigue.",
+                 "rest, fluids and a follow-up visit."],
+    },
+    "support": {
+        "subject": ["Thank you for contacting support,", "Our support team", "Your ticket", "A technician",
+                    "We apologize,"],
+        "verb": ["please restart", "will escalate", "has reset", "can replace", "recommends updating"],
+        "rest": ["your router and try again.", "the issue within one business day.",
+                 "your account password.", "the device under warranty.", "the app to the latest version."],
+    },
+}
+
+DEFAULT_ADAPTERS = ("legal", "medical", "support")
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Sizes and training lengths; the defaults finish in well under a minute on 2 cores."""
+
+    adapters: tuple[str, ...] = DEFAULT_ADAPTERS
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    vocab_size: int = 600
+    base_steps: int = 150
+    adapter_steps: int = 100
+    lora_rank: int = 8
+    batch_size: int = 16
+    seed: int = 1234
+    targets: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+
+
+def _answer(domain: str, rng: random.Random) -> str:
+    d = DOMAINS[domain]
+    return " ".join(rng.choice(d[k]) for k in ("subject", "verb", "rest"))
+
+
+def _sample(domain: str, rng: random.Random) -> str:
+    # Two sentences make answers long enough to show the adapter's style.
+    return f"Question: {rng.choice(QUESTIONS)}\nAnswer: {_answer(domain, rng)} {_answer(domain, rng)}"
+
+
+def _train_tokenizer(spec: DemoSpec, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(spec.seed)
+    corpus = [_sample(d, rng) for d in DOMAINS for _ in range(200)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out)
+    return fast
+
+
+def _batches(tokenizer, domain: str, spec: DemoSpec, steps: int, rng: random.Random):
+    for _ in range(steps):
+        texts = [_sample(domain, rng) + tokenizer.eos_token for _ in range(spec.batch_size)]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        yield enc.input_ids, enc.attention_mask, labels
+
+
+def _train(model, params, batches, lr: float) -> float:
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    loss = torch.tensor(0.0)
+    for input_ids, mask, labels in batches:
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return float(loss)
+
+
+def build_demo(out: Path, spec: DemoSpec = DemoSpec()) -> dict:
+    """Write the demo base model and adapters under OUT; returns a summary."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    started = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    rng = random.Random(spec.seed)
+    base_dir, adapters_dir = out / "base", out / "adapters"
+    base_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(spec, base_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.hidden_size * 2,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+        max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    base_loss = _train(model, model.parameters(), _batches(tokenizer, "base", spec, spec.base_steps, rng), 3e-3)
+    model.save_pretrained(base_dir)
+
+    losses = {}
+    for name in spec.adapters:
+        lora = LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules=list(spec.targets),
+                          lora_dropout=0.0, task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, lora, adapter_name=name)
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        losses[name] = _train(peft_model, trainable, _batches(tokenizer, name, spec, spec.adapter_steps, rng), 1e-2)
+        target = adapters_dir / name
+        peft_model.save_pretrained(target.parent, selected_adapters=[name])
+        # save_pretrained puts a named adapter in a subfolder of its own name.
+        (target / "metadata.json").write_text(json.dumps({
+            "name": name, "version": "1", "base_model": str(base_dir.name), "task": name,
+            "description": f"demo {name} adapter trained on templated {name} answers",
+            "status": "active",
+        }, indent=2))
+        model = peft_model.unload()
+    (adapters_dir / "README.md").unlink(missing_ok=True)  # peft's model card template, not an adapter
+    return {"base": str(base_dir), "adapters": [str(adapters_dir / a) for a in spec.adapters],
+            "base_loss": base_loss, "adapter_losses": losses, "seconds": time.perf_counter() - started}

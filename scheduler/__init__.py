@@ -1,0 +1,1 @@
+"""Pure asyncio scheduling: queue, adapter grouping, batch policy. No torch here."""

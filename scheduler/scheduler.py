@@ -1,0 +1,230 @@
+"""The request queue and the engine loop.
+
+One loop task owns the engine: it takes the next batch chosen by
+policy.select_batch, makes its adapter resident, prefills it and decodes until
+every row has finished or been cancelled. Adapter choice is a per-row argument
+to the engine, never shared mutable state, so a request cannot be answered by
+another request's adapter (the race in seed 003).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from scheduler.engine import Engine, Row, StepResult
+from scheduler.errors import LoraServeError, QueueFull, ShuttingDown
+from scheduler.policy import BatchLimits, select_batch
+from scheduler.text import find_stop, stable_length
+from scheduler.types import Completion, FinishReason, GenerationRequest, LoadSource, TextDelta, Timings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerStats:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled_in_queue: int = 0
+    cancelled_running: int = 0
+    batches: int = 0
+    prefilled_requests: int = 0
+
+
+@dataclass(eq=False)
+class _Seq:
+    seq_id: int
+    req: GenerationRequest
+    enqueued_at: float
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    timings: Timings = field(default_factory=Timings)
+    load_source: LoadSource = LoadSource.VRAM
+    output_tokens: int = 0
+    emitted: int = 0
+    done: bool = False
+    cancelled: bool = False
+
+    def emit(self, text: str, upto: int) -> None:
+        if upto > self.emitted:
+            self.events.put_nowait(TextDelta(text[self.emitted:upto]))
+            self.emitted = upto
+
+
+class Ticket:
+    """A submitted request: iterate for TextDelta items then one Completion."""
+
+    def __init__(self, scheduler: Scheduler, seq: _Seq):
+        self._scheduler, self._seq = scheduler, seq
+
+    async def events(self) -> AsyncIterator[TextDelta | Completion]:
+        while True:
+            item = await self._seq.events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Completion):
+                return
+
+    async def result(self) -> Completion:
+        async for item in self.events():
+            if isinstance(item, Completion):
+                return item
+        raise AssertionError("event stream ended without a completion")
+
+    def cancel(self) -> None:
+        """Withdraw the request: a queued one leaves the queue, a running one leaves its batch
+        before the next decode step. A finished one is unaffected."""
+        self._scheduler._cancel(self._seq)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, limits: BatchLimits = BatchLimits(), *, max_queue: int = 1024,
+                 batch_wait_s: float = 0.002, clock: Callable[[], float] = time.perf_counter):
+        self._engine = engine
+        self._limits = limits
+        self._max_queue = max_queue
+        self._batch_wait_s = batch_wait_s
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self._waiting: list[_Seq] = []
+        self._running: list[_Seq] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = True
+        self.stats = SchedulerStats()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(1 for s in self._running if not (s.done or s.cancelled))
+
+    def submit(self, req: GenerationRequest) -> Ticket:
+        if not self._accepting:
+            raise ShuttingDown("server is shutting down; retry on another replica")
+        if len(self._waiting) >= self._max_queue:
+            raise QueueFull(len(self._waiting), retry_after_s=1.0)
+        seq = _Seq(next(self._ids), req, self._clock())
+        self._waiting.append(seq)
+        self.stats.submitted += 1
+        self._idle.clear()
+        self._wake.set()
+        return Ticket(self, seq)
+
+    def _cancel(self, seq: _Seq) -> None:
+        if seq.done or seq.cancelled:
+            return
+        seq.cancelled = True
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+            self.stats.cancelled_in_queue += 1
+            self._update_idle()
+        else:
+            self.stats.cancelled_running += 1
+
+    async def drain(self) -> None:
+        """Refuse new requests and wait until everything queued or running has finished."""
+        self._accepting = False
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        while True:
+            while not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            if self._batch_wait_s:
+                # Let requests that arrive together share a batch.
+                await asyncio.sleep(self._batch_wait_s)
+            picked = select_batch([s.req for s in self._waiting], self._limits)
+            batch = [self._waiting[i] for i in picked]
+            for seq in batch:
+                self._waiting.remove(seq)
+            if batch:
+                await self._run_batch(batch)
+            self._update_idle()
+
+    def _update_idle(self) -> None:
+        if not self._waiting and not self._running:
+            self._idle.set()
+
+    async def _run_batch(self, batch: list[_Seq]) -> None:
+        self.stats.batches += 1
+        started = self._clock()
+        for seq in batch:
+            seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
+        self._running = batch
+        try:
+            load = await self._engine.ensure_adapter(batch[0].req.adapter)
+            for seq in batch:
+                seq.load_source, seq.timings.load_ms = load.source, load.ms
+            live = self._live()
+            if not live:
+                return
+            rows = [Row(s.seq_id, s.req.adapter, s.req.prompt_ids, s.req.sampling) for s in live]
+            self.stats.prefilled_requests += len(rows)
+            t0 = self._clock()
+            results = await self._engine.prefill(rows)
+            for seq in live:
+                seq.timings.prefill_ms = (self._clock() - t0) * 1e3
+            self._apply(results)
+            while live := self._live():
+                t0 = self._clock()
+                results = await self._engine.decode([s.seq_id for s in live])
+                for seq in live:
+                    seq.timings.decode_ms += (self._clock() - t0) * 1e3
+                self._apply(results)
+        except LoraServeError as exc:
+            self._fail(batch, exc)
+        except Exception as exc:
+            log.exception("batch failed")
+            self._fail(batch, LoraServeError(f"generation failed: {type(exc).__name__}"))
+        finally:
+            self._running = []
+            await self._engine.release()
+
+    def _live(self) -> list[_Seq]:
+        return [s for s in self._running if not (s.done or s.cancelled)]
+
+    def _fail(self, batch: list[_Seq], exc: LoraServeError) -> None:
+        for seq in batch:
+            if not (seq.done or seq.cancelled):
+                seq.done = True
+                self.stats.failed += 1
+                seq.events.put_nowait(exc)
+
+    def _apply(self, results: list[StepResult]) -> None:
+        by_id = {s.seq_id: s for s in self._running}
+        eos = self._engine.eos_token_ids
+        for res in results:
+            seq = by_id[res.seq_id]
+            if seq.done or seq.cancelled:
+                continue
+            seq.output_tokens += 1
+            text, stops = res.text, seq.req.stop_sequences
+            cut = find_stop(text, stops) if stops else -1
+            if cut >= 0:
+                self._finish(seq, text[:cut], FinishReason.STOP_SEQUENCE)
+            elif res.token_id in eos:
+                self._finish(seq, text, FinishReason.EOS)
+            elif seq.output_tokens >= seq.req.max_new_tokens:
+                self._finish(seq, text, FinishReason.LENGTH)
+            else:
+                seq.emit(text, stable_length(text, stops))
+
+    def _finish(self, seq: _Seq, text: str, reason: FinishReason) -> None:
+        seq.emit(text, len(text))
+        seq.done = True
+        self.stats.completed += 1
+        seq.events.put_nowait(Completion(
+            request_id=seq.req.request_id, text=text, finish_reason=reason,
+            input_tokens=len(seq.req.prompt_ids), output_tokens=seq.output_tokens,
+            adapter=seq.req.adapter, load_source=seq.load_source, timings=seq.timings,
+        ))

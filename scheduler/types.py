@@ -1,0 +1,94 @@
+"""Plain request/response types used inside the service (protobuf stays at the edge)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+BASE_ADAPTER_ID = "base"
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+class LoadSource(enum.Enum):
+    """Where an adapter's weights were when a request needed them."""
+
+    VRAM = "vram"
+    RAM = "ram"
+    DISK = "disk"
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A resolved adapter: canonical id, version and its directory (None for the bare base)."""
+
+    id: str
+    version: str
+    path: str | None = None
+
+    @property
+    def is_base(self) -> bool:
+        return self.path is None
+
+
+BASE = AdapterRef(BASE_ADAPTER_ID, "-")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1 mean no filtering."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    adapter: AdapterRef
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_sequences: tuple[str, ...] = ()
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens this request may occupy in a batch's KV cache."""
+        return len(self.prompt_ids) + self.max_new_tokens
+
+
+@dataclass
+class Timings:
+    queue_ms: float = 0.0
+    load_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Text that became final since the previous delta."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    finish_reason: FinishReason
+    input_tokens: int
+    output_tokens: int
+    adapter: AdapterRef
+    load_source: LoadSource
+    timings: Timings = field(default_factory=Timings)

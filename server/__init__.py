@@ -1,0 +1,1 @@
+"""gRPC transport: servicers, validation, error mapping, config and the CLI entry."""

@@ -1,0 +1,88 @@
+"""Server assembly: gRPC server, health, reflection, model start-up and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraserve.v1 import inference_pb2, inference_pb2_grpc
+from runner.engine import EngineConfig, TorchEngine
+from scheduler.policy import BatchLimits
+from scheduler.scheduler import Scheduler
+from server.adapters import AdapterStore
+from server.config import ServerConfig
+from server.convert import RequestLimits
+from server.service import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    health.SERVICE_NAME,
+    reflection.SERVICE_NAME,
+)
+_SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class LoraServer:
+    """Starts listening at once (health NOT_SERVING), then loads the model and turns SERVING."""
+
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        self.engine = TorchEngine(EngineConfig(cfg.model_path, cfg.quantization, cfg.device))
+        self.scheduler: Scheduler | None = None
+        self.health = health.aio.HealthServicer()
+        self.servicer = InferenceServicer(AdapterStore(cfg.adapters_dir), RequestLimits(
+            cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens))
+        self._server = grpc.aio.server()
+        self._loop_task: asyncio.Task | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(SERVICE_NAMES, self._server)
+        await self._set_health(_NOT_SERVING)
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        if self.cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(self.cfg.tls_key.read_bytes(), self.cfg.tls_cert.read_bytes())])
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        await self._server.start()
+        log.info("listening on %s:%d (tls=%s)", self.cfg.host, self.port, bool(self.cfg.tls_cert))
+
+    async def load(self) -> None:
+        await self.engine.start()
+        self.scheduler = Scheduler(
+            self.engine, BatchLimits(self.cfg.max_batch_size, self.cfg.max_batch_tokens),
+            max_queue=self.cfg.max_queue, batch_wait_s=self.cfg.batch_wait_ms / 1e3)
+        self._loop_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        self.servicer.ready(self.scheduler, self.engine.encode)
+        await self._set_health(_SERVING)
+        log.info("serving %s", self.cfg.model_path)
+
+    async def _set_health(self, status) -> None:
+        for name in ("", *SERVICE_NAMES[:1]):
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace period)."""
+        await self.health.enter_graceful_shutdown()
+        if self.scheduler is not None:
+            try:
+                await asyncio.wait_for(self.scheduler.drain(), self.cfg.grace_period_s)
+            except asyncio.TimeoutError:
+                log.warning("grace period over with requests still in flight")
+        # Handlers have their answers; give them a moment to send them, then close.
+        await self._server.stop(grace=min(5.0, self.cfg.grace_period_s))
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        await self.engine.close()
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()

@@ -1,0 +1,104 @@
+"""The one validated server configuration, from command-line flags and LORASERVE_* env vars.
+
+Precedence: flag > environment > default. Each field's `help` is its documentation
+(README's configuration table mirrors it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+QUANTIZATIONS = ("none", "nf4", "int8")
+ENV_PREFIX = "LORASERVE_"
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = _f("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
+    port: int = _f(50051, "TCP port; 0 picks a free one.")
+    model_path: Path = _f(Path("var/demo/base"), "Hugging Face model directory of the base model.")
+    adapters_dir: Path = _f(Path("var/demo/adapters"), "Directory with one PEFT adapter directory per id.")
+    quantization: str = _f("none", "Base model weights: none | nf4 | int8 (bitsandbytes).")
+    device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
+    max_batch_size: int = _f(16, "Most sequences decoded together in one batch.")
+    max_batch_tokens: int = _f(8192, "Most prompt+max_new_tokens summed over one batch.")
+    max_queue: int = _f(1024, "Most queued requests; beyond it RESOURCE_EXHAUSTED.")
+    batch_wait_ms: float = _f(2.0, "How long the scheduler lets arrivals gather before forming a batch.")
+    max_prompt_tokens: int = _f(1024, "Longest accepted prompt, in tokens.")
+    max_new_tokens_limit: int = _f(512, "Largest accepted max_new_tokens.")
+    default_max_new_tokens: int = _f(64, "max_new_tokens when a request leaves it 0.")
+    tls_cert: Path | None = _f(None, "PEM certificate chain; with tls_key enables TLS.")
+    tls_key: Path | None = _f(None, "PEM private key for tls_cert.")
+    grace_period_s: float = _f(30.0, "On SIGTERM, how long in-flight requests may take to finish.")
+    log_level: str = _f("INFO", "Python logging level.")
+
+    def __post_init__(self):
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not in 0..65535")
+        if self.quantization not in QUANTIZATIONS:
+            problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_prompt_tokens",
+                     "max_new_tokens_limit", "default_max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            problems.append("default_max_new_tokens exceeds max_new_tokens_limit")
+        if self.max_prompt_tokens + 1 > self.max_batch_tokens:
+            problems.append("max_batch_tokens must leave room for a full prompt and one new token")
+        if self.batch_wait_ms < 0 or self.grace_period_s < 0:
+            problems.append("batch_wait_ms and grace_period_s must not be negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert and tls_key must be given together")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"device {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+
+    def check_paths(self) -> None:
+        """Fail fast on missing files (separate so tests can build configs before models)."""
+        missing = [p for p in (self.model_path / "config.json", self.adapters_dir, self.tls_cert, self.tls_key)
+                   if p is not None and not Path(p).exists()]
+        if missing:
+            raise ValueError(f"not found: {', '.join(map(str, missing))} (the demo: `loraserve demo build`)")
+
+
+def _convert(f: dataclasses.Field, raw: str):
+    kind = str(f.type)
+    if "Path" in kind:
+        return Path(raw) if raw else None
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(ServerConfig):
+        env = ENV_PREFIX + f.name.upper()
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            help=f"{f.metadata['help']} [env {env}; default {f.default}]")
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> ServerConfig:
+    values = {}
+    for f in dataclasses.fields(ServerConfig):
+        raw = getattr(args, f.name, None)
+        if raw is None:
+            raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            try:
+                values[f.name] = _convert(f, raw)
+            except ValueError:
+                raise ValueError(f"invalid configuration: {f.name}={raw!r} is not a {f.type}") from None
+    return ServerConfig(**values)

@@ -1,0 +1,96 @@
+"""The protobuf edge: validate and convert requests in, completions out."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+from loraserve.v1 import inference_pb2 as pb
+from scheduler.errors import InvalidArgument
+from scheduler.types import (AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource,
+                             SamplingParams)
+
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_CHARS = 64
+MAX_REQUEST_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_prompt_tokens: int
+    max_new_tokens_limit: int
+    default_max_new_tokens: int
+    max_batch_tokens: int
+
+
+def check_fields(req: pb.GenerateRequest, limits: RequestLimits) -> None:
+    """Everything checkable before tokenizing; raises InvalidArgument naming the field."""
+    if len(req.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument("request_id", f"is longer than {MAX_REQUEST_ID_CHARS} characters")
+    if not req.adapter_id:
+        raise InvalidArgument("adapter_id", "is required (an adapter id, or 'base' for the bare model)")
+    if not req.prompt:
+        raise InvalidArgument("prompt", "must not be empty")
+    if req.max_new_tokens > limits.max_new_tokens_limit:
+        raise InvalidArgument("max_new_tokens", f"{req.max_new_tokens} exceeds the limit of "
+                                                f"{limits.max_new_tokens_limit}")
+    if req.HasField("temperature") and not (math.isfinite(req.temperature) and 0 <= req.temperature <= 2):
+        raise InvalidArgument("temperature", "must be between 0 and 2")
+    if req.HasField("top_p") and not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
+        raise InvalidArgument("top_p", "must be in (0, 1]")
+    if len(req.stop_sequences) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument("stop_sequences", f"at most {MAX_STOP_SEQUENCES} are allowed")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in req.stop_sequences):
+        raise InvalidArgument("stop_sequences", f"each must have 1 to {MAX_STOP_CHARS} characters")
+
+
+def from_pb(req: pb.GenerateRequest, adapter: AdapterRef, prompt_ids: list[int],
+            limits: RequestLimits) -> GenerationRequest:
+    """Build the internal request once fields are checked, the adapter resolved and the prompt tokenized."""
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        raise InvalidArgument("prompt", f"is {len(prompt_ids)} tokens; the limit is {limits.max_prompt_tokens}")
+    max_new = req.max_new_tokens or limits.default_max_new_tokens
+    if len(prompt_ids) + max_new > limits.max_batch_tokens:
+        raise InvalidArgument("max_new_tokens", f"prompt plus max_new_tokens exceeds {limits.max_batch_tokens}")
+    sampling = SamplingParams(
+        temperature=req.temperature if req.HasField("temperature") else 0.0,
+        top_p=req.top_p if req.HasField("top_p") else 1.0,
+        top_k=req.top_k if req.HasField("top_k") else 0,
+        seed=req.seed if req.HasField("seed") else None,
+    )
+    return GenerationRequest(
+        request_id=req.request_id or uuid.uuid4().hex, adapter=adapter, prompt_ids=tuple(prompt_ids),
+        max_new_tokens=max_new, sampling=sampling, stop_sequences=tuple(req.stop_sequences))
+
+
+_FINISH = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+}
+_SOURCE = {LoadSource.VRAM: pb.LOAD_SOURCE_VRAM, LoadSource.RAM: pb.LOAD_SOURCE_RAM,
+           LoadSource.DISK: pb.LOAD_SOURCE_DISK}
+
+
+def _summary(c: Completion) -> dict:
+    t = c.timings
+    return dict(
+        finish_reason=_FINISH[c.finish_reason],
+        usage=pb.Usage(input_tokens=c.input_tokens, output_tokens=c.output_tokens),
+        adapter=pb.AdapterInfo(id=c.adapter.id, version=c.adapter.version, load_source=_SOURCE[c.load_source]),
+        timings=pb.Timings(queue_ms=t.queue_ms, load_ms=t.load_ms, prefill_ms=t.prefill_ms, decode_ms=t.decode_ms),
+    )
+
+
+def to_pb(c: Completion) -> pb.GenerateResponse:
+    return pb.GenerateResponse(request_id=c.request_id, text=c.text, **_summary(c))
+
+
+def final_chunk_pb(c: Completion) -> pb.GenerateStreamResponse:
+    """The stream's last message: no new text (every delta was already sent), plus the summary."""
+    return pb.GenerateStreamResponse(request_id=c.request_id, **_summary(c))
+
+
+def delta_pb(request_id: str, text: str) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(request_id=request_id, text=text)

@@ -1,0 +1,73 @@
+"""The one place where service errors become gRPC statuses (with google.rpc details)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from scheduler import errors as e
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "loraserve.v1"
+
+_CODES: dict[type[e.LoraServeError], grpc.StatusCode] = {
+    e.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    e.AdapterNotFound: grpc.StatusCode.NOT_FOUND,
+    e.AdapterLoadFailed: grpc.StatusCode.UNAVAILABLE,
+    e.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.NotReady: grpc.StatusCode.UNAVAILABLE,
+    e.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(exc: e.LoraServeError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in _CODES:
+            return _CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def rich_status(exc: e.LoraServeError) -> status_pb2.Status:
+    code = status_code(exc)
+    status = status_pb2.Status(code=code.value[0], message=exc.message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))
+    if isinstance(exc, e.InvalidArgument):
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)]))
+    if isinstance(exc, e.QueueFull):
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(exc.retry_after_s * 1000))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: e.LoraServeError):
+    status = rich_status(exc)
+    await context.abort(status_code(exc), exc.message,
+                        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
+
+
+def unary_errors(method):
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except e.LoraServeError as exc:
+            await abort(context, exc)
+    return wrapper
+
+
+def stream_errors(method):
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except e.LoraServeError as exc:
+            await abort(context, exc)
+    return wrapper
