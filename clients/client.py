@@ -72,9 +72,10 @@ class RequestFailed(Exception):
 
 def build_request(adapter: str, prompt: str, *, max_new_tokens: int = 0, temperature: float | None = None,
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                  stop: list[str] | None = None, request_id: str = "") -> pb.GenerateRequest:
+                  stop: list[str] | None = None, ignore_eos: bool = False,
+                  request_id: str = "") -> pb.GenerateRequest:
     req = pb.GenerateRequest(request_id=request_id, adapter_id=adapter, prompt=prompt,
-                             max_new_tokens=max_new_tokens, stop_sequences=stop or [])
+                             max_new_tokens=max_new_tokens, stop_sequences=stop or [], ignore_eos=ignore_eos)
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
         if value is not None:
             setattr(req, name, value)

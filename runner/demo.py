@@ -127,7 +127,7 @@ def _train(model, params, batches, lr: float) -> float:
         opt.step()
         opt.zero_grad()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def build_demo(out: Path, spec: DemoSpec = DemoSpec()) -> dict:

@@ -212,7 +212,7 @@ class Scheduler:
             cut = find_stop(text, stops) if stops else -1
             if cut >= 0:
                 self._finish(seq, text[:cut], FinishReason.STOP_SEQUENCE)
-            elif res.token_id in eos:
+            elif res.token_id in eos and not seq.req.ignore_eos:
                 self._finish(seq, text, FinishReason.EOS)
             elif seq.output_tokens >= seq.req.max_new_tokens:
                 self._finish(seq, text, FinishReason.LENGTH)

@@ -60,6 +60,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     @property
     def token_budget(self) -> int:

@@ -31,9 +31,9 @@ _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Heal
 class LoraServer:
     """Starts listening at once (health NOT_SERVING), then loads the model and turns SERVING."""
 
-    def __init__(self, cfg: ServerConfig):
+    def __init__(self, cfg: ServerConfig, engine: TorchEngine | None = None):
         self.cfg = cfg
-        self.engine = TorchEngine(EngineConfig(cfg.model_path, cfg.quantization, cfg.device))
+        self.engine = engine or TorchEngine(EngineConfig(cfg.model_path, cfg.quantization, cfg.device))
         self.scheduler: Scheduler | None = None
         self.health = health.aio.HealthServicer()
         self.servicer = InferenceServicer(AdapterStore(cfg.adapters_dir), RequestLimits(

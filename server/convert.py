@@ -61,7 +61,8 @@ def from_pb(req: pb.GenerateRequest, adapter: AdapterRef, prompt_ids: list[int],
     )
     return GenerationRequest(
         request_id=req.request_id or uuid.uuid4().hex, adapter=adapter, prompt_ids=tuple(prompt_ids),
-        max_new_tokens=max_new, sampling=sampling, stop_sequences=tuple(req.stop_sequences))
+        max_new_tokens=max_new, sampling=sampling, stop_sequences=tuple(req.stop_sequences),
+        ignore_eos=req.ignore_eos)
 
 
 _FINISH = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 
@@ -52,6 +53,10 @@ async def abort(context: grpc.aio.ServicerContext, exc: e.LoraServeError):
                         trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
 
 
+async def _abort_deadline(context: grpc.aio.ServicerContext):
+    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the answer was ready")
+
+
 def unary_errors(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
@@ -59,6 +64,8 @@ def unary_errors(method):
             return await method(self, request, context)
         except e.LoraServeError as exc:
             await abort(context, exc)
+        except asyncio.TimeoutError:
+            await _abort_deadline(context)
     return wrapper
 
 
@@ -70,4 +77,6 @@ def stream_errors(method):
                 yield item
         except e.LoraServeError as exc:
             await abort(context, exc)
+        except asyncio.TimeoutError:
+            await _abort_deadline(context)
     return wrapper

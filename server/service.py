@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
@@ -45,7 +45,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             ticket = await self._submit(request)
             try:
-                completion = await ticket.result()
+                completion = await asyncio.wait_for(ticket.result(), context.time_remaining())
             finally:
                 ticket.cancel()
         except LoraServeError as exc:
@@ -63,7 +63,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             _log_request(request, None, started, exc.reason)
             raise
         try:
-            async for item in ticket.events():
+            async for item in _until_deadline(ticket.events(), context):
                 if isinstance(item, TextDelta):
                     yield delta_pb(request.request_id, item.text)
                 else:
@@ -71,6 +71,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     yield final_chunk_pb(item)
         finally:
             ticket.cancel()
+
+
+async def _until_deadline(events: AsyncIterator, context) -> AsyncIterator:
+    """grpc.aio does not cancel a handler when its deadline passes, so each wait is bounded here;
+    on expiry the caller's `finally` withdraws the ticket and the client has its DEADLINE_EXCEEDED."""
+    while True:
+        try:
+            yield await asyncio.wait_for(anext(events), context.time_remaining())
+        except StopAsyncIteration:
+            return
 
 
 def _log_request(request: pb.GenerateRequest, c: Completion | None, started: float, status: str) -> None:

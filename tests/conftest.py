@@ -1,0 +1,91 @@
+"""Shared fixtures: a small trained demo model (built once, cached under var/cache) and a
+real gRPC server on loopback running in a background event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from runner.demo import DemoSpec, build_demo
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "Question: What should I do next?\nAnswer:"
+ADAPTERS = ("legal", "medical", "support")
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    """The default demo spec, cached by a hash of the spec and the builder's source."""
+    spec = DemoSpec()
+    key = hashlib.sha256((json.dumps(dataclasses.asdict(spec), sort_keys=True)
+                          + (REPO / "runner" / "demo.py").read_text()).encode()).hexdigest()[:12]
+    out = REPO / "var" / "cache" / f"test-demo-{key}"
+    if not (out / "done").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        build_demo(out, spec)
+        (out / "done").touch()
+    return out
+
+
+class ServerThread:
+    """A LoraServer on its own event loop thread, so tests can use plain sync gRPC clients."""
+
+    def __init__(self, cfg, load: bool = True, engine=None):
+        from server.app import LoraServer
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def make():
+            return LoraServer(cfg, engine)
+
+        self.server = self.call(make())
+        self.call(self.server.start())
+        if load:
+            self.call(self.server.load())
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def stop(self) -> None:
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def server_config(demo_dir: Path, **overrides):
+    from server.config import ServerConfig
+
+    return ServerConfig(**{"port": 0, "model_path": demo_dir / "base", "adapters_dir": demo_dir / "adapters",
+                           "batch_wait_ms": 5.0, "grace_period_s": 10.0, **overrides})
+
+
+@pytest.fixture(scope="session")
+def server(demo_dir):
+    srv = ServerThread(server_config(demo_dir))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def stub(server):
+    from loraserve.v1 import inference_pb2_grpc
+
+    with server.channel() as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)

@@ -1,0 +1,32 @@
+import argparse
+from pathlib import Path
+
+import pytest
+
+from server.config import ServerConfig, add_arguments, from_args
+
+
+def parse(argv, env):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return from_args(parser.parse_args(argv), env)
+
+
+def test_flags_beat_env_beat_defaults():
+    cfg = parse(["--port", "7000"], {"LORASERVE_PORT": "6000", "LORASERVE_QUANTIZATION": "nf4",
+                                     "LORASERVE_TLS_CERT": "c.pem", "LORASERVE_TLS_KEY": "k.pem"})
+    assert (cfg.port, cfg.quantization, cfg.tls_cert) == (7000, "nf4", Path("c.pem"))
+    assert cfg.max_batch_size == ServerConfig.max_batch_size
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "port"),
+    (["--port", "abc"], "port='abc'"),
+    (["--tls-cert", "only.pem"], "tls_cert and tls_key"),
+    (["--device", "tpu"], "device"),
+    (["--default-max-new-tokens", "900"], "default_max_new_tokens"),
+    (["--max-prompt-tokens", "9000"], "max_batch_tokens"),
+])
+def test_nonsense_fails_fast(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse(argv, {})

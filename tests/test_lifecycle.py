@@ -1,0 +1,160 @@
+"""Health, reflection, cancellation and deadlines, graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from conftest import PROMPT, REPO, ServerThread, server_config
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc
+from runner.engine import EngineConfig, TorchEngine
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health(channel, service=""):
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_reflection_describes_the_service_without_proto_files(server):
+    with server.channel() as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = set(db.get_services())
+        assert {"loraserve.v1.InferenceService", "grpc.health.v1.Health"} <= services
+        method = db.FindFileContainingSymbol("loraserve.v1.InferenceService")
+        assert "loraserve/v1/inference.proto" == method.name
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(demo_dir):
+    srv = ServerThread(server_config(demo_dir), load=False)
+    try:
+        with srv.channel() as ch:
+            assert health(ch) == NOT_SERVING
+            assert health(ch, "loraserve.v1.InferenceService") == NOT_SERVING
+            with pytest.raises(grpc.RpcError) as caught:
+                inference_pb2_grpc.InferenceServiceStub(ch).Generate(
+                    pb.GenerateRequest(adapter_id="legal", prompt=PROMPT), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            srv.call(srv.server.load())
+            assert health(ch) == SERVING
+    finally:
+        srv.stop()
+
+
+class PacedEngine(TorchEngine):
+    """The real engine with every decode step stretched to >= 10 ms, so a test can act while a
+    batch is provably still running (the demo model is otherwise too quick to observe)."""
+
+    def _decode(self, keep):
+        time.sleep(0.01)
+        return super()._decode(keep)
+
+
+@pytest.fixture(scope="module")
+def paced(demo_dir):
+    cfg = server_config(demo_dir)
+    srv = ServerThread(cfg, engine=PacedEngine(EngineConfig(cfg.model_path)))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def paced_stub(paced):
+    with paced.channel() as ch:
+        yield inference_pb2_grpc.InferenceServiceStub(ch)
+
+
+def _occupy(stub, tokens=200):
+    """A long request that keeps the engine busy while the test acts."""
+    return stub.Generate.future(pb.GenerateRequest(adapter_id="base", prompt=PROMPT, max_new_tokens=tokens,
+                                                   ignore_eos=True), timeout=120)
+
+
+def test_deadline_while_queued_removes_the_request_without_compute(paced, paced_stub):
+    server, stub = paced, paced_stub
+    stats = server.server.scheduler.stats
+    busy = _occupy(stub)
+    assert wait_for(lambda: server.server.scheduler.running == 1)
+    prefilled, cancelled = stats.prefilled_requests, stats.cancelled_in_queue
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(pb.GenerateRequest(adapter_id="legal", prompt=PROMPT), timeout=0.3)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: stats.cancelled_in_queue == cancelled + 1)
+    assert busy.result().usage.output_tokens == 200
+    assert stats.prefilled_requests == prefilled
+    assert server.server.scheduler.queue_depth == 0
+
+
+def test_client_cancel_while_queued_removes_the_request(paced, paced_stub):
+    server, stub = paced, paced_stub
+    stats = server.server.scheduler.stats
+    busy = _occupy(stub)
+    assert wait_for(lambda: server.server.scheduler.running == 1)
+    prefilled, cancelled = stats.prefilled_requests, stats.cancelled_in_queue
+    queued = stub.Generate.future(pb.GenerateRequest(adapter_id="legal", prompt=PROMPT), timeout=60)
+    assert wait_for(lambda: server.server.scheduler.queue_depth == 1)
+    queued.cancel()
+    assert wait_for(lambda: stats.cancelled_in_queue == cancelled + 1)
+    busy.result()
+    assert stats.prefilled_requests == prefilled
+
+
+def test_mid_stream_cancel_frees_its_batch_slot(paced, paced_stub):
+    scheduler, stub = paced.server.scheduler, paced_stub
+    request = pb.GenerateRequest(adapter_id="support", prompt=PROMPT, max_new_tokens=300, ignore_eos=True)
+    keep, drop = stub.GenerateStream(request, timeout=120), stub.GenerateStream(request, timeout=120)
+    next(keep), next(drop)
+    assert wait_for(lambda: scheduler.running == 2)
+    cancelled = scheduler.stats.cancelled_running
+    drop.cancel()
+    assert wait_for(lambda: scheduler.running == 1)
+    assert scheduler.stats.cancelled_running == cancelled + 1
+    assert sum(1 for c in keep if c.text) > 100
+    assert scheduler.running == 0
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(demo_dir):
+    env = {**os.environ, "LORASERVE_PORT": "0", "LORASERVE_MODEL_PATH": str(demo_dir / "base"),
+           "LORASERVE_ADAPTERS_DIR": str(demo_dir / "adapters")}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: any("listening on" in l for l in lines), 60), lines
+        port = next(l for l in lines if "listening on" in l).rsplit(":", 1)[1].split()[0]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            assert wait_for(lambda: health(ch) == SERVING, 60)
+            stub = inference_pb2_grpc.InferenceServiceStub(ch)
+            futures = [stub.Generate.future(pb.GenerateRequest(adapter_id=a, prompt=PROMPT, max_new_tokens=200,
+                                                               ignore_eos=True), timeout=60)
+                       for a in ("legal", "medical", "support", "base")]
+            time.sleep(0.3)  # the four RPCs have reached the server; the first batch is decoding
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]
+            assert all(r.usage.output_tokens == 200 for r in results)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    assert any("draining" in l for l in lines)

@@ -1,0 +1,206 @@
+"""The scheduler alone, against a scripted engine: milliseconds, no torch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scheduler.engine import LoadInfo, StepResult
+from scheduler.errors import AdapterLoadFailed, QueueFull, ShuttingDown
+from scheduler.policy import BatchLimits, select_batch
+from scheduler.scheduler import Scheduler
+from scheduler.text import find_stop, stable_length
+from scheduler.types import BASE, AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta
+
+EOS = 0
+
+
+def ref(name: str) -> AdapterRef:
+    return AdapterRef(name, "1", f"/store/{name}")
+
+
+def req(rid: str, adapter: AdapterRef = BASE, max_new: int = 4, prompt=(5, 6), stops=()) -> GenerationRequest:
+    return GenerationRequest(rid, adapter, tuple(prompt), max_new, stop_sequences=tuple(stops))
+
+
+class ScriptedEngine:
+    """Each row 'generates' its adapter id's letters, one per step, then EOS.
+
+    `gate`, when set, holds every decode step until the test releases it.
+    """
+
+    eos_token_ids = frozenset({EOS})
+
+    def __init__(self, fail_adapters=()):
+        self.prefills: list[list[int]] = []
+        self.decodes: list[list[int]] = []
+        self.loads: list[str] = []
+        self.gate: asyncio.Event | None = None
+        self._fail = set(fail_adapters)
+        self._rows = {}
+
+    async def ensure_adapter(self, adapter):
+        self.loads.append(adapter.id)
+        if adapter.id in self._fail:
+            raise AdapterLoadFailed(adapter.id, "corrupt")
+        return LoadInfo(LoadSource.DISK, 1.5)
+
+    async def prefill(self, rows):
+        self.prefills.append([r.seq_id for r in rows])
+        self._rows = {r.seq_id: (r.adapter.id, []) for r in rows}
+        return self._step(list(self._rows))
+
+    async def decode(self, keep):
+        self.decodes.append(list(keep))
+        if self.gate is not None:
+            await self.gate.wait()
+        return self._step(keep)
+
+    async def release(self):
+        self._rows = {}
+
+    def _step(self, ids):
+        out = []
+        for sid in ids:
+            name, produced = self._rows[sid]
+            token = ord(name[len(produced)]) if len(produced) < len(name) else EOS
+            produced.append(token)
+            out.append(StepResult(sid, token, "".join(chr(t) for t in produced if t != EOS)))
+        return out
+
+
+async def _with_scheduler(engine, fn, **kwargs):
+    scheduler = Scheduler(engine, kwargs.pop("limits", BatchLimits()), batch_wait_s=0, **kwargs)
+    task = asyncio.create_task(scheduler.run())
+    try:
+        return await fn(scheduler)
+    finally:
+        task.cancel()
+
+
+def run(engine, fn, **kwargs):
+    return asyncio.run(_with_scheduler(engine, fn, **kwargs))
+
+
+def test_policy_groups_by_the_oldest_requests_adapter_within_limits():
+    waiting = [req("a", ref("x"), max_new=10), req("b", ref("y")), req("c", ref("x"), max_new=10),
+               req("d", ref("x"), max_new=100), req("e", ref("x"), max_new=10)]
+    assert select_batch(waiting, BatchLimits(max_batch_size=8, max_batch_tokens=40)) == [0, 2, 4]
+    assert select_batch(waiting, BatchLimits(max_batch_size=2, max_batch_tokens=1000)) == [0, 2]
+    assert select_batch([], BatchLimits()) == []
+
+
+def test_each_request_gets_its_own_adapters_text():
+    engine = ScriptedEngine()
+
+    async def scenario(s):
+        tickets = [s.submit(req(f"r{i}", ref(name), max_new=10)) for i, name in enumerate(["ab", "xyz", "ab", "q"])]
+        return [await t.result() for t in tickets]
+
+    results = run(engine, scenario)
+    assert [r.text for r in results] == ["ab", "xyz", "ab", "q"]
+    assert all(r.finish_reason is FinishReason.EOS for r in results)
+    assert results[0].load_source is LoadSource.DISK and results[0].timings.load_ms == 1.5
+    # Same-adapter requests shared a batch; each batch held one adapter.
+    assert sorted(map(len, engine.prefills)) == [1, 1, 2]
+
+
+def test_length_stop_sequence_and_streamed_deltas():
+    engine = ScriptedEngine()
+
+    async def scenario(s):
+        length = await s.submit(req("l", ref("abcdef"), max_new=3)).result()
+        events = [e async for e in s.submit(req("s", ref("abcdef"), max_new=10, stops=("cd",))).events()]
+        return length, events
+
+    length, events = run(engine, scenario)
+    assert (length.text, length.finish_reason, length.output_tokens) == ("abc", FinishReason.LENGTH, 3)
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    final = events[-1]
+    assert isinstance(final, Completion) and final.finish_reason is FinishReason.STOP_SEQUENCE
+    # "c" was held back until it was clear it starts the stop sequence: nothing is ever taken back.
+    assert "".join(deltas) == final.text == "ab"
+
+
+def test_cancel_while_queued_spends_no_compute():
+    engine = ScriptedEngine()
+
+    async def scenario(s):
+        engine.gate = asyncio.Event()
+        first = s.submit(req("first", ref("abc"), max_new=10))
+        await asyncio.sleep(0.01)  # first is now decoding, held by the gate
+        queued = s.submit(req("queued", ref("zzz")))
+        queued.cancel()
+        engine.gate.set()
+        await first.result()
+        return s.stats
+
+    stats = run(engine, scenario)
+    assert stats.cancelled_in_queue == 1 and stats.prefilled_requests == 1
+    assert engine.loads == ["abc"]
+
+
+def test_cancel_mid_batch_removes_the_row_from_the_next_step():
+    engine = ScriptedEngine()
+
+    async def scenario(s):
+        engine.gate = asyncio.Event()
+        a = s.submit(req("a", ref("abcdef"), max_new=10))
+        b = s.submit(req("b", ref("abcdef"), max_new=10))
+        await asyncio.sleep(0.01)
+        assert s.running == 2
+        b.cancel()
+        assert s.running == 1
+        engine.gate.set()
+        return await a.result()
+
+    result = run(engine, scenario)
+    assert result.text == "abcdef"
+    assert engine.decodes[0] == [1, 2] and all(step == [1] for step in engine.decodes[1:])
+
+
+def test_failed_adapter_load_fails_only_its_own_requests():
+    engine = ScriptedEngine(fail_adapters={"bad"})
+
+    async def scenario(s):
+        bad, good = s.submit(req("b", ref("bad"))), s.submit(req("g", ref("ok")))
+        with pytest.raises(AdapterLoadFailed):
+            await bad.result()
+        return await good.result()
+
+    assert run(engine, scenario).text == "ok"
+
+
+def test_queue_bound_and_drain():
+    engine = ScriptedEngine()
+
+    async def scenario(s):
+        engine.gate = asyncio.Event()
+        tickets = [s.submit(req(f"r{i}", ref("ab"))) for i in range(2)]
+        with pytest.raises(QueueFull) as full:
+            s.submit(req("over", ref("ab")))
+        assert full.value.retry_after_s > 0
+        drained = asyncio.create_task(s.drain())
+        await asyncio.sleep(0.01)
+        with pytest.raises(ShuttingDown):
+            s.submit(req("late", ref("ab")))
+        assert not drained.done()
+        engine.gate.set()
+        await drained
+        return [await t.result() for t in tickets]
+
+    assert [r.text for r in run(engine, scenario, max_queue=2)] == ["ab", "ab"]
+
+
+@pytest.mark.parametrize("text, stops, expected", [
+    ("hello wor", ("world",), 6), ("hello", (), 5), ("abc\ufffd", (), 3), ("ab", ("bc", "b"), 1),
+    ("xyz", ("q",), 3),
+])
+def test_stable_length_never_emits_what_could_be_taken_back(text, stops, expected):
+    assert stable_length(text, stops) == expected
+
+
+def test_find_stop_returns_the_earliest_match():
+    assert find_stop("one two three", ("three", "two")) == 4
+    assert find_stop("abc", ("x",)) == -1
