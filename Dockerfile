@@ -1,0 +1,29 @@
+# loraserve on a CUDA host. The model and adapter store are volumes, never baked in:
+#   docker build -t loraserve .
+#   docker run --gpus all -p 50051:50051 -v /models/base:/models/base:ro \
+#       -v /models/adapters:/models/adapters:ro loraserve
+FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
+
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN useradd --create-home --uid 10001 loraserve
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY proto proto
+COPY loraserve loraserve
+COPY server server
+COPY scheduler scheduler
+COPY runner runner
+COPY clients clients
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir . grpcio-health-checking
+ENV PATH=/opt/venv/bin:$PATH \
+    LORASERVE_HOST=0.0.0.0 \
+    LORASERVE_MODEL_PATH=/models/base \
+    LORASERVE_ADAPTERS_DIR=/models/adapters \
+    HF_HUB_OFFLINE=1
+USER loraserve
+EXPOSE 50051
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s \
+    CMD python3 -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
+sys.exit(g.HealthStub(grpc.insecure_channel('localhost:50051')).Check(h.HealthCheckRequest(), timeout=3).status != 1)"
+ENTRYPOINT ["loraserve", "serve"]
