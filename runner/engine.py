@@ -91,6 +91,7 @@ class TorchEngine:
         self._device = torch.device("cpu")
         self._adapters: dict[str, AdapterRef] = {}
         self._batch: _Batch | None = None
+        self._eos: frozenset[int] = frozenset()
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -100,6 +101,9 @@ class TorchEngine:
         import peft  # noqa: F401  (imported now so the first adapter load does not pay for it)
 
         self._tokenizer, self._model, self._device = load_model(self.cfg)
+        eos = self._model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
         log.info("loaded base model %s on %s (quantization=%s)", self.cfg.model_path, self._device,
                  self.cfg.quantization)
 
@@ -116,9 +120,7 @@ class TorchEngine:
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
-        eos = self._model.generation_config.eos_token_id
-        ids = eos if isinstance(eos, list) else [eos]
-        return frozenset(i for i in ids if i is not None) | {self._tokenizer.eos_token_id}
+        return self._eos
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=True)

@@ -31,19 +31,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Called once the model is loaded; until then Generate answers UNAVAILABLE."""
         self._scheduler, self._encode = scheduler, encode
 
-    async def _submit(self, request: pb.GenerateRequest) -> Ticket:
+    async def _submit(self, request: pb.GenerateRequest) -> tuple[Ticket, str]:
+        """Returns the ticket and the request id (made up here when the caller sent none)."""
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         check_fields(request, self._limits)
         adapter = self._adapters.resolve(request.adapter_id)
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt)
-        return self._scheduler.submit(from_pb(request, adapter, prompt_ids, self._limits))
+        req = from_pb(request, adapter, prompt_ids, self._limits)
+        return self._scheduler.submit(req), req.request_id
 
     @unary_errors
     async def Generate(self, request, context):
         started = time.perf_counter()
         try:
-            ticket = await self._submit(request)
+            ticket, _ = await self._submit(request)
             try:
                 completion = await asyncio.wait_for(ticket.result(), context.time_remaining())
             finally:
@@ -58,14 +60,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(self, request, context):
         started = time.perf_counter()
         try:
-            ticket = await self._submit(request)
+            ticket, request_id = await self._submit(request)
         except LoraServeError as exc:
             _log_request(request, None, started, exc.reason)
             raise
         try:
             async for item in _until_deadline(ticket.events(), context):
                 if isinstance(item, TextDelta):
-                    yield delta_pb(request.request_id, item.text)
+                    yield delta_pb(request_id, item.text)
                 else:
                     _log_request(request, item, started, "OK")
                     yield final_chunk_pb(item)

@@ -73,6 +73,7 @@ def test_stream_concatenates_to_the_unary_answer(stub):
     chunks = list(stub.GenerateStream(pb.GenerateRequest(adapter_id="support", prompt=PROMPT, max_new_tokens=30),
                                       timeout=60))
     assert len(chunks) > 2
+    assert chunks[0].request_id and len({c.request_id for c in chunks}) == 1
     assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
     assert "".join(c.text for c in chunks) == unary.text
     assert chunks[-1].finish_reason == unary.finish_reason

@@ -150,13 +150,18 @@ def test_sigterm_drains_in_flight_requests_then_exits(demo_dir):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             assert wait_for(lambda: health(ch) == SERVING, 60)
             stub = inference_pb2_grpc.InferenceServiceStub(ch)
-            futures = [stub.Generate.future(pb.GenerateRequest(adapter_id=a, prompt=PROMPT, max_new_tokens=200,
+            futures = [stub.Generate.future(pb.GenerateRequest(adapter_id=a, prompt=PROMPT, max_new_tokens=400,
                                                                ignore_eos=True), timeout=60)
                        for a in ("legal", "medical", "support", "base")]
             time.sleep(0.3)  # the four RPCs have reached the server; the first batch is decoding
             proc.send_signal(signal.SIGTERM)
+            # Four sequential 400-token batches keep it draining for seconds.
+            assert wait_for(lambda: health(ch) == NOT_SERVING, 2)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Generate(pb.GenerateRequest(adapter_id="legal", prompt=PROMPT), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             results = [f.result() for f in futures]
-            assert all(r.usage.output_tokens == 200 for r in results)
+            assert all(r.usage.output_tokens == 400 for r in results)
         assert proc.wait(60) == 0
     finally:
         proc.kill()
