@@ -36,6 +36,8 @@ class EngineConfig:
     """none | nf4 | int8 (bitsandbytes)."""
     device: str = "auto"
     """auto picks cuda when present, else cpu."""
+    load_threads: int = 2
+    """Threads reading adapters from disk (the scheduler's limiter caps concurrent loads)."""
 
 
 @dataclass
@@ -86,6 +88,8 @@ class TorchEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._loaders = ThreadPoolExecutor(max_workers=cfg.load_threads, thread_name_prefix="adapter-load")
+        self._ram: dict[AdapterRef, tuple] = {}
         self._tokenizer = None
         self._model = None
         self._device = torch.device("cpu")
@@ -108,6 +112,7 @@ class TorchEngine:
                  self.cfg.quantization)
 
     async def close(self) -> None:
+        self._loaders.shutdown(wait=True)
         self._executor.shutdown(wait=True)
 
     async def _run(self, fn, *args):
@@ -126,30 +131,64 @@ class TorchEngine:
         return self._tokenizer.encode(text, add_special_tokens=True)
 
     # -- adapters ------------------------------------------------------------
+    # Two stages: fetch (disk -> host RAM, on the loader threads, overlapping compute)
+    # and attach (RAM -> the model on the compute device, on the engine thread,
+    # because it changes the module tree the forward pass walks).
+    def is_resident(self, adapter: AdapterRef) -> bool:
+        return adapter.is_base or self._adapters.get(adapter.id) == adapter
+
+    def is_fetched(self, adapter: AdapterRef) -> bool:
+        return self.is_resident(adapter) or adapter in self._ram
+
+    async def fetch(self, adapter: AdapterRef) -> LoadInfo:
+        if self.is_fetched(adapter):
+            return LoadInfo(LoadSource.RAM, 0.0)
+        started = time.perf_counter()
+        try:
+            loaded = await asyncio.get_running_loop().run_in_executor(self._loaders, self._read, adapter)
+        except Exception as exc:  # a bad adapter fails its own requests only
+            log.warning("reading adapter %s from %s failed: %s", adapter.id, adapter.path, exc)
+            raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
+        self._ram[adapter] = loaded
+        return LoadInfo(LoadSource.DISK, (time.perf_counter() - started) * 1e3)
+
+    def _read(self, adapter: AdapterRef):
+        from peft import PeftConfig
+        from safetensors.torch import load_file
+
+        config = PeftConfig.from_pretrained(adapter.path)
+        config.inference_mode = True
+        return config, load_file(str(Path(adapter.path) / "adapter_model.safetensors"), device="cpu")
+
     async def ensure_adapter(self, adapter: AdapterRef) -> LoadInfo:
-        if adapter.is_base:
+        if self.is_resident(adapter):
             return LoadInfo(LoadSource.VRAM, 0.0)
-        if self._adapters.get(adapter.id) == adapter:
-            return LoadInfo(LoadSource.VRAM, 0.0)
+        fetched = await self.fetch(adapter)
         started = time.perf_counter()
         try:
             await self._run(self._attach, adapter)
-        except Exception as exc:  # a bad adapter fails its own requests only
-            log.warning("loading adapter %s from %s failed: %s", adapter.id, adapter.path, exc)
+        except Exception as exc:
+            log.warning("attaching adapter %s failed: %s", adapter.id, exc)
             raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
-        return LoadInfo(LoadSource.DISK, (time.perf_counter() - started) * 1e3)
+        attach_ms = (time.perf_counter() - started) * 1e3
+        return LoadInfo(fetched.source, fetched.ms + attach_ms)
 
     def _attach(self, adapter: AdapterRef) -> None:
-        from peft import PeftModel
+        from peft import PeftModel, set_peft_model_state_dict
 
+        config, weights = self._ram.pop(adapter)
         name = adapter.id
-        if isinstance(self._model, PeftModel):
-            if name in self._model.peft_config:
-                self._model.delete_adapter(name)
-            self._model.load_adapter(adapter.path, adapter_name=name, is_trainable=False)
+        if not isinstance(self._model, PeftModel):
+            self._model = PeftModel(self._model, config, adapter_name=name)
         else:
-            self._model = PeftModel.from_pretrained(self._model, adapter.path, adapter_name=name,
-                                                    is_trainable=False)
+            if name in self._model.peft_config:  # an older version of the same id
+                self._model.delete_adapter(name)
+            self._model.add_adapter(name, config)
+        result = set_peft_model_state_dict(self._model, weights, adapter_name=name)
+        missing = [k for k in result.missing_keys if name in k and "lora_" in k]
+        if missing:
+            self._model.delete_adapter(name)
+            raise ValueError(f"weights file lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
         self._model.eval()
         self._adapters[name] = adapter
 

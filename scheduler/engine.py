@@ -39,8 +39,14 @@ class Engine(Protocol):
     @property
     def eos_token_ids(self) -> frozenset[int]: ...
 
+    def is_fetched(self, adapter: AdapterRef) -> bool:
+        """Whether `adapter` can be attached without touching disk (in RAM, or already attached)."""
+
+    async def fetch(self, adapter: AdapterRef) -> LoadInfo:
+        """Read `adapter` from disk into RAM, off the compute thread; raises AdapterLoadFailed."""
+
     async def ensure_adapter(self, adapter: AdapterRef) -> LoadInfo:
-        """Make `adapter` usable by the next batch; raises AdapterLoadFailed."""
+        """Attach `adapter` for the next batch (fetching it first if needed); raises AdapterLoadFailed."""
 
     async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
         """Start a new batch from `rows`; returns each row's first token."""

@@ -35,6 +35,7 @@ class AdapterLoadFailed(LoraServeError):
 
     def __init__(self, adapter_id: str, cause: str):
         super().__init__(f"adapter {adapter_id!r} failed to load: {cause}", adapter_id=adapter_id)
+        self.adapter_id, self.cause = adapter_id, cause
 
 
 class QueueFull(LoraServeError):

@@ -1,8 +1,11 @@
 """The request queue and the engine loop.
 
 One loop task owns the engine: it takes the next batch chosen by
-policy.select_batch, makes its adapter resident, prefills it and decodes until
-every row has finished or been cancelled. Adapter choice is a per-row argument
+policy.select_batch among requests whose adapter is already in memory, attaches
+that adapter, prefills the batch and decodes until every row has finished or
+been cancelled. Cold adapters are read from disk meanwhile by a LoadLimiter (at
+most `max_loads` at once, one load per adapter), so resident adapters keep
+being served while others load. Adapter choice is a per-row argument
 to the engine, never shared mutable state, so a request cannot be answered by
 another request's adapter (the race in seed 003).
 """
@@ -17,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from scheduler.engine import Engine, Row, StepResult
-from scheduler.errors import LoraServeError, QueueFull, ShuttingDown
+from scheduler.errors import AdapterLoadFailed, LoraServeError, QueueFull, ShuttingDown
+from scheduler.loads import LoadLimiter
 from scheduler.policy import BatchLimits, select_batch
 from scheduler.text import find_stop, stable_length
-from scheduler.types import Completion, FinishReason, GenerationRequest, LoadSource, TextDelta, Timings
+from scheduler.types import (AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta,
+                             Timings)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +89,8 @@ class Ticket:
 
 class Scheduler:
     def __init__(self, engine: Engine, limits: BatchLimits = BatchLimits(), *, max_queue: int = 1024,
-                 batch_wait_s: float = 0.002, clock: Callable[[], float] = time.perf_counter):
+                 batch_wait_s: float = 0.002, max_loads: int = 2, failed_load_backoff_s: float = 30.0,
+                 clock: Callable[[], float] = time.perf_counter):
         self._engine = engine
         self._limits = limits
         self._max_queue = max_queue
@@ -97,6 +103,11 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._accepting = True
+        self.loads: LoadLimiter[AdapterRef, object] = LoadLimiter(engine.fetch, max_loads)
+        self._fetching: set[AdapterRef] = set()
+        self._cold: dict[AdapterRef, float] = {}  # fetched from disk for waiting requests: ms
+        self._failed: dict[AdapterRef, tuple[float, AdapterLoadFailed]] = {}
+        self._failed_backoff_s = failed_load_backoff_s
         self.stats = SchedulerStats()
 
     @property
@@ -112,6 +123,10 @@ class Scheduler:
             raise ShuttingDown("server is shutting down; retry on another replica")
         if len(self._waiting) >= self._max_queue:
             raise QueueFull(len(self._waiting), retry_after_s=1.0)
+        failed = self._failed.get(req.adapter)
+        if failed and self._clock() - failed[0] < self._failed_backoff_s:
+            # Fail fast instead of re-reading a broken adapter on every request.
+            raise AdapterLoadFailed(failed[1].adapter_id, failed[1].cause)
         seq = _Seq(next(self._ids), req, self._clock())
         self._waiting.append(seq)
         self.stats.submitted += 1
@@ -143,13 +158,40 @@ class Scheduler:
             if self._batch_wait_s:
                 # Let requests that arrive together share a batch.
                 await asyncio.sleep(self._batch_wait_s)
-            picked = select_batch([s.req for s in self._waiting], self._limits)
-            batch = [self._waiting[i] for i in picked]
+            self._start_fetches()
+            ready = [s for s in self._waiting if self._engine.is_fetched(s.req.adapter)]
+            if not ready:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            picked = select_batch([s.req for s in ready], self._limits)
+            batch = [ready[i] for i in picked]
             for seq in batch:
                 self._waiting.remove(seq)
             if batch:
                 await self._run_batch(batch)
             self._update_idle()
+
+    def _start_fetches(self) -> None:
+        for adapter in dict.fromkeys(s.req.adapter for s in self._waiting):
+            if adapter not in self._fetching and not self._engine.is_fetched(adapter):
+                self._fetching.add(adapter)
+                asyncio.get_running_loop().create_task(self._fetch(adapter))
+
+    async def _fetch(self, adapter: AdapterRef) -> None:
+        try:
+            info = await self.loads.get(adapter)
+            self._cold[adapter] = info.ms
+        except AdapterLoadFailed as exc:
+            self._failed[adapter] = (self._clock(), exc)
+            waiting = [s for s in self._waiting if s.req.adapter == adapter]
+            for seq in waiting:
+                self._waiting.remove(seq)
+            self._fail(waiting, exc)
+        finally:
+            self._fetching.discard(adapter)
+            self._update_idle()
+            self._wake.set()
 
     def _update_idle(self) -> None:
         if not self._waiting and not self._running:
@@ -162,9 +204,12 @@ class Scheduler:
             seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
         self._running = batch
         try:
-            load = await self._engine.ensure_adapter(batch[0].req.adapter)
+            adapter = batch[0].req.adapter
+            load = await self._engine.ensure_adapter(adapter)
+            cold_ms = self._cold.pop(adapter, None)
+            source = LoadSource.DISK if cold_ms is not None else load.source
             for seq in batch:
-                seq.load_source, seq.timings.load_ms = load.source, load.ms
+                seq.load_source, seq.timings.load_ms = source, load.ms + (cold_ms or 0.0)
             live = self._live()
             if not live:
                 return

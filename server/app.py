@@ -33,7 +33,8 @@ class LoraServer:
 
     def __init__(self, cfg: ServerConfig, engine: TorchEngine | None = None):
         self.cfg = cfg
-        self.engine = engine or TorchEngine(EngineConfig(cfg.model_path, cfg.quantization, cfg.device))
+        self.engine = engine or TorchEngine(EngineConfig(cfg.model_path, cfg.quantization, cfg.device,
+                                                         cfg.max_concurrent_loads))
         self.scheduler: Scheduler | None = None
         self.health = health.aio.HealthServicer()
         self.servicer = InferenceServicer(AdapterStore(cfg.adapters_dir), RequestLimits(
@@ -60,7 +61,8 @@ class LoraServer:
         await self.engine.start()
         self.scheduler = Scheduler(
             self.engine, BatchLimits(self.cfg.max_batch_size, self.cfg.max_batch_tokens),
-            max_queue=self.cfg.max_queue, batch_wait_s=self.cfg.batch_wait_ms / 1e3)
+            max_queue=self.cfg.max_queue, batch_wait_s=self.cfg.batch_wait_ms / 1e3,
+            max_loads=self.cfg.max_concurrent_loads, failed_load_backoff_s=self.cfg.failed_load_backoff_s)
         self._loop_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self.servicer.ready(self.scheduler, self.engine.encode)
         await self._set_health(_SERVING)

@@ -33,6 +33,8 @@ class ServerConfig:
     max_batch_tokens: int = _f(8192, "Most prompt+max_new_tokens summed over one batch.")
     max_queue: int = _f(1024, "Most queued requests; beyond it RESOURCE_EXHAUSTED.")
     batch_wait_ms: float = _f(2.0, "How long the scheduler lets arrivals gather before forming a batch.")
+    max_concurrent_loads: int = _f(2, "Most adapters read from disk at the same time.")
+    failed_load_backoff_s: float = _f(30.0, "After an adapter fails to load, its requests fail fast this long.")
     max_prompt_tokens: int = _f(1024, "Longest accepted prompt, in tokens.")
     max_new_tokens_limit: int = _f(512, "Largest accepted max_new_tokens.")
     default_max_new_tokens: int = _f(64, "max_new_tokens when a request leaves it 0.")
@@ -47,7 +49,7 @@ class ServerConfig:
             problems.append(f"port {self.port} is not in 0..65535")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_prompt_tokens",
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_prompt_tokens",
                      "max_new_tokens_limit", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -55,8 +57,8 @@ class ServerConfig:
             problems.append("default_max_new_tokens exceeds max_new_tokens_limit")
         if self.max_prompt_tokens + 1 > self.max_batch_tokens:
             problems.append("max_batch_tokens must leave room for a full prompt and one new token")
-        if self.batch_wait_ms < 0 or self.grace_period_s < 0:
-            problems.append("batch_wait_ms and grace_period_s must not be negative")
+        if min(self.batch_wait_ms, self.grace_period_s, self.failed_load_backoff_s) < 0:
+            problems.append("batch_wait_ms, grace_period_s and failed_load_backoff_s must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key must be given together")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

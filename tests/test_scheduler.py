@@ -32,19 +32,35 @@ class ScriptedEngine:
 
     eos_token_ids = frozenset({EOS})
 
-    def __init__(self, fail_adapters=()):
+    def __init__(self, fail_adapters=(), fetch_s: float = 0.0, slow: dict[str, float] | None = None):
         self.prefills: list[list[int]] = []
         self.decodes: list[list[int]] = []
         self.loads: list[str] = []
         self.gate: asyncio.Event | None = None
+        self.fetching = self.peak_fetching = 0
+        self._fetch_s, self._slow = fetch_s, slow or {}
         self._fail = set(fail_adapters)
+        self._fetched: set[AdapterRef] = set()
         self._rows = {}
 
-    async def ensure_adapter(self, adapter):
+    def is_fetched(self, adapter):
+        return adapter.is_base or adapter in self._fetched
+
+    async def fetch(self, adapter):
         self.loads.append(adapter.id)
+        self.fetching += 1
+        self.peak_fetching = max(self.peak_fetching, self.fetching)
+        try:
+            await asyncio.sleep(self._slow.get(adapter.id, self._fetch_s))
+        finally:
+            self.fetching -= 1
         if adapter.id in self._fail:
             raise AdapterLoadFailed(adapter.id, "corrupt")
+        self._fetched.add(adapter)
         return LoadInfo(LoadSource.DISK, 1.5)
+
+    async def ensure_adapter(self, adapter):
+        return LoadInfo(LoadSource.VRAM, 0.0)
 
     async def prefill(self, rows):
         self.prefills.append([r.seq_id for r in rows])
@@ -160,16 +176,49 @@ def test_cancel_mid_batch_removes_the_row_from_the_next_step():
     assert engine.decodes[0] == [1, 2] and all(step == [1] for step in engine.decodes[1:])
 
 
-def test_failed_adapter_load_fails_only_its_own_requests():
+def test_failed_adapter_load_fails_only_its_own_requests_and_is_not_retried_at_once():
     engine = ScriptedEngine(fail_adapters={"bad"})
 
     async def scenario(s):
         bad, good = s.submit(req("b", ref("bad"))), s.submit(req("g", ref("ok")))
         with pytest.raises(AdapterLoadFailed):
             await bad.result()
+        with pytest.raises(AdapterLoadFailed, match="corrupt"):
+            s.submit(req("again", ref("bad")))
         return await good.result()
 
     assert run(engine, scenario).text == "ok"
+    assert engine.loads.count("bad") == 1
+
+
+def test_cold_loads_are_limited_single_flight_and_answered_correctly():
+    engine = ScriptedEngine(fetch_s=0.02)
+    names = [f"ad{i}" for i in range(10)]
+
+    async def scenario(s):
+        tickets = [s.submit(req(f"{n}-{k}", ref(n), max_new=10)) for k in range(3) for n in names]
+        return [await t.result() for t in tickets], s.loads
+
+    results, limiter = run(engine, scenario)
+    assert [r.text for r in results] == names * 3
+    assert engine.peak_fetching == 2 and limiter.peak == 2
+    assert sorted(engine.loads) == sorted(names)
+    assert {r.load_source for r in results} >= {LoadSource.DISK}
+
+
+def test_resident_adapters_are_served_while_a_cold_one_loads():
+    engine = ScriptedEngine(slow={"cold": 0.2})
+    done: list[str] = []
+
+    async def scenario(s):
+        async def one(rid, adapter):
+            await s.submit(req(rid, ref(adapter))).result()
+            done.append(rid)
+        await one("warm-up", "hot")
+        await asyncio.gather(one("cold", "cold"), one("hot", "hot"))
+
+    run(engine, scenario)
+    assert done == ["warm-up", "hot", "cold"]
 
 
 def test_queue_bound_and_drain():

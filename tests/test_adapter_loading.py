@@ -1,0 +1,100 @@
+"""Cold loads through the real engine: limited, single-flight, isolated failures."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from conftest import ADAPTERS, PROMPT, ServerThread, server_config
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc
+from runner.engine import EngineConfig, TorchEngine
+from test_generate import details
+
+
+class SlowReadEngine(TorchEngine):
+    """The real engine with disk reads stretched to 150 ms, counting reads and their overlap."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.reads: Counter[str] = Counter()
+        self.reading = self.peak = 0
+        self._lock = threading.Lock()
+
+    def _read(self, adapter):
+        with self._lock:
+            self.reads[adapter.id] += 1
+            self.reading += 1
+            self.peak = max(self.peak, self.reading)
+        try:
+            time.sleep(0.15)
+            return super()._read(adapter)
+        finally:
+            with self._lock:
+                self.reading -= 1
+
+
+@pytest.fixture(scope="module")
+def store(demo_dir, tmp_path_factory):
+    """Ten copies of the demo adapters under new ids, plus one with corrupt weights."""
+    root = tmp_path_factory.mktemp("adapters")
+    sources = {}
+    for i in range(10):
+        source = ADAPTERS[i % len(ADAPTERS)]
+        shutil.copytree(demo_dir / "adapters" / source, root / f"copy{i}")
+        sources[f"copy{i}"] = source
+    shutil.copytree(demo_dir / "adapters" / "legal", root / "corrupt")
+    (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    for name in ADAPTERS:
+        shutil.copytree(demo_dir / "adapters" / name, root / name)
+    return root, sources
+
+
+@pytest.fixture(scope="module")
+def slow_server(demo_dir, store):
+    cfg = server_config(demo_dir, adapters_dir=store[0])
+    engine = SlowReadEngine(EngineConfig(cfg.model_path))
+    srv = ServerThread(cfg, engine=engine)
+    with srv.channel() as ch:
+        yield srv, engine, inference_pb2_grpc.InferenceServiceStub(ch)
+    srv.stop()
+
+
+def ask(stub, adapter, tokens=16):
+    return stub.Generate(pb.GenerateRequest(adapter_id=adapter, prompt=PROMPT, max_new_tokens=tokens), timeout=60)
+
+
+def test_ten_cold_adapters_at_once_load_two_at_a_time_once_each(slow_server, store):
+    srv, engine, stub = slow_server
+    _, sources = store
+    expected = {name: ask(stub, name).text for name in ADAPTERS}
+    engine.peak = 0
+    cases = sorted(sources) * 3
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(lambda a: ask(stub, a), cases))
+    assert engine.peak == 2
+    assert all(engine.reads[name] == 1 for name in sources)
+    for name, resp in zip(cases, answers):
+        assert resp.adapter.id == name and resp.text == expected[sources[name]]
+    sources_seen = Counter(pb.LoadSource.Name(r.adapter.load_source) for r in answers)
+    assert sources_seen["LOAD_SOURCE_DISK"] >= 10
+    disk = [r for r in answers if r.adapter.load_source == pb.LOAD_SOURCE_DISK]
+    assert all(r.timings.load_ms >= 150 for r in disk)
+
+
+def test_corrupt_adapter_fails_only_its_requests_and_is_not_retried_in_a_loop(slow_server):
+    srv, engine, stub = slow_server
+    for attempt in range(3):
+        with pytest.raises(grpc.RpcError) as caught:
+            ask(stub, "corrupt")
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        info, _ = details(caught.value)
+        assert info.reason == "ADAPTER_LOAD_FAILED" and info.metadata["adapter_id"] == "corrupt"
+    assert engine.reads["corrupt"] == 1
+    assert ask(stub, "legal").adapter.id == "legal"
