@@ -19,14 +19,16 @@ from typing import Sequence
 import torch
 
 from runner.sampling import sample_next
-from scheduler.engine import LoadInfo, Row, StepResult
+from scheduler.engine import Row, StepResult
 from scheduler.errors import AdapterLoadFailed
-from scheduler.types import AdapterRef, LoadSource
+from scheduler.types import AdapterRef
 
 log = logging.getLogger(__name__)
 
 # peft's name for "no adapter" in a mixed batch.
 PEFT_BASE = "__base__"
+# Only safetensors are read: pickle (.bin) weights can run code when loaded.
+WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,6 @@ class TorchEngine:
         self._tokenizer = None
         self._model = None
         self._device = torch.device("cpu")
-        self._adapters: dict[str, AdapterRef] = {}
         self._batch: _Batch | None = None
         self._eos: frozenset[int] = frozenset()
 
@@ -130,27 +131,27 @@ class TorchEngine:
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=True)
 
-    # -- adapters ------------------------------------------------------------
-    # Two stages: fetch (disk -> host RAM, on the loader threads, overlapping compute)
-    # and attach (RAM -> the model on the compute device, on the engine thread,
-    # because it changes the module tree the forward pass walks).
-    def is_resident(self, adapter: AdapterRef) -> bool:
-        return adapter.is_base or self._adapters.get(adapter.id) == adapter
+    # -- adapters (scheduler.tiers.TierEngine) ------------------------------
+    # scheduler/tiers.py decides; this only moves weights. Reading (disk -> RAM)
+    # runs on the loader threads, overlapping compute; attach/demote/detach run on
+    # the engine thread because they change the module tree the forward pass walks.
+    # Each version is its own peft adapter, so a new version never disturbs a
+    # batch still running on the old one.
+    @staticmethod
+    def peft_name(adapter: AdapterRef) -> str:
+        return PEFT_BASE if adapter.is_base else f"{adapter.id}__v{adapter.version}"
 
-    def is_fetched(self, adapter: AdapterRef) -> bool:
-        return self.is_resident(adapter) or adapter in self._ram
+    def size_on_disk(self, adapter: AdapterRef) -> int:
+        return (Path(adapter.path) / WEIGHTS).stat().st_size
 
-    async def fetch(self, adapter: AdapterRef) -> LoadInfo:
-        if self.is_fetched(adapter):
-            return LoadInfo(LoadSource.RAM, 0.0)
-        started = time.perf_counter()
+    async def fetch(self, adapter: AdapterRef) -> int:
         try:
-            loaded = await asyncio.get_running_loop().run_in_executor(self._loaders, self._read, adapter)
+            config, weights = await asyncio.get_running_loop().run_in_executor(self._loaders, self._read, adapter)
         except Exception as exc:  # a bad adapter fails its own requests only
             log.warning("reading adapter %s from %s failed: %s", adapter.id, adapter.path, exc)
             raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
-        self._ram[adapter] = loaded
-        return LoadInfo(LoadSource.DISK, (time.perf_counter() - started) * 1e3)
+        self._ram[adapter] = (config, weights)
+        return sum(t.nbytes for t in weights.values())
 
     def _read(self, adapter: AdapterRef):
         from peft import PeftConfig
@@ -158,39 +159,61 @@ class TorchEngine:
 
         config = PeftConfig.from_pretrained(adapter.path)
         config.inference_mode = True
-        return config, load_file(str(Path(adapter.path) / "adapter_model.safetensors"), device="cpu")
+        weights = load_file(str(Path(adapter.path) / WEIGHTS), device="cpu")
+        if self._device.type == "cuda":  # page-locked host memory makes the attach copy async-capable
+            weights = {k: v.pin_memory() for k, v in weights.items()}
+        return config, weights
 
-    async def ensure_adapter(self, adapter: AdapterRef) -> LoadInfo:
-        if self.is_resident(adapter):
-            return LoadInfo(LoadSource.VRAM, 0.0)
-        fetched = await self.fetch(adapter)
-        started = time.perf_counter()
+    async def attach(self, adapter: AdapterRef) -> None:
         try:
             await self._run(self._attach, adapter)
         except Exception as exc:
             log.warning("attaching adapter %s failed: %s", adapter.id, exc)
             raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
-        attach_ms = (time.perf_counter() - started) * 1e3
-        return LoadInfo(fetched.source, fetched.ms + attach_ms)
 
     def _attach(self, adapter: AdapterRef) -> None:
         from peft import PeftModel, set_peft_model_state_dict
 
         config, weights = self._ram.pop(adapter)
-        name = adapter.id
-        if not isinstance(self._model, PeftModel):
-            self._model = PeftModel(self._model, config, adapter_name=name)
-        else:
-            if name in self._model.peft_config:  # an older version of the same id
-                self._model.delete_adapter(name)
+        name = self.peft_name(adapter)
+        if isinstance(self._model, PeftModel):
             self._model.add_adapter(name, config)
+        else:
+            self._model = PeftModel(self._model, config, adapter_name=name)
+        self._model.eval()
         result = set_peft_model_state_dict(self._model, weights, adapter_name=name)
         missing = [k for k in result.missing_keys if name in k and "lora_" in k]
         if missing:
-            self._model.delete_adapter(name)
+            self._remove(name)
             raise ValueError(f"weights file lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
-        self._model.eval()
-        self._adapters[name] = adapter
+
+    async def demote(self, adapter: AdapterRef) -> None:
+        await self._run(self._demote, adapter)
+
+    def _demote(self, adapter: AdapterRef) -> None:
+        from peft import get_peft_model_state_dict
+
+        name = self.peft_name(adapter)
+        weights = {k: v.detach().to("cpu", copy=True)
+                   for k, v in get_peft_model_state_dict(self._model, adapter_name=name).items()}
+        config = self._model.peft_config[name]
+        self._remove(name)
+        self._ram[adapter] = (config, weights)
+
+    async def detach(self, adapter: AdapterRef) -> None:
+        await self._run(self._remove, self.peft_name(adapter))
+
+    def _remove(self, name: str) -> None:
+        # peft cannot delete its last adapter (its active adapter would dangle), so the
+        # last one goes by unwrapping back to the plain base model.
+        if len(self._model.peft_config) == 1:
+            self._model = self._model.unload()
+            self._model.eval()
+        else:
+            self._model.delete_adapter(name)
+
+    def drop(self, adapter: AdapterRef) -> None:
+        self._ram.pop(adapter, None)
 
     # -- batch ---------------------------------------------------------------
     async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
@@ -225,7 +248,7 @@ class TorchEngine:
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        names = [PEFT_BASE if r.adapter.is_base else r.adapter.id for r in rows]
+        names = [self.peft_name(r.adapter) for r in rows]
         logits, cache = self._forward(ids, mask, positions, None, names)
         generators = [self._generator(r) for r in rows]
         self._batch = _Batch(

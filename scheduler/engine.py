@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from scheduler.types import AdapterRef, LoadSource, SamplingParams
+from scheduler.tiers import TierEngine
+from scheduler.types import AdapterRef, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -27,26 +28,12 @@ class StepResult:
     text: str
 
 
-@dataclass(frozen=True)
-class LoadInfo:
-    source: LoadSource
-    ms: float
-
-
-class Engine(Protocol):
-    """Runs one batch at a time: prefill starts it, decode advances the rows still kept."""
+class Engine(TierEngine, Protocol):
+    """Runs one batch at a time: prefill starts it, decode advances the rows still kept.
+    Adapter moves (TierEngine) are directed by scheduler.tiers."""
 
     @property
     def eos_token_ids(self) -> frozenset[int]: ...
-
-    def is_fetched(self, adapter: AdapterRef) -> bool:
-        """Whether `adapter` can be attached without touching disk (in RAM, or already attached)."""
-
-    async def fetch(self, adapter: AdapterRef) -> LoadInfo:
-        """Read `adapter` from disk into RAM, off the compute thread; raises AdapterLoadFailed."""
-
-    async def ensure_adapter(self, adapter: AdapterRef) -> LoadInfo:
-        """Attach `adapter` for the next batch (fetching it first if needed); raises AdapterLoadFailed."""
 
     async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
         """Start a new batch from `rows`; returns each row's first token."""

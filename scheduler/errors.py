@@ -38,6 +38,19 @@ class AdapterLoadFailed(LoraServeError):
         self.adapter_id, self.cause = adapter_id, cause
 
 
+class AdapterBusy(LoraServeError):
+    """An admin action refused because the adapter is pinned or in use."""
+
+    reason = "ADAPTER_BUSY"
+
+    def __init__(self, adapter_id: str, why: str):
+        super().__init__(f"adapter {adapter_id!r} cannot be evicted: {why}", adapter_id=adapter_id)
+
+
+class NoCacheRoom(LoraServeError):
+    reason = "CACHE_FULL"
+
+
 class QueueFull(LoraServeError):
     reason = "QUEUE_FULL"
 

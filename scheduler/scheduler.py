@@ -3,9 +3,9 @@
 One loop task owns the engine: it takes the next batch chosen by
 policy.select_batch among requests whose adapter is already in memory, attaches
 that adapter, prefills the batch and decodes until every row has finished or
-been cancelled. Cold adapters are read from disk meanwhile by a LoadLimiter (at
-most `max_loads` at once, one load per adapter), so resident adapters keep
-being served while others load. Adapter choice is a per-row argument
+been cancelled. Cold adapters are read from disk meanwhile through
+AdapterTiers (at most `max_loads` reads at once, one per adapter), so resident
+adapters keep being served while others load. Adapter choice is a per-row argument
 to the engine, never shared mutable state, so a request cannot be answered by
 another request's adapter (the race in seed 003).
 """
@@ -20,14 +20,17 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from scheduler.engine import Engine, Row, StepResult
-from scheduler.errors import AdapterLoadFailed, LoraServeError, QueueFull, ShuttingDown
-from scheduler.loads import LoadLimiter
+from scheduler.cache import Budgets, NoRoom, Tier
+from scheduler.errors import AdapterLoadFailed, LoraServeError, NoCacheRoom, QueueFull, ShuttingDown
 from scheduler.policy import BatchLimits, select_batch
 from scheduler.text import find_stop, stable_length
+from scheduler.tiers import AdapterTiers
 from scheduler.types import (AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta,
                              Timings)
 
 log = logging.getLogger(__name__)
+
+_SOURCE = {Tier.DISK: LoadSource.DISK, Tier.RAM: LoadSource.RAM, Tier.VRAM: LoadSource.VRAM}
 
 
 @dataclass
@@ -89,8 +92,8 @@ class Ticket:
 
 class Scheduler:
     def __init__(self, engine: Engine, limits: BatchLimits = BatchLimits(), *, max_queue: int = 1024,
-                 batch_wait_s: float = 0.002, max_loads: int = 2, failed_load_backoff_s: float = 30.0,
-                 clock: Callable[[], float] = time.perf_counter):
+                 batch_wait_s: float = 0.002, budgets: Budgets = Budgets(2 << 30, 1 << 30), max_loads: int = 2,
+                 failed_load_backoff_s: float = 30.0, clock: Callable[[], float] = time.perf_counter):
         self._engine = engine
         self._limits = limits
         self._max_queue = max_queue
@@ -103,9 +106,11 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._accepting = True
-        self.loads: LoadLimiter[AdapterRef, object] = LoadLimiter(engine.fetch, max_loads)
+        self.tiers = AdapterTiers(engine, budgets, max_loads=max_loads, running=self._running_adapters,
+                                  waiting=self._waiting_adapters, clock=clock)
         self._fetching: set[AdapterRef] = set()
-        self._cold: dict[AdapterRef, float] = {}  # fetched from disk for waiting requests: ms
+        self._cold: dict[AdapterRef, float] = {}  # read from disk for waiting requests: ms
+        self._deferred: set[AdapterRef] = set()  # no RAM room yet; retried after the next batch
         self._failed: dict[AdapterRef, tuple[float, AdapterLoadFailed]] = {}
         self._failed_backoff_s = failed_load_backoff_s
         self.stats = SchedulerStats()
@@ -117,6 +122,19 @@ class Scheduler:
     @property
     def running(self) -> int:
         return sum(1 for s in self._running if not (s.done or s.cancelled))
+
+    def _running_adapters(self) -> frozenset[AdapterRef]:
+        return frozenset(s.req.adapter for s in self._running if not (s.done or s.cancelled))
+
+    def _waiting_adapters(self) -> frozenset[AdapterRef]:
+        return frozenset(s.req.adapter for s in self._waiting)
+
+    def adapters_in_use(self) -> frozenset[AdapterRef]:
+        """Adapters that queued or running requests need."""
+        return self._running_adapters() | self._waiting_adapters()
+
+    def _ready(self, adapter: AdapterRef) -> bool:
+        return self.tiers.tier_of(adapter) >= Tier.RAM and not self.tiers.loads.loading(adapter)
 
     def submit(self, req: GenerationRequest) -> Ticket:
         if not self._accepting:
@@ -159,7 +177,7 @@ class Scheduler:
                 # Let requests that arrive together share a batch.
                 await asyncio.sleep(self._batch_wait_s)
             self._start_fetches()
-            ready = [s for s in self._waiting if self._engine.is_fetched(s.req.adapter)]
+            ready = [s for s in self._waiting if self._ready(s.req.adapter)]
             if not ready:
                 self._wake.clear()
                 await self._wake.wait()
@@ -170,18 +188,22 @@ class Scheduler:
                 self._waiting.remove(seq)
             if batch:
                 await self._run_batch(batch)
+                self._deferred.clear()
             self._update_idle()
 
     def _start_fetches(self) -> None:
         for adapter in dict.fromkeys(s.req.adapter for s in self._waiting):
-            if adapter not in self._fetching and not self._engine.is_fetched(adapter):
+            if adapter not in self._fetching | self._deferred and not self._ready(adapter):
                 self._fetching.add(adapter)
                 asyncio.get_running_loop().create_task(self._fetch(adapter))
 
     async def _fetch(self, adapter: AdapterRef) -> None:
         try:
-            info = await self.loads.get(adapter)
-            self._cold[adapter] = info.ms
+            moved = await self.tiers.to_ram(adapter)
+            if moved.found_in is Tier.DISK:
+                self._cold[adapter] = moved.ms
+        except NoRoom:
+            self._deferred.add(adapter)
         except AdapterLoadFailed as exc:
             self._failed[adapter] = (self._clock(), exc)
             waiting = [s for s in self._waiting if s.req.adapter == adapter]
@@ -205,11 +227,16 @@ class Scheduler:
         self._running = batch
         try:
             adapter = batch[0].req.adapter
-            load = await self._engine.ensure_adapter(adapter)
+            try:
+                moved = await self.tiers.to_vram(adapter)
+            except NoRoom as exc:
+                raise NoCacheRoom(str(exc), adapter_id=adapter.id) from exc
             cold_ms = self._cold.pop(adapter, None)
-            source = LoadSource.DISK if cold_ms is not None else load.source
+            found_in = Tier.DISK if cold_ms is not None else moved.found_in
             for seq in batch:
-                seq.load_source, seq.timings.load_ms = source, load.ms + (cold_ms or 0.0)
+                seq.load_source = _SOURCE[found_in]
+                seq.timings.load_ms = moved.ms + (cold_ms or 0.0)
+                self.tiers.record_use(adapter, found_in)
             live = self._live()
             if not live:
                 return

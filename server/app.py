@@ -9,12 +9,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraserve.v1 import inference_pb2, inference_pb2_grpc
+from loraserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from runner.engine import EngineConfig, TorchEngine
+from scheduler.cache import Budgets, Tier
+from scheduler.housekeeping import sweep_idle_forever, warm_daily
 from scheduler.policy import BatchLimits
 from scheduler.scheduler import Scheduler
+from server import admin
 from server.adapters import AdapterStore
-from server.config import ServerConfig
+from server.config import WARM_AT, ServerConfig
 from server.convert import RequestLimits
 from server.service import InferenceServicer
 
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdapterAdminService"].full_name,
     health.SERVICE_NAME,
     reflection.SERVICE_NAME,
 )
@@ -37,14 +41,17 @@ class LoraServer:
                                                          cfg.max_concurrent_loads))
         self.scheduler: Scheduler | None = None
         self.health = health.aio.HealthServicer()
-        self.servicer = InferenceServicer(AdapterStore(cfg.adapters_dir), RequestLimits(
+        self.adapters = AdapterStore(cfg.adapters_dir)
+        self.servicer = InferenceServicer(self.adapters, RequestLimits(
             cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens))
+        self.admin = admin.AdminServicer(self.adapters)
         self._server = grpc.aio.server()
-        self._loop_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.port = 0
 
     async def start(self) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self._server)
+        admin_pb2_grpc.add_AdapterAdminServiceServicer_to_server(self.admin, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(SERVICE_NAMES, self._server)
         await self._set_health(_NOT_SERVING)
@@ -58,15 +65,30 @@ class LoraServer:
         log.info("listening on %s:%d (tls=%s)", self.cfg.host, self.port, bool(self.cfg.tls_cert))
 
     async def load(self) -> None:
+        """Load the model, attach the warm and pinned adapters, then turn SERVING."""
+        cfg = self.cfg
         await self.engine.start()
         self.scheduler = Scheduler(
-            self.engine, BatchLimits(self.cfg.max_batch_size, self.cfg.max_batch_tokens),
-            max_queue=self.cfg.max_queue, batch_wait_s=self.cfg.batch_wait_ms / 1e3,
-            max_loads=self.cfg.max_concurrent_loads, failed_load_backoff_s=self.cfg.failed_load_backoff_s)
-        self._loop_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+            self.engine, BatchLimits(cfg.max_batch_size, cfg.max_batch_tokens),
+            max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(*cfg.budgets_bytes),
+            max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s)
+        self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
+        for adapter_id in cfg.warm:
+            await admin.warm(self.scheduler, self.adapters.resolve(adapter_id), Tier.VRAM)
+        for adapter_id in cfg.pin:
+            await admin.pin(self.scheduler, self.adapters.resolve(adapter_id))
+        if cfg.idle_ttl_s:
+            self._tasks.append(asyncio.create_task(sweep_idle_forever(self.scheduler.tiers, cfg.idle_ttl_s)))
+        if cfg.warm_schedule:
+            schedule = [(int(m["hour"]), int(m["minute"]), m["adapter"]) for m in map(WARM_AT.match, cfg.warm_schedule)]
+            self._tasks.append(asyncio.create_task(warm_daily(schedule, self._warm_by_id)))
         self.servicer.ready(self.scheduler, self.engine.encode)
+        self.admin.ready(self.scheduler)
         await self._set_health(_SERVING)
-        log.info("serving %s", self.cfg.model_path)
+        log.info("serving %s", cfg.model_path)
+
+    async def _warm_by_id(self, adapter_id: str) -> None:
+        await admin.warm(self.scheduler, self.adapters.resolve(adapter_id), Tier.VRAM)
 
     async def _set_health(self, status) -> None:
         for name in ("", *SERVICE_NAMES[:1]):
@@ -82,8 +104,8 @@ class LoraServer:
                 log.warning("grace period over with requests still in flight")
         # Handlers have their answers; give them a moment to send them, then close.
         await self._server.stop(grace=min(5.0, self.cfg.grace_period_s))
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.engine.close()
 
     async def wait_for_termination(self) -> None:

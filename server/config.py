@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 QUANTIZATIONS = ("none", "nf4", "int8")
+WARM_AT = re.compile(r"^(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>[A-Za-z0-9@_-]+)$")
 ENV_PREFIX = "LORASERVE_"
 
 
@@ -34,6 +36,12 @@ class ServerConfig:
     max_queue: int = _f(1024, "Most queued requests; beyond it RESOURCE_EXHAUSTED.")
     batch_wait_ms: float = _f(2.0, "How long the scheduler lets arrivals gather before forming a batch.")
     max_concurrent_loads: int = _f(2, "Most adapters read from disk at the same time.")
+    ram_budget_mib: float = _f(2048.0, "Host-RAM tier budget for adapter weights, MiB.")
+    vram_budget_mib: float = _f(1024.0, "Device (VRAM) tier budget for attached adapter weights, MiB.")
+    warm: tuple[str, ...] = _f((), "Adapter ids attached at start-up (comma-separated).")
+    pin: tuple[str, ...] = _f((), "Adapter ids attached at start-up and never evicted (comma-separated).")
+    warm_schedule: tuple[str, ...] = _f((), "Daily warm-ups, HH:MM=ADAPTER, comma-separated (local time).")
+    idle_ttl_s: float = _f(0.0, "Unload adapters unused this long (seconds); 0 keeps them.")
     failed_load_backoff_s: float = _f(30.0, "After an adapter fails to load, its requests fail fast this long.")
     max_prompt_tokens: int = _f(1024, "Longest accepted prompt, in tokens.")
     max_new_tokens_limit: int = _f(512, "Largest accepted max_new_tokens.")
@@ -59,12 +67,22 @@ class ServerConfig:
             problems.append("max_batch_tokens must leave room for a full prompt and one new token")
         if min(self.batch_wait_ms, self.grace_period_s, self.failed_load_backoff_s) < 0:
             problems.append("batch_wait_ms, grace_period_s and failed_load_backoff_s must not be negative")
+        if min(self.ram_budget_mib, self.vram_budget_mib, self.idle_ttl_s) < 0:
+            problems.append("ram_budget_mib, vram_budget_mib and idle_ttl_s must not be negative")
+        bad = [w for w in self.warm_schedule if not WARM_AT.match(w)]
+        if bad:
+            problems.append(f"warm_schedule entries must look like 08:55=support, not {bad[0]!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key must be given together")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device {self.device!r} is not auto, cpu, cuda or cuda:N")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
+
+    @property
+    def budgets_bytes(self) -> tuple[int, int]:
+        """(RAM, VRAM) budgets in bytes."""
+        return int(self.ram_budget_mib * 2**20), int(self.vram_budget_mib * 2**20)
 
     def check_paths(self) -> None:
         """Fail fast on missing files (separate so tests can build configs before models)."""
@@ -76,6 +94,8 @@ class ServerConfig:
 
 def _convert(f: dataclasses.Field, raw: str):
     kind = str(f.type)
+    if kind.startswith("tuple"):
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     if "Path" in kind:
         return Path(raw) if raw else None
     if kind == "int":

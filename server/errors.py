@@ -21,6 +21,8 @@ _CODES: dict[type[e.LoraServeError], grpc.StatusCode] = {
     e.AdapterNotFound: grpc.StatusCode.NOT_FOUND,
     e.AdapterLoadFailed: grpc.StatusCode.UNAVAILABLE,
     e.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.NoCacheRoom: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.AdapterBusy: grpc.StatusCode.FAILED_PRECONDITION,
     e.NotReady: grpc.StatusCode.UNAVAILABLE,
     e.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }

@@ -1,0 +1,205 @@
+"""Tiered adapter cache bookkeeping: byte budgets per tier, LRU, pins, in-use protection.
+
+Tiers are exclusive: an adapter's weights live in exactly one of DISK (the
+store), RAM (host tensors) or VRAM (attached to the model on the compute
+device). Moving up costs a read or an attach; budgets cap RAM and VRAM bytes.
+
+`plan_admit` is the policy, a pure function: given the entries, the budgets and
+what must not be touched, it returns the actions that make room, or raises
+NoRoom. AdapterCache only records state and counts; the coordinator in
+scheduler/tiers.py carries the actions out.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from scheduler.types import AdapterRef
+
+
+class Tier(enum.IntEnum):
+    DISK = 0
+    RAM = 1
+    VRAM = 2
+
+
+@dataclass
+class Entry:
+    adapter: AdapterRef
+    tier: Tier
+    bytes: int
+    last_used: float
+    pinned: bool = False
+    used: bool = False
+    """Whether a request has used it (else last_used is when it was loaded)."""
+
+
+@dataclass(frozen=True)
+class Budgets:
+    ram: int
+    vram: int
+
+    def of(self, tier: Tier) -> int:
+        return self.ram if tier is Tier.RAM else self.vram
+
+
+@dataclass(frozen=True)
+class Demote:
+    """VRAM -> RAM."""
+
+    adapter: AdapterRef
+
+
+@dataclass(frozen=True)
+class Drop:
+    """RAM or VRAM -> DISK (the weights are let go; the store still has them)."""
+
+    adapter: AdapterRef
+    tier: Tier
+
+
+Action = Demote | Drop
+
+
+class NoRoom(Exception):
+    def __init__(self, tier: Tier, needed: int, budget: int):
+        super().__init__(f"{tier.name} budget of {budget} bytes cannot make room for {needed} more bytes: "
+                         "the rest is pinned or in use")
+        self.tier, self.needed, self.budget = tier, needed, budget
+
+
+def usage(entries: Iterable[Entry], tier: Tier) -> int:
+    return sum(e.bytes for e in entries if e.tier is tier)
+
+
+def plan_admit(entries: Mapping[AdapterRef, Entry], budgets: Budgets, adapter: AdapterRef, size: int, tier: Tier,
+               protected: frozenset[AdapterRef]) -> list[Action]:
+    """Actions that make room for `adapter` (`size` bytes) in `tier` (RAM or VRAM).
+
+    Victims are the least recently used entries of that tier that are neither
+    pinned nor protected. Adapters pushed out of VRAM go down to RAM when RAM
+    has room, or can make it from entries older than them; otherwise to disk.
+    """
+    if size > budgets.of(tier):
+        raise NoRoom(tier, size, budgets.of(tier))
+    current = entries.get(adapter)
+    moving_out = current.bytes if current is not None and current.tier is not Tier.DISK else 0
+    untouchable = protected | {adapter}
+
+    def victims(t: Tier) -> list[Entry]:
+        return sorted((e for e in entries.values() if e.tier is t and not e.pinned and e.adapter not in untouchable),
+                      key=lambda e: e.last_used)
+
+    def take(candidates: list[Entry], need: int) -> list[Entry]:
+        chosen, freed = [], 0
+        for e in candidates:
+            if freed >= need:
+                break
+            chosen.append(e)
+            freed += e.bytes
+        return chosen if freed >= need else []
+
+    values = entries.values()
+    if tier is Tier.RAM:
+        need = usage(values, Tier.RAM) - (moving_out if current and current.tier is Tier.RAM else 0) \
+            + size - budgets.ram
+        if need <= 0:
+            return []
+        chosen = take(victims(Tier.RAM), need)
+        if not chosen:
+            raise NoRoom(Tier.RAM, size, budgets.ram)
+        return [Drop(e.adapter, Tier.RAM) for e in chosen]
+
+    need = usage(values, Tier.VRAM) + size - budgets.vram
+    demoted = take(victims(Tier.VRAM), need) if need > 0 else []
+    if need > 0 and not demoted:
+        raise NoRoom(Tier.VRAM, size, budgets.vram)
+    actions: list[Action] = []
+    ram_used = usage(values, Tier.RAM) - (moving_out if current and current.tier is Tier.RAM else 0)
+    ram_victims = victims(Tier.RAM)
+    # Most recently used first, so they are the ones that keep a RAM copy.
+    for e in sorted(demoted, key=lambda e: e.last_used, reverse=True):
+        while ram_used + e.bytes > budgets.ram and ram_victims and ram_victims[0].last_used < e.last_used:
+            old = ram_victims.pop(0)
+            actions.append(Drop(old.adapter, Tier.RAM))
+            ram_used -= old.bytes
+        if ram_used + e.bytes <= budgets.ram:
+            actions.append(Demote(e.adapter))
+            ram_used += e.bytes
+        else:
+            actions.append(Drop(e.adapter, Tier.VRAM))
+    return actions
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+
+
+@dataclass
+class AdapterCache:
+    """The recorded state: which adapter is in which tier, how big, how recently used."""
+
+    budgets: Budgets
+    entries: dict[AdapterRef, Entry] = field(default_factory=dict)
+    stats: dict[Tier, TierStats] = field(default_factory=lambda: {Tier.RAM: TierStats(), Tier.VRAM: TierStats()})
+
+    def tier_of(self, adapter: AdapterRef) -> Tier:
+        e = self.entries.get(adapter)
+        return e.tier if e else Tier.DISK
+
+    def used(self, tier: Tier) -> int:
+        return usage(self.entries.values(), tier)
+
+    def plan(self, adapter: AdapterRef, size: int, tier: Tier, protected: frozenset[AdapterRef]) -> list[Action]:
+        return plan_admit(self.entries, self.budgets, adapter, size, tier, protected)
+
+    def place(self, adapter: AdapterRef, tier: Tier, size: int, now: float) -> None:
+        """Record `adapter` as now in `tier` (a load, an attach, or a reservation before a read)."""
+        e = self.entries.get(adapter)
+        if e is None:
+            self.entries[adapter] = Entry(adapter, tier, size, now)
+        else:
+            e.tier, e.bytes, e.last_used = tier, size, now
+        self.stats[tier].loads += 1
+
+    def apply(self, action: Action) -> None:
+        e = self.entries[action.adapter]
+        if isinstance(action, Demote):
+            e.tier = Tier.RAM
+            self.stats[Tier.VRAM].evictions += 1
+        else:
+            self.stats[action.tier].evictions += 1
+            if e.pinned:
+                e.tier = Tier.DISK
+            else:
+                del self.entries[action.adapter]
+
+    def forget(self, adapter: AdapterRef) -> None:
+        """A reservation whose read failed."""
+        e = self.entries.get(adapter)
+        if e is not None and not e.pinned:
+            del self.entries[adapter]
+        elif e is not None:
+            e.tier = Tier.DISK
+
+    def record_use(self, adapter: AdapterRef, found_in: Tier, now: float) -> None:
+        """Count one request's hit or miss per tier (`found_in`: where its adapter was when it
+        was needed), and refresh the adapter's recency."""
+        vram, ram = self.stats[Tier.VRAM], self.stats[Tier.RAM]
+        if found_in is Tier.VRAM:
+            vram.hits += 1
+        else:
+            vram.misses += 1
+            if found_in is Tier.RAM:
+                ram.hits += 1
+            else:
+                ram.misses += 1
+        if adapter in self.entries:
+            self.entries[adapter].last_used = now
+            self.entries[adapter].used = True

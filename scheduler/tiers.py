@@ -1,0 +1,195 @@
+"""Moves adapters between tiers through the engine, keeping AdapterCache's books.
+
+Reads from disk go through a LoadLimiter (at most N at once, one per adapter)
+and overlap compute. Attach, demote and drop are serialized by one lock, and
+the books change only after the engine has done the move, so the recorded
+bytes of a tier never exceed its budget: room is made (and a read's bytes
+reserved) before anything grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from scheduler.cache import Action, AdapterCache, Budgets, Demote, Drop, NoRoom, Tier
+from scheduler.errors import AdapterBusy, AdapterLoadFailed
+from scheduler.loads import LoadLimiter
+from scheduler.types import AdapterRef
+
+
+class TierEngine(Protocol):
+    """The moves an engine performs; the bookkeeping is all here."""
+
+    def size_on_disk(self, adapter: AdapterRef) -> int:
+        """An upper bound of the adapter's bytes once read (raises if it cannot be read)."""
+
+    async def fetch(self, adapter: AdapterRef) -> int:
+        """DISK -> RAM; returns the bytes now held."""
+
+    async def attach(self, adapter: AdapterRef) -> None:
+        """RAM -> VRAM."""
+
+    async def demote(self, adapter: AdapterRef) -> None:
+        """VRAM -> RAM."""
+
+    async def detach(self, adapter: AdapterRef) -> None:
+        """VRAM -> DISK."""
+
+    def drop(self, adapter: AdapterRef) -> None:
+        """RAM -> DISK."""
+
+
+@dataclass(frozen=True)
+class Moved:
+    """What making an adapter usable took: where it was found and the milliseconds spent."""
+
+    found_in: Tier
+    ms: float
+
+
+def _never() -> frozenset[AdapterRef]:
+    return frozenset()
+
+
+class AdapterTiers:
+    def __init__(self, engine: TierEngine, budgets: Budgets, *, max_loads: int = 2,
+                 running: Callable[[], frozenset[AdapterRef]] = _never,
+                 waiting: Callable[[], frozenset[AdapterRef]] = _never,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cache = AdapterCache(budgets)
+        self.loads: LoadLimiter[AdapterRef, float] = LoadLimiter(self._read, max_loads)
+        self._engine = engine
+        self._moves = asyncio.Lock()
+        self._running, self._waiting = running, waiting
+        self._clock = clock
+
+    def now(self) -> float:
+        return self._clock()
+
+    def tier_of(self, adapter: AdapterRef) -> Tier:
+        return Tier.VRAM if adapter.is_base else self.cache.tier_of(adapter)
+
+    def _loading(self) -> frozenset[AdapterRef]:
+        return frozenset(a for a in self.cache.entries if self.loads.loading(a))
+
+    # -- up --------------------------------------------------------------------
+    async def to_ram(self, adapter: AdapterRef) -> Moved:
+        """Make sure `adapter` is at least in RAM (joining a read already under way)."""
+        tier = self.tier_of(adapter)
+        if tier >= Tier.RAM and not self.loads.loading(adapter):
+            return Moved(tier, 0.0)
+        return Moved(Tier.DISK, await self.loads.get(adapter))
+
+    async def _read(self, adapter: AdapterRef) -> float:
+        started = time.perf_counter()
+        try:
+            size = self._engine.size_on_disk(adapter)
+        except Exception as exc:
+            raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
+        self._check_fits(adapter, size, Tier.RAM)
+        async with self._moves:
+            if self.tier_of(adapter) >= Tier.RAM:
+                return 0.0
+            # Prefetching must not push out what queued requests are about to use.
+            protected = self._running() | self._waiting() | self._loading()
+            await self._execute(self.cache.plan(adapter, size, Tier.RAM, protected))
+            self.cache.place(adapter, Tier.RAM, size, self._clock())  # reserve before reading
+        try:
+            held = await self._engine.fetch(adapter)
+        except BaseException:
+            async with self._moves:
+                self.cache.forget(adapter)
+            raise
+        self.cache.entries[adapter].bytes = min(held, size)
+        return (time.perf_counter() - started) * 1e3
+
+    async def to_vram(self, adapter: AdapterRef) -> Moved:
+        """Attach `adapter` to the model, reading it first if needed."""
+        started = time.perf_counter()
+        found_in = self.tier_of(adapter)
+        while True:
+            if self.tier_of(adapter) is Tier.VRAM:
+                return Moved(found_in, (time.perf_counter() - started) * 1e3 if found_in < Tier.VRAM else 0.0)
+            moved = await self.to_ram(adapter)
+            found_in = min(found_in, moved.found_in)
+            async with self._moves:
+                if self.tier_of(adapter) is not Tier.RAM:
+                    continue  # attached meanwhile, or pushed back to disk before we got the lock
+                size = self.cache.entries[adapter].bytes
+                self._check_fits(adapter, size, Tier.VRAM)
+                protected = self._running() | self._loading()
+                await self._execute(self.cache.plan(adapter, size, Tier.VRAM, protected))
+                await self._engine.attach(adapter)
+                self.cache.place(adapter, Tier.VRAM, size, self._clock())
+
+    def _check_fits(self, adapter: AdapterRef, size: int, tier: Tier) -> None:
+        budget = self.cache.budgets.of(tier)
+        if size > budget:
+            raise AdapterLoadFailed(adapter.id, f"it needs {size} bytes; the whole {tier.name} budget is {budget}")
+
+    # -- down ------------------------------------------------------------------
+    async def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Demote):
+                await self._engine.demote(action.adapter)
+            elif action.tier is Tier.VRAM:
+                await self._engine.detach(action.adapter)
+            else:
+                self._engine.drop(action.adapter)
+            self.cache.apply(action)
+
+    async def evict(self, adapter: AdapterRef, to: Tier) -> None:
+        """Move `adapter` down to `to` (RAM or DISK); refused while pinned or in use."""
+        async with self._moves:
+            entry = self.cache.entries.get(adapter)
+            if entry is None or entry.tier <= to:
+                return
+            if entry.pinned:
+                raise AdapterBusy(adapter.id, "it is pinned; unpin it first")
+            if adapter in self._running() | self._waiting() | self._loading():
+                raise AdapterBusy(adapter.id, "requests are using it")
+            if to is Tier.RAM:
+                others = self._running() | self._waiting() | self._loading()
+                actions = [a for a in self.cache.plan(adapter, entry.bytes, Tier.RAM, others)]
+                await self._execute([*actions, Demote(adapter)])
+            else:
+                await self._execute([Drop(adapter, entry.tier)])
+
+    async def sweep_idle(self, ttl_s: float) -> list[AdapterRef]:
+        """Let go of unpinned adapters unused for `ttl_s` seconds; returns them."""
+        now = self._clock()
+        busy = self._running() | self._waiting() | self._loading()
+        async with self._moves:
+            idle = [e for e in self.cache.entries.values()
+                    if not e.pinned and e.tier > Tier.DISK and e.adapter not in busy and now - e.last_used >= ttl_s]
+            await self._execute([Drop(e.adapter, e.tier) for e in idle])
+        return [e.adapter for e in idle]
+
+    # -- pins ------------------------------------------------------------------
+    async def pin(self, adapter: AdapterRef) -> None:
+        """Attach `adapter` and keep it attached until unpinned."""
+        if adapter.is_base:
+            return
+        while True:
+            await self.to_vram(adapter)
+            async with self._moves:
+                if self.tier_of(adapter) is Tier.VRAM:
+                    self.cache.entries[adapter].pinned = True
+                    return
+
+    def unpin(self, adapter: AdapterRef) -> None:
+        entry = self.cache.entries.get(adapter)
+        if entry is not None:
+            entry.pinned = False
+            if entry.tier is Tier.DISK:
+                del self.cache.entries[adapter]
+
+    def record_use(self, adapter: AdapterRef, found_in: Tier) -> None:
+        if not adapter.is_base:
+            self.cache.record_use(adapter, found_in, self._clock())
+
+
+__all__ = ["AdapterTiers", "Moved", "NoRoom", "TierEngine"]

@@ -1,0 +1,116 @@
+"""AdapterAdminService: look at and steer the tiered adapter cache."""
+
+from __future__ import annotations
+
+import time
+
+from loraserve.v1 import admin_pb2 as pb
+from loraserve.v1 import admin_pb2_grpc
+from scheduler.cache import NoRoom, Tier
+from scheduler.errors import InvalidArgument, NoCacheRoom, NotReady
+from scheduler.scheduler import Scheduler
+from scheduler.types import AdapterRef
+from server.adapters import AdapterStore
+from server.errors import unary_errors
+
+_TIER_PB = {Tier.DISK: pb.TIER_DISK, Tier.RAM: pb.TIER_RAM, Tier.VRAM: pb.TIER_VRAM}
+_PB_TIER = {v: k for k, v in _TIER_PB.items()}
+
+
+async def warm(scheduler: Scheduler, adapter: AdapterRef, tier: Tier) -> None:
+    try:
+        if tier is Tier.VRAM:
+            await scheduler.tiers.to_vram(adapter)
+        else:
+            await scheduler.tiers.to_ram(adapter)
+    except NoRoom as exc:
+        raise NoCacheRoom(str(exc), adapter_id=adapter.id) from exc
+
+
+async def pin(scheduler: Scheduler, adapter: AdapterRef) -> None:
+    try:
+        await scheduler.tiers.pin(adapter)
+    except NoRoom as exc:
+        raise NoCacheRoom(str(exc), adapter_id=adapter.id) from exc
+
+
+class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
+    def __init__(self, adapters: AdapterStore):
+        self._adapters = adapters
+        self._scheduler: Scheduler | None = None
+
+    def ready(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def _sched(self) -> Scheduler:
+        if self._scheduler is None:
+            raise NotReady("the model is still loading; retry shortly")
+        return self._scheduler
+
+    def _resolve(self, adapter_id: str) -> AdapterRef:
+        ref = self._adapters.resolve(adapter_id)
+        if ref.is_base:
+            raise InvalidArgument("adapter_id", "'base' is the model itself and is always resident")
+        return ref
+
+    def _status(self, ref: AdapterRef) -> pb.AdapterStatus:
+        sched = self._sched()
+        entry = sched.tiers.cache.entries.get(ref)
+        status = pb.AdapterStatus(id=ref.id, version=ref.version, tier=_TIER_PB[sched.tiers.tier_of(ref)],
+                                  in_use=ref in sched.adapters_in_use())
+        if entry is not None:
+            status.pinned = entry.pinned
+            status.size_bytes = entry.bytes if entry.tier > Tier.DISK else 0
+            if entry.used:
+                status.last_used.FromNanoseconds(int((time.time() - (sched.tiers.now() - entry.last_used)) * 1e9))
+        return status
+
+    @unary_errors
+    async def ListAdapters(self, request, context):
+        sched = self._sched()
+        refs = {self._adapters.resolve(i): None for i in self._adapters.ids()}
+        refs.update(dict.fromkeys(sched.tiers.cache.entries))  # also versions no longer in the store
+        ordered = sorted(refs, key=lambda r: (r.id, r.version))
+        return pb.ListAdaptersResponse(adapters=[self._status(r) for r in ordered])
+
+    @unary_errors
+    async def WarmAdapter(self, request, context):
+        ref = self._resolve(request.adapter_id)
+        tier = _PB_TIER.get(request.tier, Tier.VRAM)
+        if tier is Tier.DISK:
+            raise InvalidArgument("tier", "warm to TIER_RAM or TIER_VRAM")
+        await warm(self._sched(), ref, tier)
+        return pb.WarmAdapterResponse(adapter=self._status(ref))
+
+    @unary_errors
+    async def EvictAdapter(self, request, context):
+        ref = self._resolve(request.adapter_id)
+        tier = _PB_TIER.get(request.tier, Tier.DISK)
+        if tier is Tier.VRAM:
+            raise InvalidArgument("tier", "evict to TIER_RAM or TIER_DISK")
+        await self._sched().tiers.evict(ref, tier)
+        return pb.EvictAdapterResponse(adapter=self._status(ref))
+
+    @unary_errors
+    async def PinAdapter(self, request, context):
+        ref = self._resolve(request.adapter_id)
+        await pin(self._sched(), ref)
+        return pb.PinAdapterResponse(adapter=self._status(ref))
+
+    @unary_errors
+    async def UnpinAdapter(self, request, context):
+        ref = self._resolve(request.adapter_id)
+        self._sched().tiers.unpin(ref)
+        return pb.UnpinAdapterResponse(adapter=self._status(ref))
+
+    @unary_errors
+    async def GetCacheStats(self, request, context):
+        tiers = self._sched().tiers
+        cache = tiers.cache
+        out = pb.GetCacheStatsResponse(loads_in_flight=tiers.loads.running, peak_loads_in_flight=tiers.loads.peak)
+        for tier in (Tier.VRAM, Tier.RAM):
+            st = cache.stats[tier]
+            out.tiers.add(tier=_TIER_PB[tier], hits=st.hits, misses=st.misses, loads=st.loads,
+                          evictions=st.evictions, bytes_used=cache.used(tier), bytes_budget=cache.budgets.of(tier),
+                          adapters=sum(1 for e in cache.entries.values() if e.tier is tier))
+        return out
