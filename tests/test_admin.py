@@ -1,0 +1,125 @@
+"""AdapterAdminService and the cache as seen through gRPC: tiers, pins, evictions, warm set, idle TTL."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from conftest import PROMPT, ServerThread, server_config
+from loraserve.v1 import admin_pb2 as apb
+from loraserve.v1 import admin_pb2_grpc
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc
+from runner.engine import EngineConfig
+from test_generate import details
+from test_lifecycle import PacedEngine, wait_for
+
+ADAPTER_MIB = 0.14  # a demo adapter is ~136 KiB
+
+
+@pytest.fixture(scope="module")
+def cached(demo_dir):
+    # VRAM holds two demo adapters, RAM one; `legal` is attached at start-up.
+    cfg = server_config(demo_dir, vram_budget_mib=2.2 * ADAPTER_MIB, ram_budget_mib=1.2 * ADAPTER_MIB,
+                        warm=("legal",))
+    srv = ServerThread(cfg, engine=PacedEngine(EngineConfig(cfg.model_path)))
+    with srv.channel() as ch:
+        yield srv, admin_pb2_grpc.AdapterAdminServiceStub(ch), inference_pb2_grpc.InferenceServiceStub(ch)
+    srv.stop()
+
+
+def tiers(admin) -> dict[str, apb.AdapterStatus]:
+    return {a.id: a for a in admin.ListAdapters(apb.ListAdaptersRequest(), timeout=10).adapters}
+
+
+def ask(stub, adapter, **kw):
+    return stub.Generate(pb.GenerateRequest(adapter_id=adapter, prompt=PROMPT, max_new_tokens=4, **kw), timeout=60)
+
+
+def stats(admin) -> dict[int, apb.TierStats]:
+    return {t.tier: t for t in admin.GetCacheStats(apb.GetCacheStatsRequest(), timeout=10).tiers}
+
+
+def test_cache_lifecycle_through_admin_rpcs(cached):
+    srv, admin, stub = cached
+    listed = tiers(admin)
+    assert listed["legal"].tier == apb.TIER_VRAM and listed["legal"].size_bytes > 0  # warm set
+    assert listed["medical"].tier == apb.TIER_DISK and listed["medical"].size_bytes == 0
+    assert ask(stub, "legal").adapter.load_source == pb.LOAD_SOURCE_VRAM
+
+    before = stats(admin)[apb.TIER_VRAM]
+    assert ask(stub, "medical").adapter.load_source == pb.LOAD_SOURCE_DISK
+    assert ask(stub, "medical").adapter.load_source == pb.LOAD_SOURCE_VRAM
+    after = stats(admin)[apb.TIER_VRAM]
+    assert (after.hits - before.hits, after.misses - before.misses) == (1, 1)
+
+    pinned = admin.PinAdapter(apb.PinAdapterRequest(adapter_id="support"), timeout=30).adapter
+    assert pinned.pinned and pinned.tier == apb.TIER_VRAM
+    for adapter in ("legal", "medical", "legal", "medical"):  # pressure: only one unpinned VRAM slot
+        ask(stub, adapter)
+        assert tiers(admin)["support"].tier == apb.TIER_VRAM
+    with pytest.raises(grpc.RpcError) as caught:
+        admin.EvictAdapter(apb.EvictAdapterRequest(adapter_id="support"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details(caught.value)[0].reason == "ADAPTER_BUSY"
+
+    admin.UnpinAdapter(apb.UnpinAdapterRequest(adapter_id="support"), timeout=10)
+    moved = admin.EvictAdapter(apb.EvictAdapterRequest(adapter_id="support", tier=apb.TIER_RAM), timeout=10).adapter
+    assert moved.tier == apb.TIER_RAM and not moved.pinned
+    assert ask(stub, "support").adapter.load_source == pb.LOAD_SOURCE_RAM
+    gone = admin.EvictAdapter(apb.EvictAdapterRequest(adapter_id="support"), timeout=10).adapter
+    assert gone.tier == apb.TIER_DISK
+
+    warmed = admin.WarmAdapter(apb.WarmAdapterRequest(adapter_id="support", tier=apb.TIER_RAM), timeout=30).adapter
+    assert warmed.tier == apb.TIER_RAM
+
+    for tier in stats(admin).values():
+        assert 0 < tier.bytes_used <= tier.bytes_budget and tier.evictions > 0
+    assert admin.GetCacheStats(apb.GetCacheStatsRequest(), timeout=10).peak_loads_in_flight <= 2
+
+
+def test_an_adapter_in_use_cannot_be_evicted(cached):
+    srv, admin, stub = cached
+    busy = stub.Generate.future(pb.GenerateRequest(adapter_id="medical", prompt=PROMPT, max_new_tokens=200,
+                                                   ignore_eos=True), timeout=60)
+    assert wait_for(lambda: srv.server.scheduler.running == 1)
+    assert tiers(admin)["medical"].in_use
+    with pytest.raises(grpc.RpcError) as caught:
+        admin.EvictAdapter(apb.EvictAdapterRequest(adapter_id="medical"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Pressure from the other adapters while it runs does not take it away either.
+    for adapter in ("legal", "support"):
+        admin.WarmAdapter(apb.WarmAdapterRequest(adapter_id=adapter), timeout=30)
+    assert busy.result().usage.output_tokens == 200 and busy.result().adapter.id == "medical"
+
+
+@pytest.mark.parametrize("call, request_, code", [
+    ("WarmAdapter", apb.WarmAdapterRequest(adapter_id="ghost"), grpc.StatusCode.NOT_FOUND),
+    ("WarmAdapter", apb.WarmAdapterRequest(adapter_id="base"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("WarmAdapter", apb.WarmAdapterRequest(adapter_id="legal", tier=apb.TIER_DISK), grpc.StatusCode.INVALID_ARGUMENT),
+    ("EvictAdapter", apb.EvictAdapterRequest(adapter_id="legal", tier=apb.TIER_VRAM),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("PinAdapter", apb.PinAdapterRequest(adapter_id="../x"), grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_bad_admin_requests(cached, call, request_, code):
+    _, admin, stub = cached
+    with pytest.raises(grpc.RpcError) as caught:
+        getattr(admin, call)(request_, timeout=10)
+    assert caught.value.code() == code
+    assert ask(stub, "legal").usage.output_tokens == 4
+
+
+def test_idle_adapters_are_unloaded_after_the_ttl(demo_dir):
+    srv = ServerThread(server_config(demo_dir, idle_ttl_s=0.3, pin=("support",)))
+    try:
+        with srv.channel() as ch:
+            admin = admin_pb2_grpc.AdapterAdminServiceStub(ch)
+            ask(inference_pb2_grpc.InferenceServiceStub(ch), "legal")
+            assert tiers(admin)["legal"].tier == apb.TIER_VRAM
+            assert wait_for(lambda: tiers(admin)["legal"].tier == apb.TIER_DISK, 10)
+            time.sleep(0.5)
+            assert tiers(admin)["support"].tier == apb.TIER_VRAM  # pinned adapters stay
+    finally:
+        srv.stop()

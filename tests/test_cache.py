@@ -1,0 +1,168 @@
+"""The tier policy (pure) and AdapterTiers under random pressure, against a recording engine."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+
+import pytest
+
+from scheduler.cache import Budgets, Demote, Drop, Entry, NoRoom, Tier, plan_admit
+from scheduler.housekeeping import next_occurrence
+from scheduler.tiers import AdapterTiers
+from scheduler.types import AdapterRef
+
+
+def ref(name: str, version: str = "1") -> AdapterRef:
+    return AdapterRef(name, version, f"/store/{name}")
+
+
+def entries(*specs) -> dict:
+    """specs: (name, tier, bytes, last_used[, pinned])"""
+    return {ref(n): Entry(ref(n), t, b, u, *rest) for n, t, b, u, *rest in specs}
+
+
+NONE = frozenset()
+
+
+def test_ram_admission_drops_least_recently_used_first():
+    state = entries(("a", Tier.RAM, 40, 1.0), ("b", Tier.RAM, 40, 2.0), ("c", Tier.RAM, 10, 0.5))
+    assert plan_admit(state, Budgets(100, 100), ref("new"), 30, Tier.RAM, NONE) == \
+        [Drop(ref("c"), Tier.RAM), Drop(ref("a"), Tier.RAM)]
+    assert plan_admit(state, Budgets(200, 100), ref("new"), 30, Tier.RAM, NONE) == []
+
+
+def test_pinned_and_protected_entries_are_never_victims():
+    state = entries(("a", Tier.VRAM, 50, 1.0, True), ("b", Tier.VRAM, 50, 2.0), ("c", Tier.RAM, 10, 0.0))
+    with pytest.raises(NoRoom):
+        plan_admit(state, Budgets(100, 100), ref("c"), 10, Tier.VRAM, frozenset({ref("b")}))
+    assert plan_admit(state, Budgets(100, 100), ref("c"), 10, Tier.VRAM, NONE) == [Demote(ref("b"))]
+
+
+def test_vram_victims_go_down_to_ram_when_it_has_room_else_to_disk():
+    def state(r_used):
+        return entries(("v1", Tier.VRAM, 30, 1.0), ("v2", Tier.VRAM, 30, 2.0), ("r", Tier.RAM, 50, r_used),
+                       ("new", Tier.RAM, 50, 3.0))
+
+    # Both VRAM entries must go. RAM (budget 80) keeps r (50) once new moves up: room for one.
+    # v2, the more recent, is demoted; v1 is older than r, cannot push it out, and goes to disk.
+    assert plan_admit(state(1.5), Budgets(80, 60), ref("new"), 50, Tier.VRAM, NONE) == \
+        [Demote(ref("v2")), Drop(ref("v1"), Tier.VRAM)]
+    # When r is older than both, it is the one let go.
+    assert plan_admit(state(0.5), Budgets(80, 60), ref("new"), 50, Tier.VRAM, NONE) == \
+        [Demote(ref("v2")), Drop(ref("r"), Tier.RAM), Demote(ref("v1"))]
+
+
+def test_an_adapter_larger_than_the_budget_never_fits():
+    with pytest.raises(NoRoom):
+        plan_admit({}, Budgets(100, 10), ref("big"), 11, Tier.VRAM, NONE)
+
+
+def test_next_occurrence_is_today_or_tomorrow():
+    now = dt.datetime(2026, 11, 22, 8, 0)
+    assert next_occurrence(now, 8, 55) == dt.datetime(2026, 11, 22, 8, 55)
+    assert next_occurrence(now, 7, 0) == dt.datetime(2026, 11, 23, 7, 0)
+    assert next_occurrence(now, 8, 0) == dt.datetime(2026, 11, 23, 8, 0)
+
+
+class RecordingEngine:
+    """Holds 'weights' as names in sets so the test can compare them with the books."""
+
+    def __init__(self, sizes: dict[AdapterRef, int]):
+        self.sizes, self.ram, self.vram = sizes, set(), set()
+        self.reads = 0
+
+    def size_on_disk(self, adapter):
+        return self.sizes[adapter]
+
+    async def fetch(self, adapter):
+        self.reads += 1
+        await asyncio.sleep(0)
+        self.ram.add(adapter)
+        return self.sizes[adapter]
+
+    async def attach(self, adapter):
+        self.ram.remove(adapter)
+        self.vram.add(adapter)
+
+    async def demote(self, adapter):
+        self.vram.remove(adapter)
+        self.ram.add(adapter)
+
+    async def detach(self, adapter):
+        self.vram.remove(adapter)
+
+    def drop(self, adapter):
+        self.ram.remove(adapter)
+
+
+def test_random_operations_never_exceed_budgets_nor_touch_pinned_or_running():
+    rng = random.Random(42)
+    adapters = [ref(f"a{i}") for i in range(12)]
+    engine = RecordingEngine({a: rng.randint(5, 40) for a in adapters})
+    budgets = Budgets(ram=100, vram=80)
+    running: set[AdapterRef] = set()
+    clock = iter(range(1, 10**9))
+    tiers = AdapterTiers(engine, budgets, running=lambda: frozenset(running), clock=lambda: next(clock))
+
+    def check():
+        cache = tiers.cache
+        assert cache.used(Tier.RAM) <= budgets.ram and cache.used(Tier.VRAM) <= budgets.vram
+        assert engine.vram == {a for a, e in cache.entries.items() if e.tier is Tier.VRAM}
+        assert engine.ram == {a for a, e in cache.entries.items() if e.tier is Tier.RAM}
+        for a, e in cache.entries.items():
+            if e.pinned:
+                assert e.tier is Tier.VRAM, f"pinned {a.id} left VRAM"
+        for a in running:
+            assert tiers.tier_of(a) is Tier.VRAM, f"running {a.id} left VRAM"
+
+    async def scenario():
+        ops = 0
+        for _ in range(1500):
+            a = rng.choice(adapters)
+            op = rng.choice(["ram", "vram", "vram", "evict", "pin", "unpin", "run", "finish", "sweep"])
+            try:
+                if op == "ram":
+                    await tiers.to_ram(a)
+                elif op == "vram":
+                    await tiers.to_vram(a)
+                elif op == "evict":
+                    if a not in running:
+                        await tiers.evict(a, rng.choice([Tier.RAM, Tier.DISK]))
+                elif op == "pin":
+                    if sum(1 for e in tiers.cache.entries.values() if e.pinned) < 2:
+                        await tiers.pin(a)
+                elif op == "unpin":
+                    tiers.unpin(a)
+                elif op == "run" and len(running) < 2:
+                    await tiers.to_vram(a)
+                    running.add(a)
+                elif op == "finish" and running:
+                    running.discard(rng.choice(sorted(running, key=lambda r: r.id)))
+                elif op == "sweep":
+                    await tiers.sweep_idle(ttl_s=50)
+            except NoRoom:
+                pass  # pins and running adapters filled the tier: refused, not overrun
+            except Exception as exc:
+                if type(exc).__name__ != "AdapterBusy":
+                    raise
+            check()
+            ops += 1
+        return ops
+
+    assert asyncio.run(scenario()) == 1500
+    stats = tiers.cache.stats
+    assert stats[Tier.VRAM].evictions > 50 and stats[Tier.RAM].evictions > 50
+
+
+def test_concurrent_asks_for_one_cold_adapter_read_it_once():
+    a = ref("x")
+    engine = RecordingEngine({a: 10})
+    tiers = AdapterTiers(engine, Budgets(100, 100))
+
+    async def scenario():
+        await asyncio.gather(*(tiers.to_vram(a) for _ in range(20)))
+
+    asyncio.run(scenario())
+    assert engine.reads == 1 and tiers.tier_of(a) is Tier.VRAM
