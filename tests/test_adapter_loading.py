@@ -51,6 +51,8 @@ def store(demo_dir, tmp_path_factory):
         sources[f"copy{i}"] = source
     shutil.copytree(demo_dir / "adapters" / "legal", root / "corrupt")
     (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copytree(demo_dir / "adapters" / "legal", root / "noweights")
+    (root / "noweights" / "adapter_model.safetensors").unlink()
     for name in ADAPTERS:
         shutil.copytree(demo_dir / "adapters" / name, root / name)
     return root, sources
@@ -98,3 +100,12 @@ def test_corrupt_adapter_fails_only_its_requests_and_is_not_retried_in_a_loop(sl
         assert info.reason == "ADAPTER_LOAD_FAILED" and info.metadata["adapter_id"] == "corrupt"
     assert engine.reads["corrupt"] == 1
     assert ask(stub, "legal").adapter.id == "legal"
+
+
+def test_missing_weights_file_is_a_clear_load_failure(slow_server):
+    _, _, stub = slow_server
+    with pytest.raises(grpc.RpcError) as caught:
+        ask(stub, "noweights")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert details(caught.value)[0].reason == "ADAPTER_LOAD_FAILED"
+    assert "adapter_model.safetensors" in caught.value.details()

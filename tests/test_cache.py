@@ -66,6 +66,24 @@ def test_next_occurrence_is_today_or_tomorrow():
     assert next_occurrence(now, 8, 0) == dt.datetime(2026, 11, 23, 8, 0)
 
 
+def test_warm_daily_fires_at_the_scheduled_minute():
+    from scheduler.housekeeping import warm_daily
+
+    start = dt.datetime(2026, 11, 22, 8, 54, 59, 950000)  # 50 ms before 08:55
+    warmed: list[str] = []
+
+    async def warm(adapter_id):
+        warmed.append(adapter_id)
+
+    async def scenario():
+        task = asyncio.create_task(warm_daily([(8, 55, "support"), (9, 30, "legal")], warm, now=lambda: start))
+        await asyncio.sleep(0.3)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert warmed[:1] == ["support"]
+
+
 class RecordingEngine:
     """Holds 'weights' as names in sets so the test can compare them with the books."""
 
