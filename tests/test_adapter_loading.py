@@ -92,7 +92,7 @@ def test_ten_cold_adapters_at_once_load_two_at_a_time_once_each(slow_server, sto
 
 def test_corrupt_adapter_fails_only_its_requests_and_is_not_retried_in_a_loop(slow_server):
     srv, engine, stub = slow_server
-    for attempt in range(3):
+    for _ in range(3):
         with pytest.raises(grpc.RpcError) as caught:
             ask(stub, "corrupt")
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -7,6 +7,7 @@ import datetime as dt
 import random
 
 import pytest
+from fakes import WeightsRecorder
 
 from scheduler.cache import Budgets, Demote, Drop, Entry, NoRoom, Tier, plan_admit
 from scheduler.housekeeping import next_occurrence
@@ -84,11 +85,12 @@ def test_warm_daily_fires_at_the_scheduled_minute():
     assert warmed[:1] == ["support"]
 
 
-class RecordingEngine:
-    """Holds 'weights' as names in sets so the test can compare them with the books."""
+class RecordingEngine(WeightsRecorder):
+    """Reads succeed at once, with per-adapter sizes."""
 
     def __init__(self, sizes: dict[AdapterRef, int]):
-        self.sizes, self.ram, self.vram = sizes, set(), set()
+        super().__init__()
+        self.sizes = sizes
         self.reads = 0
 
     def size_on_disk(self, adapter):
@@ -99,20 +101,6 @@ class RecordingEngine:
         await asyncio.sleep(0)
         self.ram.add(adapter)
         return self.sizes[adapter]
-
-    async def attach(self, adapter):
-        self.ram.remove(adapter)
-        self.vram.add(adapter)
-
-    async def demote(self, adapter):
-        self.vram.remove(adapter)
-        self.ram.add(adapter)
-
-    async def detach(self, adapter):
-        self.vram.remove(adapter)
-
-    def drop(self, adapter):
-        self.ram.remove(adapter)
 
 
 def test_random_operations_never_exceed_budgets_nor_touch_pinned_or_running():

@@ -145,8 +145,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(demo_dir):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        assert wait_for(lambda: any("listening on" in l for l in lines), 60), lines
-        port = next(l for l in lines if "listening on" in l).rsplit(":", 1)[1].split()[0]
+        assert wait_for(lambda: any("listening on" in line for line in lines), 60), lines
+        port = next(line for line in lines if "listening on" in line).rsplit(":", 1)[1].split()[0]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             assert wait_for(lambda: health(ch) == SERVING, 60)
             stub = inference_pb2_grpc.InferenceServiceStub(ch)
@@ -165,7 +165,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(demo_dir):
         assert proc.wait(60) == 0
     finally:
         proc.kill()
-    assert any("draining" in l for l in lines)
+    assert any("draining" in line for line in lines)
 
 
 def _grpcurl() -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fakes import WeightsRecorder
 
 from scheduler.engine import StepResult
 from scheduler.errors import AdapterLoadFailed, QueueFull, ShuttingDown
@@ -24,7 +25,7 @@ def req(rid: str, adapter: AdapterRef = BASE, max_new: int = 4, prompt=(5, 6), s
     return GenerationRequest(rid, adapter, tuple(prompt), max_new, stop_sequences=tuple(stops))
 
 
-class ScriptedEngine:
+class ScriptedEngine(WeightsRecorder):
     """Each row 'generates' its adapter id's letters, one per step, then EOS.
 
     `gate`, when set, holds every decode step until the test releases it.
@@ -39,9 +40,8 @@ class ScriptedEngine:
         self.decodes: list[list[int]] = []
         self.loads: list[str] = []
         self.gate: asyncio.Event | None = None
+        super().__init__()
         self.fetching = self.peak_fetching = 0
-        self.ram: set[AdapterRef] = set()
-        self.vram: set[AdapterRef] = set()
         self._fetch_s, self._slow, self._size = fetch_s, slow or {}, size
         self._fail = set(fail_adapters)
         self._rows = {}
@@ -61,20 +61,6 @@ class ScriptedEngine:
             raise AdapterLoadFailed(adapter.id, "corrupt")
         self.ram.add(adapter)
         return self._size
-
-    async def attach(self, adapter):
-        self.ram.remove(adapter)
-        self.vram.add(adapter)
-
-    async def demote(self, adapter):
-        self.vram.remove(adapter)
-        self.ram.add(adapter)
-
-    async def detach(self, adapter):
-        self.vram.remove(adapter)
-
-    def drop(self, adapter):
-        self.ram.remove(adapter)
 
     async def prefill(self, rows):
         self.prefills.append([r.seq_id for r in rows])
@@ -215,9 +201,9 @@ def test_cold_loads_are_limited_single_flight_and_answered_correctly():
 
     async def scenario(s):
         tickets = [s.submit(req(f"{n}-{k}", ref(n), max_new=10)) for k in range(3) for n in names]
-        return [await t.result() for t in tickets], None
+        return [await t.result() for t in tickets]
 
-    results, limiter = run(engine, scenario)
+    results = run(engine, scenario)
     assert [r.text for r in results] == names * 3
     assert engine.peak_fetching == 2
     assert sorted(engine.loads) == sorted(names)
