@@ -4,16 +4,17 @@ Nothing is downloaded. A byte-level BPE tokenizer is trained on a templated
 corpus, a tiny LlamaForCausalLM is trained on generic question/answer text,
 and each adapter is trained on its own domain's answers, so the same prompt
 gives recognisably legal, medical or support text depending on the adapter.
-Outputs are ordinary HF / PEFT directories:
+The base is an ordinary HF directory; the adapters are registered (hashed,
+smoke-tested, promoted) into a registry store (registry/store.py):
 
-    OUT/base/      config.json, model.safetensors, tokenizer.json, ...
-    OUT/adapters/NAME/  adapter_config.json, adapter_model.safetensors, metadata.json
+    OUT/base/                 config.json, model.safetensors, tokenizer.json, ...
+    OUT/adapters/NAME/1/      adapter_config.json, adapter_model.safetensors, metadata.json
 """
 
 from __future__ import annotations
 
-import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ DOMAINS: dict[str, dict[str, list[str]]] = {
 }
 
 DEFAULT_ADAPTERS = ("legal", "medical", "support")
+ALIASES = {"legal": ["law"], "medical": ["clinic"], "support": ["helpdesk"]}
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,14 @@ def build_demo(out: Path, spec: DemoSpec = DemoSpec()) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from registry.identity import base_identity
+    from registry.store import Store
+    from runner.smoke import SmokeTester
+
     started = time.perf_counter()
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
-    base_dir, adapters_dir = out / "base", out / "adapters"
+    base_dir, raw_dir = out / "base", out / "raw-adapters"
     base_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(spec, base_dir)
     config = LlamaConfig(
@@ -159,15 +165,18 @@ def build_demo(out: Path, spec: DemoSpec = DemoSpec()) -> dict:
         peft_model = get_peft_model(model, lora, adapter_name=name)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         losses[name] = _train(peft_model, trainable, _batches(tokenizer, name, spec, spec.adapter_steps, rng), 1e-2)
-        target = adapters_dir / name
-        peft_model.save_pretrained(target.parent, selected_adapters=[name])
         # save_pretrained puts a named adapter in a subfolder of its own name.
-        (target / "metadata.json").write_text(json.dumps({
-            "name": name, "version": "1", "base_model": str(base_dir.name), "task": name,
-            "description": f"demo {name} adapter trained on templated {name} answers",
-            "status": "active",
-        }, indent=2))
+        peft_model.save_pretrained(raw_dir, selected_adapters=[name])
         model = peft_model.unload()
-    (adapters_dir / "README.md").unlink(missing_ok=True)  # peft's model card template, not an adapter
-    return {"base": str(base_dir), "adapters": [str(adapters_dir / a) for a in spec.adapters],
-            "base_loss": base_loss, "adapter_losses": losses, "seconds": time.perf_counter() - started}
+
+    store = Store(out / "adapters")
+    store.root.mkdir(parents=True, exist_ok=True)
+    identity, tester = base_identity(base_dir), SmokeTester(base_dir)
+    for name in spec.adapters:
+        passport = store.register(
+            raw_dir / name, name, identity, tester, task=name, client="demo", language="en",
+            description=f"demo {name} adapter trained on templated {name} answers", aliases=ALIASES.get(name, []))
+        store.promote(name, passport.version)
+    shutil.rmtree(raw_dir)
+    return {"base": str(base_dir), "adapters": str(store.root), "base_loss": base_loss, "adapter_losses": losses,
+            "seconds": time.perf_counter() - started}

@@ -9,6 +9,7 @@ through peft's `adapter_names`, so no global "active adapter" exists to race on.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ import torch
 
 from runner.sampling import sample_next
 from scheduler.engine import Row, StepResult
-from scheduler.errors import AdapterLoadFailed
+from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, LoraServeError
 from scheduler.types import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,10 @@ class TorchEngine:
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
 
+    def module_names(self) -> frozenset[str]:
+        """Leaf names of the model's modules (what an adapter's target_modules may name)."""
+        return frozenset(name.rsplit(".", 1)[-1] for name, _ in self._model.named_modules() if name)
+
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=True)
 
@@ -147,6 +152,8 @@ class TorchEngine:
     async def fetch(self, adapter: AdapterRef) -> int:
         try:
             config, weights = await asyncio.get_running_loop().run_in_executor(self._loaders, self._read, adapter)
+        except LoraServeError:
+            raise
         except Exception as exc:  # a bad adapter fails its own requests only
             log.warning("reading adapter %s from %s failed: %s", adapter.id, adapter.path, exc)
             raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
@@ -155,11 +162,15 @@ class TorchEngine:
 
     def _read(self, adapter: AdapterRef):
         from peft import PeftConfig
-        from safetensors.torch import load_file
+        from safetensors.torch import load as safetensors_load
 
         config = PeftConfig.from_pretrained(adapter.path)
         config.inference_mode = True
-        weights = load_file(str(Path(adapter.path) / WEIGHTS), device="cpu")
+        blob = (Path(adapter.path) / WEIGHTS).read_bytes()
+        if adapter.sha256 and hashlib.sha256(blob).hexdigest() != adapter.sha256:
+            raise AdapterIncompatible(adapter.id, "its weights file does not match the sha256 in its passport",
+                                      reason="WEIGHTS_HASH_MISMATCH")
+        weights = safetensors_load(blob)
         if self._device.type == "cuda":  # page-locked host memory makes the attach copy async-capable
             weights = {k: v.pin_memory() for k, v in weights.items()}
         return config, weights

@@ -38,6 +38,34 @@ class AdapterLoadFailed(LoraServeError):
         self.adapter_id, self.cause = adapter_id, cause
 
 
+class AdapterIncompatible(LoraServeError):
+    """The adapter does not fit the served base model (or its files are not what was registered)."""
+
+    reason = "ADAPTER_INCOMPATIBLE"
+
+    def __init__(self, adapter_id: str, why: str, reason: str | None = None):
+        super().__init__(f"adapter {adapter_id!r} cannot be used with this server: {why}", adapter_id=adapter_id)
+        if reason:
+            self.reason = reason
+
+
+class AdapterNotActive(LoraServeError):
+    """Known, but no version may serve now (none active, or the one named is archived/failed)."""
+
+    reason = "ADAPTER_NOT_ACTIVE"
+
+    def __init__(self, adapter_id: str, why: str):
+        super().__init__(f"adapter {adapter_id!r} is not in service: {why}", adapter_id=adapter_id)
+
+
+class Unauthenticated(LoraServeError):
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LoraServeError):
+    reason = "PERMISSION_DENIED"
+
+
 class AdapterBusy(LoraServeError):
     """An admin action refused because the adapter is pinned or in use."""
 

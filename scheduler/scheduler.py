@@ -16,16 +16,16 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
 from scheduler.engine import Engine, Row, StepResult
 from scheduler.cache import Budgets, NoRoom, Tier
-from scheduler.errors import AdapterLoadFailed, LoraServeError, NoCacheRoom, QueueFull, ShuttingDown
+from scheduler.errors import LoraServeError, NoCacheRoom, QueueFull, ShuttingDown
 from scheduler.policy import BatchLimits, select_batch
 from scheduler.text import find_stop, stable_length
 from scheduler.tiers import AdapterTiers
-from scheduler.types import (AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta,
+from scheduler.types import (BASE, AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta,
                              Timings)
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,11 @@ class _Seq:
         if upto > self.emitted:
             self.events.put_nowait(TextDelta(text[self.emitted:upto]))
             self.emitted = upto
+
+
+def _to_base(req: GenerationRequest, exc: LoraServeError) -> GenerationRequest:
+    return replace(req, adapter=BASE, fallback_to_base=False, fallback_reason=exc.reason,
+                   requested=f"{req.adapter.id}@{req.adapter.version}")
 
 
 class Ticket:
@@ -111,7 +116,7 @@ class Scheduler:
         self._fetching: set[AdapterRef] = set()
         self._cold: dict[AdapterRef, float] = {}  # read from disk for waiting requests: ms
         self._deferred: set[AdapterRef] = set()  # no RAM room yet; retried after the next batch
-        self._failed: dict[AdapterRef, tuple[float, AdapterLoadFailed]] = {}
+        self._failed: dict[AdapterRef, tuple[float, LoraServeError]] = {}
         self._failed_backoff_s = failed_load_backoff_s
         self.stats = SchedulerStats()
 
@@ -144,7 +149,9 @@ class Scheduler:
         failed = self._failed.get(req.adapter)
         if failed and self._clock() - failed[0] < self._failed_backoff_s:
             # Fail fast instead of re-reading a broken adapter on every request.
-            raise AdapterLoadFailed(failed[1].adapter_id, failed[1].cause)
+            if not req.fallback_to_base:
+                raise failed[1]
+            req = _to_base(req, failed[1])
         seq = _Seq(next(self._ids), req, self._clock())
         self._waiting.append(seq)
         self.stats.submitted += 1
@@ -204,12 +211,9 @@ class Scheduler:
                 self._cold[adapter] = moved.ms
         except NoRoom:
             self._deferred.add(adapter)
-        except AdapterLoadFailed as exc:
+        except LoraServeError as exc:  # unreadable, or not the weights that were registered
             self._failed[adapter] = (self._clock(), exc)
-            waiting = [s for s in self._waiting if s.req.adapter == adapter]
-            for seq in waiting:
-                self._waiting.remove(seq)
-            self._fail(waiting, exc)
+            self._fail_or_fallback([s for s in self._waiting if s.req.adapter == adapter], exc)
         finally:
             self._fetching.discard(adapter)
             self._update_idle()
@@ -231,6 +235,10 @@ class Scheduler:
                 moved = await self.tiers.to_vram(adapter)
             except NoRoom as exc:
                 raise NoCacheRoom(str(exc), adapter_id=adapter.id) from exc
+            except LoraServeError as exc:
+                self._waiting[:0] = batch  # back to the front: those allowing it fall back now
+                self._fail_or_fallback(batch, exc)
+                return
             cold_ms = self._cold.pop(adapter, None)
             found_in = Tier.DISK if cold_ms is not None else moved.found_in
             for seq in batch:
@@ -264,6 +272,18 @@ class Scheduler:
 
     def _live(self) -> list[_Seq]:
         return [s for s in self._running if not (s.done or s.cancelled)]
+
+    def _fail_or_fallback(self, seqs: list[_Seq], exc: LoraServeError) -> None:
+        """Requests that allow it move to the base model (and say so); the rest fail with `exc`."""
+        failing = []
+        for seq in seqs:
+            if seq.req.fallback_to_base:
+                seq.req = _to_base(seq.req, exc)
+            else:
+                failing.append(seq)
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
+        self._fail(failing, exc)
 
     def _fail(self, batch: list[_Seq], exc: LoraServeError) -> None:
         for seq in batch:
@@ -299,4 +319,5 @@ class Scheduler:
             request_id=seq.req.request_id, text=text, finish_reason=reason,
             input_tokens=len(seq.req.prompt_ids), output_tokens=seq.output_tokens,
             adapter=seq.req.adapter, load_source=seq.load_source, timings=seq.timings,
+            fallback_reason=seq.req.fallback_reason, fallback_from=seq.req.requested,
         ))

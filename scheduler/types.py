@@ -24,11 +24,13 @@ class LoadSource(enum.Enum):
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """A resolved adapter: canonical id, version and its directory (None for the bare base)."""
+    """A resolved adapter: canonical id, version, its directory (None for the bare base) and the
+    sha256 its weights file must have (checked when read; empty skips the check)."""
 
     id: str
     version: str
     path: str | None = None
+    sha256: str = ""
 
     @property
     def is_base(self) -> bool:
@@ -61,6 +63,12 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     stop_sequences: tuple[str, ...] = ()
     ignore_eos: bool = False
+    fallback_to_base: bool = False
+    """If the adapter cannot be loaded, serve the bare base model instead (flagged) of failing."""
+    fallback_reason: str = ""
+    """Set when this request was moved to the base model: why (an ErrorInfo reason)."""
+    requested: str = ""
+    """The adapter the caller named, as id@version, when a fallback replaced it."""
 
     @property
     def token_budget(self) -> int:
@@ -93,3 +101,5 @@ class Completion:
     adapter: AdapterRef
     load_source: LoadSource
     timings: Timings = field(default_factory=Timings)
+    fallback_reason: str = ""
+    fallback_from: str = ""

@@ -1,52 +1,100 @@
-"""Adapter ids -> adapter directories. Ids are validated names, never paths."""
+"""Adapter ids -> registry versions, with the checks that run before any load.
+
+Ids are validated names (never paths): `name`, `alias` or `name@VERSION`, or
+`base`. The registry index is re-read whenever it changes on disk, so a
+promotion or rollback takes effect without a restart; requests already
+resolved keep the version they got.
+"""
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.errors import AdapterNotFound, InvalidArgument
+from registry.identity import BaseIdentity
+from registry.passport import Passport
+from registry.store import PICKLE_WEIGHTS, WEIGHTS, Snapshot, Store
+from scheduler.errors import (AdapterIncompatible, AdapterNotActive, AdapterNotFound, InvalidArgument,
+                              LoraServeError, PermissionDenied)
 from scheduler.types import BASE, BASE_ADAPTER_ID, AdapterRef
 
-# A name, optionally pinned to a version: "legal" or "legal@3". No '/', no "..".
 ADAPTER_ID = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})(?:@(?P<version>[0-9]{1,9}))?$")
 
 
-class AdapterStore:
-    """One PEFT directory per adapter under `root`; metadata.json (optional) gives its version.
+@dataclass(frozen=True)
+class Resolution:
+    adapter: AdapterRef
+    passport: Passport | None = None
+    problem: LoraServeError | None = None
+    """Why this version cannot serve (incompatible, not in service); the fallback policy decides."""
 
-    The directory is read on every resolve, so an adapter copied in is served
-    without a restart.
-    """
+    def fallback_allowed(self, requested: str) -> bool:
+        """requested: "fail" | "base" | "" (the adapter's own policy). A request may only
+        ask for the base model where the adapter's passport allows it."""
+        return requested != "fail" and self.passport is not None and self.passport.fallback == "base"
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
 
-    def resolve(self, adapter_id: str) -> AdapterRef:
+class AdapterRegistry:
+    def __init__(self, store: Store, base: BaseIdentity, *, max_rank: int = 64):
+        self.store = store
+        self.base = base
+        self.max_rank = max_rank
+        self.module_names: frozenset[str] = frozenset()
+        """Leaf module names of the served model (set once it is loaded)."""
+        self._stamp = -1
+        self._snapshot = Snapshot(())
+
+    def snapshot(self) -> Snapshot:
+        stamp = self.store.index_stamp()
+        if stamp != self._stamp:
+            self._snapshot, self._stamp = self.store.load_index(), stamp
+        return self._snapshot
+
+    def refs(self) -> list[AdapterRef]:
+        """Every version in the store."""
+        return [self._ref(p) for p in self.snapshot().passports]
+
+    def _ref(self, p: Passport) -> AdapterRef:
+        return AdapterRef(p.name, p.version, str(self.store.version_dir(p.name, p.version)), p.weights_sha256)
+
+    def resolve(self, adapter_id: str, client: str | None = None, *, check_access: bool = True) -> Resolution:
         if not adapter_id:
             raise InvalidArgument("adapter_id", "is required (an adapter id, or 'base' for the bare model)")
         if adapter_id == BASE_ADAPTER_ID:
-            return BASE
+            return Resolution(BASE)
         match = ADAPTER_ID.match(adapter_id)
         if not match:
             raise InvalidArgument("adapter_id", "must be a name of letters, digits, '-' or '_' with an "
                                                 "optional '@VERSION' (paths are not accepted)")
-        name, wanted = match["name"], match["version"]
-        path = self.root / name
-        if not (path / "adapter_config.json").is_file():
+        snap = self.snapshot()
+        name = snap.aliases().get(match["name"], match["name"])
+        if not snap.versions(name):
             raise AdapterNotFound(adapter_id)
-        version = self._version(path)
-        if wanted is not None and wanted != version:
-            raise AdapterNotFound(adapter_id)
-        return AdapterRef(name, version, str(path))
+        version = match["version"]
+        passport = snap.get(name, version) if version else snap.active(name)
+        if passport is None:
+            if version:
+                raise AdapterNotFound(adapter_id)
+            raise AdapterNotActive(adapter_id, "no version is active (promote one)")
+        if check_access and passport.allowed_clients and client not in passport.allowed_clients:
+            raise PermissionDenied(f"client {client or 'anonymous'!r} may not use adapter {adapter_id!r}",
+                                   adapter_id=adapter_id, client=client or "")
+        ref = self._ref(passport)
+        return Resolution(ref, passport, self._problem(adapter_id, passport, Path(ref.path)))
 
-    def ids(self) -> list[str]:
-        return sorted(p.parent.name for p in self.root.glob("*/adapter_config.json"))
-
-    @staticmethod
-    def _version(path: Path) -> str:
-        meta = path / "metadata.json"
-        if meta.is_file():
-            return str(json.loads(meta.read_text()).get("version", "1"))
-        return "1"
+    def _problem(self, adapter_id: str, p: Passport, path: Path) -> LoraServeError | None:
+        if p.status in ("archived", "failed"):
+            return AdapterNotActive(adapter_id, f"version {p.version} is {p.status}")
+        if p.base_model_revision != self.base.revision:
+            return AdapterIncompatible(adapter_id, f"it was trained for base model {p.base_model!r} revision "
+                                       f"{p.base_model_revision[:12]}, but this server runs {self.base.model_id!r} "
+                                       f"revision {self.base.revision[:12]}")
+        if p.rank > self.max_rank:
+            return AdapterIncompatible(adapter_id, f"rank {p.rank} exceeds the server's max_lora_rank {self.max_rank}")
+        missing = [t for t in p.target_modules if self.module_names and t not in self.module_names]
+        if missing:
+            return AdapterIncompatible(adapter_id, f"target modules {missing} do not exist in the base model")
+        if not (path / WEIGHTS).is_file() and (path / PICKLE_WEIGHTS).is_file():
+            return AdapterIncompatible(adapter_id, "only pickle weights are present; they are refused")
+        return None  # a missing or unreadable weights file fails at load: ADAPTER_LOAD_FAILED

@@ -10,7 +10,8 @@ from scheduler.cache import NoRoom, Tier
 from scheduler.errors import InvalidArgument, NoCacheRoom, NotReady
 from scheduler.scheduler import Scheduler
 from scheduler.types import AdapterRef
-from server.adapters import AdapterStore
+from server.adapters import AdapterRegistry
+from server.auth import Authenticator
 from server.errors import unary_errors
 
 _TIER_PB = {Tier.DISK: pb.TIER_DISK, Tier.RAM: pb.TIER_RAM, Tier.VRAM: pb.TIER_VRAM}
@@ -35,23 +36,29 @@ async def pin(scheduler: Scheduler, adapter: AdapterRef) -> None:
 
 
 class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
-    def __init__(self, adapters: AdapterStore):
-        self._adapters = adapters
+    """Every call needs an admin caller (when authentication is on)."""
+
+    def __init__(self, registry: AdapterRegistry, auth: Authenticator):
+        self._registry = registry
+        self._auth = auth
         self._scheduler: Scheduler | None = None
 
     def ready(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
 
-    def _sched(self) -> Scheduler:
+    def _sched(self, context=None) -> Scheduler:
+        if context is not None:
+            self._auth.admin(context.invocation_metadata())
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         return self._scheduler
 
-    def _resolve(self, adapter_id: str) -> AdapterRef:
-        ref = self._adapters.resolve(adapter_id)
-        if ref.is_base:
+    def _resolve(self, adapter_id: str, context) -> AdapterRef:
+        self._sched(context)
+        found = self._registry.resolve(adapter_id, check_access=False)
+        if found.adapter.is_base:
             raise InvalidArgument("adapter_id", "'base' is the model itself and is always resident")
-        return ref
+        return found.adapter
 
     def _status(self, ref: AdapterRef) -> pb.AdapterStatus:
         sched = self._sched()
@@ -67,15 +74,15 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
     @unary_errors
     async def ListAdapters(self, request, context):
-        sched = self._sched()
-        refs = {self._adapters.resolve(i): None for i in self._adapters.ids()}
+        sched = self._sched(context)
+        refs = dict.fromkeys(self._registry.refs())
         refs.update(dict.fromkeys(sched.tiers.cache.entries))  # also versions no longer in the store
         ordered = sorted(refs, key=lambda r: (r.id, r.version))
         return pb.ListAdaptersResponse(adapters=[self._status(r) for r in ordered])
 
     @unary_errors
     async def WarmAdapter(self, request, context):
-        ref = self._resolve(request.adapter_id)
+        ref = self._resolve(request.adapter_id, context)
         tier = _PB_TIER.get(request.tier, Tier.VRAM)
         if tier is Tier.DISK:
             raise InvalidArgument("tier", "warm to TIER_RAM or TIER_VRAM")
@@ -84,7 +91,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
     @unary_errors
     async def EvictAdapter(self, request, context):
-        ref = self._resolve(request.adapter_id)
+        ref = self._resolve(request.adapter_id, context)
         tier = _PB_TIER.get(request.tier, Tier.DISK)
         if tier is Tier.VRAM:
             raise InvalidArgument("tier", "evict to TIER_RAM or TIER_DISK")
@@ -93,19 +100,19 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
     @unary_errors
     async def PinAdapter(self, request, context):
-        ref = self._resolve(request.adapter_id)
+        ref = self._resolve(request.adapter_id, context)
         await pin(self._sched(), ref)
         return pb.PinAdapterResponse(adapter=self._status(ref))
 
     @unary_errors
     async def UnpinAdapter(self, request, context):
-        ref = self._resolve(request.adapter_id)
+        ref = self._resolve(request.adapter_id, context)
         self._sched().tiers.unpin(ref)
         return pb.UnpinAdapterResponse(adapter=self._status(ref))
 
     @unary_errors
     async def GetCacheStats(self, request, context):
-        tiers = self._sched().tiers
+        tiers = self._sched(context).tiers
         cache = tiers.cache
         out = pb.GetCacheStatsResponse(loads_in_flight=tiers.loads.running, peak_loads_in_flight=tiers.loads.peak)
         for tier in (Tier.VRAM, Tier.RAM):

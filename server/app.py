@@ -16,7 +16,10 @@ from scheduler.housekeeping import sweep_idle_forever, warm_daily
 from scheduler.policy import BatchLimits
 from scheduler.scheduler import Scheduler
 from server import admin
-from server.adapters import AdapterStore
+from registry.identity import BaseIdentity, base_identity
+from registry.store import Store
+from server.adapters import AdapterRegistry
+from server.auth import Authenticator
 from server.config import WARM_AT, ServerConfig
 from server.convert import RequestLimits
 from server.service import InferenceServicer
@@ -41,10 +44,12 @@ class LoraServer:
                                                          cfg.max_concurrent_loads))
         self.scheduler: Scheduler | None = None
         self.health = health.aio.HealthServicer()
-        self.adapters = AdapterStore(cfg.adapters_dir)
-        self.servicer = InferenceServicer(self.adapters, RequestLimits(
-            cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens))
-        self.admin = admin.AdminServicer(self.adapters)
+        # The base model's identity is known once load() has fingerprinted it.
+        self.registry = AdapterRegistry(Store(cfg.adapters_dir), BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
+        auth = Authenticator.from_file(cfg.auth_tokens_file)
+        self.servicer = InferenceServicer(self.registry, RequestLimits(
+            cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens), auth)
+        self.admin = admin.AdminServicer(self.registry, auth)
         self._server = grpc.aio.server()
         self._tasks: list[asyncio.Task] = []
         self.port = 0
@@ -67,16 +72,18 @@ class LoraServer:
     async def load(self) -> None:
         """Load the model, attach the warm and pinned adapters, then turn SERVING."""
         cfg = self.cfg
+        self.registry.base = await asyncio.to_thread(base_identity, cfg.model_path)
         await self.engine.start()
+        self.registry.module_names = self.engine.module_names()
         self.scheduler = Scheduler(
             self.engine, BatchLimits(cfg.max_batch_size, cfg.max_batch_tokens),
             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(*cfg.budgets_bytes),
             max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s)
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
         for adapter_id in cfg.warm:
-            await admin.warm(self.scheduler, self.adapters.resolve(adapter_id), Tier.VRAM)
+            await self._warm_by_id(adapter_id)
         for adapter_id in cfg.pin:
-            await admin.pin(self.scheduler, self.adapters.resolve(adapter_id))
+            await admin.pin(self.scheduler, self.registry.resolve(adapter_id, check_access=False).adapter)
         if cfg.idle_ttl_s:
             self._tasks.append(asyncio.create_task(sweep_idle_forever(self.scheduler.tiers, cfg.idle_ttl_s)))
         if cfg.warm_schedule:
@@ -88,7 +95,7 @@ class LoraServer:
         log.info("serving %s", cfg.model_path)
 
     async def _warm_by_id(self, adapter_id: str) -> None:
-        await admin.warm(self.scheduler, self.adapters.resolve(adapter_id), Tier.VRAM)
+        await admin.warm(self.scheduler, self.registry.resolve(adapter_id, check_access=False).adapter, Tier.VRAM)
 
     async def _set_health(self, status) -> None:
         for name in ("", *SERVICE_NAMES[:1]):

@@ -1,4 +1,4 @@
-"""`loraserve` command: serve, demo build, generate."""
+"""`loraserve` command: serve, demo build, generate, adapters."""
 
 from __future__ import annotations
 
@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     build.set_defaults(func=_demo_build)
 
     from clients.cli import add_generate_parser
+    from registry.cli import add_adapters_parser
 
     add_generate_parser(sub)
+    add_adapters_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

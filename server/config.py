@@ -43,6 +43,8 @@ class ServerConfig:
     warm_schedule: tuple[str, ...] = _f((), "Daily warm-ups, HH:MM=ADAPTER, comma-separated (local time).")
     idle_ttl_s: float = _f(0.0, "Unload adapters unused this long (seconds); 0 keeps them.")
     failed_load_backoff_s: float = _f(30.0, "After an adapter fails to load, its requests fail fast this long.")
+    max_lora_rank: int = _f(64, "Largest adapter rank accepted.")
+    auth_tokens_file: Path | None = _f(None, "JSON file of bearer tokens -> clients; unset turns authentication off.")
     max_prompt_tokens: int = _f(1024, "Longest accepted prompt, in tokens.")
     max_new_tokens_limit: int = _f(512, "Largest accepted max_new_tokens.")
     default_max_new_tokens: int = _f(64, "max_new_tokens when a request leaves it 0.")
@@ -57,7 +59,7 @@ class ServerConfig:
             problems.append(f"port {self.port} is not in 0..65535")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_prompt_tokens",
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "max_prompt_tokens",
                      "max_new_tokens_limit", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -86,7 +88,8 @@ class ServerConfig:
 
     def check_paths(self) -> None:
         """Fail fast on missing files (separate so tests can build configs before models)."""
-        missing = [p for p in (self.model_path / "config.json", self.adapters_dir, self.tls_cert, self.tls_key)
+        missing = [p for p in (self.model_path / "config.json", self.adapters_dir, self.tls_cert, self.tls_key,
+                               self.auth_tokens_file)
                    if p is not None and not Path(p).exists()]
         if missing:
             raise ValueError(f"not found: {', '.join(map(str, missing))} (the demo: `loraserve demo build`)")

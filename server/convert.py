@@ -39,14 +39,19 @@ def check_fields(req: pb.GenerateRequest, limits: RequestLimits) -> None:
         raise InvalidArgument("temperature", "must be between 0 and 2")
     if req.HasField("top_p") and not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
         raise InvalidArgument("top_p", "must be in (0, 1]")
+    if req.fallback not in FALLBACKS:
+        raise InvalidArgument("fallback", f"unknown value {req.fallback}")
     if len(req.stop_sequences) > MAX_STOP_SEQUENCES:
         raise InvalidArgument("stop_sequences", f"at most {MAX_STOP_SEQUENCES} are allowed")
     if any(not s or len(s) > MAX_STOP_CHARS for s in req.stop_sequences):
         raise InvalidArgument("stop_sequences", f"each must have 1 to {MAX_STOP_CHARS} characters")
 
 
+FALLBACKS = {pb.FALLBACK_UNSPECIFIED: "", pb.FALLBACK_FAIL: "fail", pb.FALLBACK_BASE: "base"}
+
+
 def from_pb(req: pb.GenerateRequest, adapter: AdapterRef, prompt_ids: list[int],
-            limits: RequestLimits) -> GenerationRequest:
+            limits: RequestLimits, fallback_to_base: bool = False) -> GenerationRequest:
     """Build the internal request once fields are checked, the adapter resolved and the prompt tokenized."""
     if len(prompt_ids) > limits.max_prompt_tokens:
         raise InvalidArgument("prompt", f"is {len(prompt_ids)} tokens; the limit is {limits.max_prompt_tokens}")
@@ -62,7 +67,7 @@ def from_pb(req: pb.GenerateRequest, adapter: AdapterRef, prompt_ids: list[int],
     return GenerationRequest(
         request_id=req.request_id or uuid.uuid4().hex, adapter=adapter, prompt_ids=tuple(prompt_ids),
         max_new_tokens=max_new, sampling=sampling, stop_sequences=tuple(req.stop_sequences),
-        ignore_eos=req.ignore_eos)
+        ignore_eos=req.ignore_eos, fallback_to_base=fallback_to_base)
 
 
 _FINISH = {
@@ -79,7 +84,8 @@ def _summary(c: Completion) -> dict:
     return dict(
         finish_reason=_FINISH[c.finish_reason],
         usage=pb.Usage(input_tokens=c.input_tokens, output_tokens=c.output_tokens),
-        adapter=pb.AdapterInfo(id=c.adapter.id, version=c.adapter.version, load_source=_SOURCE[c.load_source]),
+        adapter=pb.AdapterInfo(id=c.adapter.id, version=c.adapter.version, load_source=_SOURCE[c.load_source],
+                               fallback_from=c.fallback_from, fallback_reason=c.fallback_reason),
         timings=pb.Timings(queue_ms=t.queue_ms, load_ms=t.load_ms, prefill_ms=t.prefill_ms, decode_ms=t.decode_ms),
     )
 

@@ -23,6 +23,10 @@ _CODES: dict[type[e.LoraServeError], grpc.StatusCode] = {
     e.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.NoCacheRoom: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.AdapterBusy: grpc.StatusCode.FAILED_PRECONDITION,
+    e.AdapterIncompatible: grpc.StatusCode.FAILED_PRECONDITION,
+    e.AdapterNotActive: grpc.StatusCode.FAILED_PRECONDITION,
+    e.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    e.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     e.NotReady: grpc.StatusCode.UNAVAILABLE,
     e.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }

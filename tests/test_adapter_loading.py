@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import hashlib
 import threading
 import time
 from collections import Counter
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from conftest import ADAPTERS, PROMPT, ServerThread, server_config
+from conftest import ADAPTERS, PROMPT, ServerThread, clone_adapter, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from runner.engine import EngineConfig, TorchEngine
@@ -46,15 +46,15 @@ def store(demo_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     sources = {}
     for i in range(10):
-        source = ADAPTERS[i % len(ADAPTERS)]
-        shutil.copytree(demo_dir / "adapters" / source, root / f"copy{i}")
-        sources[f"copy{i}"] = source
-    shutil.copytree(demo_dir / "adapters" / "legal", root / "corrupt")
-    (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    shutil.copytree(demo_dir / "adapters" / "legal", root / "noweights")
-    (root / "noweights" / "adapter_model.safetensors").unlink()
+        sources[f"copy{i}"] = ADAPTERS[i % len(ADAPTERS)]
+        clone_adapter(demo_dir, root, sources[f"copy{i}"], f"copy{i}")
+    garbage = b"not a safetensors file"
+    # Registered with this very file's hash: it passes the hash check and fails to load.
+    corrupt = clone_adapter(demo_dir, root, "legal", "corrupt", weights_sha256=hashlib.sha256(garbage).hexdigest())
+    (corrupt / "adapter_model.safetensors").write_bytes(garbage)
+    (clone_adapter(demo_dir, root, "legal", "noweights") / "adapter_model.safetensors").unlink()
     for name in ADAPTERS:
-        shutil.copytree(demo_dir / "adapters" / name, root / name)
+        clone_adapter(demo_dir, root, name, name)
     return root, sources
 
 

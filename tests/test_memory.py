@@ -22,7 +22,7 @@ def rss_bytes() -> int:
 
 def test_2000_load_evict_cycles_keep_rss_flat(demo_dir):
     engine = TorchEngine(EngineConfig(demo_dir / "base"))
-    refs = [AdapterRef(name, "1", str(demo_dir / "adapters" / name)) for name in ADAPTERS]
+    refs = [AdapterRef(name, "1", str(demo_dir / "adapters" / name / "1")) for name in ADAPTERS]
 
     async def churn():
         await engine.start()

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Fallback(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FALLBACK_UNSPECIFIED: _ClassVar[Fallback]
+    FALLBACK_FAIL: _ClassVar[Fallback]
+    FALLBACK_BASE: _ClassVar[Fallback]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -20,6 +26,9 @@ class LoadSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOAD_SOURCE_VRAM: _ClassVar[LoadSource]
     LOAD_SOURCE_RAM: _ClassVar[LoadSource]
     LOAD_SOURCE_DISK: _ClassVar[LoadSource]
+FALLBACK_UNSPECIFIED: Fallback
+FALLBACK_FAIL: Fallback
+FALLBACK_BASE: Fallback
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
@@ -30,7 +39,7 @@ LOAD_SOURCE_RAM: LoadSource
 LOAD_SOURCE_DISK: LoadSource
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences", "ignore_eos")
+    __slots__ = ("request_id", "adapter_id", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences", "ignore_eos", "fallback")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +50,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     prompt: str
@@ -51,7 +61,8 @@ class GenerateRequest(_message.Message):
     seed: int
     stop_sequences: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    fallback: Fallback
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., fallback: _Optional[_Union[Fallback, str]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens")
@@ -62,14 +73,18 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("id", "version", "load_source")
+    __slots__ = ("id", "version", "load_source", "fallback_from", "fallback_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOAD_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FROM_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: str
     load_source: LoadSource
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., load_source: _Optional[_Union[LoadSource, str]] = ...) -> None: ...
+    fallback_from: str
+    fallback_reason: str
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., load_source: _Optional[_Union[LoadSource, str]] = ..., fallback_from: _Optional[str] = ..., fallback_reason: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "load_ms", "prefill_ms", "decode_ms")

@@ -1,0 +1,51 @@
+"""Smoke tests for `adapters register`: load the adapter on the real base model and generate."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from registry.passport import SmokeTest
+from registry.store import now_iso
+from runner.engine import EngineConfig, TorchEngine
+from scheduler.cache import Budgets, Tier
+from scheduler.errors import LoraServeError
+from scheduler.scheduler import Scheduler
+from scheduler.types import AdapterRef, GenerationRequest
+
+PROMPTS = ("Question: What should I do next?\nAnswer:", "Question: Tell me more.\nAnswer:",
+           "Question: Is this normal?\nAnswer:")
+
+
+class SmokeTester:
+    """Callable on an adapter version directory; loads the base model once for many adapters."""
+
+    def __init__(self, model_path: Path, prompts: tuple[str, ...] = PROMPTS, max_new_tokens: int = 16,
+                 quantization: str = "none"):
+        self.engine = TorchEngine(EngineConfig(Path(model_path), quantization))
+        self.prompts, self.max_new_tokens = prompts, max_new_tokens
+        self._started = False
+
+    def __call__(self, version_dir: Path) -> SmokeTest:
+        return asyncio.run(self._check(Path(version_dir)))
+
+    async def _check(self, version_dir: Path) -> SmokeTest:
+        if not self._started:
+            await self.engine.start()
+            self._started = True
+        scheduler = Scheduler(self.engine, budgets=Budgets(1 << 30, 1 << 30), batch_wait_s=0)
+        loop = asyncio.create_task(scheduler.run())
+        adapter = AdapterRef("smoke", str(abs(hash(version_dir)) % 10**9), str(version_dir))
+        results = []
+        try:
+            for i, prompt in enumerate(self.prompts):
+                req = GenerationRequest(f"smoke-{i}", adapter, tuple(self.engine.encode(prompt)), self.max_new_tokens)
+                done = await scheduler.submit(req).result()
+                results.append({"prompt": prompt, "output": done.text})
+            passed = all(r["output"].strip() for r in results)
+            return SmokeTest(passed, now_iso(), results, "" if passed else "an answer was empty")
+        except LoraServeError as exc:
+            return SmokeTest(False, now_iso(), results, exc.message)
+        finally:
+            loop.cancel()
+            await scheduler.tiers.evict(adapter, Tier.DISK)
