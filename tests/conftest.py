@@ -35,16 +35,16 @@ def demo_dir() -> Path:
     return out
 
 
-def clone_adapter(demo_dir: Path, root: Path, source: str, name: str, **changes) -> Path:
-    """Copy demo adapter `source` into store `root` as `name` version 1, passport fields changed
+def clone_adapter(demo_dir: Path, root: Path, source: str, name: str, version: str = "1", **changes) -> Path:
+    """Copy demo adapter `source` into store `root` as `name`@`version`, passport fields changed
     as given, and reindex: a registered adapter without re-running registration."""
     from registry.passport import Passport
     from registry.store import Store
 
-    target = root / name / "1"
+    target = root / name / version
     shutil.copytree(demo_dir / "adapters" / source / "1", target)
     passport = Passport.read(target)
-    for key, value in {"name": name, "aliases": [], **changes}.items():
+    for key, value in {"name": name, "version": version, "aliases": [], **changes}.items():
         setattr(passport, key, value)
     passport.write(target)
     Store(root).reindex()

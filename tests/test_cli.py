@@ -42,3 +42,43 @@ def test_serve_fails_fast_on_nonsense_config(tmp_path):
     assert "quantization must be one of" in res.stderr and "max_batch_size" in res.stderr
     res = loraserve("serve", "--model-path", str(tmp_path / "nowhere"))
     assert res.returncode == 2 and "not found" in res.stderr
+
+
+def test_adapters_cli_lifecycle(demo_dir, tmp_path):
+    store = tmp_path / "store"
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (raw / f).write_bytes((demo_dir / "adapters" / "medical" / "1" / f).read_bytes())
+
+    def adapters(*args):
+        return loraserve("adapters", "--store", str(store), *args)
+
+    reg = adapters("--json", "register", str(raw), "--name", "triage", "--model-path", str(demo_dir / "base"),
+                   "--client", "northmed", "--task", "triage", "--aliases", "er", "--fallback", "base")
+    assert reg.returncode == 0, reg.stderr
+    passport = json.loads(reg.stdout)[0]
+    assert passport["status"] == "staging" and passport["smoke_test"]["passed"]
+    assert all(r["output"].strip() for r in passport["smoke_test"]["results"])
+    assert adapters("register", str(raw), "--name", "triage", "--model-path", str(demo_dir / "base"),
+                    "--client", "northmed", "--aliases", "er").returncode == 0
+
+    assert adapters("promote", "triage", "1").returncode == 0
+    assert adapters("promote", "triage", "2").returncode == 0
+    table = adapters("list").stdout
+    assert table.splitlines()[0].split()[:3] == ["NAME", "VERSION", "STATUS"] and "archived" in table
+    active = json.loads(adapters("--json", "list", "--status", "active", "--client", "northmed").stdout)
+    assert [(p["name"], p["version"]) for p in active] == [("triage", "2")]
+    assert json.loads(adapters("--json", "list", "--client", "nobody").stdout) == []
+    assert json.loads(adapters("show", "er").stdout)["version"] == "2"
+    assert json.loads(adapters("--json", "rollback", "triage").stdout)[0]["version"] == "1"
+    assert json.loads(adapters("show", "triage@2").stdout)["status"] == "staging"
+    assert json.loads(adapters("--json", "stale", "--days", "0").stdout)[0]["version"] == "2"
+    assert adapters("archive", "triage").returncode == 0
+    assert json.loads(adapters("--json", "list", "--status", "active").stdout) == []
+
+    (raw / "adapter_model.safetensors").rename(raw / "adapter_model.bin")
+    refused = adapters("register", str(raw), "--name", "triage", "--model-path", str(demo_dir / "base"))
+    assert refused.returncode == 1 and "pickle" in refused.stderr
+    missing = adapters("promote", "triage", "9")
+    assert missing.returncode == 1 and "not in the store" in missing.stderr

@@ -1,0 +1,102 @@
+"""The registry store's lifecycle rules, on copies of the demo adapters (no model needed)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+
+import pytest
+
+from registry.identity import BaseIdentity
+from registry.passport import Passport, SmokeTest
+from registry.store import Store, StoreError
+
+BASE = BaseIdentity("demo", "rev-1")
+
+
+def passed(_dir):
+    return SmokeTest(True, "now", [{"prompt": "p", "output": "o"}])
+
+
+def failed(_dir):
+    return SmokeTest(False, "now", [], "empty answers")
+
+
+@pytest.fixture()
+def raw(demo_dir, tmp_path):
+    """A bare PEFT directory (what a training job leaves behind)."""
+    src = tmp_path / "raw"
+    src.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(demo_dir / "adapters" / "legal" / "1" / f, src / f)
+    return src
+
+
+def test_register_versions_hashes_and_indexes(raw, tmp_path):
+    store = Store(tmp_path / "store")
+    first = store.register(raw, "legal", BASE, passed, task="summarize", client="acme", aliases=["law"])
+    second = store.register(raw, "legal", BASE, passed)
+    assert (first.version, second.version) == ("1", "2")
+    assert first.status == "staging" and first.rank == 8 and "q_proj" in first.target_modules
+    assert first.base_model_revision == "rev-1" and len(first.weights_sha256) == 64
+    assert Passport.read(store.version_dir("legal", "1")).client == "acme"
+    index = json.loads((store.root / "registry.json").read_text())
+    assert [a["version"] for a in index["adapters"]] == ["1", "2"]
+
+
+def test_register_refuses_pickle_and_non_adapters(raw, tmp_path):
+    store = Store(tmp_path / "store")
+    (raw / "adapter_model.safetensors").rename(raw / "adapter_model.bin")
+    with pytest.raises(StoreError, match="pickle"):
+        store.register(raw, "legal", BASE, passed)
+    with pytest.raises(StoreError, match="not a PEFT adapter"):
+        store.register(tmp_path, "legal", BASE, passed)
+    with pytest.raises(StoreError, match="name"):
+        store.register(raw, "../evil", BASE, passed)
+    assert not list((tmp_path / "store").glob("*/*")) if (tmp_path / "store").exists() else True
+
+
+def test_failed_smoke_test_cannot_be_promoted(raw, tmp_path):
+    store = Store(tmp_path / "store")
+    bad = store.register(raw, "legal", BASE, failed)
+    assert bad.status == "failed" and bad.smoke_test.error == "empty answers"
+    with pytest.raises(StoreError, match="smoke test"):
+        store.promote("legal", bad.version)
+
+
+def test_promote_rollback_and_aliases_follow_the_active_version(raw, tmp_path):
+    store = Store(tmp_path / "store")
+    for _ in range(3):
+        store.register(raw, "legal", BASE, passed, aliases=["law"])
+    store.promote("legal", "1")
+    store.promote("legal", "2")
+    snap = store.scan()
+    assert snap.active("legal").version == "2" and snap.get("legal", "1").status == "archived"
+    assert snap.aliases() == {"law": "legal"}
+    store.promote("legal", "3")
+    assert store.rollback("legal").version == "2"
+    assert store.scan().get("legal", "3").status == "staging"
+    assert store.rollback("legal").version == "1"
+    with pytest.raises(StoreError, match="no earlier"):
+        store.rollback("legal")
+
+
+def test_an_alias_cannot_take_another_adapters_name(raw, tmp_path):
+    store = Store(tmp_path / "store")
+    store.register(raw, "medical", BASE, passed)
+    store.register(raw, "legal", BASE, passed, aliases=["medical"])
+    with pytest.raises(StoreError, match="already names"):
+        store.promote("legal", "1")
+
+
+def test_archive_and_stale(raw, tmp_path):
+    store = Store(tmp_path / "store")
+    store.register(raw, "legal", BASE, passed)
+    store.register(raw, "legal", BASE, passed)
+    store.promote("legal", "2")
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=100)
+    assert [p.key for p in store.stale(90, today=later)] == ["legal@1"]
+    assert store.stale(90) == []
+    store.archive("legal")
+    assert {p.status for p in store.scan().versions("legal")} == {"archived"}
