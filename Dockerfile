@@ -14,6 +14,7 @@ COPY loraserve loraserve
 COPY server server
 COPY scheduler scheduler
 COPY runner runner
+COPY registry registry
 COPY clients clients
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir . grpcio-health-checking
 ENV PATH=/opt/venv/bin:$PATH \

@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-$(DEMO)/base/config.json: | $(STAMP)
+$(DEMO)/adapters/registry.json: | $(STAMP)
 	$(VENV)/bin/loraserve demo build --out $(DEMO)
 
-demo: $(DEMO)/base/config.json
+demo: $(DEMO)/adapters/registry.json
 
-serve: $(STAMP) $(DEMO)/base/config.json
+serve: $(STAMP) $(DEMO)/adapters/registry.json
 	$(VENV)/bin/loraserve serve --model-path $(DEMO)/base --adapters-dir $(DEMO)/adapters
 
 test: $(STAMP)

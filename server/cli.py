@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -45,9 +46,10 @@ def _demo_build(args: argparse.Namespace) -> int:
     from runner.demo import build_demo
 
     out = Path(args.out)
-    if (out / "base" / "config.json").exists() and not args.force:
+    if (out / "adapters" / "registry.json").exists() and not args.force:
         print(f"demo already built in {out} (use --force to rebuild)")
         return 0
+    shutil.rmtree(out, ignore_errors=True)
     summary = build_demo(out)
     print(json.dumps(summary, indent=2))
     return 0
