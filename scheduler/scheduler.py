@@ -22,11 +22,12 @@ from typing import AsyncIterator, Callable
 from scheduler.engine import Engine, Row, StepResult
 from scheduler.cache import Budgets, NoRoom, Tier
 from scheduler.errors import LoraServeError, NoCacheRoom, QueueFull, ShuttingDown
+from scheduler.observer import NullObserver, Observer
 from scheduler.policy import BatchLimits, select_batch
 from scheduler.text import find_stop, stable_length
 from scheduler.tiers import AdapterTiers
 from scheduler.types import (BASE, AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta,
-                             Timings)
+                             Timeline, Timings)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class _Seq:
     enqueued_at: float
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     timings: Timings = field(default_factory=Timings)
+    timeline: Timeline = field(default_factory=Timeline)
     load_source: LoadSource = LoadSource.VRAM
     output_tokens: int = 0
     emitted: int = 0
@@ -98,8 +100,10 @@ class Ticket:
 class Scheduler:
     def __init__(self, engine: Engine, limits: BatchLimits = BatchLimits(), *, max_queue: int = 1024,
                  batch_wait_s: float = 0.002, budgets: Budgets = Budgets(2 << 30, 1 << 30), max_loads: int = 2,
-                 failed_load_backoff_s: float = 30.0, clock: Callable[[], float] = time.perf_counter):
+                 failed_load_backoff_s: float = 30.0, observer: Observer = NullObserver(),
+                 clock: Callable[[], float] = time.perf_counter):
         self._engine = engine
+        self._observer = observer
         self._limits = limits
         self._max_queue = max_queue
         self._batch_wait_s = batch_wait_s
@@ -114,7 +118,7 @@ class Scheduler:
         self.tiers = AdapterTiers(engine, budgets, max_loads=max_loads, running=self._running_adapters,
                                   waiting=self._waiting_adapters, clock=clock)
         self._fetching: set[AdapterRef] = set()
-        self._cold: dict[AdapterRef, float] = {}  # read from disk for waiting requests: ms
+        self._cold: dict[AdapterRef, tuple[float, float]] = {}  # read from disk for waiting requests: (start, ms)
         self._deferred: set[AdapterRef] = set()  # no RAM room yet; retried after the next batch
         self._failed: dict[AdapterRef, tuple[float, LoraServeError]] = {}
         self._failed_backoff_s = failed_load_backoff_s
@@ -153,6 +157,7 @@ class Scheduler:
                 raise failed[1]
             req = _to_base(req, failed[1])
         seq = _Seq(next(self._ids), req, self._clock())
+        seq.timeline.enqueued = seq.enqueued_at
         self._waiting.append(seq)
         self.stats.submitted += 1
         self._idle.clear()
@@ -205,10 +210,12 @@ class Scheduler:
                 asyncio.get_running_loop().create_task(self._fetch(adapter))
 
     async def _fetch(self, adapter: AdapterRef) -> None:
+        started = self._clock()
         try:
             moved = await self.tiers.to_ram(adapter)
             if moved.found_in is Tier.DISK:
-                self._cold[adapter] = moved.ms
+                self._cold[adapter] = (started, moved.ms)
+                self._observer.adapter_read(adapter, moved.ms)
         except NoRoom:
             self._deferred.add(adapter)
         except LoraServeError as exc:  # unreadable, or not the weights that were registered
@@ -228,6 +235,7 @@ class Scheduler:
         started = self._clock()
         for seq in batch:
             seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
+            seq.timeline.dispatched = started
         self._running = batch
         try:
             adapter = batch[0].req.adapter
@@ -239,12 +247,19 @@ class Scheduler:
                 self._waiting[:0] = batch  # back to the front: those allowing it fall back now
                 self._fail_or_fallback(batch, exc)
                 return
-            cold_ms = self._cold.pop(adapter, None)
-            found_in = Tier.DISK if cold_ms is not None else moved.found_in
+            loaded = self._clock()
+            cold = self._cold.pop(adapter, None)
+            found_in = Tier.DISK if cold is not None else moved.found_in
+            entry = self.tiers.cache.entries.get(adapter)
             for seq in batch:
                 seq.load_source = _SOURCE[found_in]
-                seq.timings.load_ms = moved.ms + (cold_ms or 0.0)
+                seq.timings.load_ms = moved.ms + (cold[1] if cold else 0.0)
+                t = seq.timeline
+                t.load_started, t.load_ended = (cold[0] if cold else started), loaded
+                t.load_shared = cold is not None and cold[0] < t.enqueued
+                t.load_bytes = entry.bytes if entry else 0
                 self.tiers.record_use(adapter, found_in)
+            self._observer.adapter_ready(adapter, _SOURCE[found_in], batch[0].timings.load_ms)
             live = self._live()
             if not live:
                 return
@@ -252,15 +267,23 @@ class Scheduler:
             self.stats.prefilled_requests += len(rows)
             t0 = self._clock()
             results = await self._engine.prefill(rows)
+            t1 = self._clock()
             for seq in live:
-                seq.timings.prefill_ms = (self._clock() - t0) * 1e3
+                seq.timings.prefill_ms = (t1 - t0) * 1e3
+                seq.timeline.first_token = t1
+            self._observer.batch_phase("prefill", t0, t1, adapter, [s.req.request_id for s in live], 1)
             self._apply(results)
+            decoding, steps, decode_started = self._live(), 0, self._clock()
             while live := self._live():
                 t0 = self._clock()
                 results = await self._engine.decode([s.seq_id for s in live])
+                steps += 1
                 for seq in live:
                     seq.timings.decode_ms += (self._clock() - t0) * 1e3
                 self._apply(results)
+            if steps:
+                self._observer.batch_phase("decode", decode_started, self._clock(), adapter,
+                                           [s.req.request_id for s in decoding], steps)
         except LoraServeError as exc:
             self._fail(batch, exc)
         except Exception as exc:
@@ -314,10 +337,11 @@ class Scheduler:
     def _finish(self, seq: _Seq, text: str, reason: FinishReason) -> None:
         seq.emit(text, len(text))
         seq.done = True
+        seq.timeline.finished = self._clock()
         self.stats.completed += 1
         seq.events.put_nowait(Completion(
             request_id=seq.req.request_id, text=text, finish_reason=reason,
             input_tokens=len(seq.req.prompt_ids), output_tokens=seq.output_tokens,
             adapter=seq.req.adapter, load_source=seq.load_source, timings=seq.timings,
-            fallback_reason=seq.req.fallback_reason, fallback_from=seq.req.requested,
+            fallback_reason=seq.req.fallback_reason, fallback_from=seq.req.requested, timeline=seq.timeline,
         ))

@@ -84,6 +84,24 @@ class Timings:
     decode_ms: float = 0.0
 
 
+@dataclass
+class Timeline:
+    """When each phase of a request began and ended, on the scheduler's clock (seconds).
+
+    load_started precedes dispatched when the adapter was read from disk while the
+    request waited; load_shared says that read was started for an earlier request.
+    """
+
+    enqueued: float = 0.0
+    dispatched: float = 0.0
+    load_started: float = 0.0
+    load_ended: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    load_shared: bool = False
+    load_bytes: int = 0
+
+
 @dataclass(frozen=True)
 class TextDelta:
     """Text that became final since the previous delta."""
@@ -103,3 +121,4 @@ class Completion:
     timings: Timings = field(default_factory=Timings)
     fallback_reason: str = ""
     fallback_from: str = ""
+    timeline: Timeline = field(default_factory=Timeline)

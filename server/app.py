@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import grpc
+from opentelemetry.sdk.trace import TracerProvider
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,7 +23,9 @@ from server.adapters import AdapterRegistry
 from server.auth import Authenticator
 from server.config import WARM_AT, ServerConfig
 from server.convert import RequestLimits
+from server.metrics import Metrics
 from server.service import InferenceServicer
+from server.telemetry import Telemetry, provider_from_env
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,9 @@ _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Heal
 class LoraServer:
     """Starts listening at once (health NOT_SERVING), then loads the model and turns SERVING."""
 
-    def __init__(self, cfg: ServerConfig, engine: TorchEngine | None = None):
+    def __init__(self, cfg: ServerConfig, engine: TorchEngine | None = None,
+                 tracer_provider: TracerProvider | None = None):
+        """`tracer_provider` defaults to one configured from the OTEL_* environment (or none)."""
         self.cfg = cfg
         self.engine = engine or TorchEngine(EngineConfig(cfg.model_path, cfg.quantization, cfg.device,
                                                          cfg.max_concurrent_loads))
@@ -47,8 +52,12 @@ class LoraServer:
         # The base model's identity is known once load() has fingerprinted it.
         self.registry = AdapterRegistry(Store(cfg.adapters_dir), BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
         auth = Authenticator.from_file(cfg.auth_tokens_file)
+        self.metrics = Metrics(cfg.thrash_limit)
+        self.telemetry = Telemetry(tracer_provider or provider_from_env(), self.metrics)
+        self.metrics_port: int | None = None
         self.servicer = InferenceServicer(self.registry, RequestLimits(
-            cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens), auth)
+            cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens), auth,
+            self.telemetry)
         self.admin = admin.AdminServicer(self.registry, auth)
         self._server = grpc.aio.server()
         self._tasks: list[asyncio.Task] = []
@@ -73,12 +82,18 @@ class LoraServer:
         """Load the model, attach the warm and pinned adapters, then turn SERVING."""
         cfg = self.cfg
         self.registry.base = await asyncio.to_thread(base_identity, cfg.model_path)
+        self.telemetry.model_name = self.registry.base.model_id
         await self.engine.start()
         self.registry.module_names = self.engine.module_names()
         self.scheduler = Scheduler(
             self.engine, BatchLimits(cfg.max_batch_size, cfg.max_batch_tokens),
             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(*cfg.budgets_bytes),
-            max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s)
+            max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s,
+            observer=self.telemetry)
+        self.metrics.watch(self.scheduler)
+        if cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, self.metrics_port)
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
         for adapter_id in cfg.warm:
             await self._warm_by_id(adapter_id)
@@ -113,6 +128,8 @@ class LoraServer:
         await self._server.stop(grace=min(5.0, self.cfg.grace_period_s))
         for task in self._tasks:
             task.cancel()
+        self.metrics.close()
+        self.telemetry.shutdown()
         await self.engine.close()
 
     async def wait_for_termination(self) -> None:

@@ -50,6 +50,9 @@ class ServerConfig:
     default_max_new_tokens: int = _f(64, "max_new_tokens when a request leaves it 0.")
     tls_cert: Path | None = _f(None, "PEM certificate chain; with tls_key enables TLS.")
     tls_key: Path | None = _f(None, "PEM private key for tls_cert.")
+    metrics_host: str = _f("127.0.0.1", "Interface for the Prometheus /metrics endpoint.")
+    metrics_port: int = _f(9464, "Port for /metrics; 0 picks a free one, -1 turns it off.")
+    thrash_limit: int = _f(10, "Warn when one adapter is read from disk more than this many times in an hour.")
     grace_period_s: float = _f(30.0, "On SIGTERM, how long in-flight requests may take to finish.")
     log_level: str = _f("INFO", "Python logging level.")
 
@@ -57,9 +60,11 @@ class ServerConfig:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not in 0..65535")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port {self.metrics_port} is not in -1..65535")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "max_prompt_tokens",
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",
                      "max_new_tokens_limit", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

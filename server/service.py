@@ -3,30 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from dataclasses import replace
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Callable, Iterator
 
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from scheduler.errors import LoraServeError, NotReady
 from scheduler.scheduler import Scheduler, Ticket
-from scheduler.types import BASE, Completion, TextDelta
+from scheduler.types import BASE, Completion, GenerationRequest, TextDelta
 from server.adapters import AdapterRegistry
 from server.auth import Authenticator
 from server.convert import FALLBACKS, RequestLimits, check_fields, delta_pb, final_chunk_pb, from_pb, to_pb
 from server.errors import stream_errors, unary_errors
+from server.telemetry import Telemetry
 
 log = logging.getLogger("loraserve.requests")
 
+SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+@dataclass
+class _Call:
+    """What one RPC learns as it goes, for its span, metrics and log line."""
+
+    client: str | None = None
+    req: GenerationRequest | None = None
+    completion: Completion | None = None
+    status: str = "OK"
+
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, registry: AdapterRegistry, limits: RequestLimits, auth: Authenticator):
+    def __init__(self, registry: AdapterRegistry, limits: RequestLimits, auth: Authenticator, telemetry: Telemetry):
         self._registry = registry
         self._limits = limits
         self._auth = auth
+        self._telemetry = telemetry
         self._scheduler: Scheduler | None = None
         self._encode: Callable[[str], list[int]] | None = None
 
@@ -34,13 +49,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Called once the model is loaded; until then Generate answers UNAVAILABLE."""
         self._scheduler, self._encode = scheduler, encode
 
-    async def _submit(self, request: pb.GenerateRequest, context) -> tuple[Ticket, str]:
-        """Returns the ticket and the request id (made up here when the caller sent none)."""
-        caller = self._auth.identify(context.invocation_metadata())
+    async def _submit(self, request: pb.GenerateRequest, context, call: _Call, span) -> Ticket:
+        call.client = self._auth.identify(context.invocation_metadata()).client
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         check_fields(request, self._limits)
-        found = self._registry.resolve(request.adapter_id, caller.client)
+        with self._telemetry.resolve(request.adapter_id):
+            found = self._registry.resolve(request.adapter_id, call.client)
         may_fall_back = found.fallback_allowed(FALLBACKS[request.fallback])
         if found.problem is not None and not may_fall_back:
             raise found.problem
@@ -50,48 +65,57 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         else:
             req = replace(from_pb(request, BASE, prompt_ids, self._limits), fallback_reason=found.problem.reason,
                           requested=f"{found.adapter.id}@{found.adapter.version}")
-        return self._scheduler.submit(req), req.request_id
+        ticket = self._scheduler.submit(req)
+        call.req = req
+        self._telemetry.submitted(span, req)
+        return ticket
+
+    @contextlib.contextmanager
+    def _observed(self, method: str, request: pb.GenerateRequest, context) -> Iterator[tuple[_Call, object]]:
+        """The RPC's span; on the way out, its phase spans, metrics and one log line, whatever happened."""
+        started, call = time.perf_counter(), _Call()
+        with self._telemetry.rpc(f"{SERVICE}/{method}", context.invocation_metadata()) as span:
+            try:
+                yield call, span
+            except LoraServeError as exc:
+                call.status = exc.reason
+                raise
+            except TimeoutError:
+                call.status = "DEADLINE_EXCEEDED"
+                raise
+            except asyncio.CancelledError:
+                call.status = "CANCELLED"
+                raise
+            finally:
+                self._telemetry.finished(span, call.req, call.completion)
+                c = call.completion
+                label = c.adapter.id if c else (call.req.adapter.id if call.req else "-")
+                self._telemetry.metrics.request_done(label, call.status, time.perf_counter() - started, c)
+                _log_request(request, call, self._registry.base.model_id, started)
 
     @unary_errors
     async def Generate(self, request, context):
-        started = time.perf_counter()
-        try:
-            ticket, _ = await self._submit(request, context)
+        with self._observed("Generate", request, context) as (call, span):
+            ticket = await self._submit(request, context, call, span)
             try:
-                completion = await asyncio.wait_for(ticket.result(), context.time_remaining())
+                call.completion = await asyncio.wait_for(ticket.result(), context.time_remaining())
             finally:
                 ticket.cancel()
-        except LoraServeError as exc:
-            self._log(request, context, None, started, exc.reason)
-            raise
-        self._log(request, context, completion, started, "OK")
-        return to_pb(completion)
+            return to_pb(call.completion)
 
     @stream_errors
     async def GenerateStream(self, request, context):
-        started = time.perf_counter()
-        try:
-            ticket, request_id = await self._submit(request, context)
-        except LoraServeError as exc:
-            self._log(request, context, None, started, exc.reason)
-            raise
-        try:
-            async for item in _until_deadline(ticket.events(), context):
-                if isinstance(item, TextDelta):
-                    yield delta_pb(request_id, item.text)
-                else:
-                    self._log(request, context, item, started, "OK")
-                    yield final_chunk_pb(item)
-        finally:
-            ticket.cancel()
-
-
-    def _log(self, request, context, c: Completion | None, started: float, status: str) -> None:
-        try:
-            client = self._auth.identify(context.invocation_metadata()).client
-        except LoraServeError:
-            client = "unauthenticated"
-        _log_request(request, client, self._registry.base.model_id, c, started, status)
+        with self._observed("GenerateStream", request, context) as (call, span):
+            ticket = await self._submit(request, context, call, span)
+            try:
+                async for item in _until_deadline(ticket.events(), context):
+                    if isinstance(item, TextDelta):
+                        yield delta_pb(call.req.request_id, item.text)
+                    else:
+                        call.completion = item
+                        yield final_chunk_pb(item)
+            finally:
+                ticket.cancel()
 
 
 async def _until_deadline(events: AsyncIterator, context) -> AsyncIterator:
@@ -104,12 +128,12 @@ async def _until_deadline(events: AsyncIterator, context) -> AsyncIterator:
             return
 
 
-def _log_request(request: pb.GenerateRequest, client: str | None, base_model: str, c: Completion | None,
-                 started: float, status: str) -> None:
+def _log_request(request: pb.GenerateRequest, call: _Call, base_model: str, started: float) -> None:
     """One structured line per request."""
-    line = {"request_id": c.request_id if c else request.request_id, "client": client or "anonymous",
-            "adapter_id": request.adapter_id, "base_model": base_model,
-            "status": status, "total_ms": round((time.perf_counter() - started) * 1e3, 2)}
+    c = call.completion
+    line = {"request_id": c.request_id if c else (call.req.request_id if call.req else request.request_id),
+            "client": call.client or "anonymous", "adapter_id": request.adapter_id, "base_model": base_model,
+            "status": call.status, "total_ms": round((time.perf_counter() - started) * 1e3, 2)}
     if c is not None:
         t = c.timings
         line.update(adapter=c.adapter.id, version=c.adapter.version, load_source=c.load_source.value,

@@ -54,7 +54,7 @@ def clone_adapter(demo_dir: Path, root: Path, source: str, name: str, version: s
 class ServerThread:
     """A LoraServer on its own event loop thread, so tests can use plain sync gRPC clients."""
 
-    def __init__(self, cfg, load: bool = True, engine=None):
+    def __init__(self, cfg, load: bool = True, engine=None, tracer_provider=None):
         from server.app import LoraServer
 
         self.loop = asyncio.new_event_loop()
@@ -62,7 +62,7 @@ class ServerThread:
         self._thread.start()
 
         async def make():
-            return LoraServer(cfg, engine)
+            return LoraServer(cfg, engine, tracer_provider)
 
         self.server = self.call(make())
         self.call(self.server.start())
@@ -88,8 +88,9 @@ class ServerThread:
 def server_config(demo_dir: Path, **overrides):
     from server.config import ServerConfig
 
-    return ServerConfig(**{"port": 0, "model_path": demo_dir / "base", "adapters_dir": demo_dir / "adapters",
-                           "batch_wait_ms": 5.0, "grace_period_s": 10.0, **overrides})
+    return ServerConfig(**{"port": 0, "metrics_port": 0, "model_path": demo_dir / "base",
+                           "adapters_dir": demo_dir / "adapters", "batch_wait_ms": 5.0, "grace_period_s": 10.0,
+                           **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -137,7 +137,8 @@ def test_mid_stream_cancel_frees_its_batch_slot(paced, paced_stub):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(demo_dir):
-    env = {**os.environ, "LORASERVE_PORT": "0", "LORASERVE_MODEL_PATH": str(demo_dir / "base"),
+    env = {**os.environ, "LORASERVE_PORT": "0", "LORASERVE_METRICS_PORT": "-1",
+           "LORASERVE_MODEL_PATH": str(demo_dir / "base"),
            "LORASERVE_ADAPTERS_DIR": str(demo_dir / "adapters")}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
