@@ -38,7 +38,8 @@ def provider_from_env(env: Mapping[str, str] = os.environ) -> TracerProvider | N
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            # Jaeger and collectors take OTLP/gRPC on 4317; an http:// endpoint means plaintext.
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         elif name == "console":
             provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         else:

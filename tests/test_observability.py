@@ -1,0 +1,179 @@
+"""Traces (span tree, attributes, links, OTLP export) and Prometheus metrics, from a real server."""
+
+from __future__ import annotations
+
+import urllib.request
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from conftest import PROMPT, ServerThread, server_config
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc
+from scheduler.thrash import ThrashDetector
+from server.telemetry import provider_from_env
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+GENERATE = "loraserve.v1.InferenceService/Generate"
+
+
+@pytest.fixture(scope="module")
+def traced(demo_dir):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    srv = ServerThread(server_config(demo_dir, thrash_limit=1, vram_budget_mib=0.14, ram_budget_mib=0.14),
+                       tracer_provider=provider)
+    with srv.channel() as ch:
+        yield srv, exporter, inference_pb2_grpc.InferenceServiceStub(ch)
+    srv.stop()
+
+
+def ask(stub, adapter, traceparent=None, **kw):
+    metadata = (("traceparent", traceparent),) if traceparent else ()
+    return stub.Generate(pb.GenerateRequest(adapter_id=adapter, prompt=PROMPT, max_new_tokens=6, **kw),
+                         metadata=metadata, timeout=60)
+
+
+def tree(exporter, request_id):
+    spans = exporter.get_finished_spans()
+    rpc = next(s for s in spans if s.name == GENERATE and s.attributes.get("loraserve.request_id") == request_id)
+    children = {s.name: s for s in spans if s.parent is not None and s.parent.span_id == rpc.context.span_id}
+    return rpc, children, spans
+
+
+def test_span_tree_for_a_cold_then_a_warm_request(traced):
+    srv, exporter, stub = traced
+    exporter.clear()
+    ask(stub, "support", traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01", request_id="cold")
+    ask(stub, "support", request_id="warm")
+    for request_id, source in (("cold", "disk"), ("warm", "vram")):
+        rpc, children, spans = tree(exporter, request_id)
+        assert rpc.kind is SpanKind.SERVER and rpc.attributes["rpc.system"] == "grpc"
+        assert set(children) == {"adapter.resolve", "queue.wait", "adapter.load", "generate"}
+        load, gen = children["adapter.load"], children["generate"]
+        assert load.attributes["loraserve.adapter.id"] == "support"
+        assert load.attributes["loraserve.adapter.version"] == "1"
+        assert load.attributes["loraserve.adapter.source"] == source
+        assert load.attributes["loraserve.adapter.bytes"] > 0
+        assert load.attributes["loraserve.adapter.load_shared"] is False
+        assert gen.attributes["gen_ai.operation.name"] == "text_completion"
+        assert gen.attributes["gen_ai.request.model"] == "base"
+        assert gen.attributes["gen_ai.request.max_tokens"] == 6
+        assert gen.attributes["gen_ai.usage.output_tokens"] == 6 and gen.attributes["gen_ai.usage.input_tokens"] > 0
+        assert list(gen.attributes["gen_ai.response.finish_reasons"]) == ["length"]
+        assert children["queue.wait"].start_time <= load.end_time <= gen.start_time + 1 <= gen.end_time + 1
+        # Batch spans are their own traces, linked to every request they served.
+        batch = [s for s in spans if s.name in ("batch.prefill", "batch.decode")
+                 and any(link.context.span_id == rpc.context.span_id for link in s.links)]
+        assert {s.name for s in batch} == {"batch.prefill", "batch.decode"}
+    cold, _, _ = tree(exporter, "cold")
+    warm, _, _ = tree(exporter, "warm")
+    assert format(cold.context.trace_id, "032x") == TRACE_ID and format(cold.parent.span_id, "016x") == PARENT_ID
+    assert cold.parent.is_remote and warm.parent is None
+    cold_load = tree(exporter, "cold")[1]["adapter.load"]
+    assert cold_load.end_time - cold_load.start_time > 0
+
+
+def test_errors_set_span_status_and_error_type(traced):
+    _, exporter, stub = traced
+    exporter.clear()
+    with pytest.raises(grpc.RpcError):
+        ask(stub, "ghost")
+    rpc = next(s for s in exporter.get_finished_spans() if s.name == GENERATE)
+    assert rpc.status.status_code is StatusCode.ERROR and rpc.attributes["error.type"] == "ADAPTER_NOT_FOUND"
+
+
+def scrape(srv) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in body.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_endpoint_counters_move(traced):
+    srv, _, stub = traced
+    before = scrape(srv)
+    ask(stub, "legal")
+    ask(stub, "legal")
+    with pytest.raises(grpc.RpcError):
+        ask(stub, "ghost")
+    after = scrape(srv)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('loraserve_requests_total{adapter="legal",status="OK"}') == 2
+    assert delta('loraserve_requests_total{adapter="-",status="ADAPTER_NOT_FOUND"}') == 1
+    assert delta("loraserve_request_duration_seconds_count") == 3
+    assert delta("loraserve_queue_wait_seconds_count") == 2
+    assert delta("loraserve_time_to_first_token_seconds_count") == 2
+    assert delta('loraserve_cache_hits_total{tier="vram"}') + delta('loraserve_cache_misses_total{tier="vram"}') == 2
+    for gauge in ("loraserve_queue_depth", "loraserve_running_requests", 'loraserve_cache_bytes{tier="vram"}',
+                  'loraserve_cache_budget_bytes{tier="ram"}', 'loraserve_resident_adapters{tier="vram"}'):
+        assert gauge in after
+    assert after['loraserve_cache_bytes{tier="vram"}'] <= after['loraserve_cache_budget_bytes{tier="vram"}']
+
+
+def test_reloading_one_adapter_again_and_again_raises_a_thrash_warning(traced):
+    srv, _, stub = traced
+    before = scrape(srv)
+    # Room for one adapter per tier: rotating three reads each from disk every time.
+    for adapter in ("legal", "medical", "support") * 2:
+        ask(stub, adapter)
+    after = scrape(srv)
+    assert after["loraserve_cold_starts_total"] - before.get("loraserve_cold_starts_total", 0) >= 3
+    assert after.get('loraserve_adapter_thrash_warnings_total{adapter="legal"}', 0) >= 1
+    assert after['loraserve_adapter_load_seconds_count{source="disk"}'] >= 3
+
+
+def test_thrash_detector_counts_within_the_window():
+    d = ThrashDetector(limit=2, window_s=10)
+    assert [d.record("a", t) for t in (0, 1, 2, 20, 21)] == [False, False, True, False, False]
+
+
+class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self):
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request, context):
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_real_otlp_exporter_delivers_spans_to_a_receiver(demo_dir):
+    receiver = _Receiver()
+    collector = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    provider = provider_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                                  "OTEL_SERVICE_NAME": "loraserve-otlp-test"})
+    srv = ServerThread(server_config(demo_dir), tracer_provider=provider)
+    try:
+        with srv.channel() as ch:
+            ask(inference_pb2_grpc.InferenceServiceStub(ch), "medical")
+    finally:
+        srv.stop()  # flushes the exporter
+        collector.stop(0)
+    resource_spans = [rs for r in receiver.requests for rs in r.resource_spans]
+    services = {a.value.string_value for rs in resource_spans for a in rs.resource.attributes
+                if a.key == "service.name"}
+    names = {s.name for rs in resource_spans for ss in rs.scope_spans for s in ss.spans}
+    assert services == {"loraserve-otlp-test"}
+    assert {GENERATE, "adapter.resolve", "queue.wait", "adapter.load", "generate", "batch.prefill"} <= names
+
+
+def test_tracing_is_off_unless_configured():
+    assert provider_from_env({}) is None
+    assert provider_from_env({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317"}) is None
+    assert provider_from_env({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"}) is None
+    assert provider_from_env({"OTEL_TRACES_EXPORTER": "console"}) is not None
+    with pytest.raises(ValueError, match="zipkin"):
+        provider_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
