@@ -1,17 +1,18 @@
-"""The torch side: one base model (optionally bitsandbytes-quantized) plus PEFT adapters.
+"""The torch side: one base model (optionally bitsandbytes-quantized) plus LoRA adapters.
 
 All torch work runs on one dedicated thread (TorchEngine's executor), so the
 event loop never blocks and the model is never touched by two threads. The
-batch lives here as a left-padded KV cache; each row names its own adapter
-through peft's `adapter_names`, so no global "active adapter" exists to race on.
+batch lives here as a left-padded KV cache; each row carries its own adapter
+(runner/lora.py gathers the rows' weights), so no global "active adapter"
+exists to race on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from runner.lora import LoRALinear, LoraWeights, UnsupportedAdapter, parse_peft, wrap_linear_layers
 from runner.sampling import sample_next
 from scheduler.engine import Row, StepResult
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, LoraServeError
@@ -26,10 +28,9 @@ from scheduler.types import AdapterRef
 
 log = logging.getLogger(__name__)
 
-# peft's name for "no adapter" in a mixed batch.
-PEFT_BASE = "__base__"
 # Only safetensors are read: pickle (.bin) weights can run code when loaded.
 WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,6 @@ class EngineConfig:
 @dataclass
 class _Batch:
     seq_ids: list[int]
-    adapter_names: list[str]
     rows: list[Row]
     generated: list[list[int]]
     mask: torch.Tensor
@@ -92,7 +92,11 @@ class TorchEngine:
         self.cfg = cfg
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loaders = ThreadPoolExecutor(max_workers=cfg.load_threads, thread_name_prefix="adapter-load")
-        self._ram: dict[AdapterRef, tuple] = {}
+        self._ram: dict[AdapterRef, LoraWeights] = {}
+        self._resident: dict[AdapterRef, LoraWeights] = {}
+        self._layers: dict[str, LoRALinear] = {}
+        self._module_names: frozenset[str] = frozenset()
+        self._dtype = torch.float32
         self._tokenizer = None
         self._model = None
         self._device = torch.device("cpu")
@@ -104,9 +108,10 @@ class TorchEngine:
         await self._run(self._load)
 
     def _load(self) -> None:
-        import peft  # noqa: F401  (imported now so the first adapter load does not pay for it)
-
         self._tokenizer, self._model, self._device = load_model(self.cfg)
+        self._dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
+        self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
+        self._layers = wrap_linear_layers(self._model)
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
@@ -131,106 +136,74 @@ class TorchEngine:
 
     def module_names(self) -> frozenset[str]:
         """Leaf names of the model's modules (what an adapter's target_modules may name)."""
-        return frozenset(name.rsplit(".", 1)[-1] for name, _ in self._model.named_modules() if name)
+        return self._module_names
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=True)
 
     # -- adapters (scheduler.tiers.TierEngine) ------------------------------
-    # scheduler/tiers.py decides; this only moves weights. Reading (disk -> RAM)
-    # runs on the loader threads, overlapping compute; attach/demote/detach run on
-    # the engine thread because they change the module tree the forward pass walks.
-    # Each version is its own peft adapter, so a new version never disturbs a
-    # batch still running on the old one.
-    @staticmethod
-    def peft_name(adapter: AdapterRef) -> str:
-        return PEFT_BASE if adapter.is_base else f"{adapter.id}__v{adapter.version}"
-
+    # scheduler/tiers.py decides; this only moves weights. Reading (disk -> RAM, parsed
+    # and checked) runs on the loader threads, overlapping compute; attach/demote/detach
+    # run on the engine thread. Each version is a separate entry, so a new version never
+    # disturbs rows still running on the old one.
     def size_on_disk(self, adapter: AdapterRef) -> int:
         return (Path(adapter.path) / WEIGHTS).stat().st_size
 
     async def fetch(self, adapter: AdapterRef) -> int:
         try:
-            config, weights = await asyncio.get_running_loop().run_in_executor(self._loaders, self._read, adapter)
+            weights = await asyncio.get_running_loop().run_in_executor(self._loaders, self._read, adapter)
         except LoraServeError:
             raise
+        except UnsupportedAdapter as exc:
+            raise AdapterIncompatible(adapter.id, str(exc)) from exc
         except Exception as exc:  # a bad adapter fails its own requests only
             log.warning("reading adapter %s from %s failed: %s", adapter.id, adapter.path, exc)
             raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
-        self._ram[adapter] = (config, weights)
-        return sum(t.nbytes for t in weights.values())
+        self._ram[adapter] = weights
+        return weights.nbytes
 
-    def _read(self, adapter: AdapterRef):
-        from peft import PeftConfig
+    def _read(self, adapter: AdapterRef) -> LoraWeights:
         from safetensors.torch import load as safetensors_load
 
-        config = PeftConfig.from_pretrained(adapter.path)
-        config.inference_mode = True
+        config = json.loads((Path(adapter.path) / CONFIG).read_text())
         blob = (Path(adapter.path) / WEIGHTS).read_bytes()
         if adapter.sha256 and hashlib.sha256(blob).hexdigest() != adapter.sha256:
             raise AdapterIncompatible(adapter.id, "its weights file does not match the sha256 in its passport",
                                       reason="WEIGHTS_HASH_MISMATCH")
-        weights = safetensors_load(blob)
-        if self._device.type == "cuda":  # page-locked host memory makes the attach copy async-capable
-            weights = {k: v.pin_memory() for k, v in weights.items()}
-        return config, weights
+        weights = parse_peft(config, safetensors_load(blob))
+        for module, (a_t, b_t, _) in weights.modules.items():
+            layer = self._layers.get(module)
+            if layer is None:
+                raise AdapterIncompatible(adapter.id, f"the base model has no linear layer {module!r}")
+            if (a_t.shape[0], b_t.shape[1]) != (layer.in_features, layer.out_features):
+                raise AdapterIncompatible(adapter.id, f"{module} is {a_t.shape[0]}->{b_t.shape[1]} in the adapter "
+                                          f"but {layer.in_features}->{layer.out_features} in the base model")
+        # Page-locked host memory lets the attach copy run asynchronously on CUDA.
+        return weights.to(torch.device("cpu"), self._dtype, pin=self._device.type == "cuda")
 
     async def attach(self, adapter: AdapterRef) -> None:
-        try:
-            await self._run(self._attach, adapter)
-        except Exception as exc:
-            log.warning("attaching adapter %s failed: %s", adapter.id, exc)
-            raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
+        await self._run(self._attach, adapter)
 
     def _attach(self, adapter: AdapterRef) -> None:
-        from peft import PeftModel, set_peft_model_state_dict
-
-        config, weights = self._ram.pop(adapter)
-        name = self.peft_name(adapter)
-        if isinstance(self._model, PeftModel):
-            self._model.add_adapter(name, config)
-        else:
-            self._model = PeftModel(self._model, config, adapter_name=name)
-        self._model.eval()
-        result = set_peft_model_state_dict(self._model, weights, adapter_name=name)
-        missing = [k for k in result.missing_keys if name in k and "lora_" in k]
-        if missing:
-            self._remove(name)
-            raise ValueError(f"weights file lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
+        self._resident[adapter] = self._ram.pop(adapter).to(self._device, self._dtype)
 
     async def demote(self, adapter: AdapterRef) -> None:
         await self._run(self._demote, adapter)
 
     def _demote(self, adapter: AdapterRef) -> None:
-        from peft import get_peft_model_state_dict
-
-        name = self.peft_name(adapter)
-        weights = {k: v.detach().to("cpu", copy=True)
-                   for k, v in get_peft_model_state_dict(self._model, adapter_name=name).items()}
-        config = self._model.peft_config[name]
-        self._remove(name)
-        self._ram[adapter] = (config, weights)
+        self._ram[adapter] = self._resident.pop(adapter).to(torch.device("cpu"), self._dtype,
+                                                             pin=self._device.type == "cuda")
 
     async def detach(self, adapter: AdapterRef) -> None:
-        await self._run(self._remove, self.peft_name(adapter))
-
-    def _remove(self, name: str) -> None:
-        # peft cannot delete its last adapter (its active adapter would dangle), so the
-        # last one goes by unwrapping back to the plain base model.
-        if len(self._model.peft_config) == 1:
-            self._model = self._model.unload()
-            self._model.eval()
-        else:
-            with warnings.catch_warnings():
-                # "Adapter X was active which is now deleted": rows name their adapters, so
-                # peft's notion of an active adapter is never used here.
-                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
-                self._model.delete_adapter(name)
+        await self._run(self._resident.pop, adapter)
 
     def drop(self, adapter: AdapterRef) -> None:
         self._ram.pop(adapter, None)
 
     # -- batch ---------------------------------------------------------------
+    # One running batch: a left-padded KV cache whose rows each carry their own adapter.
+    # prefill() starts new rows and merges them in (continuous batching); decode() first
+    # drops the rows the scheduler no longer keeps, then advances the rest by one token.
     async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
         return await self._run(self._prefill, list(rows))
 
@@ -238,17 +211,21 @@ class TorchEngine:
         return await self._run(self._decode, list(keep))
 
     async def release(self) -> None:
+        await self._run(self._release)
+
+    def _release(self) -> None:
         self._batch = None
+        self._set_lora_rows([])
 
-    def _forward(self, batch_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
-                 adapter_names: list[str]):
-        from peft import PeftModel
+    def _set_lora_rows(self, adapters: list[AdapterRef]) -> None:
+        """Gather each layer's per-row LoRA weights for a batch whose row i uses adapters[i]."""
+        weights = [None if a.is_base else self._resident[a] for a in adapters]
+        for path, layer in self._layers.items():
+            layer.gather([w.modules.get(path) if w else None for w in weights], self._device, self._dtype)
 
-        kwargs = {}
-        if isinstance(self._model, PeftModel):
-            kwargs["adapter_names"] = adapter_names
-        out = self._model(input_ids=batch_ids, attention_mask=mask, position_ids=positions,
-                          past_key_values=cache, use_cache=True, **kwargs)
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
+        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                          use_cache=True)
         return out.logits[:, -1, :].float(), out.past_key_values
 
     @torch.inference_mode()
@@ -263,14 +240,15 @@ class TorchEngine:
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        names = [self.peft_name(r.adapter) for r in rows]
-        logits, cache = self._forward(ids, mask, positions, None, names)
-        generators = [self._generator(r) for r in rows]
-        self._batch = _Batch(
-            seq_ids=[r.seq_id for r in rows], adapter_names=names, rows=rows,
-            generated=[[] for _ in rows], mask=mask, positions=positions[:, -1:], cache=cache,
-            last=ids[:, -1:], generators=generators)
-        return self._sample(logits)
+        self._set_lora_rows([r.adapter for r in rows])
+        logits, cache = self._forward(ids, mask, positions, None)
+        new = _Batch(seq_ids=[r.seq_id for r in rows], rows=rows, generated=[[] for _ in rows], mask=mask,
+                     positions=positions[:, -1:], cache=cache, last=ids[:, -1:],
+                     generators=[self._generator(r) for r in rows])
+        results = self._sample(new, logits)
+        self._batch = new if self._batch is None else _merge(self._batch, new)
+        self._set_lora_rows([r.adapter for r in self._batch.rows])
+        return results
 
     def _generator(self, row: Row) -> torch.Generator | None:
         if row.sampling.greedy:
@@ -286,8 +264,8 @@ class TorchEngine:
             self._select([b.seq_ids.index(k) for k in keep])
         b.mask = torch.cat([b.mask, torch.ones_like(b.mask[:, :1])], dim=1)
         b.positions = b.positions + 1
-        logits, b.cache = self._forward(b.last, b.mask, b.positions, b.cache, b.adapter_names)
-        return self._sample(logits)
+        logits, b.cache = self._forward(b.last, b.mask, b.positions, b.cache)
+        return self._sample(b, logits)
 
     def _select(self, idx: list[int]) -> None:
         """Shrink the batch to rows `idx`: finished and cancelled rows stop costing compute."""
@@ -295,11 +273,12 @@ class TorchEngine:
         index = torch.tensor(idx, device=self._device)
         b.cache.batch_select_indices(index)
         b.mask, b.positions, b.last = b.mask[index], b.positions[index], b.last[index]
-        for name in ("seq_ids", "adapter_names", "rows", "generated", "generators"):
+        for name in ("seq_ids", "rows", "generated", "generators"):
             setattr(b, name, [getattr(b, name)[i] for i in idx])
+        _trim(b)
+        self._set_lora_rows([r.adapter for r in b.rows])
 
-    def _sample(self, logits: torch.Tensor) -> list[StepResult]:
-        b = self._batch
+    def _sample(self, b: _Batch, logits: torch.Tensor) -> list[StepResult]:
         tokens = [sample_next(logits[i], row.sampling, b.generators[i]) for i, row in enumerate(b.rows)]
         b.last = torch.tensor(tokens, device=self._device).unsqueeze(1)
         results = []
@@ -308,3 +287,38 @@ class TorchEngine:
             text = self._tokenizer.decode(b.generated[i], skip_special_tokens=True)
             results.append(StepResult(b.seq_ids[i], token, text))
         return results
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _merge(running: _Batch, new: _Batch) -> _Batch:
+    """Join `new` rows to the running batch: both left-padded to the longer cache, then stacked.
+    Padded columns are masked out, and each row keeps its own positions."""
+    width = max(running.mask.shape[1], new.mask.shape[1])
+    for old_layer, new_layer in zip(running.cache.layers, new.cache.layers, strict=True):
+        for name in ("keys", "values"):
+            setattr(old_layer, name, torch.cat([_left_pad(getattr(old_layer, name), width, 2),
+                                                _left_pad(getattr(new_layer, name), width, 2)]))
+    running.mask = torch.cat([_left_pad(running.mask, width, 1), _left_pad(new.mask, width, 1)])
+    running.positions = torch.cat([running.positions, new.positions])
+    running.last = torch.cat([running.last, new.last])
+    for name in ("seq_ids", "rows", "generated", "generators"):
+        getattr(running, name).extend(getattr(new, name))
+    return running
+
+
+def _trim(b: _Batch) -> None:
+    """Drop leading columns that every remaining row has masked out (left by departed rows)."""
+    live = b.mask.any(dim=0).nonzero()
+    first = int(live[0]) if len(live) else 0
+    if first:
+        b.mask = b.mask[:, first:]
+        for layer in b.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]

@@ -1,4 +1,4 @@
-"""Batch selection: a pure function over the waiting queue."""
+"""Which waiting requests join the running batch next: a pure function."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Sequence
 
 from scheduler.types import GenerationRequest
 
+POLICIES = ("mixed", "grouped")
+
 
 @dataclass(frozen=True)
 class BatchLimits:
@@ -14,26 +16,31 @@ class BatchLimits:
     """Most sequences decoded together in one forward pass."""
     max_batch_tokens: int = 8192
     """Most prompt + max_new_tokens summed over a batch (bounds its KV cache)."""
+    policy: str = "mixed"
+    """mixed: any adapters share a batch (one gathered LoRA matmul serves them all);
+    grouped: one adapter per batch, the oldest request choosing it."""
 
 
-def select_batch(waiting: Sequence[GenerationRequest], limits: BatchLimits) -> list[int]:
-    """Indices (into `waiting`, oldest first) of the next batch.
+def select_batch(waiting: Sequence[GenerationRequest], limits: BatchLimits,
+                 running: Sequence[GenerationRequest] = ()) -> list[int]:
+    """Indices into `waiting` (oldest first, all ready to run) of the requests that join now.
 
-    The oldest request picks the adapter, so no adapter waits behind a busier one
-    for more than one batch; later requests for the same adapter join it in
-    arrival order while size and token limits allow. The oldest request always
-    fits: validation rejects one whose budget alone exceeds max_batch_tokens.
+    Arrival order is kept: a request is skipped only when it does not fit the token budget
+    or (grouped) is for another adapter. Under `grouped`, joiners must also be older than the
+    oldest request for another adapter, so a busy adapter cannot hold the batch forever: it
+    drains, and the oldest request picks the next adapter. An empty batch always takes the
+    oldest request (validation keeps any single request within max_batch_tokens).
     """
-    if not waiting:
-        return []
-    adapter = waiting[0].adapter
-    chosen, tokens = [], 0
+    room = limits.max_batch_size - len(running)
+    tokens = sum(r.token_budget for r in running)
+    adapter = running[0].adapter if running else (waiting[0].adapter if waiting else None)
+    chosen: list[int] = []
     for i, req in enumerate(waiting):
-        if len(chosen) == limits.max_batch_size:
+        if len(chosen) >= room:
             break
-        if req.adapter != adapter:
-            continue
-        if chosen and tokens + req.token_budget > limits.max_batch_tokens:
+        if limits.policy == "grouped" and req.adapter != adapter:
+            break
+        if (running or chosen) and tokens + req.token_budget > limits.max_batch_tokens:
             continue
         chosen.append(i)
         tokens += req.token_budget

@@ -65,6 +65,12 @@ class _Seq:
             self.emitted = upto
 
 
+def _adapter_of(seqs: list[_Seq]) -> AdapterRef:
+    """The batch phase's adapter for its span: the common one, else BASE standing for "mixed"."""
+    adapters = {s.req.adapter for s in seqs}
+    return adapters.pop() if len(adapters) == 1 else replace(BASE, id="mixed")
+
+
 def _to_base(req: GenerationRequest, exc: LoraServeError) -> GenerationRequest:
     return replace(req, adapter=BASE, fallback_to_base=False, fallback_reason=exc.reason,
                    requested=f"{req.adapter.id}@{req.adapter.version}")
@@ -119,7 +125,8 @@ class Scheduler:
                                   waiting=self._waiting_adapters, clock=clock)
         self._fetching: set[AdapterRef] = set()
         self._cold: dict[AdapterRef, tuple[float, float]] = {}  # read from disk for waiting requests: (start, ms)
-        self._deferred: set[AdapterRef] = set()  # no RAM room yet; retried after the next batch
+        self._deferred: set[AdapterRef] = set()  # no room yet; retried once rows have left
+        self._epoch: list | None = None  # current decode stretch: [start, steps, seq ids, seqs]
         self._failed: dict[AdapterRef, tuple[float, LoraServeError]] = {}
         self._failed_backoff_s = failed_load_backoff_s
         self.stats = SchedulerStats()
@@ -181,26 +188,25 @@ class Scheduler:
         await self._idle.wait()
 
     async def run(self) -> None:
+        """Iteration-level loop: between decode steps, ready requests join the batch (their
+        prefill runs, then they decode with the rest) and finished ones have already left."""
         while True:
-            while not self._waiting:
+            if not self._waiting and not self._running:
                 self._wake.clear()
                 await self._wake.wait()
-            if self._batch_wait_s:
-                # Let requests that arrive together share a batch.
-                await asyncio.sleep(self._batch_wait_s)
+                if self._batch_wait_s:
+                    # From idle, let requests that arrive together start together.
+                    await asyncio.sleep(self._batch_wait_s)
             self._start_fetches()
-            ready = [s for s in self._waiting if self._ready(s.req.adapter)]
-            if not ready:
+            joined = await self._admit()
+            if self._live():
+                await self._step()
+            elif self._running:
+                await self._end_batch()
+            elif not joined:
+                # Everything waiting needs an adapter still loading (or room for it).
                 self._wake.clear()
                 await self._wake.wait()
-                continue
-            picked = select_batch([s.req for s in ready], self._limits)
-            batch = [ready[i] for i in picked]
-            for seq in batch:
-                self._waiting.remove(seq)
-            if batch:
-                await self._run_batch(batch)
-                self._deferred.clear()
             self._update_idle()
 
     def _start_fetches(self) -> None:
@@ -230,68 +236,126 @@ class Scheduler:
         if not self._waiting and not self._running:
             self._idle.set()
 
-    async def _run_batch(self, batch: list[_Seq]) -> None:
-        self.stats.batches += 1
+    async def _admit(self) -> bool:
+        """Let ready waiting requests join the batch; returns whether any did."""
+        live = self._live()
+        ready = [s for s in self._waiting if self._ready(s.req.adapter) and s.req.adapter not in self._deferred]
+        picked = [ready[i] for i in select_batch([s.req for s in ready], self._limits, [s.req for s in live])]
+        if not picked:
+            return False
         started = self._clock()
-        for seq in batch:
+        for seq in picked:
+            self._waiting.remove(seq)
             seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
             seq.timeline.dispatched = started
-        self._running = batch
+        self._running.extend(picked)  # from here their adapters are protected from eviction
+        joiners = []
+        for adapter in dict.fromkeys(s.req.adapter for s in picked):
+            group = [s for s in picked if s.req.adapter == adapter]
+            if await self._make_usable(adapter, group):
+                joiners += group
+        joiners = [s for s in joiners if not (s.done or s.cancelled)]
+        if not joiners:
+            return False
+        self.stats.batches += 1
+        self.stats.prefilled_requests += len(joiners)
+        self._close_epoch()
+        t0 = self._clock()
         try:
-            adapter = batch[0].req.adapter
-            try:
-                moved = await self.tiers.to_vram(adapter)
-            except NoRoom as exc:
-                raise NoCacheRoom(str(exc), adapter_id=adapter.id) from exc
-            except LoraServeError as exc:
-                self._waiting[:0] = batch  # back to the front: those allowing it fall back now
-                self._fail_or_fallback(batch, exc)
-                return
-            loaded = self._clock()
-            cold = self._cold.pop(adapter, None)
-            found_in = Tier.DISK if cold is not None else moved.found_in
-            entry = self.tiers.cache.entries.get(adapter)
-            for seq in batch:
-                seq.load_source = _SOURCE[found_in]
-                seq.timings.load_ms = moved.ms + (cold[1] if cold else 0.0)
-                t = seq.timeline
-                t.load_started, t.load_ended = (cold[0] if cold else started), loaded
-                t.load_shared = cold is not None and cold[0] < t.enqueued
-                t.load_bytes = entry.bytes if entry else 0
-                self.tiers.record_use(adapter, found_in)
-            self._observer.adapter_ready(adapter, _SOURCE[found_in], batch[0].timings.load_ms)
-            live = self._live()
-            if not live:
-                return
-            rows = [Row(s.seq_id, s.req.adapter, s.req.prompt_ids, s.req.sampling) for s in live]
-            self.stats.prefilled_requests += len(rows)
-            t0 = self._clock()
-            results = await self._engine.prefill(rows)
-            t1 = self._clock()
-            for seq in live:
-                seq.timings.prefill_ms = (t1 - t0) * 1e3
-                seq.timeline.first_token = t1
-            self._observer.batch_phase("prefill", t0, t1, adapter, [s.req.request_id for s in live], 1)
-            self._apply(results)
-            decoding, steps, decode_started = self._live(), 0, self._clock()
-            while live := self._live():
-                t0 = self._clock()
-                results = await self._engine.decode([s.seq_id for s in live])
-                steps += 1
-                for seq in live:
-                    seq.timings.decode_ms += (self._clock() - t0) * 1e3
-                self._apply(results)
-            if steps:
-                self._observer.batch_phase("decode", decode_started, self._clock(), adapter,
-                                           [s.req.request_id for s in decoding], steps)
-        except LoraServeError as exc:
-            self._fail(batch, exc)
+            results = await self._engine.prefill(
+                [Row(s.seq_id, s.req.adapter, s.req.prompt_ids, s.req.sampling) for s in joiners])
         except Exception as exc:
-            log.exception("batch failed")
-            self._fail(batch, LoraServeError(f"generation failed: {type(exc).__name__}"))
-        finally:
-            self._running = []
-            await self._engine.release()
+            self._engine_failed(exc)
+            return True
+        t1 = self._clock()
+        for seq in joiners:
+            seq.timings.prefill_ms = (t1 - t0) * 1e3
+            seq.timeline.first_token = t1
+        self._observer.batch_phase("prefill", t0, t1, _adapter_of(joiners), [s.req.request_id for s in joiners], 1)
+        self._apply(results)
+        return True
+
+    async def _make_usable(self, adapter: AdapterRef, group: list[_Seq]) -> bool:
+        """Attach `adapter` for `group`; on failure they go back to waiting, fall back or fail."""
+        started = self._clock()
+        try:
+            moved = await self.tiers.to_vram(adapter)
+        except NoRoom as exc:
+            self._requeue(group)
+            if any(s.req.adapter != adapter for s in self._live()):
+                self._deferred.add(adapter)  # the batch's other adapters fill VRAM: wait for rows to leave
+            else:
+                self._fail_or_fallback(group, NoCacheRoom(str(exc), adapter_id=adapter.id))
+            return False
+        except LoraServeError as exc:
+            self._requeue(group)
+            self._fail_or_fallback(group, exc)  # fallen-back requests join a later round
+            return False
+        loaded = self._clock()
+        cold = self._cold.pop(adapter, None)
+        found_in = Tier.DISK if cold is not None else moved.found_in
+        entry = self.tiers.cache.entries.get(adapter)
+        for seq in group:
+            seq.load_source = _SOURCE[found_in]
+            seq.timings.load_ms = moved.ms + (cold[1] if cold else 0.0)
+            t = seq.timeline
+            t.load_started, t.load_ended = (cold[0] if cold else started), loaded
+            t.load_shared = cold is not None and cold[0] < t.enqueued
+            t.load_bytes = entry.bytes if entry else 0
+            self.tiers.record_use(adapter, found_in)
+        self._observer.adapter_ready(adapter, _SOURCE[found_in], group[0].timings.load_ms)
+        return True
+
+    def _requeue(self, group: list[_Seq]) -> None:
+        for seq in group:
+            self._running.remove(seq)
+        self._waiting[:0] = group
+
+    async def _step(self) -> None:
+        live = self._live()
+        ids = [s.seq_id for s in live]
+        if self._epoch is None or self._epoch[2] != ids:
+            self._close_epoch()
+            self._epoch = [self._clock(), 0, ids, live]
+        t0 = self._clock()
+        try:
+            results = await self._engine.decode(ids)
+        except Exception as exc:
+            self._engine_failed(exc)
+            return
+        self._epoch[1] += 1
+        for seq in live:
+            seq.timings.decode_ms += (self._clock() - t0) * 1e3
+        self._apply(results)
+        before = len(self._running)
+        self._running = [s for s in self._running if not (s.done or s.cancelled)]
+        if len(self._running) < before:
+            self._deferred.clear()  # rows left: room may have been freed
+        if not self._running:
+            await self._end_batch()
+
+    def _close_epoch(self) -> None:
+        """One decode span per stretch of steps with the same rows."""
+        if self._epoch is not None and self._epoch[1]:
+            start, steps, _, seqs = self._epoch
+            self._observer.batch_phase("decode", start, self._clock(), _adapter_of(seqs),
+                                       [s.req.request_id for s in seqs], steps)
+        self._epoch = None
+
+    async def _end_batch(self) -> None:
+        self._close_epoch()
+        self._running = []
+        await self._engine.release()
+        self._deferred.clear()
+
+    def _engine_failed(self, exc: Exception) -> None:
+        if isinstance(exc, LoraServeError):
+            self._fail(self._running, exc)
+        else:
+            log.error("batch failed", exc_info=exc)
+            self._fail(self._running, LoraServeError(f"generation failed: {type(exc).__name__}"))
+        self._running = []
+        self._epoch = None
 
     def _live(self) -> list[_Seq]:
         return [s for s in self._running if not (s.done or s.cancelled)]

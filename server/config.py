@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from scheduler.policy import POLICIES
+
 QUANTIZATIONS = ("none", "nf4", "int8")
 WARM_AT = re.compile(r"^(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>[A-Za-z0-9@_-]+)$")
 ENV_PREFIX = "LORASERVE_"
@@ -33,6 +35,7 @@ class ServerConfig:
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
     max_batch_size: int = _f(16, "Most sequences decoded together in one batch.")
     max_batch_tokens: int = _f(8192, "Most prompt+max_new_tokens summed over one batch.")
+    batch_policy: str = _f("mixed", "mixed: any adapters share a batch; grouped: one adapter per batch.")
     max_queue: int = _f(1024, "Most queued requests; beyond it RESOURCE_EXHAUSTED.")
     batch_wait_ms: float = _f(2.0, "How long the scheduler lets arrivals gather before forming a batch.")
     max_concurrent_loads: int = _f(2, "Most adapters read from disk at the same time.")
@@ -62,6 +65,8 @@ class ServerConfig:
             problems.append(f"port {self.port} is not in 0..65535")
         if not -1 <= self.metrics_port <= 65535:
             problems.append(f"metrics_port {self.metrics_port} is not in -1..65535")
+        if self.batch_policy not in POLICIES:
+            problems.append(f"batch_policy must be one of {', '.join(POLICIES)}, not {self.batch_policy!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
         for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",

@@ -75,7 +75,8 @@ class PacedEngine(TorchEngine):
 
 @pytest.fixture(scope="module")
 def paced(demo_dir):
-    cfg = server_config(demo_dir)
+    # Two rows fill a batch, so a third request provably waits in the queue.
+    cfg = server_config(demo_dir, max_batch_size=2)
     srv = ServerThread(cfg, engine=PacedEngine(EngineConfig(cfg.model_path)))
     yield srv
     srv.stop()
@@ -87,23 +88,24 @@ def paced_stub(paced):
         yield inference_pb2_grpc.InferenceServiceStub(ch)
 
 
-def _occupy(stub, tokens=200):
-    """A long request that keeps the engine busy while the test acts."""
-    return stub.Generate.future(pb.GenerateRequest(adapter_id="base", prompt=PROMPT, max_new_tokens=tokens,
-                                                   ignore_eos=True), timeout=120)
+def _occupy(server, stub, tokens=200):
+    """Long requests that fill the batch while the test acts."""
+    busy = [stub.Generate.future(pb.GenerateRequest(adapter_id="base", prompt=PROMPT, max_new_tokens=tokens,
+                                                    ignore_eos=True), timeout=120) for _ in range(2)]
+    assert wait_for(lambda: server.server.scheduler.running == 2)
+    return busy  # keep both: a dropped future cancels its RPC
 
 
 def test_deadline_while_queued_removes_the_request_without_compute(paced, paced_stub):
     server, stub = paced, paced_stub
     stats = server.server.scheduler.stats
-    busy = _occupy(stub)
-    assert wait_for(lambda: server.server.scheduler.running == 1)
+    busy = _occupy(server, stub)
     prefilled, cancelled = stats.prefilled_requests, stats.cancelled_in_queue
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(pb.GenerateRequest(adapter_id="legal", prompt=PROMPT), timeout=0.3)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_for(lambda: stats.cancelled_in_queue == cancelled + 1)
-    assert busy.result().usage.output_tokens == 200
+    assert [b.result().usage.output_tokens for b in busy] == [200, 200]
     assert stats.prefilled_requests == prefilled
     assert server.server.scheduler.queue_depth == 0
 
@@ -111,14 +113,13 @@ def test_deadline_while_queued_removes_the_request_without_compute(paced, paced_
 def test_client_cancel_while_queued_removes_the_request(paced, paced_stub):
     server, stub = paced, paced_stub
     stats = server.server.scheduler.stats
-    busy = _occupy(stub)
-    assert wait_for(lambda: server.server.scheduler.running == 1)
+    busy = _occupy(server, stub)
     prefilled, cancelled = stats.prefilled_requests, stats.cancelled_in_queue
     queued = stub.Generate.future(pb.GenerateRequest(adapter_id="legal", prompt=PROMPT), timeout=60)
     assert wait_for(lambda: server.server.scheduler.queue_depth == 1)
     queued.cancel()
     assert wait_for(lambda: stats.cancelled_in_queue == cancelled + 1)
-    busy.result()
+    [b.result() for b in busy]
     assert stats.prefilled_requests == prefilled
 
 

@@ -65,8 +65,9 @@ class ScriptedEngine(WeightsRecorder):
     async def prefill(self, rows):
         self.prefills.append([r.seq_id for r in rows])
         assert all(r.adapter.is_base or r.adapter in self.vram for r in rows), "batch ran without its adapter"
-        self._rows = {r.seq_id: (r.adapter.id, []) for r in rows}
-        return self._step(list(self._rows))
+        new = {r.seq_id: (r.adapter.id, []) for r in rows}
+        self._rows.update(new)  # rows join the running batch
+        return self._step(list(new))
 
     async def decode(self, keep):
         self.decodes.append(list(keep))
@@ -100,12 +101,25 @@ def run(engine, fn, **kwargs):
     return asyncio.run(_with_scheduler(engine, fn, **kwargs))
 
 
-def test_policy_groups_by_the_oldest_requests_adapter_within_limits():
-    waiting = [req("a", ref("x"), max_new=10), req("b", ref("y")), req("c", ref("x"), max_new=10),
+def test_mixed_policy_takes_arrival_order_within_size_and_token_limits():
+    waiting = [req("a", ref("x"), max_new=10), req("b", ref("y"), max_new=4), req("c", ref("x"), max_new=10),
                req("d", ref("x"), max_new=100), req("e", ref("x"), max_new=10)]
-    assert select_batch(waiting, BatchLimits(max_batch_size=8, max_batch_tokens=40)) == [0, 2, 4]
-    assert select_batch(waiting, BatchLimits(max_batch_size=2, max_batch_tokens=1000)) == [0, 2]
+    # budgets (prompt 2 + max_new): 12, 6, 12, 102, 12
+    assert select_batch(waiting, BatchLimits(max_batch_size=8, max_batch_tokens=40)) == [0, 1, 2]
+    assert select_batch(waiting, BatchLimits(max_batch_size=2, max_batch_tokens=1000)) == [0, 1]
+    running = [req("r", ref("z"), max_new=20)]
+    assert select_batch(waiting, BatchLimits(max_batch_size=3, max_batch_tokens=40), running) == [0, 1]
+    assert select_batch(waiting, BatchLimits(max_batch_size=1), running) == []
     assert select_batch([], BatchLimits()) == []
+
+
+def test_grouped_policy_joins_only_the_same_adapter_and_never_jumps_the_queue():
+    grouped = BatchLimits(policy="grouped")
+    waiting = [req("a", ref("x")), req("c", ref("x")), req("b", ref("y")), req("e", ref("x"))]
+    assert select_batch(waiting, grouped) == [0, 1]
+    # A running x batch takes x joiners only while no other adapter has waited longer.
+    assert select_batch(waiting, grouped, [req("r", ref("x"))]) == [0, 1]
+    assert select_batch(waiting[2:], grouped, [req("r", ref("x"))]) == []
 
 
 def test_each_request_gets_its_own_adapters_text():
@@ -122,8 +136,8 @@ def test_each_request_gets_its_own_adapters_text():
     # r0 and r2 shared the batch that read "ab" from disk; later it is already attached.
     assert results[0].load_source is results[2].load_source is LoadSource.DISK
     assert again.load_source is LoadSource.VRAM and again.timings.load_ms == 0
-    # Same-adapter requests shared a batch; each batch held one adapter.
-    assert sorted(map(len, engine.prefills[:3])) == [1, 1, 2]
+    # All four adapters shared one prefill and one decode batch (mixed policy).
+    assert list(map(len, engine.prefills)) == [4, 1] and engine.decodes[0] == [1, 2, 3, 4]
 
 
 def test_length_stop_sequence_and_streamed_deltas():
