@@ -177,6 +177,6 @@ def build_demo(out: Path, spec: DemoSpec = DemoSpec()) -> dict:
             raw_dir / name, name, identity, tester, task=name, client="demo", language="en",
             description=f"demo {name} adapter trained on templated {name} answers", aliases=ALIASES.get(name, []))
         store.promote(name, passport.version)
-    shutil.rmtree(raw_dir)
+    shutil.rmtree(raw_dir, ignore_errors=True)
     return {"base": str(base_dir), "adapters": str(store.root), "base_loss": base_loss, "adapter_losses": losses,
             "seconds": time.perf_counter() - started}

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from runner.lora import LoRALinear, LoraWeights, UnsupportedAdapter, parse_peft, wrap_linear_layers
+from runner.lora import LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, wrap_linear_layers
 from runner.sampling import sample_next
 from scheduler.engine import Row, StepResult
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, LoraServeError
@@ -93,7 +93,10 @@ class TorchEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loaders = ThreadPoolExecutor(max_workers=cfg.load_threads, thread_name_prefix="adapter-load")
         self._ram: dict[AdapterRef, LoraWeights] = {}
-        self._resident: dict[AdapterRef, LoraWeights] = {}
+        self._slots: dict[AdapterRef, tuple[int, dict[str, int]]] = {}  # attached: slot, rank per module
+        self._free_slots: list[int] = []
+        self._capacity = 1  # slots every stacked layer holds (slot 0: no adapter)
+        self._rows = RowSlots()
         self._layers: dict[str, LoRALinear] = {}
         self._module_names: frozenset[str] = frozenset()
         self._dtype = torch.float32
@@ -111,7 +114,7 @@ class TorchEngine:
         self._tokenizer, self._model, self._device = load_model(self.cfg)
         self._dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
-        self._layers = wrap_linear_layers(self._model)
+        self._layers = wrap_linear_layers(self._model, self._rows)
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
@@ -185,17 +188,33 @@ class TorchEngine:
         await self._run(self._attach, adapter)
 
     def _attach(self, adapter: AdapterRef) -> None:
-        self._resident[adapter] = self._ram.pop(adapter).to(self._device, self._dtype)
+        weights = self._ram.pop(adapter)
+        slot = self._free_slots.pop() if self._free_slots else len(self._slots) + 1
+        if slot >= self._capacity:  # double, so growing copies stay rare
+            self._capacity = 2 * slot
+            for layer in self._layers.values():
+                layer.reserve(self._capacity, self._device, self._dtype)
+        for path, entry in weights.modules.items():
+            self._layers[path].write(slot, entry, self._capacity, self._device, self._dtype)
+        self._slots[adapter] = (slot, {path: a_t.shape[1] for path, (a_t, _, _) in weights.modules.items()})
 
     async def demote(self, adapter: AdapterRef) -> None:
         await self._run(self._demote, adapter)
 
     def _demote(self, adapter: AdapterRef) -> None:
-        self._ram[adapter] = self._resident.pop(adapter).to(torch.device("cpu"), self._dtype,
-                                                             pin=self._device.type == "cuda")
+        slot, ranks = self._slots[adapter]
+        weights = LoraWeights({path: self._layers[path].read(slot, r) for path, r in ranks.items()})
+        self._detach(adapter)
+        self._ram[adapter] = weights.to(torch.device("cpu"), self._dtype, pin=self._device.type == "cuda")
 
     async def detach(self, adapter: AdapterRef) -> None:
-        await self._run(self._resident.pop, adapter)
+        await self._run(self._detach, adapter)
+
+    def _detach(self, adapter: AdapterRef) -> None:
+        slot, ranks = self._slots.pop(adapter)
+        for path in ranks:
+            self._layers[path].write(slot, None, self._capacity, self._device, self._dtype)
+        self._free_slots.append(slot)
 
     def drop(self, adapter: AdapterRef) -> None:
         self._ram.pop(adapter, None)
@@ -218,10 +237,9 @@ class TorchEngine:
         self._set_lora_rows([])
 
     def _set_lora_rows(self, adapters: list[AdapterRef]) -> None:
-        """Gather each layer's per-row LoRA weights for a batch whose row i uses adapters[i]."""
-        weights = [None if a.is_base else self._resident[a] for a in adapters]
-        for path, layer in self._layers.items():
-            layer.gather([w.modules.get(path) if w else None for w in weights], self._device, self._dtype)
+        """Point every wrapped layer at the slots of a batch whose row i uses adapters[i]."""
+        slots = [0 if a.is_base else self._slots[a][0] for a in adapters]
+        self._rows.index = torch.tensor(slots, device=self._device) if any(slots) else None
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
         out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
@@ -279,14 +297,18 @@ class TorchEngine:
         self._set_lora_rows([r.adapter for r in b.rows])
 
     def _sample(self, b: _Batch, logits: torch.Tensor) -> list[StepResult]:
-        tokens = [sample_next(logits[i], row.sampling, b.generators[i]) for i, row in enumerate(b.rows)]
-        b.last = torch.tensor(tokens, device=self._device).unsqueeze(1)
-        results = []
-        for i, token in enumerate(tokens):
-            b.generated[i].append(token)
-            text = self._tokenizer.decode(b.generated[i], skip_special_tokens=True)
-            results.append(StepResult(b.seq_ids[i], token, text))
-        return results
+        greedy = logits.argmax(dim=-1)  # one op for every greedy row
+        chosen = greedy.clone()
+        for i, row in enumerate(b.rows):
+            if not row.sampling.greedy:
+                chosen[i] = sample_next(logits[i], row.sampling, b.generators[i])
+        b.last = chosen.unsqueeze(1)
+        tokens = chosen.tolist()
+        texts = self._tokenizer.batch_decode([g + [t] for g, t in zip(b.generated, tokens, strict=True)],
+                                             skip_special_tokens=True)
+        for generated, token in zip(b.generated, tokens, strict=True):
+            generated.append(token)
+        return [StepResult(sid, tok, text) for sid, tok, text in zip(b.seq_ids, tokens, texts, strict=True)]
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -1,15 +1,11 @@
 """Serving-time LoRA for mixed-adapter batches (BGMV-style).
 
-Every linear layer of the base model is wrapped once at start-up. A batch's rows each name an
-adapter (or none); when the batch's rows change, each wrapper gathers its rows' weights into
-
-    a_t   [B, in, r]    A^T of each row's adapter, zero-padded to the batch's largest rank
-    b_t   [B, r, out]   B^T likewise
-    scale [B, 1, 1]     lora_alpha / r (or / sqrt(r) for rsLoRA); 0 for rows without one
-
-and every forward adds `scale * (x @ a_t) @ b_t` with two batched matmuls, so a batch of
-many adapters costs about what a batch of one does (peft instead loops over the adapters in
-the batch). Weights are read from ordinary PEFT files; features this does not implement
+Every linear layer of the base model is wrapped once at start-up. An attached adapter gets a
+slot; each layer keeps its resident adapters' A^T and (scale x B^T) stacked by slot, zero-padded
+to the largest resident rank. A batch's rows each name a slot (0 for none), and every forward
+adds `(x @ a[slot]) @ b[slot]` for all rows with one index_select and two batched matmuls, so
+a batch of many adapters costs about what a batch of one does (peft instead loops over the
+adapters in the batch), and rows joining or leaving cost nothing. Weights are read from ordinary PEFT files; features this does not implement
 (DoRA, embedding LoRA, modules_to_save, fan_in_fan_out, biases) are refused, never ignored.
 """
 
@@ -79,43 +75,77 @@ def parse_peft(config: dict, tensors: dict[str, torch.Tensor]) -> LoraWeights:
     return LoraWeights(modules)
 
 
-class LoRALinear(nn.Module):
-    """A base linear layer (plain, or bitsandbytes-quantized) plus the current batch's LoRA rows."""
+class RowSlots:
+    """Shared by every wrapped layer: the slot of each batch row's adapter (0 = none)."""
 
-    def __init__(self, base: nn.Module):
+    def __init__(self):
+        self.index: torch.Tensor | None = None
+        """[B] slot per row; None when no row of the batch has an adapter."""
+
+
+class LoRALinear(nn.Module):
+    """A base linear layer (plain, or bitsandbytes-quantized) plus the resident adapters' weights
+    for it, stacked by slot: a [S, in, R] and b [S, R, out] (R the largest resident rank, the
+    scale folded into b, slot 0 all zero). A forward picks each row's slot with one index_select,
+    so changing which rows are in the batch costs nothing here."""
+
+    def __init__(self, base: nn.Module, rows: RowSlots):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._rows = rows
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.rows is None:
+        index = self._rows.index
+        if index is None or self.a is None:
             return y
-        a_t, b_t, scale = self.rows
-        return y + (torch.bmm(torch.bmm(x.to(a_t.dtype), a_t), b_t) * scale).to(y.dtype)
+        a, b = self.a.index_select(0, index), self.b.index_select(0, index)
+        if x.dtype == a.dtype == y.dtype:
+            return torch.baddbmm(y, torch.bmm(x, a), b)
+        return y + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(y.dtype)
 
-    def gather(self, entries: list[tuple[torch.Tensor, torch.Tensor, float] | None], device, dtype) -> None:
-        """Set this layer's rows from each row's (A^T, B^T, scale), or None for no adapter."""
-        present = [e for e in entries if e is not None]
-        if not present:
-            self.rows = None
+    def write(self, slot: int, entry: tuple[torch.Tensor, torch.Tensor, float] | None, capacity: int,
+              device, dtype) -> None:
+        """Put one adapter's (A^T, B^T, scale) for this layer into `slot` (None clears it).
+        `capacity` is the engine's slot count: every stacked layer holds at least that many,
+        since any row may carry any slot."""
+        if entry is None:
+            if self.a is not None:
+                self.a[slot].zero_()
+                self.b[slot].zero_()
             return
-        r = max(e[0].shape[1] for e in present)
-        n = len(entries)
-        a_t = torch.zeros(n, self.in_features, r, device=device, dtype=dtype)
-        b_t = torch.zeros(n, r, self.out_features, device=device, dtype=dtype)
-        scale = torch.zeros(n, 1, 1, device=device, dtype=dtype)
-        for i, e in enumerate(entries):
-            if e is not None:
-                a, b, s = e
-                a_t[i, :, :a.shape[1]] = a
-                b_t[i, :b.shape[0], :] = b
-                scale[i] = s
-        self.rows = (a_t, b_t, scale)
+        a_t, b_t, scale = entry
+        r = a_t.shape[1]
+        if self.a is None or r > self.a.shape[2]:
+            self._grow(capacity, max(r, self.a.shape[2] if self.a is not None else 0), device, dtype)
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.a[slot, :, :r] = a_t
+        self.b[slot, :r, :] = b_t * scale
+
+    def read(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The (A^T, scaled B^T, 1.0) held in `slot`, copied to the CPU."""
+        return self.a[slot, :, :rank].to("cpu", copy=True), self.b[slot, :rank, :].to("cpu", copy=True), 1.0
+
+    def reserve(self, capacity: int, device, dtype) -> None:
+        if self.a is not None and capacity > self.a.shape[0]:
+            self._grow(capacity, self.a.shape[2], device, dtype)
+
+    def _grow(self, slots: int, rank: int, device, dtype) -> None:
+        a = torch.zeros(slots, self.in_features, rank, device=device, dtype=dtype)
+        b = torch.zeros(slots, rank, self.out_features, device=device, dtype=dtype)
+        if self.a is not None:
+            n, _, r = self.a.shape
+            a[:n, :, :r] = self.a
+            b[:n, :r, :] = self.b
+        self.a, self.b = a, b
 
 
-def wrap_linear_layers(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, LoRALinear]:
+def wrap_linear_layers(model: nn.Module, rows: RowSlots,
+                       skip: tuple[str, ...] = ("lm_head",)) -> dict[str, LoRALinear]:
     """Wrap every nn.Linear (bitsandbytes layers subclass it) except `skip`; returns them by module path."""
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip]
@@ -123,7 +153,7 @@ def wrap_linear_layers(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(module)
+        layer = LoRALinear(module, rows)
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

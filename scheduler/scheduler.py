@@ -65,6 +65,16 @@ class _Seq:
             self.emitted = upto
 
 
+def _merge_deltas(items: list) -> list:
+    merged: list = []
+    for item in items:
+        if merged and isinstance(item, TextDelta) and isinstance(merged[-1], TextDelta):
+            merged[-1] = TextDelta(merged[-1].text + item.text)
+        else:
+            merged.append(item)
+    return merged
+
+
 def _adapter_of(seqs: list[_Seq]) -> AdapterRef:
     """The batch phase's adapter for its span: the common one, else BASE standing for "mixed"."""
     adapters = {s.req.adapter for s in seqs}
@@ -83,13 +93,17 @@ class Ticket:
         self._scheduler, self._seq = scheduler, seq
 
     async def events(self) -> AsyncIterator[TextDelta | Completion]:
+        """Deltas already waiting are merged into one, so a slow reader gets fewer, larger messages."""
+        queue = self._seq.events
         while True:
-            item = await self._seq.events.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, Completion):
-                return
+            items = [await queue.get()]
+            items += [queue.get_nowait() for _ in range(queue.qsize())]
+            for item in _merge_deltas(items):
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Completion):
+                    return
 
     async def result(self) -> Completion:
         async for item in self.events():

@@ -71,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     build.set_defaults(func=_demo_build)
 
     from clients.cli import add_generate_parser
+    from clients.bench.cli import add_bench_parser
     from registry.cli import add_adapters_parser
 
     add_generate_parser(sub)
     add_adapters_parser(sub)
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

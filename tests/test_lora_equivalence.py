@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from runner.lora import UnsupportedAdapter, parse_peft, wrap_linear_layers
+from runner.lora import RowSlots, UnsupportedAdapter, parse_peft, wrap_linear_layers
 
 RANKS = {"r4": 4, "r8": 8, "r16": 16, "r64": 64}
 TARGETS = {"r4": ["q_proj", "v_proj"], "r8": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -55,11 +55,16 @@ def test_mixed_batch_logits_match_peft(demo_dir, adapters, quantized):
         expected = reference(input_ids=ids, adapter_names=rows).logits
 
     model = load_base(demo_dir, quantized)
-    layers = wrap_linear_layers(model)
-    weights = {name: parse_peft(json.loads((adapters / name / "adapter_config.json").read_text()),
-                                load_file(adapters / name / "adapter_model.safetensors")) for name in RANKS}
-    for path, layer in layers.items():
-        layer.gather([weights[r].modules.get(path) if r in weights else None for r in rows], "cpu", torch.float32)
+    row_slots = RowSlots()
+    layers = wrap_linear_layers(model, row_slots)
+    slot_of = {"__base__": 0}
+    for slot, name in enumerate(RANKS, start=1):
+        weights = parse_peft(json.loads((adapters / name / "adapter_config.json").read_text()),
+                             load_file(adapters / name / "adapter_model.safetensors"))
+        for path, entry in weights.modules.items():
+            layers[path].write(slot, entry, len(RANKS) + 1, "cpu", torch.float32)
+        slot_of[name] = slot
+    row_slots.index = torch.tensor([slot_of[r] for r in rows])
     with torch.inference_mode():
         got = model(input_ids=ids).logits
 

@@ -1,0 +1,1 @@
+"""`loraserve bench`: load generator, naive baseline, base-only limit, report and plot."""

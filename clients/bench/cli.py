@@ -1,0 +1,157 @@
+"""`loraserve bench`: sweep adapter counts against a real server, beside the naive baseline and the
+base-model-only limit; writes bench.json and bench.png."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.bench.load import Workload, run
+from clients.bench.report import plot, summarize
+from loraserve.v1 import admin_pb2, admin_pb2_grpc
+
+
+class ServerProcess:
+    """`loraserve serve` in a child process, so the load generator does not share its GIL."""
+
+    def __init__(self, model_path: Path, store: Path, extra: list[str]):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.target = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--metrics-port", "-1",
+             "--model-path", str(model_path), "--adapters-dir", str(store), "--log-level", "WARNING", *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 180
+        with grpc.insecure_channel(self.target) as ch:
+            while time.monotonic() < deadline:
+                try:
+                    status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if self.proc.poll() is not None:
+                    raise RuntimeError("the server exited during start-up")
+                time.sleep(0.2)
+        raise TimeoutError("the server did not become healthy")
+
+    def cache_stats(self) -> dict:
+        with grpc.insecure_channel(self.target) as ch:
+            stats = admin_pb2_grpc.AdapterAdminServiceStub(ch).GetCacheStats(admin_pb2.GetCacheStatsRequest(),
+                                                                              timeout=10)
+        vram = next(t for t in stats.tiers if t.tier == admin_pb2.TIER_VRAM)
+        return {"vram_hits": vram.hits, "vram_misses": vram.misses,
+                "evictions": sum(t.evictions for t in stats.tiers)}
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark a real server against the naive baseline and the base-only limit")
+    p.add_argument("--model-path", type=Path, help="base model directory [a bench-size Llama (hidden 256, 4 layers, "
+                                                   "untrained) built under --out]")
+    p.add_argument("--out", type=Path, default=Path("var/bench"))
+    p.add_argument("--sweep", default="1,10,100,500", help="adapter counts to run [1,10,100,500]")
+    p.add_argument("--adapters", type=int, default=100, help="adapter count of the headline run and the naive one")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    p.add_argument("--rate", type=float, help="open-loop Poisson arrivals per second instead of closed loop")
+    p.add_argument("--zipf", type=float, default=1.1, help="popularity skew; 0 = uniform")
+    p.add_argument("--prompt-words", default="8:24")
+    p.add_argument("--new-tokens", default="32:32")
+    p.add_argument("--naive-requests", type=int, default=32, help="0 skips the naive baseline")
+    p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable)")
+    p.set_defaults(func=run_bench)
+
+
+def bench_model(out: Path) -> Path:
+    """The size the performance brief measured with; throughput needs no training."""
+    from runner.demo import DemoSpec, build_demo
+
+    if not (out / "base" / "config.json").exists():
+        build_demo(out, DemoSpec(adapters=(), hidden_size=256, layers=4, base_steps=0))
+    return out / "base"
+
+
+def _range(raw: str) -> tuple[int, int]:
+    lo, _, hi = raw.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def run_bench(args) -> int:
+    from clients.bench.naive import run_naive
+    from clients.bench.overhead import scheduler_overhead
+    from clients.bench.synth import make_store
+
+    counts = sorted({int(n) for n in args.sweep.split(",")} | {args.adapters})
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.model_path is None:
+        args.model_path = bench_model(args.out / "model")
+    store = make_store(args.model_path, args.out / "store", max(counts), args.rank).root
+    extra = ["--max-batch-size", str(args.concurrency), *args.server_arg]
+
+    def workload(adapters: list[str]) -> Workload:
+        return Workload(adapters, args.requests, args.zipf or None, args.concurrency, args.rate,
+                        _range(args.prompt_words), _range(args.new_tokens))
+
+    def measure(adapters: list[str]) -> dict:
+        server = ServerProcess(args.model_path, store, extra)
+        try:
+            asyncio.run(run(server.target, Workload(adapters[:1], 4, None, 1, None, (4, 4), (4, 4))))  # warm-up
+            return summarize(asyncio.run(run(server.target, workload(adapters))), server.cache_stats())
+        finally:
+            server.stop()
+
+    results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                                if k != "func"}}
+    results["base_only"] = measure(["base"])
+    results["sweep"] = {n: measure([f"bench{i}" for i in range(n)]) for n in counts}
+    naive = None
+    if args.naive_requests:
+        plan = workload([f"bench{i}" for i in range(args.adapters)]).plan()[:args.naive_requests]
+        naive = run_naive(args.model_path, store, plan)
+        results["naive"] = {k: v for k, v in naive.items() if k != "latencies_s"}
+    results["scheduler_overhead"] = scheduler_overhead(adapters=args.adapters, concurrency=args.concurrency)
+    head, base = results["sweep"][args.adapters], results["base_only"]
+    results["ratios"] = {
+        "throughput_vs_base_only": round(head["tok_per_s"] / base["tok_per_s"], 3),
+        "warm_p95_vs_base_only_p95": round(head["warm_latency_p95_ms"] / base["latency_ms"][95], 3),
+        **({"throughput_vs_naive": round(head["tok_per_s"] / naive["tok_per_s"], 2)} if naive else {}),
+    }
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2, default=lambda o: asdict(o)))
+    try:
+        plot(results["sweep"], base, results.get("naive"), args.out / "bench.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'loraserve[bench]')", file=sys.stderr)
+    _print(results, args.adapters)
+    return 0
+
+
+def _print(results: dict, headline: int) -> None:
+    base = results["base_only"]
+    print(f"{'run':>14} {'tok/s':>9} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'ttft p95':>9} "
+          f"{'cold p95':>9} {'hit':>6} {'errors':>6}")
+    rows = [("base only", base)] + [(f"{n} adapters", r) for n, r in results["sweep"].items()]
+    for name, r in rows:
+        print(f"{name:>14} {r['tok_per_s']:>9.1f} {r['req_per_s']:>7.2f} {r['latency_ms'][50]:>8.1f} "
+              f"{r['latency_ms'][95]:>8.1f} {r['latency_ms'][99]:>8.1f} {r['ttft_ms'][95]:>9.1f} "
+              f"{r['cold_load_p95_ms']:>9.1f} {r.get('cache_hit_ratio', 0):>6.2f} {r['errors']:>6}")
+    if "naive" in results:
+        print(f"{'naive':>14} {results['naive']['tok_per_s']:>9.1f} {results['naive']['req_per_s']:>7.2f}")
+    print(f"scheduler overhead: {results['scheduler_overhead']['ms_per_request']:.3f} ms/request")
+    print(f"ratios at {headline} adapters: {json.dumps(results['ratios'])}")
