@@ -19,6 +19,8 @@ class BatchLimits:
     policy: str = "mixed"
     """mixed: any adapters share a batch (one gathered LoRA matmul serves them all);
     grouped: one adapter per batch, the oldest request choosing it."""
+    join_delay_s: float = 0.02
+    """While rows decode, newcomers may wait this long to join together (see should_join)."""
 
 
 def select_batch(waiting: Sequence[GenerationRequest], limits: BatchLimits,
@@ -45,3 +47,16 @@ def select_batch(waiting: Sequence[GenerationRequest], limits: BatchLimits,
         chosen.append(i)
         tokens += req.token_budget
     return chosen
+
+
+def should_join(ready: int, free_slots: int, running: int, oldest_wait_s: float, limits: BatchLimits) -> bool:
+    """Whether ready requests join the running batch now.
+
+    A prefill pauses every running row for one forward pass, so one prefill per arrival
+    would halve decode throughput. Newcomers join at once when nothing runs, when they would
+    fill half the free slots, or when the oldest has waited `join_delay_s`; otherwise they
+    gather for a few steps and join together.
+    """
+    if ready == 0 or free_slots == 0:
+        return False
+    return running == 0 or ready >= max(1, free_slots // 2) or oldest_wait_s >= limits.join_delay_s

@@ -23,7 +23,7 @@ from scheduler.engine import Engine, Row, StepResult
 from scheduler.cache import Budgets, NoRoom, Tier
 from scheduler.errors import LoraServeError, NoCacheRoom, QueueFull, ShuttingDown
 from scheduler.observer import NullObserver, Observer
-from scheduler.policy import BatchLimits, select_batch
+from scheduler.policy import BatchLimits, select_batch, should_join
 from scheduler.text import find_stop, stable_length
 from scheduler.tiers import AdapterTiers
 from scheduler.types import (BASE, AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta,
@@ -254,6 +254,10 @@ class Scheduler:
         """Let ready waiting requests join the batch; returns whether any did."""
         live = self._live()
         ready = [s for s in self._waiting if self._ready(s.req.adapter) and s.req.adapter not in self._deferred]
+        oldest_wait = self._clock() - ready[0].enqueued_at if ready else 0.0
+        if not should_join(len(ready), self._limits.max_batch_size - len(live), len(live), oldest_wait,
+                           self._limits):
+            return False
         picked = [ready[i] for i in select_batch([s.req for s in ready], self._limits, [s.req for s in live])]
         if not picked:
             return False

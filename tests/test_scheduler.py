@@ -9,7 +9,7 @@ from fakes import WeightsRecorder
 
 from scheduler.engine import StepResult
 from scheduler.errors import AdapterLoadFailed, QueueFull, ShuttingDown
-from scheduler.policy import BatchLimits, select_batch
+from scheduler.policy import BatchLimits, select_batch, should_join
 from scheduler.scheduler import Scheduler
 from scheduler.text import find_stop, stable_length
 from scheduler.types import BASE, AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta
@@ -73,6 +73,7 @@ class ScriptedEngine(WeightsRecorder):
         self.decodes.append(list(keep))
         if self.gate is not None:
             await self.gate.wait()
+        await asyncio.sleep(0)  # like the real engine's executor hop, a step lets other tasks run
         return self._step(keep)
 
     async def release(self):
@@ -271,3 +272,31 @@ def test_stable_length_never_emits_what_could_be_taken_back(text, stops, expecte
 def test_find_stop_returns_the_earliest_match():
     assert find_stop("one two three", ("three", "two")) == 4
     assert find_stop("abc", ("x",)) == -1
+
+
+def test_newcomers_join_together_unless_the_batch_is_idle_or_they_have_waited():
+    limits = BatchLimits(max_batch_size=16, join_delay_s=0.02)
+    assert should_join(ready=1, free_slots=16, running=0, oldest_wait_s=0.0, limits=limits)  # idle: at once
+    assert not should_join(ready=1, free_slots=12, running=4, oldest_wait_s=0.001, limits=limits)
+    assert should_join(ready=6, free_slots=12, running=4, oldest_wait_s=0.001, limits=limits)  # half the room
+    assert should_join(ready=1, free_slots=12, running=4, oldest_wait_s=0.03, limits=limits)  # waited enough
+    assert not should_join(ready=5, free_slots=0, running=16, oldest_wait_s=1.0, limits=limits)  # full
+
+
+def test_a_request_arriving_mid_batch_joins_it_between_decode_steps():
+    engine = ScriptedEngine()
+
+    async def scenario(s):
+        engine.gate = asyncio.Event()
+        first = s.submit(req("long", ref("abcdefgh"), max_new=20))
+        await asyncio.sleep(0.01)
+        second = s.submit(req("late", ref("xy"), max_new=20))
+        await asyncio.sleep(0.05)  # past join_delay_s
+        engine.gate.set()
+        return await first.result(), await second.result()
+
+    long, late = run(engine, scenario, limits=BatchLimits(join_delay_s=0.02))
+    assert (long.text, late.text) == ("abcdefgh", "xy")
+    # "late" was prefilled on its own, then decoded in the same steps as "long", and left when done.
+    assert list(map(len, engine.prefills)) == [1, 1]
+    assert [1, 2] in engine.decodes and engine.decodes[-1] == [1]
