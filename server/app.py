@@ -86,7 +86,8 @@ class LoraServer:
         await self.engine.start()
         self.registry.module_names = self.engine.module_names()
         self.scheduler = Scheduler(
-            self.engine, BatchLimits(cfg.max_batch_size, cfg.max_batch_tokens, cfg.batch_policy),
+            self.engine, BatchLimits(cfg.max_batch_size, cfg.max_batch_tokens, cfg.batch_policy,
+                                     cfg.join_delay_ms / 1e3),
             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(*cfg.budgets_bytes),
             max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s,
             observer=self.telemetry)

@@ -36,6 +36,7 @@ class ServerConfig:
     max_batch_size: int = _f(16, "Most sequences decoded together in one batch.")
     max_batch_tokens: int = _f(8192, "Most prompt+max_new_tokens summed over one batch.")
     batch_policy: str = _f("mixed", "mixed: any adapters share a batch; grouped: one adapter per batch.")
+    join_delay_ms: float = _f(20.0, "How long newcomers may wait to join a running batch together.")
     max_queue: int = _f(1024, "Most queued requests; beyond it RESOURCE_EXHAUSTED.")
     batch_wait_ms: float = _f(2.0, "How long the scheduler lets arrivals gather before forming a batch.")
     max_concurrent_loads: int = _f(2, "Most adapters read from disk at the same time.")
@@ -77,8 +78,9 @@ class ServerConfig:
             problems.append("default_max_new_tokens exceeds max_new_tokens_limit")
         if self.max_prompt_tokens + 1 > self.max_batch_tokens:
             problems.append("max_batch_tokens must leave room for a full prompt and one new token")
-        if min(self.batch_wait_ms, self.grace_period_s, self.failed_load_backoff_s) < 0:
-            problems.append("batch_wait_ms, grace_period_s and failed_load_backoff_s must not be negative")
+        if min(self.batch_wait_ms, self.join_delay_ms, self.grace_period_s, self.failed_load_backoff_s) < 0:
+            problems.append("batch_wait_ms, join_delay_ms, grace_period_s and failed_load_backoff_s must not "
+                            "be negative")
         if min(self.ram_budget_mib, self.vram_budget_mib, self.idle_ttl_s) < 0:
             problems.append("ram_budget_mib, vram_budget_mib and idle_ttl_s must not be negative")
         bad = [w for w in self.warm_schedule if not WARM_AT.match(w)]
