@@ -16,6 +16,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from scheduler.errors import NoCacheRoom
 from scheduler.types import AdapterRef
 
 
@@ -63,10 +64,13 @@ class Drop:
 Action = Demote | Drop
 
 
-class NoRoom(Exception):
-    def __init__(self, tier: Tier, needed: int, budget: int):
+class NoRoom(NoCacheRoom):
+    """The tier is full of pinned or in-use adapters (RESOURCE_EXHAUSTED, CACHE_FULL, when it
+    reaches a caller; the scheduler instead waits for rows to leave)."""
+
+    def __init__(self, tier: Tier, needed: int, budget: int, adapter: AdapterRef):
         super().__init__(f"{tier.name} budget of {budget} bytes cannot make room for {needed} more bytes: "
-                         "the rest is pinned or in use")
+                         "the rest is pinned or in use", adapter_id=adapter.id)
         self.tier, self.needed, self.budget = tier, needed, budget
 
 
@@ -83,7 +87,7 @@ def plan_admit(entries: Mapping[AdapterRef, Entry], budgets: Budgets, adapter: A
     has room, or can make it from entries older than them; otherwise to disk.
     """
     if size > budgets.of(tier):
-        raise NoRoom(tier, size, budgets.of(tier))
+        raise NoRoom(tier, size, budgets.of(tier), adapter)
     current = entries.get(adapter)
     moving_out = current.bytes if current is not None and current.tier is not Tier.DISK else 0
     untouchable = protected | {adapter}
@@ -109,13 +113,13 @@ def plan_admit(entries: Mapping[AdapterRef, Entry], budgets: Budgets, adapter: A
             return []
         chosen = take(victims(Tier.RAM), need)
         if not chosen:
-            raise NoRoom(Tier.RAM, size, budgets.ram)
+            raise NoRoom(Tier.RAM, size, budgets.ram, adapter)
         return [Drop(e.adapter, Tier.RAM) for e in chosen]
 
     need = usage(values, Tier.VRAM) + size - budgets.vram
     demoted = take(victims(Tier.VRAM), need) if need > 0 else []
     if need > 0 and not demoted:
-        raise NoRoom(Tier.VRAM, size, budgets.vram)
+        raise NoRoom(Tier.VRAM, size, budgets.vram, adapter)
     actions: list[Action] = []
     ram_used = usage(values, Tier.RAM) - (moving_out if current and current.tier is Tier.RAM else 0)
     ram_victims = victims(Tier.RAM)

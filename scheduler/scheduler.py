@@ -21,7 +21,7 @@ from typing import AsyncIterator, Callable
 
 from scheduler.engine import Engine, Row, StepResult
 from scheduler.cache import Budgets, NoRoom, Tier
-from scheduler.errors import LoraServeError, NoCacheRoom, QueueFull, ShuttingDown
+from scheduler.errors import LoraServeError, QueueFull, ShuttingDown
 from scheduler.observer import NullObserver, Observer
 from scheduler.policy import BatchLimits, select_batch, should_join
 from scheduler.text import find_stop, stable_length
@@ -303,7 +303,7 @@ class Scheduler:
             if any(s.req.adapter != adapter for s in self._live()):
                 self._deferred.add(adapter)  # the batch's other adapters fill VRAM: wait for rows to leave
             else:
-                self._fail_or_fallback(group, NoCacheRoom(str(exc), adapter_id=adapter.id))
+                self._fail_or_fallback(group, exc)
             return False
         except LoraServeError as exc:
             self._requeue(group)

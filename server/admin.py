@@ -6,8 +6,8 @@ import time
 
 from loraserve.v1 import admin_pb2 as pb
 from loraserve.v1 import admin_pb2_grpc
-from scheduler.cache import NoRoom, Tier
-from scheduler.errors import InvalidArgument, NoCacheRoom, NotReady
+from scheduler.cache import Tier
+from scheduler.errors import InvalidArgument, NotReady
 from scheduler.scheduler import Scheduler
 from scheduler.types import AdapterRef
 from server.adapters import AdapterRegistry
@@ -19,20 +19,10 @@ _PB_TIER = {v: k for k, v in _TIER_PB.items()}
 
 
 async def warm(scheduler: Scheduler, adapter: AdapterRef, tier: Tier) -> None:
-    try:
-        if tier is Tier.VRAM:
-            await scheduler.tiers.to_vram(adapter)
-        else:
-            await scheduler.tiers.to_ram(adapter)
-    except NoRoom as exc:
-        raise NoCacheRoom(str(exc), adapter_id=adapter.id) from exc
-
-
-async def pin(scheduler: Scheduler, adapter: AdapterRef) -> None:
-    try:
-        await scheduler.tiers.pin(adapter)
-    except NoRoom as exc:
-        raise NoCacheRoom(str(exc), adapter_id=adapter.id) from exc
+    if tier is Tier.VRAM:
+        await scheduler.tiers.to_vram(adapter)
+    else:
+        await scheduler.tiers.to_ram(adapter)
 
 
 class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
@@ -101,7 +91,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
     @unary_errors
     async def PinAdapter(self, request, context):
         ref = self._resolve(request.adapter_id, context)
-        await pin(self._sched(), ref)
+        await self._sched().tiers.pin(ref)
         return pb.PinAdapterResponse(adapter=self._status(ref))
 
     @unary_errors

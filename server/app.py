@@ -99,7 +99,7 @@ class LoraServer:
         for adapter_id in cfg.warm:
             await self._warm_by_id(adapter_id)
         for adapter_id in cfg.pin:
-            await admin.pin(self.scheduler, self.registry.resolve(adapter_id, check_access=False).adapter)
+            await self.scheduler.tiers.pin(self.registry.resolve(adapter_id, check_access=False).adapter)
         if cfg.idle_ttl_s:
             self._tasks.append(asyncio.create_task(sweep_idle_forever(self.scheduler.tiers, cfg.idle_ttl_s)))
         if cfg.warm_schedule:
