@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from runner.kvcache import slack_cache
 from runner.lora import LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, wrap_linear_layers
 from runner.sampling import sample_next
 from scheduler.engine import Row, StepResult
@@ -114,6 +115,7 @@ class TorchEngine:
         self._tokenizer, self._model, self._device = load_model(self.cfg)
         self._dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
+        self._rows.keep_gathered = self._device.type == "cpu"
         self._layers = wrap_linear_layers(self._model, self._rows)
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
@@ -242,8 +244,9 @@ class TorchEngine:
         self._rows.index = torch.tensor(slots, device=self._device) if any(slots) else None
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
+        # logits_to_keep=1: a prefill needs only the last position's logits, not [B, T, vocab].
         out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True)
+                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float(), out.past_key_values
 
     @torch.inference_mode()
@@ -259,7 +262,7 @@ class TorchEngine:
         ids, mask = ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self._set_lora_rows([r.adapter for r in rows])
-        logits, cache = self._forward(ids, mask, positions, None)
+        logits, cache = self._forward(ids, mask, positions, slack_cache())
         new = _Batch(seq_ids=[r.seq_id for r in rows], rows=rows, generated=[[] for _ in rows], mask=mask,
                      positions=positions[:, -1:], cache=cache, last=ids[:, -1:],
                      generators=[self._generator(r) for r in rows])

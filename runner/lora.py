@@ -76,11 +76,28 @@ def parse_peft(config: dict, tensors: dict[str, torch.Tensor]) -> LoraWeights:
 
 
 class RowSlots:
-    """Shared by every wrapped layer: the slot of each batch row's adapter (0 = none)."""
+    """Shared by every wrapped layer: the slot of each batch row's adapter (0 = none).
 
-    def __init__(self):
-        self.index: torch.Tensor | None = None
+    With `keep_gathered`, each layer keeps its rows' gathered weights until the rows change: on
+    a CPU the per-step gather copy is most of LoRA's cost, and a batch's rows change far less
+    often than once per step. On a GPU the copies are cheap but the kept [B, in, R] stacks would
+    cost memory on the order of the model itself, so there they are gathered every step."""
+
+    def __init__(self, keep_gathered: bool = False):
+        self.keep_gathered = keep_gathered
+        self._index: torch.Tensor | None = None
+        self.version = 0
+        """Bumped whenever the rows change; a layer's kept gather is valid for one version."""
+
+    @property
+    def index(self) -> torch.Tensor | None:
         """[B] slot per row; None when no row of the batch has an adapter."""
+        return self._index
+
+    @index.setter
+    def index(self, value: torch.Tensor | None) -> None:
+        self._index = value
+        self.version += 1
 
 
 class LoRALinear(nn.Module):
@@ -96,22 +113,33 @@ class LoRALinear(nn.Module):
         self._rows = rows
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (rows version, a, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         index = self._rows.index
         if index is None or self.a is None:
             return y
-        a, b = self.a.index_select(0, index), self.b.index_select(0, index)
+        a, b = self._gather(index)
         if x.dtype == a.dtype == y.dtype:
             return torch.baddbmm(y, torch.bmm(x, a), b)
         return y + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(y.dtype)
+
+    def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, in, R] and [B, R, out]: each row's adapter weights."""
+        kept = self._gathered
+        if kept is not None and kept[0] == self._rows.version:
+            return kept[1], kept[2]
+        a, b = self.a.index_select(0, index), self.b.index_select(0, index)
+        self._gathered = (self._rows.version, a, b) if self._rows.keep_gathered else None
+        return a, b
 
     def write(self, slot: int, entry: tuple[torch.Tensor, torch.Tensor, float] | None, capacity: int,
               device, dtype) -> None:
         """Put one adapter's (A^T, B^T, scale) for this layer into `slot` (None clears it).
         `capacity` is the engine's slot count: every stacked layer holds at least that many,
         since any row may carry any slot."""
+        self._gathered = None
         if entry is None:
             if self.a is not None:
                 self.a[slot].zero_()
@@ -135,6 +163,7 @@ class LoRALinear(nn.Module):
             self._grow(capacity, self.a.shape[2], device, dtype)
 
     def _grow(self, slots: int, rank: int, device, dtype) -> None:
+        self._gathered = None
         a = torch.zeros(slots, self.in_features, rank, device=device, dtype=dtype)
         b = torch.zeros(slots, rank, self.out_features, device=device, dtype=dtype)
         if self.a is not None:

@@ -123,9 +123,12 @@ async def _until_deadline(events: AsyncIterator, context) -> AsyncIterator:
     on expiry the caller's `finally` withdraws the ticket and the client has its DEADLINE_EXCEEDED."""
     while True:
         try:
-            yield await asyncio.wait_for(anext(events), context.time_remaining())
+            # asyncio.timeout, not wait_for: no task per message (3.11's wait_for makes one).
+            async with asyncio.timeout(context.time_remaining()):
+                item = await anext(events)
         except StopAsyncIteration:
             return
+        yield item
 
 
 def _log_request(request: pb.GenerateRequest, call: _Call, base_model: str, started: float) -> None:
