@@ -24,7 +24,7 @@ from runner.kvcache import slack_cache
 from runner.lora import LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, wrap_linear_layers
 from runner.sampling import sample_next
 from scheduler.engine import Row, StepResult
-from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, LoraServeError
+from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, LoraServeError, OutOfMemory
 from scheduler.types import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -226,10 +226,22 @@ class TorchEngine:
     # prefill() starts new rows and merges them in (continuous batching); decode() first
     # drops the rows the scheduler no longer keeps, then advances the rest by one token.
     async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
-        return await self._run(self._prefill, list(rows))
+        return await self._run(self._out_of_memory_typed, self._prefill, list(rows))
 
     async def decode(self, keep: Sequence[int]) -> list[StepResult]:
-        return await self._run(self._decode, list(keep))
+        return await self._run(self._out_of_memory_typed, self._decode, list(keep))
+
+    def _out_of_memory_typed(self, step, arg):
+        """torch's CUDA and CPU out-of-memory errors become OutOfMemory, which the scheduler
+        answers by splitting the batch; what was allocated for the failed step is released."""
+        try:
+            return step(arg)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+                raise
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(f"not enough {self._device.type} memory for this batch step") from exc
 
     async def release(self) -> None:
         await self._run(self._release)
@@ -262,7 +274,11 @@ class TorchEngine:
         ids, mask = ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self._set_lora_rows([r.adapter for r in rows])
-        logits, cache = self._forward(ids, mask, positions, slack_cache())
+        try:
+            logits, cache = self._forward(ids, mask, positions, slack_cache())
+        except BaseException:  # the running batch is untouched; point the layers back at its rows
+            self._set_lora_rows([r.adapter for r in self._batch.rows] if self._batch else [])
+            raise
         new = _Batch(seq_ids=[r.seq_id for r in rows], rows=rows, generated=[[] for _ in rows], mask=mask,
                      positions=positions[:, -1:], cache=cache, last=ids[:, -1:],
                      generators=[self._generator(r) for r in rows])

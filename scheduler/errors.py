@@ -79,12 +79,44 @@ class NoCacheRoom(LoraServeError):
     reason = "CACHE_FULL"
 
 
-class QueueFull(LoraServeError):
+class Overloaded(LoraServeError):
+    """Refused for load, not for what was asked: the caller should retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float, **metadata: str):
+        super().__init__(message, **metadata)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(Overloaded):
     reason = "QUEUE_FULL"
 
     def __init__(self, depth: int, retry_after_s: float):
-        super().__init__(f"request queue is full ({depth} waiting); retry later", queue_depth=str(depth))
-        self.retry_after_s = retry_after_s
+        super().__init__(f"request queue is full ({depth} waiting); retry later", retry_after_s,
+                         queue_depth=str(depth))
+
+
+class TooManyStreams(Overloaded):
+    reason = "CLIENT_STREAM_LIMIT"
+
+    def __init__(self, client: str, limit: int):
+        super().__init__(f"client {client!r} already has {limit} requests in flight; retry when one ends",
+                         retry_after_s=0.5, client=client, limit=str(limit))
+
+
+class OutOfMemory(LoraServeError):
+    """A batch did not fit in memory even alone; the request is too large for this server now."""
+
+    reason = "OUT_OF_MEMORY"
+
+
+class DeadlineTooShort(LoraServeError):
+    """Refused at once: the expected wait alone exceeds the time the caller has left."""
+
+    reason = "EXPECTED_WAIT_EXCEEDS_DEADLINE"
+
+    def __init__(self, expected_s: float, remaining_s: float):
+        super().__init__(f"the expected wait ({expected_s:.2f}s) exceeds the deadline's remaining "
+                         f"{remaining_s:.2f}s", expected_wait_ms=str(round(expected_s * 1e3)))
 
 
 class NotReady(LoraServeError):

@@ -60,3 +60,21 @@ def should_join(ready: int, free_slots: int, running: int, oldest_wait_s: float,
     if ready == 0 or free_slots == 0:
         return False
     return running == 0 or ready >= max(1, free_slots // 2) or oldest_wait_s >= limits.join_delay_s
+
+
+def fair_order(waiting: Sequence[GenerationRequest], running: Sequence[GenerationRequest] = ()) -> list[int]:
+    """Indices into `waiting` (oldest first), reordered so clients take turns.
+
+    A request's turn is how many of its client's requests are running or ahead of it in the
+    queue; lower turns go first, arrival order breaks ties. So a client that queued a hundred
+    requests gets one row per round like everyone else instead of the next hundred, and a
+    client with nothing running goes before clients that already hold rows.
+    """
+    held: dict[str, int] = {}
+    for req in running:
+        held[req.client] = held.get(req.client, 0) + 1
+    turns = []
+    for i, req in enumerate(waiting):
+        turns.append((held.get(req.client, 0), i))
+        held[req.client] = held.get(req.client, 0) + 1
+    return [i for _, i in sorted(turns)]

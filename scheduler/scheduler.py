@@ -21,9 +21,9 @@ from typing import AsyncIterator, Callable
 
 from scheduler.engine import Engine, Row, StepResult
 from scheduler.cache import Budgets, NoRoom, Tier
-from scheduler.errors import LoraServeError, QueueFull, ShuttingDown
+from scheduler.errors import DeadlineTooShort, LoraServeError, OutOfMemory, QueueFull, ShuttingDown
 from scheduler.observer import NullObserver, Observer
-from scheduler.policy import BatchLimits, select_batch, should_join
+from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
 from scheduler.tiers import AdapterTiers
 from scheduler.types import (BASE, AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta,
@@ -43,6 +43,8 @@ class SchedulerStats:
     cancelled_running: int = 0
     batches: int = 0
     prefilled_requests: int = 0
+    oom_splits: int = 0
+    """Prefills that ran out of memory and were retried as two halves."""
 
 
 @dataclass(eq=False)
@@ -143,6 +145,7 @@ class Scheduler:
         self._epoch: list | None = None  # current decode stretch: [start, steps, seq ids, seqs]
         self._failed: dict[AdapterRef, tuple[float, LoraServeError]] = {}
         self._failed_backoff_s = failed_load_backoff_s
+        self._service_s: float | None = None  # moving average, dispatch to finish
         self.stats = SchedulerStats()
 
     @property
@@ -166,11 +169,24 @@ class Scheduler:
     def _ready(self, adapter: AdapterRef) -> bool:
         return self.tiers.tier_of(adapter) >= Tier.RAM and not self.tiers.loads.loading(adapter)
 
-    def submit(self, req: GenerationRequest) -> Ticket:
+    def expected_wait_s(self) -> float:
+        """How long a request submitted now should wait for a batch row: none while rows are
+        free; otherwise rows free up at about max_batch_size per average service time, and it
+        needs the one after every request already waiting."""
+        ahead = len(self._waiting) + len(self._live()) - self._limits.max_batch_size
+        if ahead < 0 or self._service_s is None:
+            return 0.0
+        return (ahead + 1) * self._service_s / self._limits.max_batch_size
+
+    def submit(self, req: GenerationRequest, time_left_s: float | None = None) -> Ticket:
+        """`time_left_s`: the caller's deadline; a request that would still be queued when it
+        passes is refused now (DeadlineTooShort) instead of taking a queue slot until then."""
         if not self._accepting:
             raise ShuttingDown("server is shutting down; retry on another replica")
         if len(self._waiting) >= self._max_queue:
-            raise QueueFull(len(self._waiting), retry_after_s=1.0)
+            raise QueueFull(len(self._waiting), retry_after_s=max(1.0, self.expected_wait_s()))
+        if time_left_s is not None and (expected := self.expected_wait_s()) > time_left_s:
+            raise DeadlineTooShort(expected, time_left_s)
         failed = self._failed.get(req.adapter)
         if failed and self._clock() - failed[0] < self._failed_backoff_s:
             # Fail fast instead of re-reading a broken adapter on every request.
@@ -254,7 +270,8 @@ class Scheduler:
         """Let ready waiting requests join the batch; returns whether any did."""
         live = self._live()
         ready = [s for s in self._waiting if self._ready(s.req.adapter) and s.req.adapter not in self._deferred]
-        oldest_wait = self._clock() - ready[0].enqueued_at if ready else 0.0
+        ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live])]
+        oldest_wait = self._clock() - min(s.enqueued_at for s in ready) if ready else 0.0
         if not should_join(len(ready), self._limits.max_batch_size - len(live), len(live), oldest_wait,
                            self._limits):
             return False
@@ -279,11 +296,9 @@ class Scheduler:
         self.stats.prefilled_requests += len(joiners)
         self._close_epoch()
         t0 = self._clock()
-        try:
-            results = await self._engine.prefill(
-                [Row(s.seq_id, s.req.adapter, s.req.prompt_ids, s.req.sampling) for s in joiners])
-        except Exception as exc:
-            self._engine_failed(exc)
+        results = await self._prefill(joiners)
+        joiners = [s for s in joiners if not s.done]
+        if not joiners:
             return True
         t1 = self._clock()
         for seq in joiners:
@@ -292,6 +307,28 @@ class Scheduler:
         self._observer.batch_phase("prefill", t0, t1, _adapter_of(joiners), [s.req.request_id for s in joiners], 1)
         self._apply(results)
         return True
+
+    async def _prefill(self, joiners: list[_Seq]) -> list[StepResult]:
+        """Prefill `joiners` into the running batch. Out of memory, they are retried as two halves
+        (a single request that still does not fit fails alone); any other failure fails only
+        them, since a prefill leaves the running batch untouched until it succeeds."""
+        try:
+            return await self._engine.prefill(
+                [Row(s.seq_id, s.req.adapter, s.req.prompt_ids, s.req.sampling) for s in joiners])
+        except OutOfMemory as exc:
+            if len(joiners) == 1:
+                self._fail(joiners, OutOfMemory(f"{exc.message}; the request does not fit even alone"))
+                return []
+            self.stats.oom_splits += 1
+            half = len(joiners) // 2
+            log.warning("prefill of %d rows ran out of memory; retrying as %d + %d", len(joiners), half,
+                        len(joiners) - half)
+            return await self._prefill(joiners[:half]) + await self._prefill(joiners[half:])
+        except Exception as exc:
+            log.error("prefill failed", exc_info=exc)
+            self._fail(joiners, exc if isinstance(exc, LoraServeError) else
+                       LoraServeError(f"generation failed: {type(exc).__name__}"))
+            return []
 
     async def _make_usable(self, adapter: AdapterRef, group: list[_Seq]) -> bool:
         """Attach `adapter` for `group`; on failure they go back to waiting, fall back or fail."""
@@ -339,7 +376,7 @@ class Scheduler:
         try:
             results = await self._engine.decode(ids)
         except Exception as exc:
-            self._engine_failed(exc)
+            await self._decode_failed(exc)
             return
         self._epoch[1] += 1
         for seq in live:
@@ -366,14 +403,16 @@ class Scheduler:
         await self._engine.release()
         self._deferred.clear()
 
-    def _engine_failed(self, exc: Exception) -> None:
+    async def _decode_failed(self, exc: Exception) -> None:
+        """A failed decode step fails that batch's rows (their caches are suspect) and frees the
+        batch; queued requests and the server go on."""
         if isinstance(exc, LoraServeError):
             self._fail(self._running, exc)
         else:
             log.error("batch failed", exc_info=exc)
             self._fail(self._running, LoraServeError(f"generation failed: {type(exc).__name__}"))
-        self._running = []
         self._epoch = None
+        await self._end_batch()
 
     def _live(self) -> list[_Seq]:
         return [s for s in self._running if not (s.done or s.cancelled)]
@@ -421,6 +460,8 @@ class Scheduler:
         seq.done = True
         seq.timeline.finished = self._clock()
         self.stats.completed += 1
+        took = seq.timeline.finished - seq.timeline.dispatched
+        self._service_s = took if self._service_s is None else 0.9 * self._service_s + 0.1 * took
         seq.events.put_nowait(Completion(
             request_id=seq.req.request_id, text=text, finish_reason=reason,
             input_tokens=len(seq.req.prompt_ids), output_tokens=seq.output_tokens,

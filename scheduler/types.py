@@ -69,6 +69,8 @@ class GenerationRequest:
     """Set when this request was moved to the base model: why (an ErrorInfo reason)."""
     requested: str = ""
     """The adapter the caller named, as id@version, when a fallback replaced it."""
+    client: str = ""
+    """Who sent it (authenticated client, else the peer's address): the unit of fair share."""
 
     @property
     def token_budget(self) -> int:

@@ -11,7 +11,6 @@ from scheduler.errors import InvalidArgument, NotReady
 from scheduler.scheduler import Scheduler
 from scheduler.types import AdapterRef
 from server.adapters import AdapterRegistry
-from server.auth import Authenticator
 from server.errors import unary_errors
 
 _TIER_PB = {Tier.DISK: pb.TIER_DISK, Tier.RAM: pb.TIER_RAM, Tier.VRAM: pb.TIER_VRAM}
@@ -26,25 +25,22 @@ async def warm(scheduler: Scheduler, adapter: AdapterRef, tier: Tier) -> None:
 
 
 class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
-    """Every call needs an admin caller (when authentication is on)."""
+    """server.interceptors lets only admin callers (when authentication is on) reach it."""
 
-    def __init__(self, registry: AdapterRegistry, auth: Authenticator):
+    def __init__(self, registry: AdapterRegistry):
         self._registry = registry
-        self._auth = auth
         self._scheduler: Scheduler | None = None
 
     def ready(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
 
-    def _sched(self, context=None) -> Scheduler:
-        if context is not None:
-            self._auth.admin(context.invocation_metadata())
+    def _sched(self) -> Scheduler:
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         return self._scheduler
 
-    def _resolve(self, adapter_id: str, context) -> AdapterRef:
-        self._sched(context)
+    def _resolve(self, adapter_id: str) -> AdapterRef:
+        self._sched()
         found = self._registry.resolve(adapter_id, check_access=False)
         if found.adapter.is_base:
             raise InvalidArgument("adapter_id", "'base' is the model itself and is always resident")
@@ -64,7 +60,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
     @unary_errors
     async def ListAdapters(self, request, context):
-        sched = self._sched(context)
+        sched = self._sched()
         refs = dict.fromkeys(self._registry.refs())
         refs.update(dict.fromkeys(sched.tiers.cache.entries))  # also versions no longer in the store
         ordered = sorted(refs, key=lambda r: (r.id, r.version))
@@ -72,7 +68,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
     @unary_errors
     async def WarmAdapter(self, request, context):
-        ref = self._resolve(request.adapter_id, context)
+        ref = self._resolve(request.adapter_id)
         tier = _PB_TIER.get(request.tier, Tier.VRAM)
         if tier is Tier.DISK:
             raise InvalidArgument("tier", "warm to TIER_RAM or TIER_VRAM")
@@ -81,7 +77,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
     @unary_errors
     async def EvictAdapter(self, request, context):
-        ref = self._resolve(request.adapter_id, context)
+        ref = self._resolve(request.adapter_id)
         tier = _PB_TIER.get(request.tier, Tier.DISK)
         if tier is Tier.VRAM:
             raise InvalidArgument("tier", "evict to TIER_RAM or TIER_DISK")
@@ -90,19 +86,19 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
     @unary_errors
     async def PinAdapter(self, request, context):
-        ref = self._resolve(request.adapter_id, context)
+        ref = self._resolve(request.adapter_id)
         await self._sched().tiers.pin(ref)
         return pb.PinAdapterResponse(adapter=self._status(ref))
 
     @unary_errors
     async def UnpinAdapter(self, request, context):
-        ref = self._resolve(request.adapter_id, context)
+        ref = self._resolve(request.adapter_id)
         self._sched().tiers.unpin(ref)
         return pb.UnpinAdapterResponse(adapter=self._status(ref))
 
     @unary_errors
     async def GetCacheStats(self, request, context):
-        tiers = self._sched(context).tiers
+        tiers = self._sched().tiers
         cache = tiers.cache
         out = pb.GetCacheStatsResponse(loads_in_flight=tiers.loads.running, peak_loads_in_flight=tiers.loads.peak)
         for tier in (Tier.VRAM, Tier.RAM):

@@ -21,6 +21,7 @@ from registry.identity import BaseIdentity, base_identity
 from registry.store import Store
 from server.adapters import AdapterRegistry
 from server.auth import Authenticator
+from server.interceptors import AccessInterceptor
 from server.config import WARM_AT, ServerConfig
 from server.convert import RequestLimits
 from server.metrics import Metrics
@@ -51,15 +52,17 @@ class LoraServer:
         self.health = health.aio.HealthServicer()
         # The base model's identity is known once load() has fingerprinted it.
         self.registry = AdapterRegistry(Store(cfg.adapters_dir), BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
-        auth = Authenticator.from_file(cfg.auth_tokens_file)
+        self.access = AccessInterceptor(Authenticator.from_file(cfg.auth_tokens_file), cfg.max_streams_per_client)
         self.metrics = Metrics(cfg.thrash_limit)
         self.telemetry = Telemetry(tracer_provider or provider_from_env(), self.metrics)
         self.metrics_port: int | None = None
         self.servicer = InferenceServicer(self.registry, RequestLimits(
-            cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens), auth,
+            cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens),
             self.telemetry)
-        self.admin = admin.AdminServicer(self.registry, auth)
-        self._server = grpc.aio.server()
+        self.admin = admin.AdminServicer(self.registry)
+        self._server = grpc.aio.server(interceptors=[self.access], options=[
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes)])
         self._tasks: list[asyncio.Task] = []
         self.port = 0
 
@@ -71,12 +74,15 @@ class LoraServer:
         await self._set_health(_NOT_SERVING)
         address = f"{self.cfg.host}:{self.cfg.port}"
         if self.cfg.tls_cert:
-            creds = grpc.ssl_server_credentials([(self.cfg.tls_key.read_bytes(), self.cfg.tls_cert.read_bytes())])
+            ca = self.cfg.tls_client_ca.read_bytes() if self.cfg.tls_client_ca else None
+            creds = grpc.ssl_server_credentials([(self.cfg.tls_key.read_bytes(), self.cfg.tls_cert.read_bytes())],
+                                                root_certificates=ca, require_client_auth=ca is not None)
             self.port = self._server.add_secure_port(address, creds)
         else:
             self.port = self._server.add_insecure_port(address)
         await self._server.start()
-        log.info("listening on %s:%d (tls=%s)", self.cfg.host, self.port, bool(self.cfg.tls_cert))
+        log.info("listening on %s:%d (tls=%s, mtls=%s)", self.cfg.host, self.port, bool(self.cfg.tls_cert),
+                 bool(self.cfg.tls_client_ca))
 
     async def load(self) -> None:
         """Load the model, attach the warm and pinned adapters, then turn SERVING."""

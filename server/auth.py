@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -28,6 +29,16 @@ class Caller:
 
 
 ANONYMOUS = Caller(None, True)
+
+CALLER: ContextVar[Caller] = ContextVar("loraserve_caller")
+"""Set by server.interceptors for the RPC being handled."""
+
+
+def current_caller() -> Caller:
+    try:
+        return CALLER.get()
+    except LookupError:  # a handler reached without the interceptor: refuse rather than guess
+        raise Unauthenticated("no authenticated caller for this call") from None
 
 
 class Authenticator:

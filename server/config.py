@@ -54,6 +54,11 @@ class ServerConfig:
     default_max_new_tokens: int = _f(64, "max_new_tokens when a request leaves it 0.")
     tls_cert: Path | None = _f(None, "PEM certificate chain; with tls_key enables TLS.")
     tls_key: Path | None = _f(None, "PEM private key for tls_cert.")
+    tls_client_ca: Path | None = _f(None, "PEM CA bundle; when set, clients must present a certificate it signed "
+                                          "(mTLS). Needs tls_cert.")
+    max_message_bytes: int = _f(1 << 20, "Largest gRPC message accepted or sent, bytes.")
+    max_streams_per_client: int = _f(256, "Most inference calls one client may have open at once (beyond: "
+                                          "RESOURCE_EXHAUSTED); 0 means no limit.")
     metrics_host: str = _f("127.0.0.1", "Interface for the Prometheus /metrics endpoint.")
     metrics_port: int = _f(9464, "Port for /metrics; 0 picks a free one, -1 turns it off.")
     thrash_limit: int = _f(10, "Warn when one adapter is read from disk more than this many times in an hour.")
@@ -88,6 +93,12 @@ class ServerConfig:
             problems.append(f"warm_schedule entries must look like 08:55=support, not {bad[0]!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.max_message_bytes < 1024:
+            problems.append("max_message_bytes must be at least 1024")
+        if self.max_streams_per_client < 0:
+            problems.append("max_streams_per_client must not be negative")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device {self.device!r} is not auto, cpu, cuda or cuda:N")
         if problems:
@@ -101,7 +112,7 @@ class ServerConfig:
     def check_paths(self) -> None:
         """Fail fast on missing files (separate so tests can build configs before models)."""
         missing = [p for p in (self.model_path / "config.json", self.adapters_dir, self.tls_cert, self.tls_key,
-                               self.auth_tokens_file)
+                               self.tls_client_ca, self.auth_tokens_file)
                    if p is not None and not Path(p).exists()]
         if missing:
             raise ValueError(f"not found: {', '.join(map(str, missing))} (the demo: `loraserve demo build`)")

@@ -51,7 +51,7 @@ FALLBACKS = {pb.FALLBACK_UNSPECIFIED: "", pb.FALLBACK_FAIL: "fail", pb.FALLBACK_
 
 
 def from_pb(req: pb.GenerateRequest, adapter: AdapterRef, prompt_ids: list[int],
-            limits: RequestLimits, fallback_to_base: bool = False) -> GenerationRequest:
+            limits: RequestLimits, fallback_to_base: bool = False, client: str = "") -> GenerationRequest:
     """Build the internal request once fields are checked, the adapter resolved and the prompt tokenized."""
     if len(prompt_ids) > limits.max_prompt_tokens:
         raise InvalidArgument("prompt", f"is {len(prompt_ids)} tokens; the limit is {limits.max_prompt_tokens}")
@@ -67,7 +67,7 @@ def from_pb(req: pb.GenerateRequest, adapter: AdapterRef, prompt_ids: list[int],
     return GenerationRequest(
         request_id=req.request_id or uuid.uuid4().hex, adapter=adapter, prompt_ids=tuple(prompt_ids),
         max_new_tokens=max_new, sampling=sampling, stop_sequences=tuple(req.stop_sequences),
-        ignore_eos=req.ignore_eos, fallback_to_base=fallback_to_base)
+        ignore_eos=req.ignore_eos, fallback_to_base=fallback_to_base, client=client)
 
 
 _FINISH = {

@@ -20,7 +20,9 @@ _CODES: dict[type[e.LoraServeError], grpc.StatusCode] = {
     e.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     e.AdapterNotFound: grpc.StatusCode.NOT_FOUND,
     e.AdapterLoadFailed: grpc.StatusCode.UNAVAILABLE,
-    e.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.DeadlineTooShort: grpc.StatusCode.DEADLINE_EXCEEDED,
     e.NoCacheRoom: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.AdapterBusy: grpc.StatusCode.FAILED_PRECONDITION,
     e.AdapterIncompatible: grpc.StatusCode.FAILED_PRECONDITION,
@@ -46,7 +48,7 @@ def rich_status(exc: e.LoraServeError) -> status_pb2.Status:
     if isinstance(exc, e.InvalidArgument):
         status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)]))
-    if isinstance(exc, e.QueueFull):
+    if isinstance(exc, e.Overloaded):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(exc.retry_after_s * 1000))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))

@@ -16,9 +16,10 @@ from scheduler.errors import LoraServeError, NotReady
 from scheduler.scheduler import Scheduler, Ticket
 from scheduler.types import BASE, Completion, GenerationRequest, TextDelta
 from server.adapters import AdapterRegistry
-from server.auth import Authenticator
+from server.auth import current_caller
 from server.convert import FALLBACKS, RequestLimits, check_fields, delta_pb, final_chunk_pb, from_pb, to_pb
 from server.errors import stream_errors, unary_errors
+from server.interceptors import client_key
 from server.telemetry import Telemetry
 
 log = logging.getLogger("loraserve.requests")
@@ -37,10 +38,9 @@ class _Call:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, registry: AdapterRegistry, limits: RequestLimits, auth: Authenticator, telemetry: Telemetry):
+    def __init__(self, registry: AdapterRegistry, limits: RequestLimits, telemetry: Telemetry):
         self._registry = registry
         self._limits = limits
-        self._auth = auth
         self._telemetry = telemetry
         self._scheduler: Scheduler | None = None
         self._encode: Callable[[str], list[int]] | None = None
@@ -50,7 +50,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._scheduler, self._encode = scheduler, encode
 
     async def _submit(self, request: pb.GenerateRequest, context, call: _Call, span) -> Ticket:
-        call.client = self._auth.identify(context.invocation_metadata()).client
+        caller = current_caller()
+        call.client = caller.client
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         check_fields(request, self._limits)
@@ -61,11 +62,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise found.problem
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt)
         if found.problem is None:
-            req = from_pb(request, found.adapter, prompt_ids, self._limits, fallback_to_base=may_fall_back)
+            req = from_pb(request, found.adapter, prompt_ids, self._limits, fallback_to_base=may_fall_back,
+                          client=client_key(caller, context))
         else:
-            req = replace(from_pb(request, BASE, prompt_ids, self._limits), fallback_reason=found.problem.reason,
+            req = replace(from_pb(request, BASE, prompt_ids, self._limits, client=client_key(caller, context)),
+                          fallback_reason=found.problem.reason,
                           requested=f"{found.adapter.id}@{found.adapter.version}")
-        ticket = self._scheduler.submit(req)
+        ticket = self._scheduler.submit(req, context.time_remaining())
         call.req = req
         self._telemetry.submitted(span, req)
         return ticket

@@ -1,0 +1,95 @@
+"""One interceptor in front of every service: who is calling, may they, and how many calls
+they already have open.
+
+Health and reflection stay open (load balancers and grpcurl need them without a token). The
+admin service needs an admin caller. Inference calls count against the caller's stream limit,
+so one client cannot hold every queue slot and batch row; the caller's identity is the
+bearer token's client, or the peer's address when authentication is off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Iterator
+
+import grpc
+from grpc_health.v1 import health
+from grpc_reflection.v1alpha import reflection
+
+from loraserve.v1 import admin_pb2, inference_pb2
+from scheduler.errors import LoraServeError, TooManyStreams
+from server.auth import CALLER, Authenticator, Caller
+from server.errors import abort
+
+OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME,
+                           "grpc.reflection.v1.ServerReflection"})
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdapterAdminService"].full_name
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+def client_key(caller: Caller, context) -> str:
+    """The unit of fairness and of the stream limit."""
+    if caller.client is not None:
+        return caller.client
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0]  # ipv4:127.0.0.1:54321 -> ipv4:127.0.0.1
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, auth: Authenticator, max_streams_per_client: int = 0):
+        self._auth = auth
+        self._limit = max_streams_per_client
+        self.open_calls: Counter[str] = Counter()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        service = details.method.lstrip("/").split("/", 1)[0]
+        if handler is None or service in OPEN_SERVICES:
+            return handler
+        admin, counted = service == ADMIN_SERVICE, service == INFERENCE_SERVICE
+        if handler.unary_unary:
+            behavior = handler.unary_unary
+
+            async def unary(request, context):
+                try:
+                    with self._admitted(context, admin, counted):
+                        return await behavior(request, context)
+                except LoraServeError as exc:
+                    await abort(context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+        if handler.unary_stream:
+            stream = handler.unary_stream
+
+            async def streaming(request, context):
+                try:
+                    with self._admitted(context, admin, counted):
+                        async for item in stream(request, context):
+                            yield item
+                except LoraServeError as exc:
+                    await abort(context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(streaming, handler.request_deserializer,
+                                                        handler.response_serializer)
+        raise TypeError(f"{details.method}: only unary and server-streaming methods are served")
+
+    @contextlib.contextmanager
+    def _admitted(self, context, admin: bool, counted: bool) -> Iterator[None]:
+        caller = self._auth.admin(context.invocation_metadata()) if admin else \
+            self._auth.identify(context.invocation_metadata())
+        CALLER.set(caller)
+        if not counted:
+            yield
+            return
+        key = client_key(caller, context)
+        if self._limit and self.open_calls[key] >= self._limit:
+            raise TooManyStreams(key, self._limit)
+        self.open_calls[key] += 1
+        try:
+            yield
+        finally:
+            self.open_calls[key] -= 1
+            if not self.open_calls[key]:
+                del self.open_calls[key]
