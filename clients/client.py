@@ -3,7 +3,9 @@
     with LoraServeClient("localhost:50051") as c:
         print(c.generate("legal", "Question: What now?\\nAnswer:").text)
 
-Failures raise RequestFailed with the gRPC code and the server's ErrorInfo reason.
+Every call carries the adapter id as `x-adapter-id` metadata, so a proxy or the channel's
+ring_hash policy can keep each adapter on one replica (clients/affinity.py). Failures raise
+RequestFailed with the gRPC code and the server's ErrorInfo reason.
 """
 
 from __future__ import annotations
@@ -82,17 +84,26 @@ def build_request(adapter: str, prompt: str, *, max_new_tokens: int = 0, tempera
     return req
 
 
+def call_metadata(adapter: str, token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """What every call sends besides the request: the routing key, and the bearer token if any."""
+    return (("x-adapter-id", adapter),) + ((("authorization", f"Bearer {token}"),) if token else ())
+
+
 class LoraServeClient:
+    """`target` may be one address or, with `options` from clients.affinity, several replicas."""
+
     def __init__(self, target: str = "localhost:50051", *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float | None = None):
-        self._channel = (grpc.secure_channel(target, credentials) if credentials
-                         else grpc.insecure_channel(target))
+                 timeout: float | None = None, token: str | None = None,
+                 options: list[tuple[str, str]] | None = None):
+        self._channel = (grpc.secure_channel(target, credentials, options=options) if credentials
+                         else grpc.insecure_channel(target, options=options))
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._timeout = timeout
+        self._timeout, self._token = timeout, token
 
     def generate(self, adapter: str, prompt: str, **params) -> GenerateResult:
         try:
-            resp = self._stub.Generate(build_request(adapter, prompt, **params), timeout=self._timeout)
+            resp = self._stub.Generate(build_request(adapter, prompt, **params), timeout=self._timeout,
+                                       metadata=call_metadata(adapter, self._token))
         except grpc.RpcError as err:
             raise RequestFailed.from_rpc_error(err) from None
         return GenerateResult.from_pb(resp, resp.text)
@@ -101,7 +112,8 @@ class LoraServeClient:
         """Yields text deltas, then one GenerateResult holding the whole text."""
         parts: list[str] = []
         try:
-            for msg in self._stub.GenerateStream(build_request(adapter, prompt, **params), timeout=self._timeout):
+            for msg in self._stub.GenerateStream(build_request(adapter, prompt, **params), timeout=self._timeout,
+                                                 metadata=call_metadata(adapter, self._token)):
                 if msg.finish_reason:
                     yield GenerateResult.from_pb(msg, "".join(parts) + msg.text)
                     return
@@ -122,15 +134,17 @@ class LoraServeClient:
 
 class AsyncLoraServeClient:
     def __init__(self, target: str = "localhost:50051", *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float | None = None):
-        self._channel = (grpc.aio.secure_channel(target, credentials) if credentials
-                         else grpc.aio.insecure_channel(target))
+                 timeout: float | None = None, token: str | None = None,
+                 options: list[tuple[str, str]] | None = None):
+        self._channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
+                         else grpc.aio.insecure_channel(target, options=options))
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._timeout = timeout
+        self._timeout, self._token = timeout, token
 
     async def generate(self, adapter: str, prompt: str, **params) -> GenerateResult:
         try:
-            resp = await self._stub.Generate(build_request(adapter, prompt, **params), timeout=self._timeout)
+            resp = await self._stub.Generate(build_request(adapter, prompt, **params), timeout=self._timeout,
+                                             metadata=call_metadata(adapter, self._token))
         except grpc.aio.AioRpcError as err:
             raise RequestFailed.from_rpc_error(err) from None
         return GenerateResult.from_pb(resp, resp.text)
@@ -139,7 +153,8 @@ class AsyncLoraServeClient:
         parts: list[str] = []
         try:
             async for msg in self._stub.GenerateStream(build_request(adapter, prompt, **params),
-                                                       timeout=self._timeout):
+                                                       timeout=self._timeout,
+                                                       metadata=call_metadata(adapter, self._token)):
                 if msg.finish_reason:
                     yield GenerateResult.from_pb(msg, "".join(parts) + msg.text)
                     return

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -25,6 +25,7 @@ class Metrics:
     def __init__(self, thrash_limit: int = 10):
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes: the soak's flat-memory check
         self.load_seconds = Histogram("loraserve_adapter_load_seconds", "Time to make an adapter usable for a "
                                       "batch, by where it was found", ["source"], buckets=_LATENCY, registry=r)
         self.queue_seconds = Histogram("loraserve_queue_wait_seconds", "Time from arrival to batch start",

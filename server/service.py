@@ -12,7 +12,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from scheduler.errors import LoraServeError, NotReady
+from scheduler.errors import InvalidArgument, LoraServeError, NotReady
 from scheduler.scheduler import Scheduler, Ticket
 from scheduler.types import BASE, Completion, GenerationRequest, TextDelta
 from server.adapters import AdapterRegistry
@@ -25,6 +25,8 @@ from server.telemetry import Telemetry
 log = logging.getLogger("loraserve.requests")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+ROUTING_KEY = "x-adapter-id"
+"""Metadata clients send for adapter-affinity routing (clients/affinity.py); must match adapter_id."""
 
 
 @dataclass
@@ -55,6 +57,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         check_fields(request, self._limits)
+        routed = next((v for k, v in context.invocation_metadata() or () if k == ROUTING_KEY), None)
+        if routed is not None and routed != request.adapter_id:
+            raise InvalidArgument(ROUTING_KEY, f"metadata names {routed!r} but the request names "
+                                               f"{request.adapter_id!r}; a router would send it to the wrong replica")
         with self._telemetry.resolve(request.adapter_id):
             found = self._registry.resolve(request.adapter_id, call.client)
         may_fall_back = found.fallback_allowed(FALLBACKS[request.fallback])
