@@ -8,8 +8,10 @@ import pytest
 from fakes import WeightsRecorder
 
 from scheduler.engine import StepResult
-from scheduler.errors import AdapterLoadFailed, QueueFull, ShuttingDown
-from scheduler.policy import BatchLimits, select_batch, should_join
+from dataclasses import replace
+
+from scheduler.errors import AdapterLoadFailed, DeadlineTooShort, OutOfMemory, QueueFull, ShuttingDown
+from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.scheduler import Scheduler
 from scheduler.text import find_stop, stable_length
 from scheduler.types import BASE, AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta
@@ -300,3 +302,113 @@ def test_a_request_arriving_mid_batch_joins_it_between_decode_steps():
     # "late" was prefilled on its own, then decoded in the same steps as "long", and left when done.
     assert list(map(len, engine.prefills)) == [1, 1]
     assert [1, 2] in engine.decodes and engine.decodes[-1] == [1]
+
+
+def test_fair_order_lets_clients_take_turns():
+    noisy = [replace(req(f"n{i}"), client="noisy") for i in range(4)]
+    quiet = [replace(req(f"q{i}"), client="quiet") for i in range(2)]
+    waiting = noisy + quiet  # the noisy client queued first
+    order = [waiting[i].request_id for i in fair_order(waiting)]
+    assert order == ["n0", "q0", "n1", "q1", "n2", "n3"]
+    # A client already holding rows waits behind one that holds none.
+    running = [replace(req("r0"), client="noisy"), replace(req("r1"), client="noisy")]
+    order = [waiting[i].request_id for i in fair_order(waiting, running)]
+    assert order[:3] == ["q0", "q1", "n0"]
+
+
+def test_noisy_client_cannot_starve_a_quiet_one():
+    engine = ScriptedEngine()
+
+    async def scenario(s):
+        engine.gate = asyncio.Event()
+        noisy = [s.submit(replace(req(f"n{i}", ref("ab")), client="noisy")) for i in range(8)]
+        await asyncio.sleep(0.01)  # the first batch (two noisy rows) is decoding
+        quiet = [s.submit(replace(req(f"q{i}", ref("ab")), client="quiet")) for i in range(2)]
+        engine.gate.set()
+        done = []
+
+        async def record(name, ticket):
+            await ticket.result()
+            done.append(name)
+        await asyncio.gather(*(record(f"n{i}", t) for i, t in enumerate(noisy)),
+                             *(record(f"q{i}", t) for i, t in enumerate(quiet)))
+        return done
+
+    done = run(engine, scenario, limits=BatchLimits(max_batch_size=2, join_delay_s=0))
+    # FIFO would finish all eight noisy requests first; taking turns serves the quiet client
+    # in the second and third rounds.
+    assert done.index("q1") < done.index("n4")
+
+
+def test_request_that_would_wait_past_its_deadline_is_refused_at_once():
+    engine = ScriptedEngine()
+
+    async def scenario(s):
+        assert s.expected_wait_s() == 0.0  # nothing known yet, nothing waiting
+        await s.submit(req("warm", ref("abcdefgh"), max_new=10)).result()
+        engine.gate = asyncio.Event()
+        busy = [s.submit(req(f"b{i}", ref("abcdefgh"), max_new=10)) for i in range(2)]
+        await asyncio.sleep(0.01)
+        wait = s.expected_wait_s()
+        assert wait > 0  # the batch is full
+        with pytest.raises(DeadlineTooShort):
+            s.submit(req("hurried", ref("ab")), time_left_s=wait / 2)
+        patient = s.submit(req("patient", ref("ab")), time_left_s=wait * 100 + 1)
+        assert s.queue_depth == 1  # only the patient one queued
+        engine.gate.set()
+        return [await t.result() for t in (*busy, patient)]
+
+    assert [r.text for r in run(engine, scenario, limits=BatchLimits(max_batch_size=2))] == \
+        ["abcdefgh", "abcdefgh", "ab"]
+
+
+class OutOfMemoryEngine(ScriptedEngine):
+    """Prefills of more than `fits` rows run out of memory; `fail_decodes` decode steps fail."""
+
+    def __init__(self, fits: int, fail_decodes: int = 0):
+        super().__init__()
+        self.fits, self.fail_decodes, self.released = fits, fail_decodes, 0
+
+    async def prefill(self, rows):
+        if len(rows) > self.fits:
+            raise OutOfMemory("not enough memory")
+        return await super().prefill(rows)
+
+    async def decode(self, keep):
+        if self.fail_decodes:
+            self.fail_decodes -= 1
+            raise OutOfMemory("not enough memory")
+        return await super().decode(keep)
+
+    async def release(self):
+        self.released += 1
+        await super().release()
+
+
+def test_out_of_memory_prefill_is_split_and_retried():
+    engine = OutOfMemoryEngine(fits=2)
+
+    async def scenario(s):
+        names = ["ab", "xyz", "ab", "q", "mn"]
+        tickets = [s.submit(req(f"r{i}", ref(name), max_new=10)) for i, name in enumerate(names)]
+        return [await t.result() for t in tickets], s.stats.oom_splits
+
+    results, splits = run(engine, scenario, limits=BatchLimits(max_batch_size=8))
+    assert [r.text for r in results] == ["ab", "xyz", "ab", "q", "mn"]
+    assert splits >= 1 and max(map(len, engine.prefills)) <= 2
+
+
+def test_request_too_large_even_alone_fails_alone_and_a_failed_decode_frees_its_batch():
+    engine = OutOfMemoryEngine(fits=0)
+
+    async def scenario(s):
+        with pytest.raises(OutOfMemory):
+            await s.submit(req("big", ref("ab"))).result()
+        engine.fits, engine.fail_decodes = 8, 1
+        with pytest.raises(OutOfMemory):
+            await s.submit(req("unlucky", ref("abc"))).result()
+        released = engine.released
+        return await s.submit(req("after", ref("xy"))).result(), released
+
+    after, released = run(engine, scenario)
+    assert after.text == "xy" and released >= 1
