@@ -223,10 +223,10 @@ class TorchEngine:
 
     # -- batch ---------------------------------------------------------------
     # One running batch: a left-padded KV cache whose rows each carry their own adapter.
-    # prefill() starts new rows and merges them in (continuous batching); decode() first
-    # drops the rows the scheduler no longer keeps, then advances the rest by one token.
-    async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
-        return await self._run(self._out_of_memory_typed, self._prefill, list(rows))
+    # prefill() and decode() first drop the rows the scheduler no longer keeps; then prefill()
+    # starts new rows and merges them in (continuous batching), decode() advances every row.
+    async def prefill(self, rows: Sequence[Row], keep: Sequence[int]) -> list[StepResult]:
+        return await self._run(self._out_of_memory_typed, self._prefill, (list(rows), list(keep)))
 
     async def decode(self, keep: Sequence[int]) -> list[StepResult]:
         return await self._run(self._out_of_memory_typed, self._decode, list(keep))
@@ -262,7 +262,14 @@ class TorchEngine:
         return out.logits[:, -1, :].float(), out.past_key_values
 
     @torch.inference_mode()
-    def _prefill(self, rows: list[Row]) -> list[StepResult]:
+    def _prefill(self, rows_keep: tuple[list[Row], list[int]]) -> list[StepResult]:
+        rows, keep = rows_keep
+        if self._batch is not None and keep != self._batch.seq_ids:
+            # Finished rows linger until dropped, and their adapters may have been detached since.
+            if keep:
+                self._select([self._batch.seq_ids.index(k) for k in keep])
+            else:
+                self._release()
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         width = max(len(r.prompt_ids) for r in rows)
         # Left padding keeps every row's newest token in the last column.

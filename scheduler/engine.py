@@ -35,8 +35,9 @@ class Engine(TierEngine, Protocol):
     @property
     def eos_token_ids(self) -> frozenset[int]: ...
 
-    async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
-        """Start a new batch from `rows`; returns each row's first token."""
+    async def prefill(self, rows: Sequence[Row], keep: Sequence[int]) -> list[StepResult]:
+        """Drop every running row not in `keep` (its adapter may be gone already), then add
+        `rows` to the batch; returns each new row's first token."""
 
     async def decode(self, keep: Sequence[int]) -> list[StepResult]:
         """Drop every row not in `keep` (freeing its cache), then produce one token per kept row."""

@@ -313,8 +313,9 @@ class Scheduler:
         (a single request that still does not fit fails alone); any other failure fails only
         them, since a prefill leaves the running batch untouched until it succeeds."""
         try:
+            keep = [s.seq_id for s in self._live() if s not in joiners]
             return await self._engine.prefill(
-                [Row(s.seq_id, s.req.adapter, s.req.prompt_ids, s.req.sampling) for s in joiners])
+                [Row(s.seq_id, s.req.adapter, s.req.prompt_ids, s.req.sampling) for s in joiners], keep)
         except OutOfMemory as exc:
             if len(joiners) == 1:
                 self._fail(joiners, OutOfMemory(f"{exc.message}; the request does not fit even alone"))

@@ -72,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from clients.cli import add_generate_parser
     from clients.bench.cli import add_bench_parser
+    from clients.bench.soak import add_soak_parser
     from registry.cli import add_adapters_parser
 
     add_generate_parser(sub)
     add_adapters_parser(sub)
     add_bench_parser(sub)
+    add_soak_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

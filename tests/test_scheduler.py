@@ -64,7 +64,8 @@ class ScriptedEngine(WeightsRecorder):
         self.ram.add(adapter)
         return self._size
 
-    async def prefill(self, rows):
+    async def prefill(self, rows, keep):
+        self._rows = {k: self._rows[k] for k in keep}
         self.prefills.append([r.seq_id for r in rows])
         assert all(r.adapter.is_base or r.adapter in self.vram for r in rows), "batch ran without its adapter"
         new = {r.seq_id: (r.adapter.id, []) for r in rows}
@@ -369,10 +370,10 @@ class OutOfMemoryEngine(ScriptedEngine):
         super().__init__()
         self.fits, self.fail_decodes, self.released = fits, fail_decodes, 0
 
-    async def prefill(self, rows):
+    async def prefill(self, rows, keep):
         if len(rows) > self.fits:
             raise OutOfMemory("not enough memory")
-        return await super().prefill(rows)
+        return await super().prefill(rows, keep)
 
     async def decode(self, keep):
         if self.fail_decodes:

@@ -35,7 +35,7 @@ class InstantEngine:
     def drop(self, adapter):
         pass
 
-    async def prefill(self, rows):
+    async def prefill(self, rows, keep):
         return [StepResult(r.seq_id, 7, "x") for r in rows]
 
     async def decode(self, keep):
