@@ -296,7 +296,7 @@ class Scheduler:
         self.stats.prefilled_requests += len(joiners)
         self._close_epoch()
         t0 = self._clock()
-        results = await self._prefill(joiners)
+        results = await self._prefill(joiners, set(joiners))
         joiners = [s for s in joiners if not s.done]
         if not joiners:
             return True
@@ -308,14 +308,17 @@ class Scheduler:
         self._apply(results)
         return True
 
-    async def _prefill(self, joiners: list[_Seq]) -> list[StepResult]:
+    async def _prefill(self, joiners: list[_Seq], pending: set[_Seq]) -> list[StepResult]:
         """Prefill `joiners` into the running batch. Out of memory, they are retried as two halves
         (a single request that still does not fit fails alone); any other failure fails only
-        them, since a prefill leaves the running batch untouched until it succeeds."""
+        them, since a prefill leaves the running batch untouched until it succeeds. `pending`:
+        this round's joiners not yet in the engine's batch."""
         try:
-            keep = [s.seq_id for s in self._live() if s not in joiners]
-            return await self._engine.prefill(
+            keep = [s.seq_id for s in self._live() if s not in pending]
+            results = await self._engine.prefill(
                 [Row(s.seq_id, s.req.adapter, s.req.prompt_ids, s.req.sampling) for s in joiners], keep)
+            pending.difference_update(joiners)
+            return results
         except OutOfMemory as exc:
             if len(joiners) == 1:
                 self._fail(joiners, OutOfMemory(f"{exc.message}; the request does not fit even alone"))
@@ -324,7 +327,7 @@ class Scheduler:
             half = len(joiners) // 2
             log.warning("prefill of %d rows ran out of memory; retrying as %d + %d", len(joiners), half,
                         len(joiners) - half)
-            return await self._prefill(joiners[:half]) + await self._prefill(joiners[half:])
+            return await self._prefill(joiners[:half], pending) + await self._prefill(joiners[half:], pending)
         except Exception as exc:
             log.error("prefill failed", exc_info=exc)
             self._fail(joiners, exc if isinstance(exc, LoraServeError) else

@@ -1,0 +1,32 @@
+"""Adapter affinity over local replicas with gRPC's ring_hash policy on `x-adapter-id`."""
+
+from __future__ import annotations
+
+from clients.affinity import replicas
+from clients.client import LoraServeClient
+from conftest import ADAPTERS, PROMPT, ServerThread, clone_adapter, server_config
+
+
+def test_ring_hash_keeps_each_adapter_on_one_replica(demo_dir, tmp_path):
+    root = tmp_path / "store"
+    names = [f"{ADAPTERS[i % 3]}{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        clone_adapter(demo_dir, root, ADAPTERS[i % 3], name)
+    servers = [ServerThread(server_config(demo_dir, adapters_dir=root)) for _ in range(3)]
+    try:
+        target, options = replicas(*(s.target for s in servers))
+        with LoraServeClient(target, options=options, timeout=60) as client:
+            for _ in range(3):
+                for i, name in enumerate(names):
+                    result = client.generate(name, PROMPT, max_new_tokens=4)
+                    assert result.adapter_id == name
+        loaded = [{ref.id for ref in s.server.scheduler.tiers.cache.entries} for s in servers]
+        for name in names:
+            holders = [i for i, held in enumerate(loaded) if name in held]
+            assert len(holders) == 1, f"{name} was loaded on replicas {holders}"
+        assert sum(1 for held in loaded if held) >= 2, "the ring spread adapters over the replicas"
+        served = [s.server.scheduler.stats.completed for s in servers]
+        assert sum(served) == 36
+    finally:
+        for s in servers:
+            s.stop()
