@@ -41,6 +41,8 @@ class EngineConfig:
     """none | nf4 | int8 (bitsandbytes)."""
     device: str = "auto"
     """auto picks cuda when present, else cpu."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16."""
     load_threads: int = 2
     """Threads reading adapters from disk (the scheduler's limiter caps concurrent loads)."""
 
@@ -63,12 +65,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
 def load_model(cfg: EngineConfig):
     """Tokenizer and base model from a HF directory (never a hub download)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = resolve_device(cfg.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(cfg.dtype, device)
     kwargs: dict = {"dtype": dtype}
     if cfg.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -113,7 +121,7 @@ class TorchEngine:
 
     def _load(self) -> None:
         self._tokenizer, self._model, self._device = load_model(self.cfg)
-        self._dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
+        self._dtype = resolve_dtype(self.cfg.dtype, self._device)
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
         self._rows.keep_gathered = self._device.type == "cpu"
         self._layers = wrap_linear_layers(self._model, self._rows)

@@ -46,7 +46,7 @@ class LoraServer:
                  tracer_provider: TracerProvider | None = None):
         """`tracer_provider` defaults to one configured from the OTEL_* environment (or none)."""
         self.cfg = cfg
-        self.engine = engine or TorchEngine(EngineConfig(cfg.model_path, cfg.quantization, cfg.device,
+        self.engine = engine or TorchEngine(EngineConfig(cfg.model_path, cfg.quantization, cfg.device, cfg.dtype,
                                                          cfg.max_concurrent_loads))
         self.scheduler: Scheduler | None = None
         self.health = health.aio.HealthServicer()

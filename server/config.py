@@ -17,6 +17,7 @@ from typing import Mapping
 from scheduler.policy import POLICIES
 
 QUANTIZATIONS = ("none", "nf4", "int8")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARM_AT = re.compile(r"^(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>[A-Za-z0-9@_-]+)$")
 ENV_PREFIX = "LORASERVE_"
 
@@ -33,6 +34,7 @@ class ServerConfig:
     adapters_dir: Path = _f(Path("var/demo/adapters"), "Directory with one PEFT adapter directory per id.")
     quantization: str = _f("none", "Base model weights: none | nf4 | int8 (bitsandbytes).")
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
+    dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16.")
     max_batch_size: int = _f(16, "Most sequences decoded together in one batch.")
     max_batch_tokens: int = _f(8192, "Most prompt+max_new_tokens summed over one batch.")
     batch_policy: str = _f("mixed", "mixed: any adapters share a batch; grouped: one adapter per batch.")
@@ -73,6 +75,8 @@ class ServerConfig:
             problems.append(f"metrics_port {self.metrics_port} is not in -1..65535")
         if self.batch_policy not in POLICIES:
             problems.append(f"batch_policy must be one of {', '.join(POLICIES)}, not {self.batch_policy!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
         for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",

@@ -24,6 +24,9 @@ def test_flags_beat_env_beat_defaults():
     (["--port", "abc"], "port='abc'"),
     (["--tls-cert", "only.pem"], "tls_cert and tls_key"),
     (["--device", "tpu"], "device"),
+    (["--dtype", "float8"], "dtype"),
+    (["--tls-client-ca", "ca.pem"], "tls_client_ca"),
+    (["--max-streams-per-client", "-1"], "max_streams_per_client"),
     (["--default-max-new-tokens", "900"], "default_max_new_tokens"),
     (["--max-prompt-tokens", "9000"], "max_batch_tokens"),
 ])

@@ -1,4 +1,4 @@
-"""The bitsandbytes NF4 path, on CPU: base weights quantized, adapters served on top."""
+"""Lower-precision paths on CPU: bitsandbytes NF4 base weights, and bfloat16 compute."""
 
 from __future__ import annotations
 
@@ -34,3 +34,23 @@ def test_nf4_model_is_quantized_and_serves_mixed_adapters(nf4_stub):
     for (adapter, _), resp in zip(cases, together):
         assert resp.adapter.id == adapter and resp.text == alone[adapter].text
     assert len({r.text for r in alone.values()}) == 4
+
+
+def test_bfloat16_compute_serves_each_adapter_in_its_own_domain(demo_dir, stub):
+    srv = ServerThread(server_config(demo_dir, dtype="bfloat16"))
+    try:
+        import torch
+
+        assert srv.server.engine._model.dtype == torch.bfloat16
+        with srv.channel() as ch:
+            bf16 = inference_pb2_grpc.InferenceServiceStub(ch)
+            texts = {a: bf16.Generate(pb.GenerateRequest(adapter_id=a, prompt=PROMPT, max_new_tokens=12),
+                                      timeout=60).text for a in ADAPTERS}
+        assert len(set(texts.values())) == len(ADAPTERS)
+        # Each adapter's bfloat16 answer starts like its float32 one (the precision differs, the adapter does not).
+        for adapter, text in texts.items():
+            full = stub.Generate(pb.GenerateRequest(adapter_id=adapter, prompt=PROMPT, max_new_tokens=12),
+                                 timeout=60).text
+            assert text.split()[:2] == full.split()[:2], (adapter, text, full)
+    finally:
+        srv.stop()

@@ -75,6 +75,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--prompt-words", default="8:24")
     p.add_argument("--new-tokens", default="32:32")
     p.add_argument("--naive-requests", type=int, default=32, help="0 skips the naive baseline")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="the server's compute dtype; the naive baseline (always on CPU) uses the same, "
+                        "float32 for auto [auto]")
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable)")
     p.set_defaults(func=run_bench)
 
@@ -103,7 +106,7 @@ def run_bench(args) -> int:
     if args.model_path is None:
         args.model_path = bench_model(args.out / "model")
     store = make_store(args.model_path, args.out / "store", max(counts), args.rank).root
-    extra = ["--max-batch-size", str(args.concurrency), *args.server_arg]
+    extra = ["--max-batch-size", str(args.concurrency), "--dtype", args.dtype, *args.server_arg]
 
     def workload(adapters: list[str]) -> Workload:
         return Workload(adapters, args.requests, args.zipf or None, args.concurrency, args.rate,
@@ -124,7 +127,7 @@ def run_bench(args) -> int:
     naive = None
     if args.naive_requests:
         plan = workload([f"bench{i}" for i in range(args.adapters)]).plan()[:args.naive_requests]
-        naive = run_naive(args.model_path, store, plan)
+        naive = run_naive(args.model_path, store, plan, "float32" if args.dtype == "auto" else args.dtype)
         results["naive"] = {k: v for k, v in naive.items() if k != "latencies_s"}
     results["scheduler_overhead"] = scheduler_overhead(adapters=args.adapters, concurrency=args.concurrency)
     head, base = results["sweep"][args.adapters], results["base_only"]

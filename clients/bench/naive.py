@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 
-def run_naive(model_path: Path, store_root: Path, plan: list[tuple[str, str, int]]) -> dict:
+def run_naive(model_path: Path, store_root: Path, plan: list[tuple[str, str, int]], dtype: str = "float32") -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
     names = sorted({a for a, _, _ in plan if a != "base"})
     peft_model = PeftModel.from_pretrained(model, store_root / names[0] / "1", adapter_name=names[0])
     for name in names[1:]:
