@@ -27,6 +27,9 @@ def test_bench_reports_every_figure(demo_dir, tmp_path):
     assert report["naive"]["requests"] == 3
     assert {"throughput_vs_base_only", "throughput_vs_naive", "warm_p95_vs_base_only_p95"} <= set(report["ratios"])
     assert report["scheduler_overhead"]["ms_per_request"] > 0
+    assert report["engine_limit"]["tokens"] == sum(n for _, _, n in Workload(
+        ["base"], 12, 1.1, 4, None, (8, 24), (4, 6)).plan())
+    assert {"base_only_vs_naive", "engine_limit_vs_naive"} <= set(report["ratios"])
 
 
 def test_workload_plan_is_reproducible_and_zipf_skewed():

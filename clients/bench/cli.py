@@ -97,6 +97,7 @@ def _range(raw: str) -> tuple[int, int]:
 
 
 def run_bench(args) -> int:
+    from clients.bench.engine_limit import engine_limit
     from clients.bench.naive import run_naive
     from clients.bench.overhead import scheduler_overhead
     from clients.bench.synth import make_store
@@ -129,12 +130,16 @@ def run_bench(args) -> int:
         plan = workload([f"bench{i}" for i in range(args.adapters)]).plan()[:args.naive_requests]
         naive = run_naive(args.model_path, store, plan, "float32" if args.dtype == "auto" else args.dtype)
         results["naive"] = {k: v for k, v in naive.items() if k != "latencies_s"}
+    results["engine_limit"] = engine_limit(args.model_path, workload(["base"]).plan(), args.concurrency, args.dtype)
     results["scheduler_overhead"] = scheduler_overhead(adapters=args.adapters, concurrency=args.concurrency)
     head, base = results["sweep"][args.adapters], results["base_only"]
     results["ratios"] = {
         "throughput_vs_base_only": round(head["tok_per_s"] / base["tok_per_s"], 3),
         "warm_p95_vs_base_only_p95": round(head["warm_latency_p95_ms"] / base["latency_ms"][95], 3),
-        **({"throughput_vs_naive": round(head["tok_per_s"] / naive["tok_per_s"], 2)} if naive else {}),
+        **({"throughput_vs_naive": round(head["tok_per_s"] / naive["tok_per_s"], 2),
+            "base_only_vs_naive": round(base["tok_per_s"] / naive["tok_per_s"], 2),
+            "engine_limit_vs_naive": round(results["engine_limit"]["tok_per_s"] / naive["tok_per_s"], 2)}
+           if naive else {}),
     }
     (args.out / "bench.json").write_text(json.dumps(results, indent=2, default=lambda o: asdict(o)))
     try:
@@ -156,5 +161,7 @@ def _print(results: dict, headline: int) -> None:
               f"{r['cold_load_p95_ms']:>9.1f} {r.get('cache_hit_ratio', 0):>6.2f} {r['errors']:>6}")
     if "naive" in results:
         print(f"{'naive':>14} {results['naive']['tok_per_s']:>9.1f} {results['naive']['req_per_s']:>7.2f}")
+    print(f"{'engine limit':>14} {results['engine_limit']['tok_per_s']:>9.1f}   (in process, base model, "
+          f"static batches: no gRPC, scheduler or client)")
     print(f"scheduler overhead: {results['scheduler_overhead']['ms_per_request']:.3f} ms/request")
     print(f"ratios at {headline} adapters: {json.dumps(results['ratios'])}")
