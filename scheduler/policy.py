@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from scheduler.types import GenerationRequest
 
@@ -62,19 +62,22 @@ def should_join(ready: int, free_slots: int, running: int, oldest_wait_s: float,
     return running == 0 or ready >= max(1, free_slots // 2) or oldest_wait_s >= limits.join_delay_s
 
 
-def fair_order(waiting: Sequence[GenerationRequest], running: Sequence[GenerationRequest] = ()) -> list[int]:
+def fair_order(waiting: Sequence[GenerationRequest], running: Sequence[GenerationRequest] = (),
+               last_admitted: Mapping[str, float] | None = None) -> list[int]:
     """Indices into `waiting` (oldest first), reordered so clients take turns.
 
     A request's turn is how many of its client's requests are running or ahead of it in the
-    queue; lower turns go first, arrival order breaks ties. So a client that queued a hundred
-    requests gets one row per round like everyone else instead of the next hundred, and a
-    client with nothing running goes before clients that already hold rows.
+    queue; lower turns go first. Equal turns go to the client admitted least recently
+    (`last_admitted`: client -> time), then by arrival. So a client that queued a hundred
+    requests gets one row per round like everyone else instead of the next hundred, and
+    when rows free up one at a time they rotate among the clients that wait.
     """
     held: dict[str, int] = {}
     for req in running:
         held[req.client] = held.get(req.client, 0) + 1
-    turns = []
+    last = last_admitted or {}
+    keys = []
     for i, req in enumerate(waiting):
-        turns.append((held.get(req.client, 0), i))
+        keys.append((held.get(req.client, 0), last.get(req.client, float("-inf")), i))
         held[req.client] = held.get(req.client, 0) + 1
-    return [i for _, i in sorted(turns)]
+    return [key[2] for key in sorted(keys)]

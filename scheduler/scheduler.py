@@ -146,6 +146,7 @@ class Scheduler:
         self._failed: dict[AdapterRef, tuple[float, LoraServeError]] = {}
         self._failed_backoff_s = failed_load_backoff_s
         self._service_s: float | None = None  # moving average, dispatch to finish
+        self._last_admitted: dict[str, float] = {}  # client -> when one of its requests last got a row
         self.stats = SchedulerStats()
 
     @property
@@ -270,7 +271,7 @@ class Scheduler:
         """Let ready waiting requests join the batch; returns whether any did."""
         live = self._live()
         ready = [s for s in self._waiting if self._ready(s.req.adapter) and s.req.adapter not in self._deferred]
-        ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live])]
+        ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live], self._last_admitted)]
         oldest_wait = self._clock() - min(s.enqueued_at for s in ready) if ready else 0.0
         if not should_join(len(ready), self._limits.max_batch_size - len(live), len(live), oldest_wait,
                            self._limits):
@@ -281,6 +282,7 @@ class Scheduler:
         started = self._clock()
         for seq in picked:
             self._waiting.remove(seq)
+            self._last_admitted[seq.req.client] = started
             seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
             seq.timeline.dispatched = started
         self._running.extend(picked)  # from here their adapters are protected from eviction

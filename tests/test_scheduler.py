@@ -316,6 +316,9 @@ def test_fair_order_lets_clients_take_turns():
     running = [replace(req("r0"), client="noisy"), replace(req("r1"), client="noisy")]
     order = [waiting[i].request_id for i in fair_order(waiting, running)]
     assert order[:3] == ["q0", "q1", "n0"]
+    # Rows freeing one at a time: equal turns go to the client served least recently.
+    order = [waiting[i].request_id for i in fair_order(waiting, (), {"noisy": 2.0, "quiet": 1.0})]
+    assert order[:2] == ["q0", "n0"]
 
 
 def test_noisy_client_cannot_starve_a_quiet_one():
