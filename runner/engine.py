@@ -229,6 +229,12 @@ class TorchEngine:
     def drop(self, adapter: AdapterRef) -> None:
         self._ram.pop(adapter, None)
 
+    def stack_bytes(self) -> int:
+        """Device bytes the attached adapters really occupy: the slot stacks are padded to the
+        largest resident rank and grow by doubling, so this can exceed the VRAM tier's count
+        (which budgets each adapter's own bytes) by up to about 2x."""
+        return sum(t.nbytes for layer in self._layers.values() for t in (layer.a, layer.b) if t is not None)
+
     # -- batch ---------------------------------------------------------------
     # One running batch: a left-padded KV cache whose rows each carry their own adapter.
     # prefill() and decode() first drop the rows the scheduler no longer keeps; then prefill()

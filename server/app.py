@@ -97,7 +97,7 @@ class LoraServer:
             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(*cfg.budgets_bytes),
             max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s,
             observer=self.telemetry)
-        self.metrics.watch(self.scheduler)
+        self.metrics.watch(self.scheduler, self.engine.stack_bytes)
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, self.metrics_port)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -44,8 +44,12 @@ class Metrics:
         self._thrash = ThrashDetector(thrash_limit)
         self._server = None
 
-    def watch(self, scheduler: Scheduler) -> None:
+    def watch(self, scheduler: Scheduler, stack_bytes: Callable[[], int] | None = None) -> None:
         self.registry.register(_SchedulerCollector(scheduler))
+        if stack_bytes is not None:
+            Gauge("loraserve_adapter_stack_bytes", "Device bytes of the attached adapters' slot stacks (padded to "
+                  "the largest rank, grown by doubling): the real footprint behind the VRAM tier's count",
+                  registry=self.registry).set_function(stack_bytes)
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the port (0 picks a free one)."""

@@ -119,6 +119,8 @@ def test_metrics_endpoint_counters_move(traced):
                   'loraserve_cache_budget_bytes{tier="ram"}', 'loraserve_resident_adapters{tier="vram"}'):
         assert gauge in after
     assert after['loraserve_cache_bytes{tier="vram"}'] <= after['loraserve_cache_budget_bytes{tier="vram"}']
+    # The real footprint of the attached adapters is at least what the tier counts.
+    assert after["loraserve_adapter_stack_bytes"] >= after['loraserve_cache_bytes{tier="vram"}'] > 0
 
 
 def test_reloading_one_adapter_again_and_again_raises_a_thrash_warning(traced):
