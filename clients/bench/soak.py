@@ -93,19 +93,27 @@ async def run_soak(target: str, adapters: list[str], duration_s: float, *, concu
                 else:
                     report.ok += 1
 
+        async def first_accepted(action: str, call, make) -> None:
+            """Try adapters in random order until the server accepts the action (one in use
+            cannot be evicted, a full tier cannot take one more): every tick churns."""
+            for name in rng.sample(names, len(names)):
+                try:
+                    await call(make(name), metadata=meta, timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    report.churn[f"{action} refused {RequestFailed.from_rpc_error(exc).reason}"] += 1
+                else:
+                    report.churn[action] += 1
+                    return
+
+        names = [a for a in adapters if a != "base"]
+
         async def churn():
-            names = [a for a in adapters if a != "base"]
             while names and time.perf_counter() < stop:
                 await asyncio.sleep(churn_every_s)
-                try:
-                    await admin.EvictAdapter(apb.EvictAdapterRequest(adapter_id=rng.choice(names),
-                                                                     tier=apb.TIER_DISK), metadata=meta, timeout=30)
-                    report.churn["evicted"] += 1
-                    await admin.WarmAdapter(apb.WarmAdapterRequest(adapter_id=rng.choice(names),
-                                                                   tier=apb.TIER_VRAM), metadata=meta, timeout=30)
-                    report.churn["warmed"] += 1
-                except grpc.aio.AioRpcError as exc:
-                    report.churn[f"refused {RequestFailed.from_rpc_error(exc).reason}"] += 1
+                await first_accepted("evicted", admin.EvictAdapter,
+                                     lambda n: apb.EvictAdapterRequest(adapter_id=n, tier=apb.TIER_DISK))
+                await first_accepted("warmed", admin.WarmAdapter,
+                                     lambda n: apb.WarmAdapterRequest(adapter_id=n, tier=apb.TIER_VRAM))
 
         async def memory():
             while metrics_url and time.perf_counter() < stop:
