@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 
-HASH_HEADER = "x-adapter-id"
+from clients.client import ROUTING_HEADER
+
 # Until gRPC turns it on by default, hashing on a header is behind this switch; it is read
 # when a channel parses its service config, so setting it here (before any such channel) works.
 _SWITCH = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
@@ -27,5 +28,5 @@ def replicas(*addresses: str, min_ring_size: int = 1024) -> tuple[str, list[tupl
     by adapter."""
     os.environ.setdefault(_SWITCH, "true")
     config = {"loadBalancingConfig": [{"ring_hash_experimental": {
-        "requestHashHeader": HASH_HEADER, "minRingSize": min_ring_size}}]}
+        "requestHashHeader": ROUTING_HEADER, "minRingSize": min_ring_size}}]}
     return "ipv4:" + ",".join(addresses), [("grpc.service_config", json.dumps(config))]

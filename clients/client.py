@@ -84,9 +84,16 @@ def build_request(adapter: str, prompt: str, *, max_new_tokens: int = 0, tempera
     return req
 
 
+ROUTING_HEADER = "x-adapter-id"
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def call_metadata(adapter: str, token: str | None = None) -> tuple[tuple[str, str], ...]:
-    """What every call sends besides the request: the routing key, and the bearer token if any."""
-    return (("x-adapter-id", adapter),) + ((("authorization", f"Bearer {token}"),) if token else ())
+    """What every inference call sends besides the request: the routing key, and the bearer token if any."""
+    return ((ROUTING_HEADER, adapter),) + auth_metadata(token)
 
 
 class LoraServeClient:

@@ -240,16 +240,16 @@ class TorchEngine:
     # prefill() and decode() first drop the rows the scheduler no longer keeps; then prefill()
     # starts new rows and merges them in (continuous batching), decode() advances every row.
     async def prefill(self, rows: Sequence[Row], keep: Sequence[int]) -> list[StepResult]:
-        return await self._run(self._out_of_memory_typed, self._prefill, (list(rows), list(keep)))
+        return await self._run(self._out_of_memory_typed, self._prefill, list(rows), list(keep))
 
     async def decode(self, keep: Sequence[int]) -> list[StepResult]:
         return await self._run(self._out_of_memory_typed, self._decode, list(keep))
 
-    def _out_of_memory_typed(self, step, arg):
+    def _out_of_memory_typed(self, step, *args):
         """torch's CUDA and CPU out-of-memory errors become OutOfMemory, which the scheduler
         answers by splitting the batch; what was allocated for the failed step is released."""
         try:
-            return step(arg)
+            return step(*args)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
                 raise
@@ -276,14 +276,8 @@ class TorchEngine:
         return out.logits[:, -1, :].float(), out.past_key_values
 
     @torch.inference_mode()
-    def _prefill(self, rows_keep: tuple[list[Row], list[int]]) -> list[StepResult]:
-        rows, keep = rows_keep
-        if self._batch is not None and keep != self._batch.seq_ids:
-            # Finished rows linger until dropped, and their adapters may have been detached since.
-            if keep:
-                self._select([self._batch.seq_ids.index(k) for k in keep])
-            else:
-                self._release()
+    def _prefill(self, rows: list[Row], keep: list[int]) -> list[StepResult]:
+        self._keep_only(keep)
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         width = max(len(r.prompt_ids) for r in rows)
         # Left padding keeps every row's newest token in the last column.
@@ -317,13 +311,22 @@ class TorchEngine:
 
     @torch.inference_mode()
     def _decode(self, keep: list[int]) -> list[StepResult]:
+        self._keep_only(keep)
         b = self._batch
-        if keep != b.seq_ids:
-            self._select([b.seq_ids.index(k) for k in keep])
         b.mask = torch.cat([b.mask, torch.ones_like(b.mask[:, :1])], dim=1)
         b.positions = b.positions + 1
         logits, b.cache = self._forward(b.last, b.mask, b.positions, b.cache)
         return self._sample(b, logits)
+
+    def _keep_only(self, keep: list[int]) -> None:
+        """Drop the rows the scheduler no longer keeps: finished rows linger until here, and
+        their adapters may have been detached since, so no forward may see them."""
+        if self._batch is None or keep == self._batch.seq_ids:
+            return
+        if keep:
+            self._select([self._batch.seq_ids.index(k) for k in keep])
+        else:
+            self._release()
 
     def _select(self, idx: list[int]) -> None:
         """Shrink the batch to rows `idx`: finished and cancelled rows stop costing compute."""

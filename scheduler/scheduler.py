@@ -271,11 +271,11 @@ class Scheduler:
         """Let ready waiting requests join the batch; returns whether any did."""
         live = self._live()
         ready = [s for s in self._waiting if self._ready(s.req.adapter) and s.req.adapter not in self._deferred]
-        ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live], self._last_admitted)]
-        oldest_wait = self._clock() - min(s.enqueued_at for s in ready) if ready else 0.0
+        oldest_wait = self._clock() - ready[0].enqueued_at if ready else 0.0
         if not should_join(len(ready), self._limits.max_batch_size - len(live), len(live), oldest_wait,
                            self._limits):
             return False
+        ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live], self._last_admitted)]
         picked = [ready[i] for i in select_batch([s.req for s in ready], self._limits, [s.req for s in live])]
         if not picked:
             return False

@@ -53,7 +53,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def _submit(self, request: pb.GenerateRequest, context, call: _Call, span) -> Ticket:
         caller = current_caller()
-        call.client = caller.client
+        call.client, client = caller.client, client_key(caller, context)
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         check_fields(request, self._limits)
@@ -69,9 +69,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt)
         if found.problem is None:
             req = from_pb(request, found.adapter, prompt_ids, self._limits, fallback_to_base=may_fall_back,
-                          client=client_key(caller, context))
+                          client=client)
         else:
-            req = replace(from_pb(request, BASE, prompt_ids, self._limits, client=client_key(caller, context)),
+            req = replace(from_pb(request, BASE, prompt_ids, self._limits, client=client),
                           fallback_reason=found.problem.reason,
                           requested=f"{found.adapter.id}@{found.adapter.version}")
         ticket = self._scheduler.submit(req, context.time_remaining())

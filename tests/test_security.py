@@ -6,6 +6,7 @@ import json
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from certs import make_pki
@@ -98,7 +99,6 @@ def test_retry_info_is_attached_to_resource_exhausted(guarded):
         [next(c) for c in calls]
         with pytest.raises(grpc.RpcError) as refused:
             stub.Generate(pb.GenerateRequest(adapter_id="base", prompt=PROMPT), metadata=meta, timeout=10)
-        from google.rpc import error_details_pb2, status_pb2
         status = status_pb2.Status.FromString(dict(refused.value.trailing_metadata())["grpc-status-details-bin"])
         retry = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
         assert retry, "RESOURCE_EXHAUSTED must say when to retry"

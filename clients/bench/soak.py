@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from clients.client import AsyncLoraServeClient, RequestFailed
+from clients.client import AsyncLoraServeClient, RequestFailed, auth_metadata
 from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 
@@ -69,7 +69,7 @@ async def run_soak(target: str, adapters: list[str], duration_s: float, *, concu
     rng = random.Random(seed)
     report = SoakReport()
     work = [(a, p) for a in adapters for p in PROMPTS]
-    meta = (("authorization", f"Bearer {token}"),) if token else ()
+    meta = auth_metadata(token)
     async with AsyncLoraServeClient(target, timeout=120, token=token) as client, \
             grpc.aio.insecure_channel(target) as admin_channel:
         admin = admin_pb2_grpc.AdapterAdminServiceStub(admin_channel)
