@@ -147,6 +147,11 @@ class TorchEngine:
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
 
+    @property
+    def max_context(self) -> int:
+        """Most tokens (prompt + generated) one sequence may hold: the model's position limit."""
+        return int(self._model.config.max_position_embeddings)
+
     def module_names(self) -> frozenset[str]:
         """Leaf names of the model's modules (what an adapter's target_modules may name)."""
         return self._module_names
