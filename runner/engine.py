@@ -14,17 +14,18 @@ import hashlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from runner.kvcache import slack_cache
+from runner.detok import decode_new
+from runner.kvpool import ATTENTION, KVPool, decode_context, geometry_of, prefill_context
 from runner.lora import LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, wrap_linear_layers
-from runner.sampling import sample_next
+from runner.sampling import sample
 from scheduler.engine import Row, StepResult
-from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, LoraServeError, OutOfMemory
+from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, GenerationFailed, LoraServeError, OutOfMemory
 from scheduler.types import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,12 @@ class EngineConfig:
     """Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16."""
     load_threads: int = 2
     """Threads reading adapters from disk (the scheduler's limiter caps concurrent loads)."""
-
-
-@dataclass
-class _Batch:
-    seq_ids: list[int]
-    rows: list[Row]
-    generated: list[list[int]]
-    mask: torch.Tensor
-    positions: torch.Tensor
-    cache: object
-    last: torch.Tensor
-    generators: list[torch.Generator | None] = field(default_factory=list)
+    max_rows: int = 16
+    """Sequences the KV pool should hold at once (the scheduler's max_batch_size)."""
+    kv_cache_mib: int = 0
+    """KV pool budget; 0 = room for max_rows sequences of max_model_len tokens."""
+    max_model_len: int = 0
+    """Most tokens (prompt + generated) per sequence; 0 = the model's max_position_embeddings."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -112,7 +107,8 @@ class TorchEngine:
         self._tokenizer = None
         self._model = None
         self._device = torch.device("cpu")
-        self._batch: _Batch | None = None
+        self._pool: KVPool | None = None
+        self._pad = 0
         self._eos: frozenset[int] = frozenset()
 
     # -- lifecycle ---------------------------------------------------------
@@ -125,11 +121,29 @@ class TorchEngine:
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
         self._rows.keep_gathered = self._device.type == "cpu"
         self._layers = wrap_linear_layers(self._model, self._rows)
+        self._model.set_attn_implementation(ATTENTION)
+        self._pool = self._allocate_pool()
+        self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
-        log.info("loaded base model %s on %s (quantization=%s)", self.cfg.model_path, self._device,
-                 self.cfg.quantization)
+        log.info("loaded base model %s on %s (quantization=%s); KV pool: %d sequences x %d tokens, %.1f MiB",
+                 self.cfg.model_path, self._device, self.cfg.quantization, self._pool.slots,
+                 self._pool.geometry.max_len, self._pool.nbytes / 2**20)
+
+    def _allocate_pool(self) -> KVPool:
+        config = self._model.config
+        limit = int(config.max_position_embeddings)
+        max_len = min(self.cfg.max_model_len, limit) if self.cfg.max_model_len else limit
+        geometry = geometry_of(config, max_len)
+        per_slot = geometry.bytes_per_slot(self._dtype)
+        slots = self.cfg.max_rows
+        if self.cfg.kv_cache_mib:
+            slots = min(slots, self.cfg.kv_cache_mib * 2**20 // per_slot)
+            if slots < 1:
+                raise ValueError(f"kv_cache_mib {self.cfg.kv_cache_mib} holds no sequence: one of {max_len} "
+                                 f"tokens needs {per_slot / 2**20:.1f} MiB (lower max_model_len or raise it)")
+        return KVPool(geometry, slots, self._device, self._dtype)
 
     async def close(self) -> None:
         self._loaders.shutdown(wait=True)
@@ -149,8 +163,15 @@ class TorchEngine:
 
     @property
     def max_context(self) -> int:
-        """Most tokens (prompt + generated) one sequence may hold: the model's position limit."""
-        return int(self._model.config.max_position_embeddings)
+        """Most tokens (prompt + generated) one sequence may hold."""
+        return self._pool.geometry.max_len
+
+    @property
+    def kv_slots(self) -> int:
+        return self._pool.slots
+
+    def kv_bytes(self) -> int:
+        return self._pool.nbytes
 
     def module_names(self) -> frozenset[str]:
         """Leaf names of the model's modules (what an adapter's target_modules may name)."""
@@ -240,21 +261,22 @@ class TorchEngine:
         (which budgets each adapter's own bytes) by up to about 2x."""
         return sum(t.nbytes for layer in self._layers.values() for t in (layer.a, layer.b) if t is not None)
 
-    # -- batch ---------------------------------------------------------------
-    # One running batch: a left-padded KV cache whose rows each carry their own adapter.
-    # prefill() and decode() first drop the rows the scheduler no longer keeps; then prefill()
-    # starts new rows and merges them in (continuous batching), decode() advances every row.
-    async def prefill(self, rows: Sequence[Row], keep: Sequence[int]) -> list[StepResult]:
-        return await self._run(self._out_of_memory_typed, self._prefill, list(rows), list(keep))
+    # -- steps ---------------------------------------------------------------
+    # A step is a function of the rows it is given: it writes only into those rows' KV slots
+    # (positions their lengths do not cover yet) and returns one result per row, or raises
+    # having changed nothing another row reads. The scheduler retries subsets on failure, so
+    # every stage below may raise; none leaves anything behind.
+    async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
+        return await self._run(self._typed, self._prefill, list(rows))
 
-    async def decode(self, keep: Sequence[int]) -> list[StepResult]:
-        return await self._run(self._out_of_memory_typed, self._decode, list(keep))
+    async def decode(self, rows: Sequence[Row]) -> list[StepResult]:
+        return await self._run(self._typed, self._decode, list(rows))
 
-    def _out_of_memory_typed(self, step, *args):
-        """torch's CUDA and CPU out-of-memory errors become OutOfMemory, which the scheduler
-        answers by splitting the batch; what was allocated for the failed step is released."""
+    def _typed(self, step, rows):
+        """torch's CUDA and CPU out-of-memory errors become OutOfMemory (the scheduler splits the
+        rows and retries); what was allocated for the failed step is released."""
         try:
-            return step(*args)
+            return step(rows)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
                 raise
@@ -262,133 +284,60 @@ class TorchEngine:
                 torch.cuda.empty_cache()
             raise OutOfMemory(f"not enough {self._device.type} memory for this batch step") from exc
 
-    async def release(self) -> None:
-        await self._run(self._release)
-
-    def _release(self) -> None:
-        self._batch = None
-        self._set_lora_rows([])
-
-    def _set_lora_rows(self, adapters: list[AdapterRef]) -> None:
-        """Point every wrapped layer at the slots of a batch whose row i uses adapters[i]."""
-        slots = [0 if a.is_base else self._slots[a][0] for a in adapters]
-        self._rows.index = torch.tensor(slots, device=self._device) if any(slots) else None
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
-        # logits_to_keep=1: a prefill needs only the last position's logits, not [B, T, vocab].
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.past_key_values
+    @torch.inference_mode()
+    def _prefill(self, rows: list[Row]) -> list[StepResult]:
+        lengths = [len(r.prompt_ids) for r in rows]
+        width = max(lengths)
+        # Left padding puts every row's last prompt token in the last column (logits_to_keep=1).
+        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - lengths[i]:] = torch.tensor(r.prompt_ids)
+        start = torch.tensor([width - n for n in lengths]).unsqueeze(1)
+        positions = (torch.arange(width).unsqueeze(0) - start).clamp(min=0)
+        ctx = prefill_context(self._pool, [r.kv_slot for r in rows], lengths, self._device)
+        self._pool.clear(ctx.slots)  # nothing a previous occupant left is ever read
+        return self._results(rows, self._forward(rows, ids, positions, ctx))
 
     @torch.inference_mode()
-    def _prefill(self, rows: list[Row], keep: list[int]) -> list[StepResult]:
-        self._keep_only(keep)
-        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
-        width = max(len(r.prompt_ids) for r in rows)
-        # Left padding keeps every row's newest token in the last column.
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self._device), mask.to(self._device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self._set_lora_rows([r.adapter for r in rows])
-        try:
-            logits, cache = self._forward(ids, mask, positions, slack_cache())
-        except BaseException:  # the running batch is untouched; point the layers back at its rows
-            self._set_lora_rows([r.adapter for r in self._batch.rows] if self._batch else [])
-            raise
-        new = _Batch(seq_ids=[r.seq_id for r in rows], rows=rows, generated=[[] for _ in rows], mask=mask,
-                     positions=positions[:, -1:], cache=cache, last=ids[:, -1:],
-                     generators=[self._generator(r) for r in rows])
-        results = self._sample(new, logits)
-        self._batch = new if self._batch is None else _merge(self._batch, new)
-        self._set_lora_rows([r.adapter for r in self._batch.rows])
+    def _decode(self, rows: list[Row]) -> list[StepResult]:
+        ids = torch.tensor([[r.generated[-1]] for r in rows])
+        lengths = [r.length for r in rows]
+        ctx = decode_context(self._pool, [r.kv_slot for r in rows], lengths, self._device)
+        return self._results(rows, self._forward(rows, ids, torch.tensor(lengths).unsqueeze(1), ctx))
+
+    def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        """[B, vocab] float32 logits of each row's next token."""
+        slots = tuple(0 if r.adapter.is_base else self._slot_of(r.adapter) for r in rows)
+        with self._rows.using(slots, self._device):
+            out = self._model(input_ids=ids.to(self._device), position_ids=positions.to(self._device),
+                              attention_mask=ctx.mask, use_cache=False, logits_to_keep=1, kv_step=ctx)
+        return out.logits[:, -1, :].float()
+
+    def _slot_of(self, adapter: AdapterRef) -> int:
+        attached = self._slots.get(adapter)
+        if attached is None:
+            raise AdapterLoadFailed(adapter.id, "it was not attached when its batch step ran")
+        return attached[0]
+
+    def _results(self, rows: list[Row], logits: torch.Tensor) -> list[StepResult]:
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        tokens = self._sample(rows, logits).tolist()
+        results = []
+        for row, token, ok in zip(rows, tokens, finite, strict=True):
+            if not ok:
+                results.append(StepResult(row.seq_id, error=GenerationFailed(
+                    "the model produced non-finite scores for this request", reason="NON_FINITE_LOGITS")))
+                continue
+            text, detok = self._detokenize(row, token)
+            results.append(StepResult(row.seq_id, token, text, detok))
         return results
 
-    def _generator(self, row: Row) -> torch.Generator | None:
-        if row.sampling.greedy:
-            return None
-        g = torch.Generator(device=self._device)
-        g.manual_seed(row.sampling.seed if row.sampling.seed is not None else torch.seed())
-        return g
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        return sample(logits, [r.sampling for r in rows], [len(r.generated) for r in rows])
 
-    @torch.inference_mode()
-    def _decode(self, keep: list[int]) -> list[StepResult]:
-        self._keep_only(keep)
-        b = self._batch
-        b.mask = torch.cat([b.mask, torch.ones_like(b.mask[:, :1])], dim=1)
-        b.positions = b.positions + 1
-        logits, b.cache = self._forward(b.last, b.mask, b.positions, b.cache)
-        return self._sample(b, logits)
-
-    def _keep_only(self, keep: list[int]) -> None:
-        """Drop the rows the scheduler no longer keeps: finished rows linger until here, and
-        their adapters may have been detached since, so no forward may see them."""
-        if self._batch is None or keep == self._batch.seq_ids:
-            return
-        if keep:
-            self._select([self._batch.seq_ids.index(k) for k in keep])
-        else:
-            self._release()
-
-    def _select(self, idx: list[int]) -> None:
-        """Shrink the batch to rows `idx`: finished and cancelled rows stop costing compute."""
-        b = self._batch
-        index = torch.tensor(idx, device=self._device)
-        b.cache.batch_select_indices(index)
-        b.mask, b.positions, b.last = b.mask[index], b.positions[index], b.last[index]
-        for name in ("seq_ids", "rows", "generated", "generators"):
-            setattr(b, name, [getattr(b, name)[i] for i in idx])
-        _trim(b)
-        self._set_lora_rows([r.adapter for r in b.rows])
-
-    def _sample(self, b: _Batch, logits: torch.Tensor) -> list[StepResult]:
-        greedy = logits.argmax(dim=-1)  # one op for every greedy row
-        chosen = greedy.clone()
-        for i, row in enumerate(b.rows):
-            if not row.sampling.greedy:
-                chosen[i] = sample_next(logits[i], row.sampling, b.generators[i])
-        b.last = chosen.unsqueeze(1)
-        tokens = chosen.tolist()
-        texts = self._tokenizer.batch_decode([g + [t] for g, t in zip(b.generated, tokens, strict=True)],
-                                             skip_special_tokens=True)
-        for generated, token in zip(b.generated, tokens, strict=True):
-            generated.append(token)
-        return [StepResult(sid, tok, text) for sid, tok, text in zip(b.seq_ids, tokens, texts, strict=True)]
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _merge(running: _Batch, new: _Batch) -> _Batch:
-    """Join `new` rows to the running batch: both left-padded to the longer cache, then stacked.
-    Padded columns are masked out, and each row keeps its own positions."""
-    width = max(running.mask.shape[1], new.mask.shape[1])
-    for old_layer, new_layer in zip(running.cache.layers, new.cache.layers, strict=True):
-        for name in ("keys", "values"):
-            setattr(old_layer, name, torch.cat([_left_pad(getattr(old_layer, name), width, 2),
-                                                _left_pad(getattr(new_layer, name), width, 2)]))
-    running.mask = torch.cat([_left_pad(running.mask, width, 1), _left_pad(new.mask, width, 1)])
-    running.positions = torch.cat([running.positions, new.positions])
-    running.last = torch.cat([running.last, new.last])
-    for name in ("seq_ids", "rows", "generated", "generators"):
-        getattr(running, name).extend(getattr(new, name))
-    return running
-
-
-def _trim(b: _Batch) -> None:
-    """Drop leading columns that every remaining row has masked out (left by departed rows)."""
-    live = b.mask.any(dim=0).nonzero()
-    first = int(live[0]) if len(live) else 0
-    if first:
-        b.mask = b.mask[:, first:]
-        for layer in b.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    def _detokenize(self, row: Row, token: int) -> tuple[str, tuple[int, int]]:
+        """Only the row's undecoded tail is decoded: O(1) tokens per row and step."""
+        prefix, read = row.detok
+        window = [*row.generated[prefix:], token]
+        text, new_prefix, new_read = decode_new(self._tokenizer, window, 0, read - prefix)
+        return text, (prefix + new_prefix, prefix + new_read)

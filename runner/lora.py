@@ -11,6 +11,7 @@ adapters in the batch), and rows joining or leaving cost nothing. Weights are re
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -76,28 +77,34 @@ def parse_peft(config: dict, tensors: dict[str, torch.Tensor]) -> LoraWeights:
 
 
 class RowSlots:
-    """Shared by every wrapped layer: the slot of each batch row's adapter (0 = none).
+    """Shared by every wrapped layer: during one step's forward, the slot of each row's adapter.
 
-    With `keep_gathered`, each layer keeps its rows' gathered weights until the rows change: on
+    A step installs its rows' slots for its own forward only (`using`), so no later step can
+    run with the slots of an earlier one, whatever raised in between. With `keep_gathered`,
+    each layer keeps its rows' gathered weights while consecutive steps carry the same slots: on
     a CPU the per-step gather copy is most of LoRA's cost, and a batch's rows change far less
     often than once per step. On a GPU the copies are cheap but the kept [B, in, R] stacks would
     cost memory on the order of the model itself, so there they are gathered every step."""
 
     def __init__(self, keep_gathered: bool = False):
         self.keep_gathered = keep_gathered
-        self._index: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+        """[B] slot per row while a forward runs; None outside one, or when no row has an adapter."""
         self.version = 0
-        """Bumped whenever the rows change; a layer's kept gather is valid for one version."""
+        """Bumped whenever the slots change; a layer's kept gather is valid for one version."""
+        self._slots: tuple[int, ...] = ()
+        self._tensor: torch.Tensor | None = None
 
-    @property
-    def index(self) -> torch.Tensor | None:
-        """[B] slot per row; None when no row of the batch has an adapter."""
-        return self._index
-
-    @index.setter
-    def index(self, value: torch.Tensor | None) -> None:
-        self._index = value
-        self.version += 1
+    @contextlib.contextmanager
+    def using(self, slots: tuple[int, ...], device: torch.device):
+        if slots != self._slots:
+            self._slots, self.version = slots, self.version + 1
+            self._tensor = torch.tensor(slots, device=device) if any(slots) else None
+        self.index = self._tensor
+        try:
+            yield
+        finally:
+            self.index = None
 
 
 class LoRALinear(nn.Module):

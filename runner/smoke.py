@@ -48,5 +48,4 @@ class SmokeTester:
             return SmokeTest(False, now_iso(), results, exc.message)
         finally:
             loop.cancel()
-            await self.engine.release()  # the loop may be cancelled before it released its last batch
             await scheduler.tiers.evict(adapter, Tier.DISK)

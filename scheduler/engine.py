@@ -1,46 +1,65 @@
-"""What the scheduler needs from a model engine (implemented by runner.engine)."""
+"""What the scheduler needs from a model engine (implemented by runner.engine).
+
+The engine keeps no batch: every step receives its rows, whole, from the scheduler, whose row
+list is the only truth about what runs. A step either returns one result per row or raises,
+having changed nothing another row depends on (it writes only into its own rows' KV slots, at
+positions their lengths do not cover yet), so the scheduler may retry any subset of the rows.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from scheduler.errors import LoraServeError
 from scheduler.tiers import TierEngine
 from scheduler.types import AdapterRef, SamplingParams
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Row:
-    """One sequence entering a batch."""
+    """One sequence in one step. Prefill feeds `prompt_ids`; decode feeds `generated[-1]`."""
 
     seq_id: int
     adapter: AdapterRef
+    kv_slot: int
     prompt_ids: tuple[int, ...]
+    generated: Sequence[int]
+    """Tokens produced so far (the scheduler's own list: read, never changed, by the engine)."""
     sampling: SamplingParams
+    """Sampled rows always carry a seed (the scheduler draws one when the caller gave none)."""
+    detok: tuple[int, int] = (0, 0)
+    """Incremental detokenisation offsets into `generated`: (context start, text returned up to)."""
+
+    @property
+    def length(self) -> int:
+        """Tokens already in this row's KV slot."""
+        return len(self.prompt_ids) + len(self.generated) - 1 if self.generated else 0
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """The token a sequence produced this step, and its whole generated text so far."""
+    """The token a row produced this step and the text it made final, or the row's own error."""
 
     seq_id: int
-    token_id: int
-    text: str
+    token_id: int = -1
+    text: str = ""
+    detok: tuple[int, int] = (0, 0)
+    error: LoraServeError | None = None
 
 
 class Engine(TierEngine, Protocol):
-    """Runs one batch at a time: prefill starts it, decode advances the rows still kept.
-    Adapter moves (TierEngine) are directed by scheduler.tiers."""
+    """Runs steps over the rows it is given. Adapter moves (TierEngine) are directed by scheduler.tiers."""
 
     @property
     def eos_token_ids(self) -> frozenset[int]: ...
 
-    async def prefill(self, rows: Sequence[Row], keep: Sequence[int]) -> list[StepResult]:
-        """Drop every running row not in `keep` (its adapter may be gone already), then add
-        `rows` to the batch; returns each new row's first token."""
+    @property
+    def kv_slots(self) -> int:
+        """Sequences the KV pool holds at once (slots 0 .. kv_slots-1)."""
 
-    async def decode(self, keep: Sequence[int]) -> list[StepResult]:
-        """Drop every row not in `keep` (freeing its cache), then produce one token per kept row."""
+    async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
+        """Fill each row's KV slot with its prompt; returns each row's first token."""
 
-    async def release(self) -> None:
-        """Free the current batch."""
+    async def decode(self, rows: Sequence[Row]) -> list[StepResult]:
+        """One token per row."""

@@ -109,6 +109,18 @@ class OutOfMemory(LoraServeError):
     reason = "OUT_OF_MEMORY"
 
 
+class GenerationFailed(LoraServeError):
+    """This request's own step failed when run alone (its data made the model or sampling fail,
+    or its scores were not finite); the rows beside it were retried without it and go on."""
+
+    reason = "GENERATION_FAILED"
+
+    def __init__(self, message: str, reason: str | None = None, **metadata: str):
+        super().__init__(message, **metadata)
+        if reason:
+            self.reason = reason
+
+
 class DeadlineTooShort(LoraServeError):
     """Refused at once: the expected wait alone exceeds the time the caller has left."""
 

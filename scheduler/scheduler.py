@@ -15,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
 from scheduler.engine import Engine, Row, StepResult
 from scheduler.cache import Budgets, NoRoom, Tier
-from scheduler.errors import DeadlineTooShort, LoraServeError, OutOfMemory, QueueFull, ShuttingDown
+from scheduler.errors import DeadlineTooShort, GenerationFailed, LoraServeError, OutOfMemory, QueueFull, ShuttingDown
+from scheduler.kvslots import KVSlots
 from scheduler.observer import NullObserver, Observer
 from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
@@ -44,7 +46,9 @@ class SchedulerStats:
     batches: int = 0
     prefilled_requests: int = 0
     oom_splits: int = 0
-    """Prefills that ran out of memory and were retried as two halves."""
+    """Steps that ran out of memory and were retried as two halves."""
+    failed_splits: int = 0
+    """Steps that failed otherwise and were retried as two halves, to find whose data failed them."""
 
 
 @dataclass(eq=False)
@@ -56,10 +60,21 @@ class _Seq:
     timings: Timings = field(default_factory=Timings)
     timeline: Timeline = field(default_factory=Timeline)
     load_source: LoadSource = LoadSource.VRAM
-    output_tokens: int = 0
+    kv_slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    detok: tuple[int, int] = (0, 0)
+    text: str = ""
     emitted: int = 0
     done: bool = False
     cancelled: bool = False
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.generated)
+
+    def row(self) -> Row:
+        return Row(self.seq_id, self.req.adapter, self.kv_slot, self.req.prompt_ids, self.generated,
+                   self.req.sampling, self.detok)
 
     def emit(self, text: str, upto: int) -> None:
         if upto > self.emitted:
@@ -81,6 +96,16 @@ def _adapter_of(seqs: list[_Seq]) -> AdapterRef:
     """The batch phase's adapter for its span: the common one, else BASE standing for "mixed"."""
     adapters = {s.req.adapter for s in seqs}
     return adapters.pop() if len(adapters) == 1 else replace(BASE, id="mixed")
+
+
+def _alone(exc: Exception) -> LoraServeError:
+    """The error of a request whose step failed with no other row in it."""
+    if isinstance(exc, OutOfMemory):
+        return OutOfMemory(f"{exc.message}; the request does not fit even alone")
+    if isinstance(exc, LoraServeError):
+        return exc
+    log.error("a step failed for one request alone", exc_info=exc)
+    return GenerationFailed(f"generation failed: {type(exc).__name__}", error_type=type(exc).__name__)
 
 
 def _to_base(req: GenerationRequest, exc: LoraServeError) -> GenerationRequest:
@@ -133,6 +158,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._waiting: list[_Seq] = []
         self._running: list[_Seq] = []
+        self._kv = KVSlots(engine.kv_slots)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -194,6 +220,9 @@ class Scheduler:
             if not req.fallback_to_base:
                 raise failed[1]
             req = _to_base(req, failed[1])
+        if not req.sampling.greedy and req.sampling.seed is None:
+            # Sampling is a pure function of (seed, step): a drawn seed keeps a retried step identical.
+            req = replace(req, sampling=replace(req.sampling, seed=random.getrandbits(63)))
         seq = _Seq(next(self._ids), req, self._clock())
         seq.timeline.enqueued = seq.enqueued_at
         self._waiting.append(seq)
@@ -269,14 +298,15 @@ class Scheduler:
 
     async def _admit(self) -> bool:
         """Let ready waiting requests join the batch; returns whether any did."""
+        self._reap()
         live = self._live()
         ready = [s for s in self._waiting if self._ready(s.req.adapter) and s.req.adapter not in self._deferred]
         oldest_wait = self._clock() - ready[0].enqueued_at if ready else 0.0
-        if not should_join(len(ready), self._limits.max_batch_size - len(live), len(live), oldest_wait,
-                           self._limits):
+        room = min(self._limits.max_batch_size - len(live), self._kv.free)
+        if not should_join(len(ready), room, len(live), oldest_wait, self._limits):
             return False
         ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live], self._last_admitted)]
-        picked = [ready[i] for i in select_batch([s.req for s in ready], self._limits, [s.req for s in live])]
+        picked = [ready[i] for i in select_batch([s.req for s in ready], self._limits, [s.req for s in live])][:room]
         if not picked:
             return False
         started = self._clock()
@@ -286,55 +316,56 @@ class Scheduler:
             seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
             seq.timeline.dispatched = started
         self._running.extend(picked)  # from here their adapters are protected from eviction
-        joiners = []
+        usable = set()
         for adapter in dict.fromkeys(s.req.adapter for s in picked):
             group = [s for s in picked if s.req.adapter == adapter]
             if await self._make_usable(adapter, group):
-                joiners += group
-        joiners = [s for s in joiners if not (s.done or s.cancelled)]
+                usable.update(group)
+        joiners = [s for s in picked if s in usable and not (s.done or s.cancelled)]
         if not joiners:
             return False
+        for seq in joiners:
+            seq.kv_slot = self._kv.take()
         self.stats.batches += 1
         self.stats.prefilled_requests += len(joiners)
         self._close_epoch()
         t0 = self._clock()
-        results = await self._prefill(joiners, set(joiners))
-        joiners = [s for s in joiners if not s.done]
-        if not joiners:
-            return True
+        results = await self._run_step(True, joiners)
         t1 = self._clock()
         for seq in joiners:
             seq.timings.prefill_ms = (t1 - t0) * 1e3
             seq.timeline.first_token = t1
-        self._observer.batch_phase("prefill", t0, t1, _adapter_of(joiners), [s.req.request_id for s in joiners], 1)
+        served = [s for s, _ in results]
+        if served:
+            self._observer.batch_phase("prefill", t0, t1, _adapter_of(served), [s.req.request_id for s in served], 1)
         self._apply(results)
+        self._reap()
         return True
 
-    async def _prefill(self, joiners: list[_Seq], pending: set[_Seq]) -> list[StepResult]:
-        """Prefill `joiners` into the running batch. Out of memory, they are retried as two halves
-        (a single request that still does not fit fails alone); any other failure fails only
-        them, since a prefill leaves the running batch untouched until it succeeds. `pending`:
-        this round's joiners not yet in the engine's batch."""
-        try:
-            keep = [s.seq_id for s in self._live() if s not in pending]
-            results = await self._engine.prefill(
-                [Row(s.seq_id, s.req.adapter, s.req.prompt_ids, s.req.sampling) for s in joiners], keep)
-            pending.difference_update(joiners)
-            return results
-        except OutOfMemory as exc:
-            if len(joiners) == 1:
-                self._fail(joiners, OutOfMemory(f"{exc.message}; the request does not fit even alone"))
-                return []
-            self.stats.oom_splits += 1
-            half = len(joiners) // 2
-            log.warning("prefill of %d rows ran out of memory; retrying as %d + %d", len(joiners), half,
-                        len(joiners) - half)
-            return await self._prefill(joiners[:half], pending) + await self._prefill(joiners[half:], pending)
-        except Exception as exc:
-            log.error("prefill failed", exc_info=exc)
-            self._fail(joiners, exc if isinstance(exc, LoraServeError) else
-                       LoraServeError(f"generation failed: {type(exc).__name__}"))
+    async def _run_step(self, prefill: bool, seqs: list[_Seq]) -> list[tuple[_Seq, StepResult]]:
+        """One step over `seqs`. The engine keeps no batch and a failed step leaves no trace, so
+        a step that raises is retried as two halves until the rows whose data fail it are alone:
+        they fail (out of memory: the request does not fit even alone), every other row goes on
+        as if they had never been there."""
+        seqs = [s for s in seqs if not (s.done or s.cancelled)]
+        if not seqs:
             return []
+        rows = [s.row() for s in seqs]
+        try:
+            results = await (self._engine.prefill(rows) if prefill else self._engine.decode(rows))
+            return list(zip(seqs, results, strict=True))
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._fail(seqs, _alone(exc))
+                return []
+            if isinstance(exc, OutOfMemory):
+                self.stats.oom_splits += 1
+            else:
+                self.stats.failed_splits += 1
+                log.warning("a %s step of %d rows failed (%s: %s); retrying its halves", "prefill" if prefill
+                            else "decode", len(seqs), type(exc).__name__, exc)
+            half = len(seqs) // 2
+            return await self._run_step(prefill, seqs[:half]) + await self._run_step(prefill, seqs[half:])
 
     async def _make_usable(self, adapter: AdapterRef, group: list[_Seq]) -> bool:
         """Attach `adapter` for `group`; on failure they go back to waiting, fall back or fail."""
@@ -373,27 +404,32 @@ class Scheduler:
         self._waiting[:0] = group
 
     async def _step(self) -> None:
-        live = self._live()
+        live = sorted(self._live(), key=lambda s: s.kv_slot)  # consecutive slots are read without a gather
         ids = [s.seq_id for s in live]
         if self._epoch is None or self._epoch[2] != ids:
             self._close_epoch()
             self._epoch = [self._clock(), 0, ids, live]
         t0 = self._clock()
-        try:
-            results = await self._engine.decode(ids)
-        except Exception as exc:
-            await self._decode_failed(exc)
-            return
+        results = await self._run_step(False, live)
         self._epoch[1] += 1
         for seq in live:
             seq.timings.decode_ms += (self._clock() - t0) * 1e3
         self._apply(results)
-        before = len(self._running)
-        self._running = [s for s in self._running if not (s.done or s.cancelled)]
-        if len(self._running) < before:
-            self._deferred.clear()  # rows left: room may have been freed
+        self._reap()
         if not self._running:
             await self._end_batch()
+
+    def _reap(self) -> None:
+        """Rows that finished, failed or were cancelled leave: their KV slots are free again."""
+        gone = [s for s in self._running if s.done or s.cancelled]
+        if not gone:
+            return
+        for seq in gone:
+            if seq.kv_slot >= 0:
+                self._kv.give_back(seq.kv_slot)
+                seq.kv_slot = -1
+        self._running = [s for s in self._running if not (s.done or s.cancelled)]
+        self._deferred.clear()  # rows left: room may have been freed
 
     def _close_epoch(self) -> None:
         """One decode span per stretch of steps with the same rows."""
@@ -405,20 +441,8 @@ class Scheduler:
 
     async def _end_batch(self) -> None:
         self._close_epoch()
-        self._running = []
-        await self._engine.release()
+        self._reap()
         self._deferred.clear()
-
-    async def _decode_failed(self, exc: Exception) -> None:
-        """A failed decode step fails that batch's rows (their caches are suspect) and frees the
-        batch; queued requests and the server go on."""
-        if isinstance(exc, LoraServeError):
-            self._fail(self._running, exc)
-        else:
-            log.error("batch failed", exc_info=exc)
-            self._fail(self._running, LoraServeError(f"generation failed: {type(exc).__name__}"))
-        self._epoch = None
-        await self._end_batch()
 
     def _live(self) -> list[_Seq]:
         return [s for s in self._running if not (s.done or s.cancelled)]
@@ -442,16 +466,20 @@ class Scheduler:
                 self.stats.failed += 1
                 seq.events.put_nowait(exc)
 
-    def _apply(self, results: list[StepResult]) -> None:
-        by_id = {s.seq_id: s for s in self._running}
+    def _apply(self, results: list[tuple[_Seq, StepResult]]) -> None:
         eos = self._engine.eos_token_ids
-        for res in results:
-            seq = by_id[res.seq_id]
+        for seq, res in results:
             if seq.done or seq.cancelled:
                 continue
-            seq.output_tokens += 1
-            text, stops = res.text, seq.req.stop_sequences
-            cut = find_stop(text, stops) if stops else -1
+            if res.error is not None:
+                self._fail([seq], res.error)
+                continue
+            seq.generated.append(res.token_id)
+            seq.detok = res.detok
+            stops, searched = seq.req.stop_sequences, len(seq.text)
+            seq.text = text = seq.text + res.text
+            # Only the new text (and a stop's length before it) can hold a new match.
+            cut = find_stop(text, stops, max(0, searched - max(map(len, stops)) + 1)) if stops else -1
             if cut >= 0:
                 self._finish(seq, text[:cut], FinishReason.STOP_SEQUENCE)
             elif res.token_id in eos and not seq.req.ignore_eos:

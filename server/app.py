@@ -46,8 +46,9 @@ class LoraServer:
                  tracer_provider: TracerProvider | None = None):
         """`tracer_provider` defaults to one configured from the OTEL_* environment (or none)."""
         self.cfg = cfg
-        self.engine = engine or TorchEngine(EngineConfig(cfg.model_path, cfg.quantization, cfg.device, cfg.dtype,
-                                                         cfg.max_concurrent_loads))
+        self.engine = engine or TorchEngine(EngineConfig(
+            cfg.model_path, cfg.quantization, cfg.device, cfg.dtype, cfg.max_concurrent_loads,
+            max_rows=cfg.max_batch_size, kv_cache_mib=cfg.kv_cache_mib, max_model_len=cfg.max_model_len))
         self.scheduler: Scheduler | None = None
         self.health = health.aio.HealthServicer()
         # The base model's identity is known once load() has fingerprinted it.

@@ -37,6 +37,8 @@ class ServerConfig:
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16.")
     max_batch_size: int = _f(16, "Most sequences decoded together in one batch.")
     max_batch_tokens: int = _f(8192, "Most prompt+max_new_tokens summed over one batch.")
+    kv_cache_mib: int = _f(0, "KV pool budget, MiB; 0 = room for max_batch_size sequences of max_model_len tokens.")
+    max_model_len: int = _f(0, "Most tokens (prompt + generated) per sequence; 0 = the model's position limit.")
     batch_policy: str = _f("mixed", "mixed: any adapters share a batch; grouped: one adapter per batch.")
     join_delay_ms: float = _f(20.0, "How long newcomers may wait to join a running batch together.")
     max_queue: int = _f(1024, "Most queued requests; beyond it RESOURCE_EXHAUSTED.")
@@ -90,6 +92,8 @@ class ServerConfig:
         if min(self.batch_wait_ms, self.join_delay_ms, self.grace_period_s, self.failed_load_backoff_s) < 0:
             problems.append("batch_wait_ms, join_delay_ms, grace_period_s and failed_load_backoff_s must not "
                             "be negative")
+        if min(self.kv_cache_mib, self.max_model_len) < 0:
+            problems.append("kv_cache_mib and max_model_len must not be negative")
         if min(self.ram_budget_mib, self.vram_budget_mib, self.idle_ttl_s) < 0:
             problems.append("ram_budget_mib, vram_budget_mib and idle_ttl_s must not be negative")
         bad = [w for w in self.warm_schedule if not WARM_AT.match(w)]

@@ -68,9 +68,9 @@ class PacedEngine(TorchEngine):
     """The real engine with every decode step stretched to >= 10 ms, so a test can act while a
     batch is provably still running (the demo model is otherwise too quick to observe)."""
 
-    def _decode(self, keep):
+    def _decode(self, rows):
         time.sleep(0.01)
-        return super()._decode(keep)
+        return super()._decode(rows)
 
 
 @pytest.fixture(scope="module")

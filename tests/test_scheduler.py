@@ -30,11 +30,14 @@ def req(rid: str, adapter: AdapterRef = BASE, max_new: int = 4, prompt=(5, 6), s
 class ScriptedEngine(WeightsRecorder):
     """Each row 'generates' its adapter id's letters, one per step, then EOS.
 
+    Stateless like the real engine: a row's next letter follows from the tokens it carries.
+    It checks what the scheduler promises: a step only runs rows whose adapter is attached, and
+    a KV slot belongs to one live sequence at a time (from its prefill until it leaves).
     `gate`, when set, holds every decode step until the test releases it.
-    Adapter moves only record where the weights are, so tests can check them.
     """
 
     eos_token_ids = frozenset({EOS})
+    kv_slots = 64
 
     def __init__(self, fail_adapters=(), fetch_s: float = 0.0, slow: dict[str, float] | None = None,
                  size: int = 100):
@@ -46,7 +49,7 @@ class ScriptedEngine(WeightsRecorder):
         self.fetching = self.peak_fetching = 0
         self._fetch_s, self._slow, self._size = fetch_s, slow or {}, size
         self._fail = set(fail_adapters)
-        self._rows = {}
+        self.owner: dict[int, int] = {}  # KV slot -> the sequence last prefilled into it
 
     def size_on_disk(self, adapter):
         return self._size
@@ -64,32 +67,28 @@ class ScriptedEngine(WeightsRecorder):
         self.ram.add(adapter)
         return self._size
 
-    async def prefill(self, rows, keep):
-        assert set(keep) <= set(self._rows), "kept rows the engine never had"
-        self._rows = {k: self._rows[k] for k in keep}
+    async def prefill(self, rows):
         self.prefills.append([r.seq_id for r in rows])
-        assert all(r.adapter.is_base or r.adapter in self.vram for r in rows), "batch ran without its adapter"
-        new = {r.seq_id: (r.adapter.id, []) for r in rows}
-        self._rows.update(new)  # rows join the running batch
-        return self._step(list(new))
+        for r in rows:
+            self.owner[r.kv_slot] = r.seq_id
+        return self._step(rows)
 
-    async def decode(self, keep):
-        self.decodes.append(list(keep))
+    async def decode(self, rows):
+        self.decodes.append([r.seq_id for r in rows])
         if self.gate is not None:
             await self.gate.wait()
         await asyncio.sleep(0)  # like the real engine's executor hop, a step lets other tasks run
-        return self._step(keep)
+        assert all(self.owner[r.kv_slot] == r.seq_id for r in rows), "a KV slot was handed to two sequences"
+        return self._step(rows)
 
-    async def release(self):
-        self._rows = {}
-
-    def _step(self, ids):
+    def _step(self, rows):
+        assert len({r.kv_slot for r in rows}) == len(rows)
+        assert all(r.adapter.is_base or r.adapter in self.vram for r in rows), "batch ran without its adapter"
         out = []
-        for sid in ids:
-            name, produced = self._rows[sid]
-            token = ord(name[len(produced)]) if len(produced) < len(name) else EOS
-            produced.append(token)
-            out.append(StepResult(sid, token, "".join(chr(t) for t in produced if t != EOS)))
+        for r in rows:
+            done = len(r.generated)
+            token = ord(r.adapter.id[done]) if done < len(r.adapter.id) else EOS
+            out.append(StepResult(r.seq_id, token, chr(token) if token != EOS else ""))
         return out
 
 
@@ -372,22 +371,18 @@ class OutOfMemoryEngine(ScriptedEngine):
 
     def __init__(self, fits: int, fail_decodes: int = 0):
         super().__init__()
-        self.fits, self.fail_decodes, self.released = fits, fail_decodes, 0
+        self.fits, self.fail_decodes = fits, fail_decodes
 
-    async def prefill(self, rows, keep):
+    async def prefill(self, rows):
         if len(rows) > self.fits:
             raise OutOfMemory("not enough memory")
-        return await super().prefill(rows, keep)
+        return await super().prefill(rows)
 
-    async def decode(self, keep):
+    async def decode(self, rows):
         if self.fail_decodes:
             self.fail_decodes -= 1
             raise OutOfMemory("not enough memory")
-        return await super().decode(keep)
-
-    async def release(self):
-        self.released += 1
-        await super().release()
+        return await super().decode(rows)
 
 
 def test_out_of_memory_prefill_is_split_and_retried():
@@ -403,17 +398,20 @@ def test_out_of_memory_prefill_is_split_and_retried():
     assert splits >= 2 and max(map(len, engine.prefills)) == 1
 
 
-def test_request_too_large_even_alone_fails_alone_and_a_failed_decode_frees_its_batch():
+def test_request_too_large_even_alone_fails_alone_and_a_decode_out_of_memory_is_split():
     engine = OutOfMemoryEngine(fits=0)
 
     async def scenario(s):
         with pytest.raises(OutOfMemory):
             await s.submit(req("big", ref("ab"))).result()
-        engine.fits, engine.fail_decodes = 8, 1
-        with pytest.raises(OutOfMemory):
-            await s.submit(req("unlucky", ref("abc"))).result()
-        released = engine.released
-        return await s.submit(req("after", ref("xy"))).result(), released
+        engine.fits = 8
+        engine.gate = asyncio.Event()
+        tickets = [s.submit(req("one", ref("abc"))), s.submit(req("two", ref("xyz")))]
+        while s.running < 2:
+            await asyncio.sleep(0)
+        engine.fail_decodes = 1  # the next decode of both rows fails; each half then runs alone
+        engine.gate.set()
+        return [await t.result() for t in tickets], s.stats.oom_splits
 
-    after, released = run(engine, scenario)
-    assert after.text == "xy" and released >= 1
+    results, splits = run(engine, scenario)
+    assert [r.text for r in results] == ["abc", "xyz"] and splits == 1

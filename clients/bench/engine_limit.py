@@ -17,25 +17,31 @@ def engine_limit(model_path: Path, plan: list[tuple[str, str, int]], batch_size:
     from runner.engine import EngineConfig, TorchEngine
 
     async def measure() -> dict:
-        engine = TorchEngine(EngineConfig(Path(model_path), dtype=dtype))
+        engine = TorchEngine(EngineConfig(Path(model_path), dtype=dtype, max_rows=batch_size))
         await engine.start()
         try:
-            rows = [Row(i, BASE, tuple(engine.encode(prompt)), SamplingParams()) for i, (_, prompt, _) in
-                    enumerate(plan)]
+            prompts = [tuple(engine.encode(prompt)) for _, prompt, _ in plan]
             steps = [new for _, _, new in plan]
-            await engine.prefill(rows[:1], [])  # warm-up
-            await engine.release()
+
+            async def run(batch: list[int]) -> None:
+                generated = {i: [] for i in batch}
+                rows = [Row(i, BASE, slot, prompts[i], generated[i], SamplingParams()) for slot, i in enumerate(batch)]
+                for _ in range(max(steps[i] for i in batch)):
+                    results = await (engine.decode(rows) if generated[batch[0]] else engine.prefill(rows))
+                    for row, res in zip(rows, results, strict=True):
+                        generated[row.seq_id].append(res.token_id)
+                    rows = [Row(r.seq_id, BASE, r.kv_slot, r.prompt_ids, generated[r.seq_id], r.sampling, res.detok)
+                            for r, res in zip(rows, results, strict=True)]
+
+            await run([0])  # warm-up
             tokens, started = 0, time.perf_counter()
-            for at in range(0, len(rows), batch_size):
-                batch = rows[at:at + batch_size]
-                await engine.prefill(batch, [])
-                for _ in range(max(steps[at:at + batch_size]) - 1):
-                    await engine.decode([r.seq_id for r in batch])
-                await engine.release()
-                tokens += sum(steps[at:at + batch_size])
+            for at in range(0, len(prompts), batch_size):
+                batch = list(range(at, min(at + batch_size, len(prompts))))
+                await run(batch)
+                tokens += sum(steps[i] for i in batch)
             wall = time.perf_counter() - started
         finally:
             await engine.close()
-        return {"requests": len(rows), "tokens": tokens, "wall_s": round(wall, 3), "tok_per_s": round(tokens / wall, 1)}
+        return {"requests": len(prompts), "tokens": tokens, "wall_s": round(wall, 3), "tok_per_s": round(tokens / wall, 1)}
 
     return asyncio.run(measure())

@@ -16,6 +16,7 @@ class InstantEngine:
     """Answers every step at once; every adapter move is free."""
 
     eos_token_ids = frozenset({0})
+    kv_slots = 1024
 
     def size_on_disk(self, adapter):
         return 1
@@ -35,14 +36,11 @@ class InstantEngine:
     def drop(self, adapter):
         pass
 
-    async def prefill(self, rows, keep):
+    async def prefill(self, rows):
         return [StepResult(r.seq_id, 7, "x") for r in rows]
 
-    async def decode(self, keep):
-        return [StepResult(k, 7, "x") for k in keep]
-
-    async def release(self):
-        pass
+    async def decode(self, rows):
+        return [StepResult(r.seq_id, 7, "x") for r in rows]
 
 
 def scheduler_overhead(requests: int = 2000, adapters: int = 100, new_tokens: int = 32,

@@ -1,0 +1,132 @@
+"""One preallocated KV cache, one fixed slot per running sequence, and the attention that uses it.
+
+Per layer, keys and values are [slots, kv_heads, max_len, head_dim], allocated once at start-up.
+The scheduler gives each admitted sequence a slot for its whole life, so joining and leaving
+never copy another row's cache. A step hands the model its rows' slots and lengths (StepContext,
+passed through the HF forward as the `kv_step` keyword); the attention registered here writes the
+step's new keys/values into those slots and reads each row's own prefix only:
+
+* prefill: rows are left-padded to one width T; the fresh [B, Hkv, T, D] keys/values are
+  attended with a causal + padding mask and their valid columns scattered into the pool.
+* decode: each row writes one column at its own length, then attends over its slot's first
+  `length + 1` positions (a view when the rows' slots are consecutive, else one gather).
+
+A row never reads another row's slot, and reads of its own slot past its length see zeros
+(slots are cleared when a sequence is prefilled into them), so a NaN left by a failed
+neighbour or a previous occupant cannot reach it. GQA is handled by SDPA's enable_gqa, with
+no repeat_kv copies. Nothing here outlives a step: a step that raises has only written into
+its own rows' slots at positions their lengths do not yet cover, which the retry overwrites.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION = "loraserve_pool"
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    max_len: int
+    """Most tokens one sequence holds (prompt + generated)."""
+
+    def bytes_per_slot(self, dtype: torch.dtype) -> int:
+        return 2 * self.layers * self.kv_heads * self.max_len * self.head_dim * dtype.itemsize
+
+
+class KVPool:
+    def __init__(self, geometry: PoolGeometry, slots: int, device: torch.device, dtype: torch.dtype):
+        self.geometry, self.slots = geometry, slots
+        shape = (slots, geometry.kv_heads, geometry.max_len, geometry.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(geometry.layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(geometry.layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.keys, *self.values))
+
+    def clear(self, slots: torch.Tensor) -> None:
+        for t in (*self.keys, *self.values):
+            t.index_fill_(0, slots, 0)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """One step's view of the pool. B rows; for prefill T is the padded prompt width."""
+
+    pool: KVPool
+    slots: torch.Tensor
+    """[B] long: each row's pool slot."""
+    prefill: bool
+    mask: torch.Tensor
+    """prefill: [B, 1, T, T] bool (causal and not padding); decode: [B, 1, 1, L] bool (position < length + 1)."""
+    write_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor
+    """prefill: (rows, columns, positions) of the valid tokens, each [N]; decode: [B] positions."""
+    span: slice | None = None
+    """decode, when the slots are consecutive: the pool rows to read as a view, no gather."""
+    read_len: int = 0
+
+
+def prefill_context(pool: KVPool, slots: list[int], lengths: list[int], device: torch.device) -> StepContext:
+    width = max(lengths)
+    col = torch.arange(width)
+    start = torch.tensor([width - n for n in lengths]).unsqueeze(1)  # [B, 1] first real column
+    valid = col.unsqueeze(0) >= start  # [B, T]
+    causal = col.unsqueeze(0) <= col.unsqueeze(1)  # [T(query), T(key)]
+    # Padding queries may see only themselves: a fully masked row would make SDPA produce NaN.
+    mask = (causal.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(width, dtype=torch.bool).unsqueeze(0)
+    rows, cols = valid.nonzero(as_tuple=True)
+    positions = cols - start.squeeze(1)[rows]
+    slot_t = torch.tensor(slots, device=device)
+    return StepContext(pool, slot_t, True, mask.unsqueeze(1).to(device),
+                       (rows.to(device), cols.to(device), positions.to(device)))
+
+
+def decode_context(pool: KVPool, slots: list[int], lengths: list[int], device: torch.device) -> StepContext:
+    """`lengths`: tokens each row already holds; this step writes position `length`."""
+    read_len = max(lengths) + 1
+    positions = torch.tensor(lengths)
+    mask = torch.arange(read_len).unsqueeze(0) <= positions.unsqueeze(1)  # [B, L]
+    consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+    return StepContext(pool, torch.tensor(slots, device=device), False, mask[:, None, None, :].to(device),
+                       positions.to(device), slice(slots[0], slots[0] + len(slots)) if consecutive else None,
+                       read_len)
+
+
+def pool_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_step=None,
+                   **_):
+    """HF attention interface: query [B, H, T, D], key/value [B, Hkv, T, D] (rotary applied)."""
+    ctx: StepContext = kv_step
+    k_pool, v_pool = ctx.pool.keys[module.layer_idx], ctx.pool.values[module.layer_idx]
+    if ctx.prefill:
+        rows, cols, positions = ctx.write_at
+        slots = ctx.slots[rows]
+        k_pool[slots, :, positions] = key[rows, :, cols]
+        v_pool[slots, :, positions] = value[rows, :, cols]
+        k, v = key, value
+    else:
+        k_pool[ctx.slots, :, ctx.write_at] = key[:, :, 0]
+        v_pool[ctx.slots, :, ctx.write_at] = value[:, :, 0]
+        if ctx.span is not None:
+            k, v = k_pool[ctx.span, :, :ctx.read_len], v_pool[ctx.span, :, :ctx.read_len]
+        else:
+            k, v = k_pool[ctx.slots, :, :ctx.read_len], v_pool[ctx.slots, :, :ctx.read_len]
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=ctx.mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != k.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, pool_attention)
+
+
+def geometry_of(config, max_len: int) -> PoolGeometry:
+    heads = config.num_attention_heads
+    return PoolGeometry(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
+                        getattr(config, "head_dim", None) or config.hidden_size // heads, max_len)
