@@ -1,10 +1,13 @@
 """Moves adapters between tiers through the engine, keeping AdapterCache's books.
 
 Reads from disk go through a LoadLimiter (at most N at once, one per adapter)
-and overlap compute. Attach, demote and drop are serialized by one lock, and
-the books change only after the engine has done the move, so the recorded
-bytes of a tier never exceed its budget: room is made (and a read's bytes
-reserved) before anything grows.
+and overlap compute. Every move (attach, demote, detach, drop, and the books'
+reservation for a read) runs under one lock, so moves of an adapter never
+interleave. The books never claim more residency than the engine has: an
+upward move is recorded after the engine did it, a downward one before the
+engine starts it. So "VRAM in the books" always means attached (a request may
+use it at once), and the recorded bytes of a tier never exceed its budget:
+room is made (and a read's bytes reserved) before anything grows.
 """
 
 from __future__ import annotations
@@ -132,14 +135,17 @@ class AdapterTiers:
 
     # -- down ------------------------------------------------------------------
     async def _execute(self, actions: list[Action]) -> None:
+        """Downward moves. The books change first: whoever reads them while the engine still
+        works (a request's to_vram, the scheduler's readiness check) sees the adapter already
+        gone and waits on the lock, instead of trusting a slot that is being emptied."""
         for action in actions:
+            self.cache.apply(action)
             if isinstance(action, Demote):
                 await self._engine.demote(action.adapter)
             elif action.tier is Tier.VRAM:
                 await self._engine.detach(action.adapter)
             else:
                 self._engine.drop(action.adapter)
-            self.cache.apply(action)
 
     async def evict(self, adapter: AdapterRef, to: Tier) -> None:
         """Move `adapter` down to `to` (RAM or DISK); refused while pinned or in use."""

@@ -10,6 +10,7 @@ import pytest
 from fakes import WeightsRecorder
 
 from scheduler.cache import Budgets, Demote, Drop, Entry, NoRoom, Tier, plan_admit
+from scheduler.errors import LoraServeError
 from scheduler.housekeeping import next_occurrence
 from scheduler.tiers import AdapterTiers
 from scheduler.types import AdapterRef
@@ -172,3 +173,69 @@ def test_concurrent_asks_for_one_cold_adapter_read_it_once():
 
     asyncio.run(scenario())
     assert engine.reads == 1 and tiers.tier_of(a) is Tier.VRAM
+
+
+class SlowMovesEngine(RecordingEngine):
+    """Every move takes a while on the engine thread, as a real detach or demote does."""
+
+    async def detach(self, adapter):
+        await asyncio.sleep(0.002)
+        await super().detach(adapter)
+
+    async def demote(self, adapter):
+        await asyncio.sleep(0.002)
+        await super().demote(adapter)
+
+    async def attach(self, adapter):
+        await asyncio.sleep(0.002)
+        await super().attach(adapter)
+
+
+def test_evict_warm_pin_and_requests_interleaved_never_hand_out_a_detached_adapter():
+    """One owner of residency: whenever to_vram returns, the engine really holds the adapter,
+    however evictions, warm-ups, pins, unpins and idle sweeps of the same adapters interleave."""
+    rng = random.Random(7)
+    adapters = [ref(f"a{i}") for i in range(4)]
+    engine = SlowMovesEngine({a: 10 for a in adapters})
+    in_use: list[AdapterRef] = []  # like the scheduler's running rows: protected from eviction
+    tiers = AdapterTiers(engine, Budgets(ram=30, vram=20), running=lambda: frozenset(in_use))
+    handed_out = []
+
+    async def request(a):
+        in_use.append(a)
+        try:
+            await tiers.to_vram(a)
+            await asyncio.sleep(0.003)  # the step that uses it runs a little later
+            handed_out.append(a in engine.vram)
+        except NoRoom:  # VRAM full of pinned adapters: refused, not handed out
+            pass
+        finally:
+            in_use.remove(a)
+
+    async def churn(a):
+        op = rng.choice(["disk", "ram", "warm", "pin", "unpin", "sweep"])
+        try:
+            if op in ("disk", "ram"):
+                await tiers.evict(a, Tier.DISK if op == "disk" else Tier.RAM)
+            elif op == "warm":
+                await tiers.to_vram(a)
+            elif op == "pin":
+                await tiers.pin(a)
+            elif op == "unpin":
+                tiers.unpin(a)
+            else:
+                await tiers.sweep_idle(0.0)
+        except (NoRoom, LoraServeError):  # refusals (busy, full) are answers, not failures
+            pass
+
+    async def scenario():
+        for _ in range(150):
+            picks = [rng.choice(adapters) for _ in range(6)]
+            await asyncio.gather(*(request(a) for a in picks[:3]), *(churn(a) for a in picks[3:]))
+            tiers.unpin(picks[0])
+            tiers.unpin(picks[3])
+
+    asyncio.run(scenario())
+    assert len(handed_out) > 300 and all(handed_out)
+    assert engine.vram == {a for a, e in tiers.cache.entries.items() if e.tier is Tier.VRAM}
+    assert engine.ram == {a for a, e in tiers.cache.entries.items() if e.tier is Tier.RAM}
