@@ -1,0 +1,78 @@
+"""The KV pool through the real engine: rows read only their own slots, the pool's size comes
+from its budget, and a full pool makes requests wait, never fail."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import PROMPT, ServerThread, server_config
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc
+from runner.engine import EngineConfig, TorchEngine
+from scheduler.engine import Row
+from scheduler.types import BASE, SamplingParams
+
+PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there")
+
+
+def _generate(engine: TorchEngine, slots: list[int], steps: int, poison: tuple[int, ...] = ()) -> list[list[int]]:
+    """Greedy tokens of PROMPTS decoded together in `slots`; `poison` slots are filled with NaN
+    after the prefill, as a failed neighbour or a previous occupant could leave them."""
+    async def run():
+        prompts = [tuple(engine.encode(p)) for p in PROMPTS]
+        generated = [[] for _ in prompts]
+        rows = lambda: [Row(i, BASE, slot, prompts[i], generated[i], SamplingParams())  # noqa: E731
+                        for i, slot in enumerate(slots)]
+        results = await engine.prefill(rows())
+        for t in (*engine._pool.keys, *engine._pool.values):
+            t[list(poison)] = float("nan")
+        for _ in range(steps):
+            for g, r in zip(generated, results, strict=True):
+                assert r.error is None
+                g.append(r.token_id)
+            results = await engine.decode(rows())
+        return generated
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def engine(demo_dir):
+    engine = TorchEngine(EngineConfig(demo_dir / "base", max_rows=6))
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.close())
+
+
+def test_rows_never_read_a_poisoned_neighbour_slot(engine):
+    clean = _generate(engine, [0, 1, 2], 12)  # consecutive slots: read as one view
+    assert _generate(engine, [1, 3, 5], 12, poison=[0, 2, 4]) == clean  # scattered: gathered
+    assert _generate(engine, [3, 4, 5], 12, poison=[0, 1, 2]) == clean
+    # A slot a poisoned sequence used is cleared before its next occupant's prefill.
+    assert _generate(engine, [0, 1, 2], 12) == clean
+
+
+def test_pool_size_follows_its_budget_and_refuses_one_that_holds_nothing(demo_dir):
+    probe = TorchEngine(EngineConfig(demo_dir / "base", max_rows=64, kv_cache_mib=1))
+    asyncio.run(probe.start())
+    per_slot = probe.kv_bytes() // probe.kv_slots
+    assert probe.kv_slots == min(64, 2**20 // per_slot) and probe.kv_bytes() <= 2**20
+    asyncio.run(probe.close())
+    with pytest.raises(ValueError, match="holds no sequence"):
+        asyncio.run(TorchEngine(EngineConfig(demo_dir / "base", max_model_len=512, kv_cache_mib=0.001)).start())
+
+
+def test_a_full_pool_makes_requests_wait_not_fail(demo_dir, stub):
+    engine = TorchEngine(EngineConfig(demo_dir / "base", max_rows=2))
+    srv = ServerThread(server_config(demo_dir, max_batch_size=16), engine=engine)
+    requests = [pb.GenerateRequest(adapter_id=a, prompt=f"{PROMPT} {i}", max_new_tokens=10)
+                for i, a in enumerate(("legal", "medical", "support", "base") * 2)]
+    try:
+        with srv.channel() as ch:
+            two_slots = inference_pb2_grpc.InferenceServiceStub(ch)
+            futures = [two_slots.Generate.future(r, timeout=60) for r in requests]
+            assert [f.result().text for f in futures] == [stub.Generate(r, timeout=60).text for r in requests]
+        assert srv.server.scheduler.stats.failed == 0
+    finally:
+        srv.stop()
