@@ -22,7 +22,8 @@ import torch
 
 from runner.detok import decode_new
 from runner.kvpool import ATTENTION, KVPool, decode_context, geometry_of, prefill_context
-from runner.lora import LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, wrap_linear_layers
+from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
+                         wrap_linear_layers)
 from runner.sampling import sample
 from scheduler.engine import Row, StepResult
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, GenerationFailed, LoraServeError, OutOfMemory
@@ -52,6 +53,12 @@ class EngineConfig:
     """KV pool budget; 0 = room for max_rows sequences of max_model_len tokens."""
     max_model_len: int = 0
     """Most tokens (prompt + generated) per sequence; 0 = the model's max_position_embeddings."""
+    max_loras: int = 64
+    """Adapters attached at once (slots in the stacks)."""
+    max_lora_rank: int = 64
+    """Largest adapter rank; every slot has room for it."""
+    vram_budget_bytes: int = 0
+    """Caps the slot stacks' bytes (fewer slots than max_loras when it binds); 0 = no cap."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,7 +106,7 @@ class TorchEngine:
         self._ram: dict[AdapterRef, LoraWeights] = {}
         self._slots: dict[AdapterRef, tuple[int, dict[str, int]]] = {}  # attached: slot, rank per module
         self._free_slots: list[int] = []
-        self._capacity = 1  # slots every stacked layer holds (slot 0: no adapter)
+        self._slot_bytes = 0
         self._rows = RowSlots()
         self._layers: dict[str, LoRALinear] = {}
         self._module_names: frozenset[str] = frozenset()
@@ -123,6 +130,7 @@ class TorchEngine:
         self._layers = wrap_linear_layers(self._model, self._rows)
         self._model.set_attn_implementation(ATTENTION)
         self._pool = self._allocate_pool()
+        self._allocate_lora_slots()
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
@@ -130,6 +138,20 @@ class TorchEngine:
         log.info("loaded base model %s on %s (quantization=%s); KV pool: %d sequences x %d tokens, %.1f MiB",
                  self.cfg.model_path, self._device, self.cfg.quantization, self._pool.slots,
                  self._pool.geometry.max_len, self._pool.nbytes / 2**20)
+
+    def _allocate_lora_slots(self) -> None:
+        """Every wrapped layer's slot stacks at (slots + 1, max_lora_rank), once: as many slots as
+        max_loras allows and the VRAM budget holds. The VRAM tier then budgets whole slots."""
+        self._slot_bytes = slot_bytes(self._layers.values(), self.cfg.max_lora_rank, self._dtype)
+        slots = self.cfg.max_loras
+        if self.cfg.vram_budget_bytes:
+            slots = min(slots, self.cfg.vram_budget_bytes // self._slot_bytes)
+        if slots < 1:
+            raise ValueError(f"the VRAM budget holds no adapter: one slot of rank {self.cfg.max_lora_rank} "
+                             f"takes {self._slot_bytes / 2**20:.2f} MiB on this model")
+        for layer in self._layers.values():
+            layer.allocate(slots + 1, self.cfg.max_lora_rank, self._device, self._dtype)
+        self._free_slots = list(range(slots, 0, -1))
 
     def _allocate_pool(self) -> KVPool:
         config = self._model.config
@@ -211,6 +233,9 @@ class TorchEngine:
                                       reason="WEIGHTS_HASH_MISMATCH")
         weights = parse_peft(config, safetensors_load(blob))
         for module, (a_t, b_t, _) in weights.modules.items():
+            if a_t.shape[1] > self.cfg.max_lora_rank:
+                raise AdapterIncompatible(adapter.id, f"{module} has rank {a_t.shape[1]} in its weights; this "
+                                          f"server's slots hold rank {self.cfg.max_lora_rank} at most")
             layer = self._layers.get(module)
             if layer is None:
                 raise AdapterIncompatible(adapter.id, f"the base model has no linear layer {module!r}")
@@ -225,14 +250,16 @@ class TorchEngine:
 
     def _attach(self, adapter: AdapterRef) -> None:
         weights = self._ram.pop(adapter)
-        slot = self._free_slots.pop() if self._free_slots else len(self._slots) + 1
-        if slot >= self._capacity:  # double, so growing copies stay rare
-            self._capacity = 2 * slot
-            for layer in self._layers.values():
-                layer.reserve(self._capacity, self._device, self._dtype)
+        slot = self._free_slots.pop()  # the VRAM tier's budget is exactly the slots: one is free
         for path, entry in weights.modules.items():
-            self._layers[path].write(slot, entry, self._capacity, self._device, self._dtype)
+            self._layers[path].write(slot, entry)
         self._slots[adapter] = (slot, {path: a_t.shape[1] for path, (a_t, _, _) in weights.modules.items()})
+        self._set_rank()
+
+    def _set_rank(self) -> None:
+        rank = max((r for _, ranks in self._slots.values() for r in ranks.values()), default=1)
+        if rank != self._rows.rank:
+            self._rows.rank, self._rows.version = rank, self._rows.version + 1
 
     async def demote(self, adapter: AdapterRef) -> None:
         await self._run(self._demote, adapter)
@@ -249,17 +276,25 @@ class TorchEngine:
     def _detach(self, adapter: AdapterRef) -> None:
         slot, ranks = self._slots.pop(adapter)
         for path in ranks:
-            self._layers[path].write(slot, None, self._capacity, self._device, self._dtype)
+            self._layers[path].write(slot, None)
         self._free_slots.append(slot)
+        self._set_rank()
 
     def drop(self, adapter: AdapterRef) -> None:
         self._ram.pop(adapter, None)
 
     def stack_bytes(self) -> int:
-        """Device bytes the attached adapters really occupy: the slot stacks are padded to the
-        largest resident rank and grow by doubling, so this can exceed the VRAM tier's count
-        (which budgets each adapter's own bytes) by up to about 2x."""
+        """Device bytes of the adapter slot stacks, reserved once at start-up."""
         return sum(t.nbytes for layer in self._layers.values() for t in (layer.a, layer.b) if t is not None)
+
+    def attached_bytes(self, adapter: AdapterRef) -> int:
+        """What an attached adapter occupies on the device: one whole slot, whatever its rank."""
+        return self._slot_bytes
+
+    @property
+    def lora_budget_bytes(self) -> int:
+        """The VRAM tier's budget: the reserved slots, each counted whole."""
+        return (len(self._free_slots) + len(self._slots)) * self._slot_bytes
 
     # -- steps ---------------------------------------------------------------
     # A step is a function of the rows it is given: it writes only into those rows' KV slots

@@ -76,6 +76,11 @@ def parse_peft(config: dict, tensors: dict[str, torch.Tensor]) -> LoraWeights:
     return LoraWeights(modules)
 
 
+def slot_bytes(layers, rank: int, dtype: torch.dtype) -> int:
+    """Device bytes one adapter slot takes across `layers` (LoRALinear or nn.Linear) at `rank`."""
+    return sum((m.in_features + m.out_features) * rank for m in layers) * dtype.itemsize
+
+
 class RowSlots:
     """Shared by every wrapped layer: during one step's forward, the slot of each row's adapter.
 
@@ -91,7 +96,9 @@ class RowSlots:
         self.index: torch.Tensor | None = None
         """[B] slot per row while a forward runs; None outside one, or when no row has an adapter."""
         self.version = 0
-        """Bumped whenever the slots change; a layer's kept gather is valid for one version."""
+        """Bumped whenever the slots or the rank change; a layer's kept gather is valid for one version."""
+        self.rank = 1
+        """The largest rank attached (columns of the stacks that forwards read)."""
         self._slots: tuple[int, ...] = ()
         self._tensor: torch.Tensor | None = None
 
@@ -108,10 +115,13 @@ class RowSlots:
 
 
 class LoRALinear(nn.Module):
-    """A base linear layer (plain, or bitsandbytes-quantized) plus the resident adapters' weights
-    for it, stacked by slot: a [S, in, R] and b [S, R, out] (R the largest resident rank, the
-    scale folded into b, slot 0 all zero). A forward picks each row's slot with one index_select,
-    so changing which rows are in the batch costs nothing here."""
+    """A base linear layer (plain, or bitsandbytes-quantized) plus every adapter slot's weights
+    for it: a [S, in, R] and b [S, R, out], allocated once (S = max_loras + 1, R = max_lora_rank;
+    the scale folded into b; slot 0 all zero for rows without an adapter). An adapter is copied
+    into its slot in place, so attaching and detaching never reallocate and the device memory
+    is what start-up reserved. A forward picks each row's slot with one index_select over the
+    first `RowSlots.rank` columns (the largest attached rank), so rank-8 adapters do not pay
+    for rank-64 room."""
 
     def __init__(self, base: nn.Module, rows: RowSlots):
         super().__init__()
@@ -121,6 +131,10 @@ class LoRALinear(nn.Module):
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
         self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (rows version, a, b)
+
+    def allocate(self, slots: int, rank: int, device, dtype) -> None:
+        self.a = torch.zeros(slots, self.in_features, rank, device=device, dtype=dtype)
+        self.b = torch.zeros(slots, rank, self.out_features, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -133,51 +147,29 @@ class LoRALinear(nn.Module):
         return y + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(y.dtype)
 
     def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, in, R] and [B, R, out]: each row's adapter weights."""
+        """[B, in, r] and [B, r, out]: each row's adapter weights (r: the largest attached rank)."""
         kept = self._gathered
         if kept is not None and kept[0] == self._rows.version:
             return kept[1], kept[2]
-        a, b = self.a.index_select(0, index), self.b.index_select(0, index)
+        r = self._rows.rank
+        a, b = self.a[:, :, :r].index_select(0, index), self.b[:, :r, :].index_select(0, index)
         self._gathered = (self._rows.version, a, b) if self._rows.keep_gathered else None
         return a, b
 
-    def write(self, slot: int, entry: tuple[torch.Tensor, torch.Tensor, float] | None, capacity: int,
-              device, dtype) -> None:
-        """Put one adapter's (A^T, B^T, scale) for this layer into `slot` (None clears it).
-        `capacity` is the engine's slot count: every stacked layer holds at least that many,
-        since any row may carry any slot."""
+    def write(self, slot: int, entry: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
+        """Put one adapter's (A^T, B^T, scale) for this layer into `slot` (None clears it)."""
         self._gathered = None
-        if entry is None:
-            if self.a is not None:
-                self.a[slot].zero_()
-                self.b[slot].zero_()
-            return
-        a_t, b_t, scale = entry
-        r = a_t.shape[1]
-        if self.a is None or r > self.a.shape[2]:
-            self._grow(capacity, max(r, self.a.shape[2] if self.a is not None else 0), device, dtype)
         self.a[slot].zero_()
         self.b[slot].zero_()
-        self.a[slot, :, :r] = a_t
-        self.b[slot, :r, :] = b_t * scale
+        if entry is not None:
+            a_t, b_t, scale = entry
+            r = a_t.shape[1]
+            self.a[slot, :, :r] = a_t
+            self.b[slot, :r, :] = b_t * scale
 
     def read(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The (A^T, scaled B^T, 1.0) held in `slot`, copied to the CPU."""
         return self.a[slot, :, :rank].to("cpu", copy=True), self.b[slot, :rank, :].to("cpu", copy=True), 1.0
-
-    def reserve(self, capacity: int, device, dtype) -> None:
-        if self.a is not None and capacity > self.a.shape[0]:
-            self._grow(capacity, self.a.shape[2], device, dtype)
-
-    def _grow(self, slots: int, rank: int, device, dtype) -> None:
-        self._gathered = None
-        a = torch.zeros(slots, self.in_features, rank, device=device, dtype=dtype)
-        b = torch.zeros(slots, rank, self.out_features, device=device, dtype=dtype)
-        if self.a is not None:
-            n, _, r = self.a.shape
-            a[:n, :, :r] = self.a
-            b[:n, :r, :] = self.b
-        self.a, self.b = a, b
 
 
 def wrap_linear_layers(model: nn.Module, rows: RowSlots,

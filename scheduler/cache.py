@@ -34,6 +34,9 @@ class Entry:
     last_used: float
     pinned: bool = False
     used: bool = False
+    host_bytes: int = 0
+    """While attached: its size as a RAM copy (a demotion's cost to the RAM tier); `bytes` is
+    then what it occupies on the device."""
     """Whether a request has used it (else last_used is when it was loaded)."""
 
 
@@ -125,13 +128,14 @@ def plan_admit(entries: Mapping[AdapterRef, Entry], budgets: Budgets, adapter: A
     ram_victims = victims(Tier.RAM)
     # Most recently used first, so they are the ones that keep a RAM copy.
     for e in sorted(demoted, key=lambda e: e.last_used, reverse=True):
-        while ram_used + e.bytes > budgets.ram and ram_victims and ram_victims[0].last_used < e.last_used:
+        host = e.host_bytes or e.bytes
+        while ram_used + host > budgets.ram and ram_victims and ram_victims[0].last_used < e.last_used:
             old = ram_victims.pop(0)
             actions.append(Drop(old.adapter, Tier.RAM))
             ram_used -= old.bytes
-        if ram_used + e.bytes <= budgets.ram:
+        if ram_used + host <= budgets.ram:
             actions.append(Demote(e.adapter))
-            ram_used += e.bytes
+            ram_used += host
         else:
             actions.append(Drop(e.adapter, Tier.VRAM))
     return actions
@@ -175,7 +179,7 @@ class AdapterCache:
     def apply(self, action: Action) -> None:
         e = self.entries[action.adapter]
         if isinstance(action, Demote):
-            e.tier = Tier.RAM
+            e.tier, e.bytes = Tier.RAM, e.host_bytes or e.bytes
             self.stats[Tier.VRAM].evictions += 1
         else:
             self.stats[action.tier].evictions += 1

@@ -29,6 +29,9 @@ class TierEngine(Protocol):
     def size_on_disk(self, adapter: AdapterRef) -> int:
         """An upper bound of the adapter's bytes once read (raises if it cannot be read)."""
 
+    def attached_bytes(self, adapter: AdapterRef) -> int:
+        """Device bytes the adapter occupies once attached (what the VRAM budget counts)."""
+
     async def fetch(self, adapter: AdapterRef) -> int:
         """DISK -> RAM; returns the bytes now held."""
 
@@ -121,12 +124,13 @@ class AdapterTiers:
             async with self._moves:
                 if self.tier_of(adapter) is not Tier.RAM:
                     continue  # attached meanwhile, or pushed back to disk before we got the lock
-                size = self.cache.entries[adapter].bytes
+                host, size = self.cache.entries[adapter].bytes, self._engine.attached_bytes(adapter)
                 self._check_fits(adapter, size, Tier.VRAM)
                 protected = self._running() | self._loading()
                 await self._execute(self.cache.plan(adapter, size, Tier.VRAM, protected))
                 await self._engine.attach(adapter)
                 self.cache.place(adapter, Tier.VRAM, size, self._clock())
+                self.cache.entries[adapter].host_bytes = host
 
     def _check_fits(self, adapter: AdapterRef, size: int, tier: Tier) -> None:
         budget = self.cache.budgets.of(tier)
@@ -159,7 +163,7 @@ class AdapterTiers:
                 raise AdapterBusy(adapter.id, "requests are using it")
             if to is Tier.RAM:
                 others = self._running() | self._waiting() | self._loading()
-                actions = [a for a in self.cache.plan(adapter, entry.bytes, Tier.RAM, others)]
+                actions = [a for a in self.cache.plan(adapter, entry.host_bytes or entry.bytes, Tier.RAM, others)]
                 await self._execute([*actions, Demote(adapter)])
             else:
                 await self._execute([Drop(adapter, entry.tier)])

@@ -39,6 +39,14 @@ SERVICE_NAMES = (
 _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def engine_config(cfg: ServerConfig) -> EngineConfig:
+    """The engine's part of the server's configuration."""
+    return EngineConfig(cfg.model_path, cfg.quantization, cfg.device, cfg.dtype, cfg.max_concurrent_loads,
+                        max_rows=cfg.max_batch_size, kv_cache_mib=cfg.kv_cache_mib, max_model_len=cfg.max_model_len,
+                        max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,
+                        vram_budget_bytes=cfg.budgets_bytes[1])
+
+
 class LoraServer:
     """Starts listening at once (health NOT_SERVING), then loads the model and turns SERVING."""
 
@@ -46,9 +54,7 @@ class LoraServer:
                  tracer_provider: TracerProvider | None = None):
         """`tracer_provider` defaults to one configured from the OTEL_* environment (or none)."""
         self.cfg = cfg
-        self.engine = engine or TorchEngine(EngineConfig(
-            cfg.model_path, cfg.quantization, cfg.device, cfg.dtype, cfg.max_concurrent_loads,
-            max_rows=cfg.max_batch_size, kv_cache_mib=cfg.kv_cache_mib, max_model_len=cfg.max_model_len))
+        self.engine = engine or TorchEngine(engine_config(cfg))
         self.scheduler: Scheduler | None = None
         self.health = health.aio.HealthServicer()
         # The base model's identity is known once load() has fingerprinted it.
@@ -95,7 +101,7 @@ class LoraServer:
         self.scheduler = Scheduler(
             self.engine, BatchLimits(cfg.max_batch_size, cfg.max_batch_tokens, cfg.batch_policy,
                                      cfg.join_delay_ms / 1e3),
-            max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(*cfg.budgets_bytes),
+            max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(cfg.budgets_bytes[0], self.engine.lora_budget_bytes),
             max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s,
             observer=self.telemetry)
         self.metrics.watch(self.scheduler, self.engine.stack_bytes)

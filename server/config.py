@@ -51,7 +51,8 @@ class ServerConfig:
     warm_schedule: tuple[str, ...] = _f((), "Daily warm-ups, HH:MM=ADAPTER, comma-separated (local time).")
     idle_ttl_s: float = _f(0.0, "Unload adapters unused this long (seconds); 0 keeps them.")
     failed_load_backoff_s: float = _f(30.0, "After an adapter fails to load, its requests fail fast this long.")
-    max_lora_rank: int = _f(64, "Largest adapter rank accepted.")
+    max_lora_rank: int = _f(64, "Largest adapter rank accepted (every adapter slot has room for it).")
+    max_loras: int = _f(64, "Adapters attached at once: slots reserved at start-up, capped by vram_budget_mib.")
     auth_tokens_file: Path | None = _f(None, "JSON file of bearer tokens -> clients; unset turns authentication off.")
     max_prompt_tokens: int = _f(1024, "Longest accepted prompt, in tokens.")
     max_new_tokens_limit: int = _f(512, "Largest accepted max_new_tokens.")
@@ -81,7 +82,7 @@ class ServerConfig:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",
+        for name in ("max_loras", "max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",
                      "max_new_tokens_limit", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

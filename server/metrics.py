@@ -47,8 +47,8 @@ class Metrics:
     def watch(self, scheduler: Scheduler, stack_bytes: Callable[[], int] | None = None) -> None:
         self.registry.register(_SchedulerCollector(scheduler))
         if stack_bytes is not None:
-            Gauge("loraserve_adapter_stack_bytes", "Device bytes of the attached adapters' slot stacks (padded to "
-                  "the largest rank, grown by doubling): the real footprint behind the VRAM tier's count",
+            Gauge("loraserve_adapter_stack_bytes", "Device bytes of the adapter slot stacks, reserved at start-up "
+                  "(max_loras + 1 slots at max_lora_rank): the VRAM tier counts whole slots of it",
                   registry=self.registry).set_function(stack_bytes)
 
     def serve(self, host: str, port: int) -> int:

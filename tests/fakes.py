@@ -12,6 +12,9 @@ class WeightsRecorder:
         self.ram: set = set()
         self.vram: set = set()
 
+    def attached_bytes(self, adapter):
+        return self.size_on_disk(adapter)
+
     async def attach(self, adapter):
         self.ram.remove(adapter)
         self.vram.add(adapter)

@@ -14,7 +14,8 @@ import pytest
 from conftest import ADAPTERS, PROMPT, ServerThread, clone_adapter, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import EngineConfig, TorchEngine
+from runner.engine import TorchEngine
+from server.app import engine_config
 from test_generate import details
 
 
@@ -61,7 +62,7 @@ def store(demo_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def slow_server(demo_dir, store):
     cfg = server_config(demo_dir, adapters_dir=store[0])
-    engine = SlowReadEngine(EngineConfig(cfg.model_path))
+    engine = SlowReadEngine(engine_config(cfg))
     srv = ServerThread(cfg, engine=engine)
     with srv.channel() as ch:
         yield srv, engine, inference_pb2_grpc.InferenceServiceStub(ch)

@@ -12,7 +12,7 @@ from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import EngineConfig
+from server.app import engine_config
 from test_generate import details
 from test_lifecycle import PacedEngine, wait_for
 
@@ -22,9 +22,9 @@ ADAPTER_MIB = 0.14  # a demo adapter is ~136 KiB
 @pytest.fixture(scope="module")
 def cached(demo_dir):
     # VRAM holds two demo adapters, RAM one; `legal` is attached at start-up.
-    cfg = server_config(demo_dir, vram_budget_mib=2.2 * ADAPTER_MIB, ram_budget_mib=1.2 * ADAPTER_MIB,
+    cfg = server_config(demo_dir, max_loras=2, ram_budget_mib=1.2 * ADAPTER_MIB,
                         warm=("legal",))
-    srv = ServerThread(cfg, engine=PacedEngine(EngineConfig(cfg.model_path)))
+    srv = ServerThread(cfg, engine=PacedEngine(engine_config(cfg)))
     with srv.channel() as ch:
         yield srv, admin_pb2_grpc.AdapterAdminServiceStub(ch), inference_pb2_grpc.InferenceServiceStub(ch)
     srv.stop()

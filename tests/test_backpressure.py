@@ -11,7 +11,7 @@ import pytest
 
 from clients.client import LoraServeClient, RequestFailed
 from conftest import PROMPT, ServerThread, server_config
-from runner.engine import EngineConfig
+from server.app import engine_config
 from test_lifecycle import PacedEngine, wait_for
 
 TOKENS = {"noisy-token": {"client": "noisy"}, "quiet-token": {"client": "quiet"}}
@@ -23,7 +23,7 @@ def one_row(demo_dir, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens.json"
     tokens.write_text(json.dumps({"tokens": TOKENS}))
     cfg = server_config(demo_dir, max_batch_size=1, auth_tokens_file=tokens)
-    srv = ServerThread(cfg, engine=PacedEngine(EngineConfig(cfg.model_path)))
+    srv = ServerThread(cfg, engine=PacedEngine(engine_config(cfg)))
     yield srv
     srv.stop()
 

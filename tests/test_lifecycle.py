@@ -20,7 +20,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from conftest import PROMPT, REPO, ServerThread, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import EngineConfig, TorchEngine
+from runner.engine import TorchEngine
+from server.app import engine_config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -77,7 +78,7 @@ class PacedEngine(TorchEngine):
 def paced(demo_dir):
     # Two rows fill a batch, so a third request provably waits in the queue.
     cfg = server_config(demo_dir, max_batch_size=2)
-    srv = ServerThread(cfg, engine=PacedEngine(EngineConfig(cfg.model_path)))
+    srv = ServerThread(cfg, engine=PacedEngine(engine_config(cfg)))
     yield srv
     srv.stop()
 

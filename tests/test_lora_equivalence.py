@@ -57,15 +57,17 @@ def test_mixed_batch_logits_match_peft(demo_dir, adapters, quantized):
     model = load_base(demo_dir, quantized)
     row_slots = RowSlots()
     layers = wrap_linear_layers(model, row_slots)
+    for layer in layers.values():
+        layer.allocate(len(RANKS) + 1, max(RANKS.values()), "cpu", torch.float32)
+    row_slots.rank = max(RANKS.values())
     slot_of = {"__base__": 0}
     for slot, name in enumerate(RANKS, start=1):
         weights = parse_peft(json.loads((adapters / name / "adapter_config.json").read_text()),
                              load_file(adapters / name / "adapter_model.safetensors"))
         for path, entry in weights.modules.items():
-            layers[path].write(slot, entry, len(RANKS) + 1, "cpu", torch.float32)
+            layers[path].write(slot, entry)
         slot_of[name] = slot
-    row_slots.index = torch.tensor([slot_of[r] for r in rows])
-    with torch.inference_mode():
+    with torch.inference_mode(), row_slots.using(tuple(slot_of[r] for r in rows), torch.device("cpu")):
         got = model(input_ids=ids).logits
 
     # bitsandbytes' CPU 4-bit kernels take different paths for different batch shapes, so a

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import pytest
+
 from conftest import ADAPTERS
 from runner.engine import EngineConfig, TorchEngine
 from scheduler.cache import Budgets, Tier
+from scheduler.errors import AdapterIncompatible
 from scheduler.tiers import AdapterTiers
 from scheduler.types import AdapterRef
 
@@ -28,7 +31,7 @@ def test_2000_load_evict_cycles_keep_rss_flat(demo_dir):
         await engine.start()
         size = max(engine.size_on_disk(r) for r in refs)
         # Room for one adapter per tier: every step reads one, drops one and demotes one.
-        tiers = AdapterTiers(engine, Budgets(ram=size, vram=size))
+        tiers = AdapterTiers(engine, Budgets(ram=size, vram=engine.attached_bytes(refs[0])))
         for i in range(CYCLES):
             await tiers.to_vram(refs[i % len(refs)])
             if i == WARMUP:
@@ -42,3 +45,43 @@ def test_2000_load_evict_cycles_keep_rss_flat(demo_dir):
     assert stats[Tier.VRAM].evictions >= CYCLES - 1 and stats[Tier.RAM].loads >= CYCLES
     # One leaked adapter per cycle would be ~1800 x 140 KB = 250 MB.
     assert end - start < 24 * 2**20, f"RSS grew by {(end - start) / 2**20:.1f} MiB"
+
+
+def test_the_vram_tier_counts_what_the_slot_stacks_really_hold(demo_dir):
+    """Slots are reserved once at (max_loras, max_lora_rank); an attached adapter counts one
+    whole slot, the budget is exactly the reserved stacks, and the count falls when it leaves."""
+    engine = TorchEngine(EngineConfig(demo_dir / "base", max_loras=3, max_lora_rank=16))
+    refs = [AdapterRef(name, "1", str(demo_dir / "adapters" / name / "1")) for name in ADAPTERS]
+
+    async def scenario():
+        await engine.start()
+        reserved = engine.stack_bytes()
+        tiers = AdapterTiers(engine, Budgets(ram=1 << 30, vram=engine.lora_budget_bytes))
+        for ref in refs:
+            await tiers.to_vram(ref)
+        full = tiers.cache.used(Tier.VRAM)
+        for ref in refs:
+            await tiers.evict(ref, Tier.DISK)
+        empty, after = tiers.cache.used(Tier.VRAM), engine.stack_bytes()
+        await engine.close()
+        return reserved, full, empty, after
+
+    reserved, full, empty, after = asyncio.run(scenario())
+    slot = engine.attached_bytes(refs[0])
+    # Each slot holds (in + out) x rank per wrapped layer, and slot 0 stays zero for base rows.
+    assert reserved == after == 4 * slot and full == 3 * slot == engine.lora_budget_bytes and empty == 0
+
+
+def test_an_adapter_above_the_slots_rank_is_refused_at_load(demo_dir):
+    engine = TorchEngine(EngineConfig(demo_dir / "base", max_lora_rank=4))  # the demo adapters are rank 8
+    ref = AdapterRef("legal", "1", str(demo_dir / "adapters" / "legal" / "1"))
+
+    async def scenario():
+        await engine.start()
+        try:
+            await engine.fetch(ref)
+        finally:
+            await engine.close()
+
+    with pytest.raises(AdapterIncompatible, match="rank 8"):
+        asyncio.run(scenario())

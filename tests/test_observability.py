@@ -29,7 +29,7 @@ def traced(demo_dir):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    srv = ServerThread(server_config(demo_dir, thrash_limit=1, vram_budget_mib=0.14, ram_budget_mib=0.14),
+    srv = ServerThread(server_config(demo_dir, thrash_limit=1, max_loras=1, ram_budget_mib=0.14),
                        tracer_provider=provider)
     with srv.channel() as ch:
         yield srv, exporter, inference_pb2_grpc.InferenceServiceStub(ch)

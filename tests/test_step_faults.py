@@ -13,7 +13,8 @@ import torch
 from conftest import ADAPTERS, PROMPT, ServerThread, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import EngineConfig, TorchEngine
+from runner.engine import TorchEngine
+from server.app import engine_config
 from test_generate import details
 
 POISON = "Question: Why is this request poisoned?\nAnswer:"
@@ -84,7 +85,7 @@ class FaultyEngine(TorchEngine):
 def faulty(demo_dir):
     # Arrivals gather for 100 ms, so the poisoned request and its victims share every step.
     cfg = server_config(demo_dir, batch_wait_ms=100.0, join_delay_ms=100.0)
-    srv = ServerThread(cfg, engine=FaultyEngine(EngineConfig(cfg.model_path)))
+    srv = ServerThread(cfg, engine=FaultyEngine(engine_config(cfg)))
     srv.server.engine.poison = tuple(srv.server.engine.encode(POISON))
     with srv.channel() as channel:
         yield srv, inference_pb2_grpc.InferenceServiceStub(channel)

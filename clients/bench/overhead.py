@@ -21,6 +21,9 @@ class InstantEngine:
     def size_on_disk(self, adapter):
         return 1
 
+    def attached_bytes(self, adapter):
+        return 1
+
     async def fetch(self, adapter):
         return 1
 
