@@ -22,6 +22,7 @@ from ray import serve
 
 from clients.client import AsyncLoraServeClient, RequestFailed
 from scheduler.cache import Tier
+from scheduler.errors import LoraServeError
 from server import admin
 from server.app import LoraServer
 from server.config import ServerConfig
@@ -67,8 +68,12 @@ class LoraServeDeployment:
     async def get_adapter(self, adapter_id: str) -> _Resident:
         server = await self._ready()
         if adapter_id != "base":
-            ref = server.registry.resolve(adapter_id, check_access=False).adapter
-            await admin.warm(server.scheduler, ref, Tier.VRAM)
+            try:
+                ref = server.registry.attachable(adapter_id)
+            except LoraServeError:
+                ref = None  # not attachable: the request itself reports why, or falls back to the base model
+            if ref is not None:
+                await admin.warm(server.scheduler, ref, Tier.VRAM)
         return _Resident(server, adapter_id, asyncio.get_running_loop())
 
     async def generate(self, prompt: str, **params) -> dict:
