@@ -22,7 +22,6 @@ from ray import serve
 
 from clients.client import AsyncLoraServeClient, RequestFailed
 from scheduler.cache import Tier
-from scheduler.errors import LoraServeError
 from server import admin
 from server.app import LoraServer
 from server.config import ServerConfig
@@ -68,12 +67,9 @@ class LoraServeDeployment:
     async def get_adapter(self, adapter_id: str) -> _Resident:
         server = await self._ready()
         if adapter_id != "base":
-            try:
-                ref = server.registry.attachable(adapter_id)
-            except LoraServeError:
-                ref = None  # not attachable: the request itself reports why, or falls back to the base model
-            if ref is not None:
-                await admin.warm(server.scheduler, ref, Tier.VRAM)
+            found = server.registry.resolve(adapter_id, check_access=False)
+            if found.problem is None:  # else the request itself reports why, or falls back to the base model
+                await admin.warm(server.scheduler, found.adapter, Tier.VRAM)
         return _Resident(server, adapter_id, asyncio.get_running_loop())
 
     async def generate(self, prompt: str, **params) -> dict:
