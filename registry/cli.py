@@ -1,4 +1,7 @@
-"""`loraserve adapters ...`: list, show, register, promote, rollback, archive, stale, reindex."""
+"""`loraserve adapters ...`: list, show, register, promote, rollback, archive, stale, reindex.
+
+Also runnable alone, without the server's imports: `python -m registry.cli --store DIR ...`.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,32 @@ import os
 import sys
 from pathlib import Path
 
-from registry.passport import STATUSES, Passport
+from registry.passport import STATUSES, Evaluation, Passport
 from registry.store import Store, StoreError
 
-COLUMNS = ("name", "version", "status", "aliases", "task", "client", "base_model", "created", "smoke")
+COLUMNS = ("name", "version", "status", "aliases", "task", "client", "base_model", "rank", "created", "trained",
+           "smoke")
+SORTS = {
+    "name": lambda p: p.name, "version": lambda p: int(p.version), "status": lambda p: p.status,
+    "client": lambda p: p.client, "task": lambda p: p.task, "rank": lambda p: p.rank,
+    "created": lambda p: p.created, "trained": lambda p: p.trained, "promoted": lambda p: p.promoted_at or None,
+}
 
 
 def _row(p: Passport) -> dict:
     return {"name": p.name, "version": p.version, "status": p.status, "aliases": ",".join(p.aliases),
-            "task": p.task, "client": p.client, "base_model": p.base_model, "created": p.created[:10],
+            "task": p.task, "client": p.client, "base_model": p.base_model, "rank": p.rank,
+            "created": p.created[:10], "trained": p.evaluation.trained_at[:10] or "-",
             "smoke": "-" if p.smoke_test is None else ("passed" if p.smoke_test.passed else "FAILED")}
+
+
+def _sort_field(field: str):
+    """A --sort value: a field of SORTS, or metric.NAME (an evaluation metric)."""
+    if field.startswith("metric.") and len(field) > 7:
+        return lambda p, metric=field[7:]: p.evaluation.metrics.get(metric)
+    if field in SORTS:
+        return SORTS[field]
+    raise argparse.ArgumentTypeError(f"sort by one of {', '.join(SORTS)} or metric.NAME, not {field!r}")
 
 
 def _table(rows: list[dict]) -> str:
@@ -37,19 +56,19 @@ def _emit(args, passports: list[Passport]) -> None:
 
 
 def _list(args, store: Store) -> int:
-    found = [p for p in store.scan().passports
+    found = [p for p in store.snapshot().passports
              if (args.client is None or p.client == args.client)
              and (args.status is None or p.status == args.status)
              and (args.base is None or args.base in (p.base_model, p.base_model_revision))]
+    if args.sort:  # versions without the value come last either way
+        found = (sorted((p for p in found if args.sort(p) is not None), key=args.sort, reverse=args.reverse)
+                 + [p for p in found if args.sort(p) is None])
     _emit(args, found)
     return 0
 
 
 def _show(args, store: Store) -> int:
-    name, _, version = args.adapter.partition("@")
-    snap = store.scan()
-    name = snap.aliases().get(name, name)
-    p = snap.get(name, version) if version else (snap.active(name) or (snap.versions(name) or [None])[-1])
+    p = store.snapshot().find(args.adapter)
     if p is None:
         raise StoreError(f"{args.adapter} is not in the store")
     print(json.dumps(p.to_dict(), indent=2))
@@ -58,18 +77,20 @@ def _show(args, store: Store) -> int:
 
 def _register(args, store: Store) -> int:
     from registry.identity import base_identity
-    from runner.smoke import PROMPTS, SmokeTester
 
-    store.root.mkdir(parents=True, exist_ok=True)
-    tester = SmokeTester(args.model_path, tuple(args.smoke_prompt or PROMPTS))
+    tester = None
+    if not args.no_smoke:
+        from runner.smoke import PROMPTS, SmokeTester  # torch: only when a smoke test runs
+
+        tester = SmokeTester(args.model_path, tuple(args.smoke_prompt or PROMPTS))
+    evaluation = Evaluation.from_dict(json.loads(args.evaluation.read_text())) if args.evaluation else None
     p = store.register(
-        Path(args.path), args.name, base_identity(args.model_path), tester, task=args.task, client=args.client,
-        language=args.language, description=args.description, constraints=args.constraints,
+        Path(args.path), args.name, base_identity(args.model_path), tester, evaluation=evaluation, task=args.task,
+        client=args.client, language=args.language, description=args.description, constraints=args.constraints,
         allowed_clients=_split(args.allowed_clients), fallback=args.fallback, aliases=_split(args.aliases))
     _emit(args, [p])
-    if not p.smoke_test.passed:
-        print(f"smoke test failed: {p.smoke_test.error}; {p.key} is recorded as failed and cannot be promoted",
-              file=sys.stderr)
+    if p.failure:
+        print(f"{p.failure}; {p.key} is recorded as failed and cannot be promoted", file=sys.stderr)
         return 1
     return 0
 
@@ -114,6 +135,9 @@ def add_adapters_parser(sub) -> None:
     ls.add_argument("--client")
     ls.add_argument("--status", choices=STATUSES)
     ls.add_argument("--base", help="base model id or revision")
+    ls.add_argument("--sort", type=_sort_field, metavar="FIELD",
+                    help=f"order by {', '.join(SORTS)} or metric.NAME (an evaluation metric)")
+    ls.add_argument("--reverse", action="store_true", help="largest (or latest) first")
     ls.set_defaults(run=_list)
 
     show = cmds.add_parser("show", help="one passport (NAME = the active version, or NAME@VERSION)")
@@ -132,6 +156,11 @@ def add_adapters_parser(sub) -> None:
     reg.add_argument("--fallback", choices=("fail", "base"), default="fail")
     reg.add_argument("--aliases", help="comma-separated names that follow the active version")
     reg.add_argument("--smoke-prompt", action="append", help="prompt for the smoke test (repeatable)")
+    reg.add_argument("--no-smoke", action="store_true",
+                     help="skip the smoke test (no torch; the version stays staging and cannot be promoted)")
+    reg.add_argument("--evaluation", type=Path, metavar="JSON",
+                     help="file with the passport's evaluation block: metrics, eval_set_size, evaluated_at, "
+                          "dataset_sha256, training_config, trained_at, previous_version")
     reg.set_defaults(run=_register)
 
     promote = cmds.add_parser("promote", help="make a version active (the previous one is archived)")
@@ -147,11 +176,12 @@ def add_adapters_parser(sub) -> None:
     archive.add_argument("name")
     archive.set_defaults(run=_archive)
 
-    stale = cmds.add_parser("stale", help="inactive versions older than N days")
+    stale = cmds.add_parser("stale", help="inactive versions trained more than N days ago")
     stale.add_argument("--days", type=int, default=90)
     stale.set_defaults(run=_stale)
 
-    reindex = cmds.add_parser("reindex", help="rebuild registry.json after editing the store by hand")
+    reindex = cmds.add_parser("reindex", help="recover from interrupted writes; take passport edits into "
+                                              "registry.json")
     reindex.set_defaults(run=_reindex)
 
     p.set_defaults(func=run_adapters)
@@ -159,7 +189,18 @@ def add_adapters_parser(sub) -> None:
 
 def run_adapters(args: argparse.Namespace) -> int:
     try:
-        return args.run(args, Store(args.store))
-    except (StoreError, ValueError) as exc:
+        return args.run(args, Store.open(args.store))
+    except (StoreError, ValueError, OSError) as exc:
         print(f"loraserve adapters: {exc}", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m registry.cli")
+    add_adapters_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["adapters", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,17 +1,25 @@
-"""The passport: metadata.json beside each adapter version, the single source of truth about it."""
+"""The passport: metadata.json beside each adapter version, the facts about it.
+
+Its `status` and `promoted_at` mirror registry.json, which alone decides them (registry.store).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from registry.durable import write_atomic
+
 STATUSES = ("staging", "active", "archived", "failed")
 FALLBACKS = ("fail", "base")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 PASSPORT_FILE = "metadata.json"
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}@[0-9]{1,9}$")
 
 
 @dataclass
@@ -21,6 +29,60 @@ class SmokeTest:
     results: list[dict] = field(default_factory=list)
     """[{"prompt": ..., "output": ...}]"""
     error: str = ""
+
+
+def _iso(value: str) -> dt.datetime:
+    """A timestamp as UTC; a bare date or a time without zone is read as UTC."""
+    when = dt.datetime.fromisoformat(value)
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+@dataclass
+class Evaluation:
+    """How a version was trained and evaluated (given at registration; the store checks only form)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    """e.g. {"rougeL": 0.41, "exact_match": 0.73}, on the eval set below."""
+    eval_set_size: int = 0
+    evaluated_at: str = ""
+    dataset_sha256: str = ""
+    """sha256 of the training data set, so two versions can be told apart by what they learned."""
+    training_config: dict = field(default_factory=dict)
+    trained_at: str = ""
+    """When training finished; `stale` ages a version by this (else by `created`)."""
+    previous_version: str = ""
+    """Lineage: NAME@VERSION this one was trained from or replaces (default: the active version)."""
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.metrics, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                for k, v in self.metrics.items()):
+            problems.append("metrics must map names to numbers")
+        if not isinstance(self.eval_set_size, int) or isinstance(self.eval_set_size, bool) or self.eval_set_size < 0:
+            problems.append("eval_set_size must be a whole number >= 0")
+        for name in ("evaluated_at", "trained_at"):
+            try:
+                getattr(self, name) and _iso(getattr(self, name))
+            except (TypeError, ValueError):
+                problems.append(f"{name} must be an ISO date or timestamp")
+        if self.dataset_sha256 and not SHA256.match(str(self.dataset_sha256)):
+            problems.append("dataset_sha256 must be 64 lowercase hex digits")
+        if not isinstance(self.training_config, dict):
+            problems.append("training_config must be a JSON object")
+        if self.previous_version and not KEY.match(str(self.previous_version)):
+            problems.append("previous_version must look like NAME@VERSION")
+        if problems:
+            raise ValueError("evaluation: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Evaluation:
+        if not isinstance(data, dict):
+            raise ValueError("evaluation must be a JSON object")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"evaluation: unknown field(s) {sorted(unknown)}")
+        return cls(**data)
 
 
 @dataclass
@@ -41,7 +103,13 @@ class Passport:
     description: str = ""
     constraints: str = ""
     rank: int = 0
+    """Largest LoRA rank in the weights (read from the tensors at registration)."""
+    ranks: dict[str, int] = field(default_factory=dict)
+    """Target module leaf name -> its largest rank, from the tensors."""
     target_modules: list[str] = field(default_factory=list)
+    """Leaf names of the modules the tensors adapt."""
+    dtype: str = ""
+    """safetensors dtype of the tensors."""
     allowed_clients: list[str] = field(default_factory=list)
     """Clients (bearer-token identities) allowed to use it; empty means every client."""
     fallback: str = "fail"
@@ -50,10 +118,15 @@ class Passport:
     """Other names that resolve to this adapter's active version."""
     promoted_at: str = ""
     smoke_test: SmokeTest | None = None
+    failure: str = ""
+    """Why registration marked it `failed` (weights disagreeing with the config, or the smoke test)."""
+    evaluation: Evaluation = field(default_factory=Evaluation)
 
     def __post_init__(self):
         if isinstance(self.smoke_test, dict):
             self.smoke_test = SmokeTest(**self.smoke_test)
+        if isinstance(self.evaluation, dict):
+            self.evaluation = Evaluation.from_dict(self.evaluation)
         problems = []
         if not NAME.match(self.name):
             problems.append(f"name {self.name!r} must be letters, digits, '-' or '_'")
@@ -73,6 +146,11 @@ class Passport:
     def key(self) -> str:
         return f"{self.name}@{self.version}"
 
+    @property
+    def trained(self) -> dt.datetime:
+        """When it was trained, else when it was registered."""
+        return _iso(self.evaluation.trained_at or self.created)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -86,6 +164,6 @@ class Passport:
         return cls.from_dict(json.loads((version_dir / PASSPORT_FILE).read_text()))
 
     def write(self, version_dir: Path) -> None:
-        tmp = version_dir / (PASSPORT_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(version_dir / PASSPORT_FILE)
+        """Atomically and durably: a crash leaves the old passport or the new one, never half."""
+        write_atomic(version_dir / PASSPORT_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
+

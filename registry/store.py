@@ -1,39 +1,72 @@
 """The adapter store on disk, and its lifecycle operations.
 
     ROOT/
-      registry.json            index of every passport, rebuilt from the store
-                               after each change (delete it freely; `reindex`)
+      registry.json            THE source of truth for which versions exist and their status
+      .lock                    flock held by every writer (CLI, recovery), one at a time
+      .staging/                registrations being prepared (removed when their writer died)
       NAME/
         VERSION/               1, 2, 3 ... one self-contained directory per version
           adapter_config.json
           adapter_model.safetensors
-          metadata.json        the passport (registry.passport)
+          metadata.json        the passport (registry.passport): facts about this version
 
-At most one version of a name is `active`; the name and its aliases resolve to
-it. Changes are written passport by passport (atomic renames) and then the
-index, whose change is what running servers watch for (hot reload).
+Why registry.json decides: promote, rollback and archive change several versions at once,
+and only a single file replaced with os.replace changes them all in one step, so each is one
+atomic write of the index. Passports are mirrored afterwards; a crash before the mirror
+leaves them behind, and recovery rewrites them from the index. Servers read only the index,
+so they never see a half-made transition.
+
+A registration is prepared under .staging/ (copied, checked, smoke-tested, fsynced) and
+renamed into NAME/VERSION complete, then added to the index; a version directory therefore
+never appears half-written. A crash between the rename and the index write leaves a complete
+version that recovery adopts with the status its passport records (staging or failed).
+
+Recovery (`recover`, run by every writer first, by `reindex`, when the CLI opens the store and
+at server start) removes staging leftovers and version directories without a passport, takes
+each version's facts from its passport and its lifecycle (status, promoted_at) from the index,
+adopts versions missing from the index, drops index entries whose directory is gone, keeps at
+most one active version per name, and logs every decision. Deleting registry.json loses only
+what passports have not yet mirrored.
+
+Names and aliases share one namespace: an id names at most one adapter, and every operation
+that would make one ambiguous is refused. Every path read resolves inside the root.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import shutil
-from dataclasses import dataclass
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+from registry.durable import flocked, fsync_dir, fsync_file, write_atomic
 from registry.identity import BaseIdentity, sha256_file
-from registry.passport import NAME, Passport, SmokeTest
+from registry.passport import NAME, PASSPORT_FILE, Evaluation, Passport, SmokeTest
+from registry.weights import WeightsError, check_against_config, weight_facts
+
+log = logging.getLogger(__name__)
 
 INDEX = "registry.json"
+LOCK = ".lock"
+STAGING = ".staging"
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
+LIFECYCLE = ("status", "promoted_at")
+"""The passport fields registry.json decides; every other field comes from the passport."""
 
 
 class StoreError(Exception):
     """A lifecycle operation refused, with the reason people need to fix it."""
+
+
+class AmbiguousId(StoreError):
+    """An id names more than one adapter (possible only in a store edited by hand)."""
 
 
 def now_iso() -> str:
@@ -58,39 +91,108 @@ class Snapshot:
     def names(self) -> list[str]:
         return sorted({p.name for p in self.passports})
 
-    def aliases(self) -> dict[str, str]:
-        """alias -> name, from active versions (an alias follows promotion)."""
-        return {a: p.name for p in self.passports if p.status == "active" for a in p.aliases}
+    def claims(self) -> dict[str, set[str]]:
+        """id -> the adapters claiming it: as their name, or as an alias of any version that
+        may still become active (a failed one never can)."""
+        out: dict[str, set[str]] = {}
+        for p in self.passports:
+            out.setdefault(p.name, set()).add(p.name)
+            if p.status != "failed":
+                for alias in p.aliases:
+                    out.setdefault(alias, set()).add(p.name)
+        return out
+
+    def owner(self, ident: str) -> str | None:
+        """The adapter `ident` names: itself, or the adapter whose active version lists it as an
+        alias. Raises AmbiguousId rather than choose between two claimants."""
+        claimants = self.claims().get(ident, set())
+        if len(claimants) > 1:
+            raise AmbiguousId(f"{ident!r} is claimed by {', '.join(sorted(claimants))}; the store must be fixed "
+                              "(archive or re-register one of them) before it can be used")
+        if ident in claimants:
+            return ident
+        return next((p.name for p in self.passports if p.status == "active" and ident in p.aliases), None)
+
+    def find(self, adapter_id: str) -> Passport | None:
+        """NAME (its active version, else its latest), ALIAS, or NAME@VERSION."""
+        ident, _, version = adapter_id.partition("@")
+        name = self.owner(ident)
+        if name is None:
+            return None
+        if version:
+            return self.get(name, version)
+        return self.active(name) or (self.versions(name) or [None])[-1]
+
+    def check_namespace(self, candidate: Passport) -> None:
+        """Refuse `candidate` if its name or an alias is already another adapter's id."""
+        claims = self.claims()
+        others = claims.get(candidate.name, set()) - {candidate.name}
+        if others:
+            raise StoreError(f"name {candidate.name!r} is already an alias of {', '.join(sorted(others))}")
+        for alias in candidate.aliases:
+            if alias == candidate.name:
+                raise StoreError(f"alias {alias!r} is the adapter's own name")
+            others = claims.get(alias, set()) - {candidate.name}
+            if others:
+                kind = "name" if alias in others else "alias"
+                raise StoreError(f"alias {alias!r} is already the {kind} of {', '.join(sorted(others))}")
+
+
+def _adapter_config(version_dir: Path) -> dict:
+    try:
+        config = json.loads((version_dir / CONFIG).read_text())
+    except ValueError as exc:
+        raise WeightsError(f"{CONFIG} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise WeightsError(f"{CONFIG} is not a JSON object")
+    return config
+
+
+def _index_text(passports) -> str:
+    return json.dumps({"generated": now_iso(), "adapters": [p.to_dict() for p in passports]}, indent=1) + "\n"
 
 
 class Store:
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    @classmethod
+    def open(cls, root: Path) -> Store:
+        """The store at `root`, recovered from any interrupted operation if it exists."""
+        store = cls(root)
+        if store.root.is_dir():
+            store.recover()
+        return store
+
     def version_dir(self, name: str, version: str) -> Path:
         return self.root / name / version
 
-    def scan(self) -> Snapshot:
-        passports = []
-        for meta in sorted(self.root.glob("*/*/metadata.json")):
-            passports.append(Passport.read(meta.parent))
-        return Snapshot(tuple(passports))
+    def confined(self, path: Path) -> Path:
+        """`path` resolved; StoreError if it (or a symlink on the way) leads outside the root."""
+        real = Path(path).resolve()
+        if not real.is_relative_to(self.root.resolve()):
+            raise StoreError(f"{path} resolves to {real}, outside the adapter store {self.root}")
+        return real
 
-    def reindex(self) -> Snapshot:
-        snap = self.scan()
-        tmp = self.root / (INDEX + ".tmp")
-        tmp.write_text(json.dumps({"generated": now_iso(), "adapters": [p.to_dict() for p in snap.passports]},
-                                  indent=1) + "\n")
-        tmp.replace(self.root / INDEX)
-        return snap
+    def served_dir(self, name: str, version: str) -> Path:
+        """The version's directory, once it and the files a server reads are confined to the root."""
+        path = self.version_dir(name, version)
+        for p in (path, path / CONFIG, path / WEIGHTS, path / PICKLE_WEIGHTS):
+            self.confined(p)
+        return path
 
-    def load_index(self) -> Snapshot:
-        """The index if present (cheap), else a scan."""
+    # -- reading -----------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """The store as registry.json says (cheap; what servers use), else as its passports say."""
         try:
-            data = json.loads((self.root / INDEX).read_text())
+            data = json.loads(self.confined(self.root / INDEX).read_text())
         except FileNotFoundError:
             return self.scan()
         return Snapshot(tuple(Passport.from_dict(d) for d in data["adapters"]))
+
+    def scan(self) -> Snapshot:
+        """The passports on disk (lifecycle fields possibly behind the index after a crash)."""
+        return Snapshot(tuple(p for p, _ in self._on_disk(clean=False)))
 
     def index_stamp(self) -> int:
         try:
@@ -98,11 +200,141 @@ class Store:
         except FileNotFoundError:
             return 0
 
+    def _on_disk(self, clean: bool) -> Iterator[tuple[Passport, Path]]:
+        """Readable passports in NAME/VERSION directories. With `clean`, directories without
+        one (a crash of an older writer, or a hand copy gone wrong) are removed."""
+        if not self.root.is_dir():
+            return
+        for name_dir in sorted(self.root.iterdir()):
+            if not (NAME.match(name_dir.name) and name_dir.is_dir()):
+                continue
+            try:
+                self.confined(name_dir)
+            except StoreError as exc:
+                log.warning("ignoring %s: %s", name_dir, exc)
+                continue
+            for vdir in sorted(name_dir.iterdir(), key=lambda d: d.name):
+                if not vdir.name.isdigit():
+                    continue
+                try:
+                    self.confined(vdir / PASSPORT_FILE)
+                except StoreError as exc:
+                    log.warning("ignoring %s: %s", vdir, exc)
+                    continue
+                if not (vdir / PASSPORT_FILE).is_file():
+                    if clean and vdir.is_dir() and not vdir.is_symlink():
+                        log.warning("removing %s: a version directory without a passport (an interrupted write)",
+                                    vdir)
+                        shutil.rmtree(vdir)
+                    continue
+                try:
+                    p = Passport.read(vdir)
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.warning("ignoring %s: unreadable passport: %s", vdir, exc)
+                    continue
+                if (p.name, p.version) != (name_dir.name, vdir.name):
+                    log.warning("ignoring %s: its passport says %s", vdir, p.key)
+                    continue
+                yield p, vdir
+
+    # -- writing -----------------------------------------------------------------
+    @contextmanager
+    def _writing(self) -> Iterator[Snapshot]:
+        """The store lock, and the recovered state to change."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with flocked(self.root / LOCK):
+            yield self._recover()
+
+    def recover(self) -> Snapshot:
+        with self._writing() as snap:
+            return snap
+
+    def reindex(self) -> Snapshot:
+        """Rebuild registry.json from the passports (after editing the store by hand); lifecycle
+        fields stay as the index has them (use promote/rollback/archive to change those)."""
+        return self.recover()
+
+    def _recover(self) -> Snapshot:
+        self._clean_staging()
+        try:
+            indexed = {f"{d['name']}@{d['version']}": d
+                       for d in json.loads(self.confined(self.root / INDEX).read_text())["adapters"]}
+        except FileNotFoundError:
+            indexed = None
+        except (ValueError, KeyError, TypeError, StoreError) as exc:
+            log.warning("registry.json is unreadable (%s); rebuilding it from the passports", exc)
+            indexed = None
+        passports, stale = [], []
+        for p, vdir in self._on_disk(clean=True):
+            entry = (indexed or {}).get(p.key)
+            if entry is None:
+                if indexed is not None:
+                    log.warning("adopting %s (status %s): its directory is complete but the index lacked it",
+                                p.key, p.status)
+            elif any(getattr(p, f) != entry.get(f) for f in LIFECYCLE):
+                log.warning("%s: passport says %s, registry.json says %s; the index decides",
+                            p.key, p.status, entry.get("status"))
+                p = replace(p, **{f: entry.get(f, "") for f in LIFECYCLE})
+                stale.append((p, vdir))
+            passports.append(p)
+        for key in sorted(set(indexed or {}) - {p.key for p in passports}):
+            log.warning("dropping %s from registry.json: its directory or passport is gone", key)
+        passports = self._one_active_per_name(passports, stale)
+        return self._commit(passports, stale, force=indexed is None)
+
+    def _one_active_per_name(self, passports: list[Passport], stale: list) -> list[Passport]:
+        out = []
+        for p in passports:
+            rivals = [q for q in passports if q.name == p.name and q.status == "active"]
+            if p.status == "active" and len(rivals) > 1:
+                keep = max(rivals, key=lambda q: (q.promoted_at, int(q.version)))
+                if p is not keep:
+                    log.warning("%s and %s are both active; keeping the later promoted %s, archiving %s",
+                                p.key, keep.key, keep.key, p.key)
+                    p = replace(p, status="archived")
+                    stale.append((p, self.version_dir(p.name, p.version)))
+            out.append(p)
+        return out
+
+    def _commit(self, passports: list[Passport], mirror: list[tuple[Passport, Path]],
+                force: bool = True) -> Snapshot:
+        """Write the index (the transition itself), then mirror the changed passports."""
+        passports = sorted(passports, key=lambda p: (p.name, int(p.version)))
+        old = None
+        if not force:
+            try:
+                old = json.loads((self.root / INDEX).read_text())["adapters"]
+            except (OSError, ValueError, KeyError):
+                pass
+        if force or old != [p.to_dict() for p in passports]:
+            write_atomic(self.root / INDEX, _index_text(passports))
+        for p, vdir in mirror:
+            p.write(vdir)
+        return Snapshot(tuple(passports))
+
+    def _clean_staging(self) -> None:
+        staging = self.root / STAGING
+        if not staging.is_dir():
+            return
+        with flocked(self.root / (STAGING + ".lock"), blocking=False) as nobody_staging:
+            if not nobody_staging:
+                return  # a registration is under way; its leftovers (if any) wait for the next recovery
+            for leftover in staging.iterdir():
+                log.warning("removing %s: an interrupted registration", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def _transition(self, snap: Snapshot, changed: list[Passport]) -> Snapshot:
+        keys = {p.key for p in changed}
+        passports = [p for p in snap.passports if p.key not in keys] + changed
+        return self._commit(passports, [(p, self.version_dir(p.name, p.version)) for p in changed])
+
     # -- lifecycle -------------------------------------------------------------
     def register(self, source: Path, name: str, base: BaseIdentity,
-                 smoke_test: Callable[[Path], SmokeTest], **fields) -> Passport:
-        """Copy a PEFT adapter directory in as the next version of `name`, hash it,
-        smoke-test it and write its passport: `staging` if the test passed, else `failed`."""
+                 smoke_test: Callable[[Path], SmokeTest] | None, *, evaluation: Evaluation | None = None,
+                 **fields) -> Passport:
+        """Copy a PEFT adapter directory in as the next version of `name`, read its facts from the
+        tensors, hash it, smoke-test it (unless `smoke_test` is None) and write its passport:
+        `staging` if every check passed, else `failed` with the reason in `failure`."""
         source = Path(source)
         if not NAME.match(name):
             raise StoreError(f"name {name!r} must be letters, digits, '-' or '_'")
@@ -113,89 +345,112 @@ class Store:
                 raise StoreError(f"{source} has only pickle weights ({PICKLE_WEIGHTS}), which can run code when "
                                  "loaded; convert them to safetensors first")
             raise StoreError(f"{source} has no {WEIGHTS}")
-        adapter_config = json.loads((source / CONFIG).read_text())
-        existing = [int(p.version) for p in self.scan().versions(name)]
-        version = str(max(existing, default=0) + 1)
-        target = self.version_dir(name, version)
-        target.mkdir(parents=True)
-        try:
+        draft = Passport(name=name, version="0", base_model=base.model_id, base_model_revision=base.revision,
+                         weights_sha256="", created=now_iso(), evaluation=evaluation or Evaluation(), **fields)
+        self._check_lineage(self.snapshot(), draft)  # early, so a doomed registration costs nothing
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._staged() as stage:
             for f in (CONFIG, WEIGHTS):
-                shutil.copy2(source / f, target / f)
-            targets = adapter_config.get("target_modules") or []
-            passport = Passport(
-                name=name, version=version, base_model=base.model_id, base_model_revision=base.revision,
-                weights_sha256=sha256_file(target / WEIGHTS), created=now_iso(),
-                rank=int(adapter_config.get("r", 0)),
-                target_modules=sorted(targets) if isinstance(targets, list) else [str(targets)], **fields)
-            passport.smoke_test = smoke_test(target)
-            passport.status = "staging" if passport.smoke_test.passed else "failed"
-            passport.write(target)
-        except BaseException:
-            shutil.rmtree(target, ignore_errors=True)
-            raise
-        self.reindex()
-        return passport
+                shutil.copyfile(source / f, stage / f)
+                fsync_file(stage / f)
+            draft.weights_sha256 = sha256_file(stage / WEIGHTS)
+            try:
+                facts = weight_facts(stage / WEIGHTS)
+                draft.rank, draft.ranks, draft.dtype = facts.rank, facts.leaf_ranks(), facts.dtype
+                draft.target_modules = facts.target_modules
+                check_against_config(facts, _adapter_config(stage))
+            except WeightsError as exc:
+                draft.failure = str(exc)
+            if not draft.failure and smoke_test is not None:
+                draft.smoke_test = smoke_test(stage)
+                if not draft.smoke_test.passed:
+                    draft.failure = f"smoke test failed: {draft.smoke_test.error}"
+            draft.status = "failed" if draft.failure else "staging"
+            return self._add(stage, draft)
+
+    @contextmanager
+    def _staged(self) -> Iterator[Path]:
+        """A private directory under .staging/, shared-locked so recovery leaves it alone."""
+        (self.root / STAGING).mkdir(exist_ok=True)
+        with flocked(self.root / (STAGING + ".lock"), shared=True):
+            stage = self.root / STAGING / uuid.uuid4().hex
+            stage.mkdir()
+            try:
+                yield stage
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+
+    def _add(self, stage: Path, draft: Passport) -> Passport:
+        with self._writing() as snap:
+            self._check_lineage(snap, draft)
+            name_dir = self.root / draft.name
+            on_disk = [int(d.name) for d in name_dir.iterdir() if d.name.isdigit()] if name_dir.is_dir() else []
+            draft.version = str(max([*on_disk, *(int(p.version) for p in snap.versions(draft.name))], default=0) + 1)
+            if draft.evaluation.previous_version == "" and snap.active(draft.name):
+                draft.evaluation.previous_version = snap.active(draft.name).key
+            draft.write(stage)
+            fsync_dir(stage)
+            name_dir.mkdir(exist_ok=True)
+            fsync_dir(self.root)
+            stage.rename(self.version_dir(draft.name, draft.version))
+            fsync_dir(name_dir)
+            self._commit([*snap.passports, draft], [])
+        return draft
+
+    @staticmethod
+    def _check_lineage(snap: Snapshot, draft: Passport) -> None:
+        snap.check_namespace(draft)
+        prev = draft.evaluation.previous_version
+        if prev and snap.get(*prev.split("@")) is None:
+            raise StoreError(f"previous_version {prev} is not in the store")
 
     def promote(self, name: str, version: str) -> Passport:
-        snap = self.scan()
-        target = snap.get(name, version)
-        if target is None:
-            raise StoreError(f"{name}@{version} is not in the store")
-        if target.status == "active":
-            return target
-        if target.status == "failed" or not (target.smoke_test and target.smoke_test.passed):
-            raise StoreError(f"{name}@{version} has not passed its smoke test and cannot be promoted")
-        self._check_aliases(snap, target)
-        current = snap.active(name)
-        if current is not None:
-            current.status = "archived"
-            current.write(self.version_dir(name, current.version))
-        target.status, target.promoted_at = "active", now_iso()
-        target.write(self.version_dir(name, version))
-        self.reindex()
-        return target
+        with self._writing() as snap:
+            target = snap.get(name, version)
+            if target is None:
+                raise StoreError(f"{name}@{version} is not in the store")
+            if target.status == "active":
+                return target
+            if target.status == "failed" or not (target.smoke_test and target.smoke_test.passed):
+                why = target.failure or "it has not passed a smoke test"
+                raise StoreError(f"{name}@{version} cannot be promoted: {why}")
+            snap.check_namespace(target)
+            changed = [replace(target, status="active", promoted_at=now_iso())]
+            current = snap.active(name)
+            if current is not None:
+                changed.append(replace(current, status="archived"))
+            self._transition(snap, changed)
+            return changed[0]
 
     def rollback(self, name: str) -> Passport:
         """Re-activate the version that was active before the current one; the current one
         goes back to staging."""
-        snap = self.scan()
-        current = snap.active(name)
-        if current is None:
-            raise StoreError(f"{name} has no active version to roll back from")
-        previous = [p for p in snap.versions(name) if p.status == "archived" and p.promoted_at]
-        if not previous:
-            raise StoreError(f"{name} has no earlier promoted version to roll back to")
-        before = max(previous, key=lambda p: p.promoted_at)
-        current.status, current.promoted_at = "staging", ""
-        current.write(self.version_dir(name, current.version))
-        before.status = "active"
-        before.write(self.version_dir(name, before.version))
-        self.reindex()
-        return before
+        with self._writing() as snap:
+            current = snap.active(name)
+            if current is None:
+                raise StoreError(f"{name} has no active version to roll back from")
+            previous = [p for p in snap.versions(name) if p.status == "archived" and p.promoted_at]
+            if not previous:
+                raise StoreError(f"{name} has no earlier promoted version to roll back to")
+            before = max(previous, key=lambda p: p.promoted_at)
+            snap.check_namespace(before)
+            changed = [replace(before, status="active"), replace(current, status="staging", promoted_at="")]
+            self._transition(snap, changed)
+            return changed[0]
 
     def archive(self, name: str) -> list[Passport]:
         """Take every version of `name` out of service (the files stay)."""
-        versions = self.scan().versions(name)
-        if not versions:
-            raise StoreError(f"{name} is not in the store")
-        for p in versions:
-            if p.status != "archived":
-                p.status = "archived"
-                p.write(self.version_dir(name, p.version))
-        self.reindex()
-        return versions
+        with self._writing() as snap:
+            versions = snap.versions(name)
+            if not versions:
+                raise StoreError(f"{name} is not in the store")
+            changed = {p.key: replace(p, status="archived") for p in versions if p.status != "archived"}
+            self._transition(snap, list(changed.values()))
+            return [changed.get(p.key, p) for p in versions]
 
     def stale(self, days: int, today: dt.datetime | None = None) -> list[Passport]:
-        """Versions not active whose creation is more than `days` old: candidates to delete."""
+        """Versions not active and trained more than `days` ago (by evaluation.trained_at, else
+        their registration): candidates to delete."""
         today = today or dt.datetime.now(dt.timezone.utc)
         cutoff = today - dt.timedelta(days=days)
-        return [p for p in self.scan().passports
-                if p.status != "active" and dt.datetime.fromisoformat(p.created) < cutoff]
-
-    @staticmethod
-    def _check_aliases(snap: Snapshot, target: Passport) -> None:
-        taken = {**{n: n for n in snap.names()}, **snap.aliases()}
-        for alias in target.aliases:
-            owner = taken.get(alias)
-            if owner is not None and owner != target.name:
-                raise StoreError(f"alias {alias!r} already names {owner!r}")
+        return [p for p in self.snapshot().passports if p.status != "active" and p.trained < cutoff]

@@ -58,6 +58,15 @@ class AdapterNotActive(LoraServeError):
         super().__init__(f"adapter {adapter_id!r} is not in service: {why}", adapter_id=adapter_id)
 
 
+class AdapterAmbiguous(LoraServeError):
+    """The id names more than one adapter in the store; it is refused rather than guessed."""
+
+    reason = "ADAPTER_AMBIGUOUS"
+
+    def __init__(self, adapter_id: str, why: str):
+        super().__init__(f"adapter id {adapter_id!r} is ambiguous: {why}", adapter_id=adapter_id)
+
+
 class Unauthenticated(LoraServeError):
     reason = "UNAUTHENTICATED"
 

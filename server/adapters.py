@@ -1,22 +1,27 @@
 """Adapter ids -> registry versions, with the checks that run before any load.
 
 Ids are validated names (never paths): `name`, `alias` or `name@VERSION`, or
-`base`. The registry index is re-read whenever it changes on disk, so a
-promotion or rollback takes effect without a restart; requests already
-resolved keep the version they got.
+`base`; an id the store lets two adapters claim is refused, never guessed. The
+registry index is re-read whenever it changes on disk, so a promotion or
+rollback takes effect without a restart; requests already resolved keep the
+version they got.
+
+Every way into the engine passes `AdapterRegistry.gate` (through `resolve`):
+requests, which may then fall back to the base model where allowed, and
+`attachable`, for attaches nobody asked a request for (admin warm/pin,
+--warm/--pin, scheduled warm-ups), which may not.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from registry.identity import BaseIdentity
 from registry.passport import Passport
-from registry.store import PICKLE_WEIGHTS, WEIGHTS, Snapshot, Store
-from scheduler.errors import (AdapterIncompatible, AdapterNotActive, AdapterNotFound, InvalidArgument,
-                              LoraServeError, PermissionDenied)
+from registry.store import PICKLE_WEIGHTS, WEIGHTS, AmbiguousId, Snapshot, Store, StoreError
+from scheduler.errors import (AdapterAmbiguous, AdapterIncompatible, AdapterNotActive, AdapterNotFound,
+                              InvalidArgument, LoraServeError, PermissionDenied)
 from scheduler.types import BASE, BASE_ADAPTER_ID, AdapterRef
 
 ADAPTER_ID = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})(?:@(?P<version>[0-9]{1,9}))?$")
@@ -48,7 +53,7 @@ class AdapterRegistry:
     def snapshot(self) -> Snapshot:
         stamp = self.store.index_stamp()
         if stamp != self._stamp:
-            self._snapshot, self._stamp = self.store.load_index(), stamp
+            self._snapshot, self._stamp = self.store.snapshot(), stamp
         return self._snapshot
 
     def refs(self) -> list[AdapterRef]:
@@ -68,8 +73,11 @@ class AdapterRegistry:
             raise InvalidArgument("adapter_id", "must be a name of letters, digits, '-' or '_' with an "
                                                 "optional '@VERSION' (paths are not accepted)")
         snap = self.snapshot()
-        name = snap.aliases().get(match["name"], match["name"])
-        if not snap.versions(name):
+        try:
+            name = snap.owner(match["name"])
+        except AmbiguousId as exc:
+            raise AdapterAmbiguous(adapter_id, str(exc)) from exc
+        if name is None:
             raise AdapterNotFound(adapter_id)
         version = match["version"]
         passport = snap.get(name, version) if version else snap.active(name)
@@ -80,21 +88,40 @@ class AdapterRegistry:
         if check_access and passport.allowed_clients and client not in passport.allowed_clients:
             raise PermissionDenied(f"client {client or 'anonymous'!r} may not use adapter {adapter_id!r}",
                                    adapter_id=adapter_id, client=client or "")
-        ref = self._ref(passport)
-        return Resolution(ref, passport, self._problem(adapter_id, passport, Path(ref.path)))
+        return Resolution(self._ref(passport), passport, self.gate(adapter_id, passport))
 
-    def _problem(self, adapter_id: str, p: Passport, path: Path) -> LoraServeError | None:
+    def attachable(self, adapter_id: str) -> AdapterRef:
+        """The version `adapter_id` names, if it may be attached now; else the typed reason."""
+        found = self.resolve(adapter_id, check_access=False)
+        if found.adapter.is_base:
+            raise InvalidArgument("adapter_id", "'base' is the model itself and is always resident")
+        if found.problem is not None:
+            raise found.problem
+        return found.adapter
+
+    def gate(self, adapter_id: str, p: Passport) -> LoraServeError | None:
+        """Why version `p` may not be attached here, or None: its status, its fit with the served
+        base model, and files that are inside the store and hashed (the runner checks the hash,
+        and the weights against their config, when it reads them)."""
         if p.status in ("archived", "failed"):
             return AdapterNotActive(adapter_id, f"version {p.version} is {p.status}")
         if p.base_model_revision != self.base.revision:
             return AdapterIncompatible(adapter_id, f"it was trained for base model {p.base_model!r} revision "
                                        f"{p.base_model_revision[:12]}, but this server runs {self.base.model_id!r} "
                                        f"revision {self.base.revision[:12]}")
+        if p.rank < 1:
+            return AdapterIncompatible(adapter_id, "its passport records no rank read from its weights")
         if p.rank > self.max_rank:
             return AdapterIncompatible(adapter_id, f"rank {p.rank} exceeds the server's max_lora_rank {self.max_rank}")
         missing = [t for t in p.target_modules if self.module_names and t not in self.module_names]
         if missing:
             return AdapterIncompatible(adapter_id, f"target modules {missing} do not exist in the base model")
+        if not p.weights_sha256:
+            return AdapterIncompatible(adapter_id, "its passport records no weights_sha256")
+        try:
+            path = self.store.served_dir(p.name, p.version)
+        except StoreError as exc:
+            return AdapterIncompatible(adapter_id, str(exc))
         if not (path / WEIGHTS).is_file() and (path / PICKLE_WEIGHTS).is_file():
             return AdapterIncompatible(adapter_id, "only pickle weights are present; they are refused")
         return None  # a missing or unreadable weights file fails at load: ADAPTER_LOAD_FAILED

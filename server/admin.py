@@ -40,11 +40,16 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
         return self._scheduler
 
     def _resolve(self, adapter_id: str) -> AdapterRef:
+        """For letting go (evict, unpin): any version, even one that may no longer be attached."""
         self._sched()
         found = self._registry.resolve(adapter_id, check_access=False)
         if found.adapter.is_base:
             raise InvalidArgument("adapter_id", "'base' is the model itself and is always resident")
         return found.adapter
+
+    def _attachable(self, adapter_id: str) -> AdapterRef:
+        self._sched()
+        return self._registry.attachable(adapter_id)
 
     def _status(self, ref: AdapterRef) -> pb.AdapterStatus:
         sched = self._sched()
@@ -68,7 +73,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
     @unary_errors
     async def WarmAdapter(self, request, context):
-        ref = self._resolve(request.adapter_id)
+        ref = self._attachable(request.adapter_id)
         tier = _PB_TIER.get(request.tier, Tier.VRAM)
         if tier is Tier.DISK:
             raise InvalidArgument("tier", "warm to TIER_RAM or TIER_VRAM")
@@ -86,7 +91,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
     @unary_errors
     async def PinAdapter(self, request, context):
-        ref = self._resolve(request.adapter_id)
+        ref = self._attachable(request.adapter_id)
         await self._sched().tiers.pin(ref)
         return pb.PinAdapterResponse(adapter=self._status(ref))
 

@@ -18,7 +18,7 @@ from scheduler.policy import BatchLimits
 from scheduler.scheduler import Scheduler
 from server import admin
 from registry.identity import BaseIdentity, base_identity
-from registry.store import Store
+from registry.store import Store, StoreError
 from server.adapters import AdapterRegistry
 from server.auth import Authenticator
 from server.interceptors import AccessInterceptor
@@ -94,6 +94,7 @@ class LoraServer:
     async def load(self) -> None:
         """Load the model, attach the warm and pinned adapters, then turn SERVING."""
         cfg = self.cfg
+        await asyncio.to_thread(self._recover_store)
         self.registry.base = await asyncio.to_thread(base_identity, cfg.model_path)
         self.telemetry.model_name = self.registry.base.model_id
         await self.engine.start()
@@ -112,7 +113,7 @@ class LoraServer:
         for adapter_id in cfg.warm:
             await self._warm_by_id(adapter_id)
         for adapter_id in cfg.pin:
-            await self.scheduler.tiers.pin(self.registry.resolve(adapter_id, check_access=False).adapter)
+            await self.scheduler.tiers.pin(self.registry.attachable(adapter_id))
         if cfg.idle_ttl_s:
             self._tasks.append(asyncio.create_task(sweep_idle_forever(self.scheduler.tiers, cfg.idle_ttl_s)))
         if cfg.warm_schedule:
@@ -123,8 +124,15 @@ class LoraServer:
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model_path)
 
+    def _recover_store(self) -> None:
+        """Finish or undo whatever a crashed writer left; a read-only store is served as it is."""
+        try:
+            self.registry.store.recover()
+        except (OSError, StoreError) as exc:
+            log.warning("adapter store %s not recovered: %s", self.cfg.adapters_dir, exc)
+
     async def _warm_by_id(self, adapter_id: str) -> None:
-        await admin.warm(self.scheduler, self.registry.resolve(adapter_id, check_access=False).adapter, Tier.VRAM)
+        await admin.warm(self.scheduler, self.registry.attachable(adapter_id), Tier.VRAM)
 
     async def _set_health(self, status) -> None:
         for name in ("", *SERVICE_NAMES[:1]):

@@ -67,8 +67,9 @@ class LoraServeDeployment:
     async def get_adapter(self, adapter_id: str) -> _Resident:
         server = await self._ready()
         if adapter_id != "base":
-            ref = server.registry.resolve(adapter_id, check_access=False).adapter
-            await admin.warm(server.scheduler, ref, Tier.VRAM)
+            found = server.registry.resolve(adapter_id, check_access=False)
+            if found.problem is None:  # else the request itself reports why, or falls back to the base model
+                await admin.warm(server.scheduler, found.adapter, Tier.VRAM)
         return _Resident(server, adapter_id, asyncio.get_running_loop())
 
     async def generate(self, prompt: str, **params) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 
@@ -41,6 +42,11 @@ def registry_server(demo_dir, tmp_path_factory):
     clone_adapter(demo_dir, root, "legal", "retired", status="archived")
     clone_adapter(demo_dir, root, "legal", "unpromoted", status="staging")
     clone_adapter(demo_dir, root, "legal", "private", allowed_clients=["acme"])
+    clone_adapter(demo_dir, root, "legal", "broken", status="failed")
+    clone_adapter(demo_dir, root, "legal", "escape")  # its directory is swapped for a symlink later
+    # Two adapters claiming one id: only a hand edit gets a store into this state.
+    clone_adapter(demo_dir, root, "legal", "dupe")
+    clone_adapter(demo_dir, root, "medical", "dupe-owner", aliases=["dupe"])
     # Two versions whose answers differ (legal's and medical's weights), v2 staged.
     clone_adapter(demo_dir, root, "legal", "hot", promoted_at="2026-01-01T00:00:00+00:00")
     clone_adapter(demo_dir, root, "medical", "hot", version="2", status="staging")
@@ -94,6 +100,38 @@ def test_unusable_adapters_fail_with_failed_precondition(registry_server, adapte
     err = fails(stub, adapter, grpc.StatusCode.FAILED_PRECONDITION, reason)
     assert adapter in err.details()
     assert call(stub, "legal").adapter.id == "legal"  # and nothing else is disturbed
+
+
+@pytest.mark.parametrize("adapter, reason", [
+    ("bigrank", "ADAPTER_INCOMPATIBLE"),
+    ("badtarget", "ADAPTER_INCOMPATIBLE"),
+    ("broken", "ADAPTER_NOT_ACTIVE"),
+    ("retired", "ADAPTER_NOT_ACTIVE"),
+    ("dupe", "ADAPTER_AMBIGUOUS"),
+])
+def test_admin_warm_and_pin_pass_the_same_gate_as_requests(registry_server, adapter, reason):
+    _, _, stub, channel = registry_server
+    admin = admin_pb2_grpc.AdapterAdminServiceStub(channel)
+    ops = (("authorization", "Bearer ops-token"),)
+    for rpc, request in (("WarmAdapter", apb.WarmAdapterRequest(adapter_id=adapter)),
+                         ("PinAdapter", apb.PinAdapterRequest(adapter_id=adapter))):
+        with pytest.raises(grpc.RpcError) as caught:
+            getattr(admin, rpc)(request, metadata=ops, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
+        assert details(caught.value)[0].reason == reason
+    fails(stub, adapter, grpc.StatusCode.FAILED_PRECONDITION, reason)
+    listed = admin.ListAdapters(apb.ListAdaptersRequest(), metadata=ops, timeout=10).adapters
+    assert all(a.tier == apb.TIER_DISK for a in listed if a.id == adapter)
+
+
+def test_a_version_swapped_for_a_symlink_out_of_the_store_is_refused(registry_server, tmp_path):
+    _, store, stub, _ = registry_server
+    vdir = store.version_dir("escape", "1")
+    outside = tmp_path / "outside"
+    shutil.move(vdir, outside)
+    vdir.symlink_to(outside, target_is_directory=True)
+    err = fails(stub, "escape", grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_INCOMPATIBLE")
+    assert "outside the adapter store" in err.details()
 
 
 def test_fallback_to_base_only_where_the_adapter_allows_and_always_flagged(registry_server):
