@@ -109,7 +109,8 @@ class LoraServer:
         if cfg.idle_ttl_s:
             self._tasks.append(asyncio.create_task(sweep_idle_forever(self.scheduler.tiers, cfg.idle_ttl_s)))
         if cfg.warm_schedule:
-            schedule = [(int(m["hour"]), int(m["minute"]), m["adapter"]) for m in map(WARM_AT.match, cfg.warm_schedule)]
+            schedule = [(int(m["hour"]), int(m["minute"]), m["adapter"])
+                        for m in map(WARM_AT.fullmatch, cfg.warm_schedule)]
             self._tasks.append(asyncio.create_task(warm_daily(schedule, self._warm_by_id)))
         self.servicer.ready(self.scheduler, self.engine.encode)
         self.admin.ready(self.scheduler)

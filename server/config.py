@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Mapping
 
 from scheduler.policy import POLICIES
+from server.ids import is_adapter_id
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-WARM_AT = re.compile(r"^(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>[A-Za-z0-9@_-]+)$")
+WARM_AT = re.compile(r"(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>.+)")
 ENV_PREFIX = "LORASERVE_"
 
 
@@ -92,9 +93,12 @@ class ServerConfig:
                             "be negative")
         if min(self.ram_budget_mib, self.vram_budget_mib, self.idle_ttl_s) < 0:
             problems.append("ram_budget_mib, vram_budget_mib and idle_ttl_s must not be negative")
-        bad = [w for w in self.warm_schedule if not WARM_AT.match(w)]
+        bad = [w for w in self.warm_schedule if not (m := WARM_AT.fullmatch(w)) or not is_adapter_id(m["adapter"])]
         if bad:
             problems.append(f"warm_schedule entries must look like 08:55=support, not {bad[0]!r}")
+        bad = [a for a in (*self.warm, *self.pin) if not is_adapter_id(a)]
+        if bad:
+            problems.append(f"warm and pin take adapter ids (name, alias or name@VERSION), not {bad[0]!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:

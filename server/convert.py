@@ -10,6 +10,7 @@ from loraserve.v1 import inference_pb2 as pb
 from scheduler.errors import InvalidArgument
 from scheduler.types import (AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource,
                              SamplingParams)
+from server.ids import is_adapter_id
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 64
@@ -30,6 +31,9 @@ def check_fields(req: pb.GenerateRequest, limits: RequestLimits) -> None:
         raise InvalidArgument("request_id", f"is longer than {MAX_REQUEST_ID_CHARS} characters")
     if not req.adapter_id:
         raise InvalidArgument("adapter_id", "is required (an adapter id, or 'base' for the bare model)")
+    if not is_adapter_id(req.adapter_id):
+        raise InvalidArgument("adapter_id", "must be a name of letters, digits, '-' or '_' with an optional "
+                                            "'@VERSION' (paths are not accepted)")
     if not req.prompt:
         raise InvalidArgument("prompt", "must not be empty")
     if req.max_new_tokens > limits.max_new_tokens_limit:

@@ -29,6 +29,9 @@ def test_flags_beat_env_beat_defaults():
     (["--max-streams-per-client", "-1"], "max_streams_per_client"),
     (["--default-max-new-tokens", "900"], "default_max_new_tokens"),
     (["--max-prompt-tokens", "9000"], "max_batch_tokens"),
+    (["--warm", "legal,medical@v2"], "warm and pin"),
+    (["--pin", "../legal"], "warm and pin"),
+    (["--warm-schedule", "08:55=../support"], "warm_schedule"),
 ])
 def test_nonsense_fails_fast(argv, message):
     with pytest.raises(ValueError, match=message):
