@@ -40,16 +40,17 @@ class _Call:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, registry: AdapterRegistry, limits: RequestLimits, telemetry: Telemetry):
+    def __init__(self, registry: AdapterRegistry, telemetry: Telemetry):
         self._registry = registry
-        self._limits = limits
         self._telemetry = telemetry
         self._scheduler: Scheduler | None = None
         self._encode: Callable[[str], list[int]] | None = None
+        self._limits: RequestLimits | None = None
 
-    def ready(self, scheduler: Scheduler, encode: Callable[[str], list[int]]) -> None:
-        """Called once the model is loaded; until then Generate answers UNAVAILABLE."""
-        self._scheduler, self._encode = scheduler, encode
+    def ready(self, scheduler: Scheduler, encode: Callable[[str], list[int]], limits: RequestLimits) -> None:
+        """Called once the model is loaded (its context limit is known then); until then Generate
+        answers UNAVAILABLE."""
+        self._scheduler, self._encode, self._limits = scheduler, encode, limits
 
     async def _submit(self, request: pb.GenerateRequest, context, call: _Call, span) -> Ticket:
         caller = current_caller()

@@ -1,14 +1,21 @@
-"""Strict edges: whole-id matching."""
+"""Strict edges: whole-id matching and the model's context."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
-from clients.client import RequestFailed
+from clients.client import LoraServeClient, RequestFailed
 from conftest import PROMPT
+from loraserve.v1 import admin_pb2, admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
+
+
+def refused(call) -> RequestFailed:
+    with pytest.raises(RequestFailed) as caught:
+        call()
+    return caught.value
 
 
 @pytest.mark.parametrize("adapter_id", ["legal\n", "legal\r\n", " legal", "legal@1\n", "legal\x00"])
@@ -19,4 +26,32 @@ def test_adapter_ids_are_matched_whole(server, adapter_id):
             pb.GenerateRequest(adapter_id=adapter_id, prompt=PROMPT, max_new_tokens=2), timeout=30)
     err = RequestFailed.from_rpc_error(caught.value)
     assert (err.code, err.reason, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "adapter_id")
+
+
+def prompt_of(server, n_tokens: int) -> str:
+    """A prompt the demo tokenizer turns into exactly n_tokens tokens."""
+    encode = server.server.engine.encode
+    words = n_tokens
+    while len(encode(" ".join(["ok"] * words))) > n_tokens:
+        words -= 1
+    text = " ".join(["ok"] * words)
+    assert len(encode(text)) == n_tokens
+    return text
+
+
+def test_prompt_and_new_tokens_must_fit_the_model_context(server):
+    context = server.server.engine.max_context
+    with server.channel() as channel:
+        stats = admin_pb2_grpc.AdapterAdminServiceStub(channel).GetCacheStats(admin_pb2.GetCacheStatsRequest(),
+                                                                               timeout=10)
+    assert stats.max_context_tokens == context == 512  # the demo model's max_position_embeddings
+    with LoraServeClient(server.target, timeout=60) as client:
+        # The issue's case: within max_prompt_tokens (1024) and max_new_tokens_limit (512), over the context.
+        err = refused(lambda: client.generate("legal", prompt_of(server, 1020), max_new_tokens=512))
+        assert (err.code, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "prompt")
+        err = refused(lambda: client.generate("legal", prompt_of(server, 500), max_new_tokens=13))
+        assert (err.code, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens")
+        assert "512" in err.message
+        full = client.generate("legal", prompt_of(server, 500), max_new_tokens=12, ignore_eos=True)
+        assert full.output_tokens == 12
 
