@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from scheduler.policy import POLICIES
+from server.auth import Authenticator
 from server.ids import is_adapter_id
 
 QUANTIZATIONS = ("none", "nf4", "int8")
@@ -118,12 +119,13 @@ class ServerConfig:
         return int(self.ram_budget_mib * 2**20), int(self.vram_budget_mib * 2**20)
 
     def check_paths(self) -> None:
-        """Fail fast on missing files (separate so tests can build configs before models)."""
+        """Fail fast on missing or unusable files (separate so tests can build configs before models)."""
         missing = [p for p in (self.model_path / "config.json", self.adapters_dir, self.tls_cert, self.tls_key,
                                self.tls_client_ca, self.auth_tokens_file)
                    if p is not None and not Path(p).exists()]
         if missing:
             raise ValueError(f"not found: {', '.join(map(str, missing))} (the demo: `loraserve demo build`)")
+        Authenticator.from_file(self.auth_tokens_file)
 
 
 def _convert(f: dataclasses.Field, raw: str):

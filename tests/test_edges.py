@@ -1,6 +1,9 @@
-"""Strict edges: whole-id matching and the model's context."""
+"""Strict edges: whole-id matching, the model's context, and tokens that
+cannot travel as metadata."""
 
 from __future__ import annotations
+
+import json
 
 import grpc
 import pytest
@@ -10,6 +13,9 @@ from conftest import PROMPT
 from loraserve.v1 import admin_pb2, admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
+from scheduler.errors import Unauthenticated
+from server.auth import Authenticator
+from server.cli import main as cli_main
 
 
 def refused(call) -> RequestFailed:
@@ -54,4 +60,35 @@ def test_prompt_and_new_tokens_must_fit_the_model_context(server):
         assert "512" in err.message
         full = client.generate("legal", prompt_of(server, 500), max_new_tokens=12, ignore_eos=True)
         assert full.output_tokens == 12
+
+
+@pytest.mark.parametrize("token", ["tökén", "two\nlines", " padded ", ""])
+def test_a_token_that_cannot_be_sent_as_metadata_stops_start_up(demo_dir, tmp_path, capsys, token):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": {"good-token": {"client": "a"}, token: {"client": "b"}}}))
+    with pytest.raises(ValueError, match="token #2 cannot be sent as gRPC metadata"):
+        Authenticator.from_file(tokens)
+    code = cli_main(["serve", "--model-path", str(demo_dir / "base"), "--adapters-dir", str(demo_dir / "adapters"),
+                     "--auth-tokens-file", str(tokens)])
+    assert code == 2 and "cannot be sent as gRPC metadata" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ['{"tokens": {"t": {}}}', '{"tokens": ["t"]}', "not json",
+                                     '{"tokens": {"t": {"client": "a", "admin": "yes"}}}'])
+def test_a_malformed_tokens_file_stops_start_up(tmp_path, content):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(content)
+    with pytest.raises(ValueError, match=str(tokens)):
+        Authenticator.from_file(tokens)
+
+
+@pytest.mark.parametrize("value", ["Bearer tökén", "Bearer \u2603", "Bearer a\x00b", "Bearer ", "Basic x"])
+def test_any_unusable_bearer_value_is_unauthenticated(tmp_path, value):
+    # grpc hands a handler non-ASCII header bytes as text; compare_digest refuses such text with a TypeError.
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": {"good-token": {"client": "a"}}}))
+    auth = Authenticator.from_file(tokens)
+    with pytest.raises(Unauthenticated):
+        auth.identify([("authorization", value)])
+    assert auth.identify([("authorization", "Bearer good-token")]).client == "a"
 
