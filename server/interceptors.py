@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from loraserve.v1 import admin_pb2, inference_pb2
-from scheduler.errors import LoraServeError, TooManyStreams
+from scheduler.errors import InvalidArgument, LoraServeError, TooManyStreams
 from server.auth import CALLER, Authenticator, Caller
 from server.errors import abort
 
@@ -34,6 +35,24 @@ def client_key(caller: Caller, context) -> str:
         return caller.client
     peer = context.peer() or "unknown"
     return peer.rsplit(":", 1)[0]  # ipv4:127.0.0.1:54321 -> ipv4:127.0.0.1
+
+
+class _Undecodable:
+    """Handed to the behaviour instead of a message when the request bytes do not parse."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _lenient(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    # grpc.aio parses before any handler runs and answers a parse error with UNKNOWN and the
+    # parser's text; passing a marker on lets the behaviour refuse it as INVALID_ARGUMENT.
+    def parse(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return UNDECODABLE
+    return parse
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
@@ -53,33 +72,36 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 try:
-                    with self._admitted(context, admin, counted):
+                    with self._admitted(request, context, admin, counted):
                         return await behavior(request, context)
                 except LoraServeError as exc:
                     await abort(context, exc)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
+            return grpc.unary_unary_rpc_method_handler(unary, _lenient(handler.request_deserializer),
                                                        handler.response_serializer)
         if handler.unary_stream:
             stream = handler.unary_stream
 
             async def streaming(request, context):
                 try:
-                    with self._admitted(context, admin, counted):
+                    with self._admitted(request, context, admin, counted):
                         async for item in stream(request, context):
                             yield item
                 except LoraServeError as exc:
                     await abort(context, exc)
 
-            return grpc.unary_stream_rpc_method_handler(streaming, handler.request_deserializer,
+            return grpc.unary_stream_rpc_method_handler(streaming, _lenient(handler.request_deserializer),
                                                         handler.response_serializer)
         raise TypeError(f"{details.method}: only unary and server-streaming methods are served")
 
     @contextlib.contextmanager
-    def _admitted(self, context, admin: bool, counted: bool) -> Iterator[None]:
-        caller = self._auth.admin(context.invocation_metadata()) if admin else \
-            self._auth.identify(context.invocation_metadata())
+    def _admitted(self, request, context, admin: bool, counted: bool) -> Iterator[None]:
+        metadata = context.invocation_metadata()
+        caller = self._auth.admin(metadata) if admin else self._auth.identify(metadata)
         CALLER.set(caller)
+        if request is UNDECODABLE:
+            raise InvalidArgument("request", "cannot be decoded (a corrupt message, or invalid UTF-8 in a "
+                                             "string field)")
         if not counted:
             yield
             return

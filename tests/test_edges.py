@@ -1,4 +1,4 @@
-"""Strict edges: whole-id matching, the model's context, and tokens that
+"""Strict edges: whole-id matching, the model's context, undecodable requests, tokens that
 cannot travel as metadata."""
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from loraserve.v1 import inference_pb2_grpc
 from scheduler.errors import Unauthenticated
 from server.auth import Authenticator
 from server.cli import main as cli_main
+
+GENERATE = "/loraserve.v1.InferenceService/Generate"
+STREAM = "/loraserve.v1.InferenceService/GenerateStream"
 
 
 def refused(call) -> RequestFailed:
@@ -60,6 +63,30 @@ def test_prompt_and_new_tokens_must_fit_the_model_context(server):
         assert "512" in err.message
         full = client.generate("legal", prompt_of(server, 500), max_new_tokens=12, ignore_eos=True)
         assert full.output_tokens == 12
+
+
+def _raw(channel: grpc.Channel, method: str, body: bytes, streaming: bool):
+    """Send bytes as they are, as a broken or hostile client would."""
+    if streaming:
+        return list(channel.unary_stream(method)(body, timeout=10))
+    return channel.unary_unary(method)(body, timeout=10)
+
+
+BAD_UTF8_PROMPT = b"\x12\x05legal" + b"\x1a\x02\xff\xfe"  # adapter_id="legal", prompt=<invalid UTF-8>
+CORRUPT = b"\x12\x50legal"  # a length running past the end of the message
+
+
+@pytest.mark.parametrize("body", [BAD_UTF8_PROMPT, CORRUPT], ids=["invalid-utf8", "truncated"])
+@pytest.mark.parametrize("method", [GENERATE, STREAM], ids=["unary", "stream"])
+def test_undecodable_requests_are_invalid_argument(server, body, method):
+    with server.channel() as channel, pytest.raises(grpc.RpcError) as caught:
+        _raw(channel, method, body, streaming=method == STREAM)
+    err = RequestFailed.from_rpc_error(caught.value)
+    assert (err.code, err.reason, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "request")
+    assert "Traceback" not in err.message and "DecodeError" not in err.message
+    with server.channel() as channel:  # the well-formed twin is served
+        assert _raw(channel, GENERATE, pb.GenerateRequest(adapter_id="legal", prompt=PROMPT, max_new_tokens=2)
+                    .SerializeToString(), streaming=False)
 
 
 @pytest.mark.parametrize("token", ["tökén", "two\nlines", " padded ", ""])
