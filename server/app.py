@@ -52,8 +52,9 @@ class LoraServer:
         self.health = health.aio.HealthServicer()
         # The base model's identity is known once load() has fingerprinted it.
         self.registry = AdapterRegistry(Store(cfg.adapters_dir), BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
-        self.access = AccessInterceptor(Authenticator.from_file(cfg.auth_tokens_file), cfg.max_streams_per_client)
         self.metrics = Metrics(cfg.thrash_limit)
+        self.access = AccessInterceptor(Authenticator.from_file(cfg.auth_tokens_file), self.metrics,
+                                        cfg.max_streams_per_client)
         self.telemetry = Telemetry(tracer_provider or provider_from_env(), self.metrics)
         self.metrics_port: int | None = None
         self.servicer = InferenceServicer(self.registry, self.telemetry)

@@ -10,6 +10,7 @@ bearer token's client, or the peer's address when authentication is off.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 from typing import Callable, Iterator
 
@@ -22,6 +23,7 @@ from loraserve.v1 import admin_pb2, inference_pb2
 from scheduler.errors import InvalidArgument, LoraServeError, TooManyStreams
 from server.auth import CALLER, Authenticator, Caller
 from server.errors import abort
+from server.metrics import Metrics
 
 OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME,
                            "grpc.reflection.v1.ServerReflection"})
@@ -56,8 +58,9 @@ def _lenient(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, auth: Authenticator, max_streams_per_client: int = 0):
+    def __init__(self, auth: Authenticator, metrics: Metrics, max_streams_per_client: int = 0):
         self._auth = auth
+        self._metrics = metrics
         self._limit = max_streams_per_client
         self.open_calls: Counter[str] = Counter()
 
@@ -71,11 +74,12 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             behavior = handler.unary_unary
 
             async def unary(request, context):
+                started = time.perf_counter()
                 try:
                     with self._admitted(request, context, admin, counted):
                         return await behavior(request, context)
                 except LoraServeError as exc:
-                    await abort(context, exc)
+                    await self._refuse(context, exc, counted, started)
 
             return grpc.unary_unary_rpc_method_handler(unary, _lenient(handler.request_deserializer),
                                                        handler.response_serializer)
@@ -83,16 +87,24 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             stream = handler.unary_stream
 
             async def streaming(request, context):
+                started = time.perf_counter()
                 try:
                     with self._admitted(request, context, admin, counted):
                         async for item in stream(request, context):
                             yield item
                 except LoraServeError as exc:
-                    await abort(context, exc)
+                    await self._refuse(context, exc, counted, started)
 
             return grpc.unary_stream_rpc_method_handler(streaming, _lenient(handler.request_deserializer),
                                                         handler.response_serializer)
         raise TypeError(f"{details.method}: only unary and server-streaming methods are served")
+
+    async def _refuse(self, context, exc: LoraServeError, counted: bool, started: float) -> None:
+        # Services count the calls they handle (and answer their own errors), so what reaches
+        # here was refused before the service saw it: counted here, once, with its reason.
+        if counted:
+            self._metrics.request_done("-", exc.reason, time.perf_counter() - started, None)
+        await abort(context, exc)
 
     @contextlib.contextmanager
     def _admitted(self, request, context, admin: bool, counted: bool) -> Iterator[None]:

@@ -34,6 +34,8 @@ class _Call:
     """What one RPC learns as it goes, for its span, metrics and log line."""
 
     client: str | None = None
+    adapter: str = "-"
+    """The metrics label: the adapter that serves (or would have served) once resolved."""
     req: GenerationRequest | None = None
     completion: Completion | None = None
     status: str = "OK"
@@ -65,6 +67,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         with self._telemetry.resolve(request.adapter_id):
             found = self._registry.resolve(request.adapter_id, call.client)
         may_fall_back = found.fallback_allowed(FALLBACKS[request.fallback])
+        call.adapter = BASE.id if found.problem is not None and may_fall_back else found.adapter.id
         if found.problem is not None and not may_fall_back:
             raise found.problem
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt)
@@ -94,12 +97,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 call.status = "DEADLINE_EXCEEDED"
                 raise
             except asyncio.CancelledError:
-                call.status = "CANCELLED"
+                # grpc.aio cancels the handler when the caller's deadline passes, as when it hangs up.
+                call.status = "DEADLINE_EXCEEDED" if context.time_remaining() == 0 else "CANCELLED"
+                raise
+            except Exception:
+                call.status = "INTERNAL"
                 raise
             finally:
                 self._telemetry.finished(span, call.req, call.completion)
                 c = call.completion
-                label = c.adapter.id if c else (call.req.adapter.id if call.req else "-")
+                label = c.adapter.id if c else call.adapter
                 self._telemetry.metrics.request_done(label, call.status, time.perf_counter() - started, c)
                 _log_request(request, call, self._registry.base.model_id, started)
 
