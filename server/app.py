@@ -54,7 +54,7 @@ class LoraServer:
         self.registry = AdapterRegistry(Store(cfg.adapters_dir), BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
         self.metrics = Metrics(cfg.thrash_limit)
         self.access = AccessInterceptor(Authenticator.from_file(cfg.auth_tokens_file), self.metrics,
-                                        cfg.max_streams_per_client)
+                                        cfg.max_streams_per_client, cfg.client_id_metadata_key)
         self.telemetry = Telemetry(tracer_provider or provider_from_env(), self.metrics)
         self.metrics_port: int | None = None
         self.servicer = InferenceServicer(self.registry, self.telemetry)

@@ -4,7 +4,8 @@ they already have open.
 Health and reflection stay open (load balancers and grpcurl need them without a token). The
 admin service needs an admin caller. Inference calls count against the caller's stream limit,
 so one client cannot hold every queue slot and batch row; the caller's identity is the
-bearer token's client, or the peer's address when authentication is off.
+bearer token's client or, when authentication is off, the value of the operator's trusted
+client-id metadata key, else the peer's address.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
+from contextvars import ContextVar
 from typing import Callable, Iterator
 
 import grpc
@@ -20,7 +22,7 @@ from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from loraserve.v1 import admin_pb2, inference_pb2
-from scheduler.errors import InvalidArgument, LoraServeError, TooManyStreams
+from scheduler.errors import InvalidArgument, LoraServeError, TooManyStreams, Unauthenticated
 from server.auth import CALLER, Authenticator, Caller
 from server.errors import abort
 from server.metrics import Metrics
@@ -29,14 +31,17 @@ OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME,
                            "grpc.reflection.v1.ServerReflection"})
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdapterAdminService"].full_name
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+MAX_CLIENT_ID_CHARS = 128
+
+CLIENT_KEY: ContextVar[str] = ContextVar("loraserve_client_key")
+"""The unit of fairness and of the stream limit for the RPC being handled (set with CALLER)."""
 
 
-def client_key(caller: Caller, context) -> str:
-    """The unit of fairness and of the stream limit."""
-    if caller.client is not None:
-        return caller.client
-    peer = context.peer() or "unknown"
-    return peer.rsplit(":", 1)[0]  # ipv4:127.0.0.1:54321 -> ipv4:127.0.0.1
+def current_client_key() -> str:
+    try:
+        return CLIENT_KEY.get()
+    except LookupError:  # a handler reached without the interceptor: refuse rather than guess
+        raise Unauthenticated("no authenticated caller for this call") from None
 
 
 class _Undecodable:
@@ -58,10 +63,12 @@ def _lenient(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, auth: Authenticator, metrics: Metrics, max_streams_per_client: int = 0):
+    def __init__(self, auth: Authenticator, metrics: Metrics, max_streams_per_client: int = 0,
+                 client_id_key: str = ""):
         self._auth = auth
         self._metrics = metrics
         self._limit = max_streams_per_client
+        self._client_id_key = client_id_key
         self.open_calls: Counter[str] = Counter()
 
     async def intercept_service(self, continuation, details):
@@ -117,7 +124,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if not counted:
             yield
             return
-        key = client_key(caller, context)
+        key = self._client_key(caller, context)
+        CLIENT_KEY.set(key)
         if self._limit and self.open_calls[key] >= self._limit:
             raise TooManyStreams(key, self._limit)
         self.open_calls[key] += 1
@@ -127,3 +135,15 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             self.open_calls[key] -= 1
             if not self.open_calls[key]:
                 del self.open_calls[key]
+
+    def _client_key(self, caller: Caller, context) -> str:
+        if caller.client is not None:
+            return caller.client
+        if self._client_id_key:
+            named = next((v for k, v in context.invocation_metadata() or () if k == self._client_id_key), "")
+            if len(named) > MAX_CLIENT_ID_CHARS:
+                raise InvalidArgument(self._client_id_key, f"is longer than {MAX_CLIENT_ID_CHARS} characters")
+            if named:
+                return named
+        peer = context.peer() or "unknown"
+        return peer.rsplit(":", 1)[0]  # ipv4:127.0.0.1:54321 -> ipv4:127.0.0.1

@@ -1,5 +1,5 @@
 """Strict edges: whole-id matching, the model's context, undecodable requests, tokens that
-cannot travel as metadata."""
+cannot travel as metadata, and the operator's trusted client-id key."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import grpc
 import pytest
 
 from clients.client import LoraServeClient, RequestFailed
-from conftest import PROMPT
+from conftest import PROMPT, ServerThread, server_config
 from loraserve.v1 import admin_pb2, admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
+from runner.engine import EngineConfig
 from scheduler.errors import Unauthenticated
 from server.auth import Authenticator
 from server.cli import main as cli_main
+from test_lifecycle import PacedEngine, wait_for
 
 GENERATE = "/loraserve.v1.InferenceService/Generate"
 STREAM = "/loraserve.v1.InferenceService/GenerateStream"
@@ -119,3 +121,31 @@ def test_any_unusable_bearer_value_is_unauthenticated(tmp_path, value):
         auth.identify([("authorization", value)])
     assert auth.identify([("authorization", "Bearer good-token")]).client == "a"
 
+
+@pytest.fixture(scope="module")
+def proxied(demo_dir):
+    cfg = server_config(demo_dir, client_id_metadata_key="x-client-id", max_streams_per_client=1)
+    srv = ServerThread(cfg, engine=PacedEngine(EngineConfig(cfg.model_path)))
+    yield srv
+    srv.stop()
+
+
+def test_a_trusted_metadata_key_separates_clients_behind_one_address(proxied):
+    with proxied.channel() as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        long = pb.GenerateRequest(adapter_id="base", prompt=PROMPT, max_new_tokens=400, ignore_eos=True)
+        short = pb.GenerateRequest(adapter_id="base", prompt=PROMPT, max_new_tokens=2)
+        held = stub.GenerateStream(long, metadata=(("x-client-id", "team-a"),), timeout=60)
+        next(held)
+        assert proxied.server.access.open_calls == {"team-a": 1}
+        with pytest.raises(grpc.RpcError) as limited:
+            stub.Generate(short, metadata=(("x-client-id", "team-a"),), timeout=30)
+        assert RequestFailed.from_rpc_error(limited.value).reason == "CLIENT_STREAM_LIMIT"
+        # Same address, another client: its own limit. No key: the address is the client.
+        assert stub.Generate(short, metadata=(("x-client-id", "team-b"),), timeout=30).usage.output_tokens == 2
+        assert stub.Generate(short, timeout=30).usage.output_tokens == 2
+        with pytest.raises(grpc.RpcError) as too_long:
+            stub.Generate(short, metadata=(("x-client-id", "x" * 129),), timeout=30)
+        assert RequestFailed.from_rpc_error(too_long.value).field == "x-client-id"
+        held.cancel()
+    assert wait_for(lambda: not proxied.server.access.open_calls)
