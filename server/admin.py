@@ -30,9 +30,10 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
     def __init__(self, registry: AdapterRegistry):
         self._registry = registry
         self._scheduler: Scheduler | None = None
+        self._max_context = 0
 
-    def ready(self, scheduler: Scheduler) -> None:
-        self._scheduler = scheduler
+    def ready(self, scheduler: Scheduler, max_context: int) -> None:
+        self._scheduler, self._max_context = scheduler, max_context
 
     def _sched(self) -> Scheduler:
         if self._scheduler is None:
@@ -105,7 +106,8 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
     async def GetCacheStats(self, request, context):
         tiers = self._sched().tiers
         cache = tiers.cache
-        out = pb.GetCacheStatsResponse(loads_in_flight=tiers.loads.running, peak_loads_in_flight=tiers.loads.peak)
+        out = pb.GetCacheStatsResponse(loads_in_flight=tiers.loads.running, peak_loads_in_flight=tiers.loads.peak,
+                                       max_context_tokens=self._max_context)
         for tier in (Tier.VRAM, Tier.RAM):
             st = cache.stats[tier]
             out.tiers.add(tier=_TIER_PB[tier], hits=st.hits, misses=st.misses, loads=st.loads,

@@ -59,13 +59,12 @@ class LoraServer:
         self.health = health.aio.HealthServicer()
         # The base model's identity is known once load() has fingerprinted it.
         self.registry = AdapterRegistry(Store(cfg.adapters_dir), BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
-        self.access = AccessInterceptor(Authenticator.from_file(cfg.auth_tokens_file), cfg.max_streams_per_client)
         self.metrics = Metrics(cfg.thrash_limit)
+        self.access = AccessInterceptor(Authenticator.from_file(cfg.auth_tokens_file), self.metrics,
+                                        cfg.max_streams_per_client, cfg.client_id_metadata_key)
         self.telemetry = Telemetry(tracer_provider or provider_from_env(), self.metrics)
         self.metrics_port: int | None = None
-        self.servicer = InferenceServicer(self.registry, RequestLimits(
-            cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens),
-            self.telemetry)
+        self.servicer = InferenceServicer(self.registry, self.telemetry)
         self.admin = admin.AdminServicer(self.registry)
         self._server = grpc.aio.server(interceptors=[self.access], options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -117,10 +116,15 @@ class LoraServer:
         if cfg.idle_ttl_s:
             self._tasks.append(asyncio.create_task(sweep_idle_forever(self.scheduler.tiers, cfg.idle_ttl_s)))
         if cfg.warm_schedule:
-            schedule = [(int(m["hour"]), int(m["minute"]), m["adapter"]) for m in map(WARM_AT.match, cfg.warm_schedule)]
+            schedule = [(int(m["hour"]), int(m["minute"]), m["adapter"])
+                        for m in map(WARM_AT.fullmatch, cfg.warm_schedule)]
             self._tasks.append(asyncio.create_task(warm_daily(schedule, self._warm_by_id)))
-        self.servicer.ready(self.scheduler, self.engine.encode)
-        self.admin.ready(self.scheduler)
+        max_context = self.engine.max_context
+        log.info("context: %d tokens per sequence (prompt + max_new_tokens)", max_context)
+        self.servicer.ready(self.scheduler, self.engine.encode, RequestLimits(
+            cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens,
+            max_context))
+        self.admin.ready(self.scheduler, max_context)
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model_path)
 

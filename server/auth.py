@@ -7,12 +7,17 @@ The tokens file (JSON) maps each token to its client:
 Without a tokens file authentication is off: every caller is the anonymous
 client, which may use adapters that list no allowed clients, and the admin
 service is open (bind to localhost then).
+
+A token must be sendable as gRPC metadata (printable ASCII, no surrounding spaces); the
+file is checked when the server starts, so a token no client could send is a start-up
+error, not a server that refuses everyone.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,9 @@ class Caller:
 
 
 ANONYMOUS = Caller(None, True)
+
+TOKEN = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+"""A header value gRPC carries as is: printable ASCII, and no spaces at the ends (they are stripped)."""
 
 CALLER: ContextVar[Caller] = ContextVar("loraserve_caller")
 """Set by server.interceptors for the RPC being handled."""
@@ -47,11 +55,21 @@ class Authenticator:
 
     @classmethod
     def from_file(cls, path: Path | None) -> Authenticator:
+        """Raises ValueError naming what is wrong with the file (never the token itself)."""
         if path is None:
             return cls(None)
-        data = json.loads(Path(path).read_text())
-        return cls({token: Caller(entry["client"], bool(entry.get("admin", False)))
-                    for token, entry in data["tokens"].items()})
+        try:
+            entries = json.loads(Path(path).read_text(encoding="utf-8"))["tokens"]
+            tokens = {token: Caller(entry["client"], entry.get("admin", False)) for token, entry in entries.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: expected {{\"tokens\": {{TOKEN: {{\"client\": NAME}}}}}} ({exc!r})") from None
+        for n, (token, caller) in enumerate(tokens.items(), 1):
+            if not TOKEN.fullmatch(token):
+                raise ValueError(f"{path}: token #{n} cannot be sent as gRPC metadata (it must be printable "
+                                 "ASCII without spaces at either end)")
+            if not isinstance(caller.client, str) or not caller.client or not isinstance(caller.admin, bool):
+                raise ValueError(f"{path}: token #{n} needs a non-empty \"client\" and a true/false \"admin\"")
+        return cls(tokens)
 
     def identify(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
         if self._tokens is None:
@@ -60,6 +78,9 @@ class Authenticator:
         if not isinstance(header, str) or not header.startswith("Bearer "):
             raise Unauthenticated("send 'authorization: Bearer TOKEN' metadata")
         token = header.removeprefix("Bearer ").strip()
+        # No known token looks otherwise (from_file checks), and compare_digest refuses non-ASCII text.
+        if not TOKEN.fullmatch(token):
+            raise Unauthenticated("unknown bearer token")
         # Compare against every token in constant time, so timing tells nothing about near misses.
         match = [caller for known, caller in self._tokens.items() if hmac.compare_digest(known, token)]
         if not match:

@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Mapping
 
 from scheduler.policy import POLICIES
+from server.auth import Authenticator
+from server.ids import is_adapter_id
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-WARM_AT = re.compile(r"^(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>[A-Za-z0-9@_-]+)$")
+WARM_AT = re.compile(r"(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>.+)")
+METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+"""A gRPC metadata key that carries text (keys ending in -bin carry bytes)."""
+RESERVED_KEYS = frozenset({"authorization", "x-adapter-id", "user-agent", "content-type", "te", "traceparent"})
 ENV_PREFIX = "LORASERVE_"
 
 
@@ -64,6 +69,9 @@ class ServerConfig:
     max_message_bytes: int = _f(1 << 20, "Largest gRPC message accepted or sent, bytes.")
     max_streams_per_client: int = _f(256, "Most inference calls one client may have open at once (beyond: "
                                           "RESOURCE_EXHAUSTED); 0 means no limit.")
+    client_id_metadata_key: str = _f("", "Without auth_tokens_file: a metadata key whose value identifies the "
+                                         "client (stream limit, fair share) instead of its address. Trusted as "
+                                         "sent: set it only behind a proxy that overwrites that key.")
     metrics_host: str = _f("127.0.0.1", "Interface for the Prometheus /metrics endpoint.")
     metrics_port: int = _f(9464, "Port for /metrics; 0 picks a free one, -1 turns it off.")
     thrash_limit: int = _f(10, "Warn when one adapter is read from disk more than this many times in an hour.")
@@ -97,9 +105,12 @@ class ServerConfig:
             problems.append("kv_cache_mib and max_model_len must not be negative")
         if min(self.ram_budget_mib, self.vram_budget_mib, self.idle_ttl_s) < 0:
             problems.append("ram_budget_mib, vram_budget_mib and idle_ttl_s must not be negative")
-        bad = [w for w in self.warm_schedule if not WARM_AT.match(w)]
+        bad = [w for w in self.warm_schedule if not (m := WARM_AT.fullmatch(w)) or not is_adapter_id(m["adapter"])]
         if bad:
             problems.append(f"warm_schedule entries must look like 08:55=support, not {bad[0]!r}")
+        bad = [a for a in (*self.warm, *self.pin) if not is_adapter_id(a)]
+        if bad:
+            problems.append(f"warm and pin take adapter ids (name, alias or name@VERSION), not {bad[0]!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -108,6 +119,14 @@ class ServerConfig:
             problems.append("max_message_bytes must be at least 1024")
         if self.max_streams_per_client < 0:
             problems.append("max_streams_per_client must not be negative")
+        key = self.client_id_metadata_key
+        if key and (not METADATA_KEY.fullmatch(key) or key.endswith("-bin") or key.startswith("grpc-")
+                    or key in RESERVED_KEYS):
+            problems.append(f"client_id_metadata_key {key!r} must be a lower-case text metadata key "
+                            "([0-9a-z_.-], not -bin, grpc-* or one the service reads itself)")
+        if key and self.auth_tokens_file is not None:
+            problems.append("client_id_metadata_key applies only without auth_tokens_file (a token names "
+                            "its client)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device {self.device!r} is not auto, cpu, cuda or cuda:N")
         if problems:
@@ -119,12 +138,13 @@ class ServerConfig:
         return int(self.ram_budget_mib * 2**20), int(self.vram_budget_mib * 2**20)
 
     def check_paths(self) -> None:
-        """Fail fast on missing files (separate so tests can build configs before models)."""
+        """Fail fast on missing or unusable files (separate so tests can build configs before models)."""
         missing = [p for p in (self.model_path / "config.json", self.adapters_dir, self.tls_cert, self.tls_key,
                                self.tls_client_ca, self.auth_tokens_file)
                    if p is not None and not Path(p).exists()]
         if missing:
             raise ValueError(f"not found: {', '.join(map(str, missing))} (the demo: `loraserve demo build`)")
+        Authenticator.from_file(self.auth_tokens_file)
 
 
 def _convert(f: dataclasses.Field, raw: str):

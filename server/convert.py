@@ -10,6 +10,7 @@ from loraserve.v1 import inference_pb2 as pb
 from scheduler.errors import InvalidArgument
 from scheduler.types import (AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource,
                              SamplingParams)
+from server.ids import is_adapter_id
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 64
@@ -22,6 +23,8 @@ class RequestLimits:
     max_new_tokens_limit: int
     default_max_new_tokens: int
     max_batch_tokens: int
+    max_context: int
+    """Most tokens one sequence may hold, prompt and generated together: the model's position limit."""
 
 
 def check_fields(req: pb.GenerateRequest, limits: RequestLimits) -> None:
@@ -30,6 +33,9 @@ def check_fields(req: pb.GenerateRequest, limits: RequestLimits) -> None:
         raise InvalidArgument("request_id", f"is longer than {MAX_REQUEST_ID_CHARS} characters")
     if not req.adapter_id:
         raise InvalidArgument("adapter_id", "is required (an adapter id, or 'base' for the bare model)")
+    if not is_adapter_id(req.adapter_id):
+        raise InvalidArgument("adapter_id", "must be a name of letters, digits, '-' or '_' with an optional "
+                                            "'@VERSION' (paths are not accepted)")
     if not req.prompt:
         raise InvalidArgument("prompt", "must not be empty")
     if req.max_new_tokens > limits.max_new_tokens_limit:
@@ -53,10 +59,16 @@ FALLBACKS = {pb.FALLBACK_UNSPECIFIED: "", pb.FALLBACK_FAIL: "fail", pb.FALLBACK_
 def from_pb(req: pb.GenerateRequest, adapter: AdapterRef, prompt_ids: list[int],
             limits: RequestLimits, fallback_to_base: bool = False, client: str = "") -> GenerationRequest:
     """Build the internal request once fields are checked, the adapter resolved and the prompt tokenized."""
-    if len(prompt_ids) > limits.max_prompt_tokens:
-        raise InvalidArgument("prompt", f"is {len(prompt_ids)} tokens; the limit is {limits.max_prompt_tokens}")
+    # A prompt must leave the model room for at least one new token.
+    prompt_limit = min(limits.max_prompt_tokens, limits.max_context - 1)
+    if len(prompt_ids) > prompt_limit:
+        raise InvalidArgument("prompt", f"is {len(prompt_ids)} tokens; the limit is {prompt_limit}")
     max_new = req.max_new_tokens or limits.default_max_new_tokens
-    if len(prompt_ids) + max_new > limits.max_batch_tokens:
+    total = len(prompt_ids) + max_new
+    if total > limits.max_context:
+        raise InvalidArgument("max_new_tokens", f"the prompt's {len(prompt_ids)} tokens plus {max_new} new ones "
+                                                f"exceed the model's context of {limits.max_context} tokens")
+    if total > limits.max_batch_tokens:
         raise InvalidArgument("max_new_tokens", f"prompt plus max_new_tokens exceeds {limits.max_batch_tokens}")
     sampling = SamplingParams(
         temperature=req.temperature if req.HasField("temperature") else 0.0,

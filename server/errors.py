@@ -66,6 +66,13 @@ async def _abort_deadline(context: grpc.aio.ServicerContext):
     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the answer was ready")
 
 
+async def _abort_internal(context: grpc.aio.ServicerContext, where: str):
+    # A bug, not a refusal: the traceback goes to the log, never its text to the caller (grpc.aio
+    # would answer UNKNOWN with it).
+    log.exception("%s failed unexpectedly", where)
+    await abort(context, e.LoraServeError("internal error; the server logged the details"))
+
+
 def unary_errors(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
@@ -75,6 +82,10 @@ def unary_errors(method):
             await abort(context, exc)
         except asyncio.TimeoutError:
             await _abort_deadline(context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await _abort_internal(context, method.__qualname__)
     return wrapper
 
 
@@ -88,4 +99,8 @@ def stream_errors(method):
             await abort(context, exc)
         except asyncio.TimeoutError:
             await _abort_deadline(context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await _abort_internal(context, method.__qualname__)
     return wrapper

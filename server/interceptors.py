@@ -4,42 +4,71 @@ they already have open.
 Health and reflection stay open (load balancers and grpcurl need them without a token). The
 admin service needs an admin caller. Inference calls count against the caller's stream limit,
 so one client cannot hold every queue slot and batch row; the caller's identity is the
-bearer token's client, or the peer's address when authentication is off.
+bearer token's client or, when authentication is off, the value of the operator's trusted
+client-id metadata key, else the peer's address.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
-from typing import Iterator
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from loraserve.v1 import admin_pb2, inference_pb2
-from scheduler.errors import LoraServeError, TooManyStreams
+from scheduler.errors import InvalidArgument, LoraServeError, TooManyStreams, Unauthenticated
 from server.auth import CALLER, Authenticator, Caller
 from server.errors import abort
+from server.metrics import Metrics
 
 OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME,
                            "grpc.reflection.v1.ServerReflection"})
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdapterAdminService"].full_name
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+MAX_CLIENT_ID_CHARS = 128
+
+CLIENT_KEY: ContextVar[str] = ContextVar("loraserve_client_key")
+"""The unit of fairness and of the stream limit for the RPC being handled (set with CALLER)."""
 
 
-def client_key(caller: Caller, context) -> str:
-    """The unit of fairness and of the stream limit."""
-    if caller.client is not None:
-        return caller.client
-    peer = context.peer() or "unknown"
-    return peer.rsplit(":", 1)[0]  # ipv4:127.0.0.1:54321 -> ipv4:127.0.0.1
+def current_client_key() -> str:
+    try:
+        return CLIENT_KEY.get()
+    except LookupError:  # a handler reached without the interceptor: refuse rather than guess
+        raise Unauthenticated("no authenticated caller for this call") from None
+
+
+class _Undecodable:
+    """Handed to the behaviour instead of a message when the request bytes do not parse."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _lenient(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    # grpc.aio parses before any handler runs and answers a parse error with UNKNOWN and the
+    # parser's text; passing a marker on lets the behaviour refuse it as INVALID_ARGUMENT.
+    def parse(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return UNDECODABLE
+    return parse
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, auth: Authenticator, max_streams_per_client: int = 0):
+    def __init__(self, auth: Authenticator, metrics: Metrics, max_streams_per_client: int = 0,
+                 client_id_key: str = ""):
         self._auth = auth
+        self._metrics = metrics
         self._limit = max_streams_per_client
+        self._client_id_key = client_id_key
         self.open_calls: Counter[str] = Counter()
 
     async def intercept_service(self, continuation, details):
@@ -52,38 +81,51 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             behavior = handler.unary_unary
 
             async def unary(request, context):
+                started = time.perf_counter()
                 try:
-                    with self._admitted(context, admin, counted):
+                    with self._admitted(request, context, admin, counted):
                         return await behavior(request, context)
                 except LoraServeError as exc:
-                    await abort(context, exc)
+                    await self._refuse(context, exc, counted, started)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
+            return grpc.unary_unary_rpc_method_handler(unary, _lenient(handler.request_deserializer),
                                                        handler.response_serializer)
         if handler.unary_stream:
             stream = handler.unary_stream
 
             async def streaming(request, context):
+                started = time.perf_counter()
                 try:
-                    with self._admitted(context, admin, counted):
+                    with self._admitted(request, context, admin, counted):
                         async for item in stream(request, context):
                             yield item
                 except LoraServeError as exc:
-                    await abort(context, exc)
+                    await self._refuse(context, exc, counted, started)
 
-            return grpc.unary_stream_rpc_method_handler(streaming, handler.request_deserializer,
+            return grpc.unary_stream_rpc_method_handler(streaming, _lenient(handler.request_deserializer),
                                                         handler.response_serializer)
         raise TypeError(f"{details.method}: only unary and server-streaming methods are served")
 
+    async def _refuse(self, context, exc: LoraServeError, counted: bool, started: float) -> None:
+        # Services count the calls they handle (and answer their own errors), so what reaches
+        # here was refused before the service saw it: counted here, once, with its reason.
+        if counted:
+            self._metrics.request_done("-", exc.reason, time.perf_counter() - started, None)
+        await abort(context, exc)
+
     @contextlib.contextmanager
-    def _admitted(self, context, admin: bool, counted: bool) -> Iterator[None]:
-        caller = self._auth.admin(context.invocation_metadata()) if admin else \
-            self._auth.identify(context.invocation_metadata())
+    def _admitted(self, request, context, admin: bool, counted: bool) -> Iterator[None]:
+        metadata = context.invocation_metadata()
+        caller = self._auth.admin(metadata) if admin else self._auth.identify(metadata)
         CALLER.set(caller)
+        if request is UNDECODABLE:
+            raise InvalidArgument("request", "cannot be decoded (a corrupt message, or invalid UTF-8 in a "
+                                             "string field)")
         if not counted:
             yield
             return
-        key = client_key(caller, context)
+        key = self._client_key(caller, context)
+        CLIENT_KEY.set(key)
         if self._limit and self.open_calls[key] >= self._limit:
             raise TooManyStreams(key, self._limit)
         self.open_calls[key] += 1
@@ -93,3 +135,15 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             self.open_calls[key] -= 1
             if not self.open_calls[key]:
                 del self.open_calls[key]
+
+    def _client_key(self, caller: Caller, context) -> str:
+        if caller.client is not None:
+            return caller.client
+        if self._client_id_key:
+            named = next((v for k, v in context.invocation_metadata() or () if k == self._client_id_key), "")
+            if len(named) > MAX_CLIENT_ID_CHARS:
+                raise InvalidArgument(self._client_id_key, f"is longer than {MAX_CLIENT_ID_CHARS} characters")
+            if named:
+                return named
+        peer = context.peer() or "unknown"
+        return peer.rsplit(":", 1)[0]  # ipv4:127.0.0.1:54321 -> ipv4:127.0.0.1

@@ -19,7 +19,7 @@ from server.adapters import AdapterRegistry
 from server.auth import current_caller
 from server.convert import FALLBACKS, RequestLimits, check_fields, delta_pb, final_chunk_pb, from_pb, to_pb
 from server.errors import stream_errors, unary_errors
-from server.interceptors import client_key
+from server.interceptors import current_client_key
 from server.telemetry import Telemetry
 
 log = logging.getLogger("loraserve.requests")
@@ -34,26 +34,29 @@ class _Call:
     """What one RPC learns as it goes, for its span, metrics and log line."""
 
     client: str | None = None
+    adapter: str = "-"
+    """The metrics label: the adapter that serves (or would have served) once resolved."""
     req: GenerationRequest | None = None
     completion: Completion | None = None
     status: str = "OK"
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, registry: AdapterRegistry, limits: RequestLimits, telemetry: Telemetry):
+    def __init__(self, registry: AdapterRegistry, telemetry: Telemetry):
         self._registry = registry
-        self._limits = limits
         self._telemetry = telemetry
         self._scheduler: Scheduler | None = None
         self._encode: Callable[[str], list[int]] | None = None
+        self._limits: RequestLimits | None = None
 
-    def ready(self, scheduler: Scheduler, encode: Callable[[str], list[int]]) -> None:
-        """Called once the model is loaded; until then Generate answers UNAVAILABLE."""
-        self._scheduler, self._encode = scheduler, encode
+    def ready(self, scheduler: Scheduler, encode: Callable[[str], list[int]], limits: RequestLimits) -> None:
+        """Called once the model is loaded (its context limit is known then); until then Generate
+        answers UNAVAILABLE."""
+        self._scheduler, self._encode, self._limits = scheduler, encode, limits
 
     async def _submit(self, request: pb.GenerateRequest, context, call: _Call, span) -> Ticket:
         caller = current_caller()
-        call.client, client = caller.client, client_key(caller, context)
+        call.client, client = caller.client, current_client_key()
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         check_fields(request, self._limits)
@@ -64,6 +67,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         with self._telemetry.resolve(request.adapter_id):
             found = self._registry.resolve(request.adapter_id, call.client)
         may_fall_back = found.fallback_allowed(FALLBACKS[request.fallback])
+        call.adapter = BASE.id if found.problem is not None and may_fall_back else found.adapter.id
         if found.problem is not None and not may_fall_back:
             raise found.problem
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt)
@@ -93,12 +97,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 call.status = "DEADLINE_EXCEEDED"
                 raise
             except asyncio.CancelledError:
-                call.status = "CANCELLED"
+                # grpc.aio cancels the handler when the caller's deadline passes, as when it hangs up.
+                call.status = "DEADLINE_EXCEEDED" if context.time_remaining() == 0 else "CANCELLED"
+                raise
+            except Exception:
+                call.status = "INTERNAL"
                 raise
             finally:
                 self._telemetry.finished(span, call.req, call.completion)
                 c = call.completion
-                label = c.adapter.id if c else (call.req.adapter.id if call.req else "-")
+                label = c.adapter.id if c else call.adapter
                 self._telemetry.metrics.request_done(label, call.status, time.perf_counter() - started, c)
                 _log_request(request, call, self._registry.base.model_id, started)
 

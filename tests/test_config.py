@@ -29,7 +29,20 @@ def test_flags_beat_env_beat_defaults():
     (["--max-streams-per-client", "-1"], "max_streams_per_client"),
     (["--default-max-new-tokens", "900"], "default_max_new_tokens"),
     (["--max-prompt-tokens", "9000"], "max_batch_tokens"),
+    (["--warm", "legal,medical@v2"], "warm and pin"),
+    (["--pin", "../legal"], "warm and pin"),
+    (["--warm-schedule", "08:55=../support"], "warm_schedule"),
+    (["--client-id-metadata-key", "X-Client"], "client_id_metadata_key"),
+    (["--client-id-metadata-key", "x-client-bin"], "client_id_metadata_key"),
+    (["--client-id-metadata-key", "authorization"], "client_id_metadata_key"),
+    (["--client-id-metadata-key", "grpc-client"], "client_id_metadata_key"),
+    (["--client-id-metadata-key", "x-client-id", "--auth-tokens-file", "t.json"], "only without auth_tokens_file"),
 ])
 def test_nonsense_fails_fast(argv, message):
     with pytest.raises(ValueError, match=message):
         parse(argv, {})
+
+
+def test_a_trusted_client_id_key_is_taken_from_the_environment():
+    cfg = parse([], {"LORASERVE_CLIENT_ID_METADATA_KEY": "x-client-id"})
+    assert cfg.client_id_metadata_key == "x-client-id"
