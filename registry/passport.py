@@ -16,10 +16,13 @@ from registry.durable import write_atomic
 
 STATUSES = ("staging", "active", "archived", "failed")
 FALLBACKS = ("fail", "base")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""An adapter name or alias; matched whole (fullmatch) wherever an id is checked."""
+ADAPTER_ID = re.compile(rf"(?P<name>{NAME.pattern})(?:@(?P<version>[0-9]{{1,9}}))?")
+"""What a caller may name: a name, an alias or name@VERSION."""
 PASSPORT_FILE = "metadata.json"
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
-KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}@[0-9]{1,9}$")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}@[0-9]{1,9}")
 
 
 @dataclass
@@ -66,11 +69,11 @@ class Evaluation:
                 getattr(self, name) and _iso(getattr(self, name))
             except (TypeError, ValueError):
                 problems.append(f"{name} must be an ISO date or timestamp")
-        if self.dataset_sha256 and not SHA256.match(str(self.dataset_sha256)):
+        if self.dataset_sha256 and not SHA256.fullmatch(str(self.dataset_sha256)):
             problems.append("dataset_sha256 must be 64 lowercase hex digits")
         if not isinstance(self.training_config, dict):
             problems.append("training_config must be a JSON object")
-        if self.previous_version and not KEY.match(str(self.previous_version)):
+        if self.previous_version and not KEY.fullmatch(str(self.previous_version)):
             problems.append("previous_version must look like NAME@VERSION")
         if problems:
             raise ValueError("evaluation: " + "; ".join(problems))
@@ -128,7 +131,7 @@ class Passport:
         if isinstance(self.evaluation, dict):
             self.evaluation = Evaluation.from_dict(self.evaluation)
         problems = []
-        if not NAME.match(self.name):
+        if not NAME.fullmatch(self.name):
             problems.append(f"name {self.name!r} must be letters, digits, '-' or '_'")
         if not self.version.isdigit():
             problems.append(f"version {self.version!r} must be a number")
@@ -136,7 +139,7 @@ class Passport:
             problems.append(f"status must be one of {STATUSES}")
         if self.fallback not in FALLBACKS:
             problems.append(f"fallback must be one of {FALLBACKS}")
-        bad = [a for a in self.aliases if not NAME.match(a)]
+        bad = [a for a in self.aliases if not NAME.fullmatch(a)]
         if bad:
             problems.append(f"alias {bad[0]!r} is not a valid name")
         if problems:

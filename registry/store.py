@@ -206,7 +206,7 @@ class Store:
         if not self.root.is_dir():
             return
         for name_dir in sorted(self.root.iterdir()):
-            if not (NAME.match(name_dir.name) and name_dir.is_dir()):
+            if not (NAME.fullmatch(name_dir.name) and name_dir.is_dir()):
                 continue
             try:
                 self.confined(name_dir)
@@ -336,7 +336,7 @@ class Store:
         tensors, hash it, smoke-test it (unless `smoke_test` is None) and write its passport:
         `staging` if every check passed, else `failed` with the reason in `failure`."""
         source = Path(source)
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise StoreError(f"name {name!r} must be letters, digits, '-' or '_'")
         if not (source / CONFIG).is_file():
             raise StoreError(f"{source} has no {CONFIG}: not a PEFT adapter directory")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Same key grammar as the runner's PEFT reader (runner/lora.py).
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
 _MAX_HEADER = 64 << 20  # a header larger than this is not an adapter's
 
 
@@ -82,7 +82,7 @@ def weight_facts(source: Path | bytes) -> WeightFacts:
     shapes: dict[str, dict[str, list[int]]] = {}
     dtypes = set()
     for key, info in read_header(source).items():
-        match = _KEY.match(key)
+        match = _KEY.fullmatch(key)
         if not match:
             raise WeightsError(f"unsupported tensor {key!r} (only LoRA A/B weights of linear layers are served)")
         shape = info.get("shape") if isinstance(info, dict) else None

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import torch
 
+from registry.store import CONFIG, WEIGHTS  # safetensors only: pickle weights can run code
+from registry.weights import WeightsError, check_against_config, weight_facts
 from runner.detok import decode_new
 from runner.kvpool import ATTENTION, KVPool, decode_context, geometry_of, prefill_context
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
@@ -31,9 +33,6 @@ from scheduler.types import AdapterRef
 
 log = logging.getLogger(__name__)
 
-# Only safetensors are read: pickle (.bin) weights can run code when loaded.
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -231,6 +230,11 @@ class TorchEngine:
         if adapter.sha256 and hashlib.sha256(blob).hexdigest() != adapter.sha256:
             raise AdapterIncompatible(adapter.id, "its weights file does not match the sha256 in its passport",
                                       reason="WEIGHTS_HASH_MISMATCH")
+        facts = weight_facts(blob)  # unreadable: a load failure
+        try:  # the same facts-from-the-tensors check as registration, on the very bytes just hashed
+            check_against_config(facts, config)
+        except WeightsError as exc:
+            raise AdapterIncompatible(adapter.id, str(exc)) from exc
         weights = parse_peft(config, safetensors_load(blob))
         for module, (a_t, b_t, _) in weights.modules.items():
             if a_t.shape[1] > self.cfg.max_lora_rank:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
 
 
 class UnsupportedAdapter(ValueError):
@@ -56,7 +56,7 @@ def parse_peft(config: dict, tensors: dict[str, torch.Tensor]) -> LoraWeights:
         raise UnsupportedAdapter("LoRA biases are not supported")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
+        match = _KEY.fullmatch(key)
         if not match:
             raise UnsupportedAdapter(f"unsupported tensor {key!r}")
         parts.setdefault(match["module"], {})[match["which"]] = tensor

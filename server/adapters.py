@@ -14,17 +14,15 @@ requests, which may then fall back to the base model where allowed, and
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from registry.identity import BaseIdentity
-from registry.passport import Passport
+from registry.passport import ADAPTER_ID, Passport
 from registry.store import PICKLE_WEIGHTS, WEIGHTS, AmbiguousId, Snapshot, Store, StoreError
 from scheduler.errors import (AdapterAmbiguous, AdapterIncompatible, AdapterNotActive, AdapterNotFound,
                               InvalidArgument, LoraServeError, PermissionDenied)
 from scheduler.types import BASE, BASE_ADAPTER_ID, AdapterRef
 
-ADAPTER_ID = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})(?:@(?P<version>[0-9]{1,9}))?$")
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ class AdapterRegistry:
             raise InvalidArgument("adapter_id", "is required (an adapter id, or 'base' for the bare model)")
         if adapter_id == BASE_ADAPTER_ID:
             return Resolution(BASE)
-        match = ADAPTER_ID.match(adapter_id)
+        match = ADAPTER_ID.fullmatch(adapter_id)
         if not match:
             raise InvalidArgument("adapter_id", "must be a name of letters, digits, '-' or '_' with an "
                                                 "optional '@VERSION' (paths are not accepted)")

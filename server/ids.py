@@ -5,9 +5,7 @@ Ids are matched whole (fullmatch): with `match` and a `$` anchor, "legal\\n" pas
 
 from __future__ import annotations
 
-import re
-
-ADAPTER_ID = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})(?:@(?P<version>[0-9]{1,9}))?")
+from registry.passport import ADAPTER_ID
 
 
 def is_adapter_id(text: str) -> bool:
