@@ -176,6 +176,11 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     @property
+    def kv_slots(self) -> KVSlots:
+        """The KV pool's slots (read-only use: total and free)."""
+        return self._kv
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 

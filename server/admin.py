@@ -30,10 +30,10 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
     def __init__(self, registry: AdapterRegistry):
         self._registry = registry
         self._scheduler: Scheduler | None = None
-        self._max_context = 0
+        self._max_context = self._kv_pool_bytes = 0
 
-    def ready(self, scheduler: Scheduler, max_context: int) -> None:
-        self._scheduler, self._max_context = scheduler, max_context
+    def ready(self, scheduler: Scheduler, max_context: int, kv_pool_bytes: int = 0) -> None:
+        self._scheduler, self._max_context, self._kv_pool_bytes = scheduler, max_context, kv_pool_bytes
 
     def _sched(self) -> Scheduler:
         if self._scheduler is None:
@@ -106,8 +106,11 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
     async def GetCacheStats(self, request, context):
         tiers = self._sched().tiers
         cache = tiers.cache
+        sched = self._sched()
         out = pb.GetCacheStatsResponse(loads_in_flight=tiers.loads.running, peak_loads_in_flight=tiers.loads.peak,
-                                       max_context_tokens=self._max_context)
+                                       max_context_tokens=self._max_context, kv_slots=sched.kv_slots.total,
+                                       kv_slots_in_use=sched.kv_slots.total - sched.kv_slots.free,
+                                       kv_pool_bytes=self._kv_pool_bytes)
         for tier in (Tier.VRAM, Tier.RAM):
             st = cache.stats[tier]
             out.tiers.add(tier=_TIER_PB[tier], hits=st.hits, misses=st.misses, loads=st.loads,

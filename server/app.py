@@ -124,7 +124,7 @@ class LoraServer:
         self.servicer.ready(self.scheduler, self.engine.encode, RequestLimits(
             cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens,
             max_context))
-        self.admin.ready(self.scheduler, max_context)
+        self.admin.ready(self.scheduler, max_context, self.engine.kv_bytes())
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model_path)
 

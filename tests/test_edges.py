@@ -56,6 +56,9 @@ def test_prompt_and_new_tokens_must_fit_the_model_context(server):
         stats = admin_pb2_grpc.AdapterAdminServiceStub(channel).GetCacheStats(admin_pb2.GetCacheStatsRequest(),
                                                                                timeout=10)
     assert stats.max_context_tokens == context == 512  # the demo model's max_position_embeddings
+    engine = server.server.engine
+    assert (stats.kv_slots, stats.kv_pool_bytes) == (engine.kv_slots, engine.kv_bytes()) and stats.kv_pool_bytes > 0
+    assert stats.kv_slots_in_use == 0
     with LoraServeClient(server.target, timeout=60) as client:
         # The case: within max_prompt_tokens (1024) and max_new_tokens_limit (512), over the context.
         err = refused(lambda: client.generate("legal", prompt_of(server, 1020), max_new_tokens=512))

@@ -126,13 +126,19 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_budget: _Optional[int] = ..., adapters: _Optional[int] = ...) -> None: ...
 
 class GetCacheStatsResponse(_message.Message):
-    __slots__ = ("tiers", "loads_in_flight", "peak_loads_in_flight", "max_context_tokens")
+    __slots__ = ("tiers", "loads_in_flight", "peak_loads_in_flight", "max_context_tokens", "kv_slots", "kv_slots_in_use", "kv_pool_bytes")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     LOADS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     PEAK_LOADS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_IN_USE_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     loads_in_flight: int
     peak_loads_in_flight: int
     max_context_tokens: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., loads_in_flight: _Optional[int] = ..., peak_loads_in_flight: _Optional[int] = ..., max_context_tokens: _Optional[int] = ...) -> None: ...
+    kv_slots: int
+    kv_slots_in_use: int
+    kv_pool_bytes: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., loads_in_flight: _Optional[int] = ..., peak_loads_in_flight: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_in_use: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ...) -> None: ...
