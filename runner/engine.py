@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ class TorchEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loaders = ThreadPoolExecutor(max_workers=cfg.load_threads, thread_name_prefix="adapter-load")
         self._ram: dict[AdapterRef, LoraWeights] = {}
+        self._verified: dict[Path, tuple] = {}  # weights file -> the stat it had when its sha256 matched
         self._slots: dict[AdapterRef, tuple[int, dict[str, int]]] = {}  # attached: slot, rank per module
         self._free_slots: list[int] = []
         self._slot_bytes = 0
@@ -226,10 +228,18 @@ class TorchEngine:
         from safetensors.torch import load as safetensors_load
 
         config = json.loads((Path(adapter.path) / CONFIG).read_text())
-        blob = (Path(adapter.path) / WEIGHTS).read_bytes()
-        if adapter.sha256 and hashlib.sha256(blob).hexdigest() != adapter.sha256:
-            raise AdapterIncompatible(adapter.id, "its weights file does not match the sha256 in its passport",
-                                      reason="WEIGHTS_HASH_MISMATCH")
+        path = Path(adapter.path) / WEIGHTS
+        with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            blob = f.read()
+        # A file already verified is not hashed again until it is replaced or rewritten (another
+        # inode, size or mtime): re-reading an evicted adapter costs the read, not a sha256 too.
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, adapter.sha256)
+        if adapter.sha256 and self._verified.get(path) != stamp:
+            if hashlib.sha256(blob).hexdigest() != adapter.sha256:
+                raise AdapterIncompatible(adapter.id, "its weights file does not match the sha256 in its passport",
+                                          reason="WEIGHTS_HASH_MISMATCH")
+            self._verified[path] = stamp
         facts = weight_facts(blob)  # unreadable: a load failure
         try:  # the same facts-from-the-tensors check as registration, on the very bytes just hashed
             check_against_config(facts, config)

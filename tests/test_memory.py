@@ -85,3 +85,31 @@ def test_an_adapter_above_the_slots_rank_is_refused_at_load(demo_dir):
 
     with pytest.raises(AdapterIncompatible, match="rank 8"):
         asyncio.run(scenario())
+
+
+def test_a_verified_file_rewritten_after_its_check_is_hashed_again(demo_dir, tmp_path):
+    import hashlib
+    import shutil
+
+    shutil.copytree(demo_dir / "adapters" / "legal" / "1", tmp_path / "legal")
+    weights = tmp_path / "legal" / "adapter_model.safetensors"
+    ref = AdapterRef("legal", "1", str(tmp_path / "legal"), hashlib.sha256(weights.read_bytes()).hexdigest())
+    engine = TorchEngine(EngineConfig(demo_dir / "base"))
+
+    async def scenario():
+        await engine.start()
+        try:
+            await engine.fetch(ref)  # verified once
+            engine.drop(ref)
+            await engine.fetch(ref)  # unchanged: read again without a second hash
+            engine.drop(ref)
+            blob = bytearray(weights.read_bytes())
+            blob[-1] ^= 1  # one flipped bit in the last tensor, same size
+            weights.write_bytes(bytes(blob))
+            await engine.fetch(ref)
+        finally:
+            await engine.close()
+
+    with pytest.raises(AdapterIncompatible) as caught:
+        asyncio.run(scenario())
+    assert caught.value.reason == "WEIGHTS_HASH_MISMATCH"
