@@ -343,15 +343,18 @@ class TorchEngine:
             ids[i, width - lengths[i]:] = torch.tensor(r.prompt_ids)
         start = torch.tensor([width - n for n in lengths]).unsqueeze(1)
         positions = (torch.arange(width).unsqueeze(0) - start).clamp(min=0)
-        ctx = prefill_context(self._pool, [r.kv_slot for r in rows], lengths, self._device)
-        self._pool.clear(ctx.slots)  # nothing a previous occupant left is ever read
+        slots = [r.kv_slot for r in rows]
+        ctx = prefill_context(self._pool, slots, lengths, self._device)
+        self._pool.claim(slots, lengths)  # nothing a previous occupant left is ever read
         return self._results(rows, self._forward(rows, ids, positions, ctx))
 
     @torch.inference_mode()
     def _decode(self, rows: list[Row]) -> list[StepResult]:
         ids = torch.tensor([[r.generated[-1]] for r in rows])
         lengths = [r.length for r in rows]
-        ctx = decode_context(self._pool, [r.kv_slot for r in rows], lengths, self._device)
+        slots = [r.kv_slot for r in rows]
+        ctx = decode_context(self._pool, slots, lengths, self._device)
+        self._pool.wrote(slots, lengths)  # before the forward: a failed step may have written too
         return self._results(rows, self._forward(rows, ids, torch.tensor(lengths).unsqueeze(1), ctx))
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:

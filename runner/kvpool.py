@@ -12,8 +12,8 @@ step's new keys/values into those slots and reads each row's own prefix only:
   `length + 1` positions (a view when the rows' slots are consecutive, else one gather).
 
 A row never reads another row's slot, and reads of its own slot past its length see zeros
-(slots are cleared when a sequence is prefilled into them), so a NaN left by a failed
-neighbour or a previous occupant cannot reach it. GQA is handled by SDPA's enable_gqa, with
+(what a previous occupant wrote past the new prompt is cleared when a sequence is prefilled
+into the slot), so a NaN left by a failed neighbour or a previous occupant cannot reach it. GQA is handled by SDPA's enable_gqa, with
 no repeat_kv copies. Nothing here outlives a step: a step that raises has only written into
 its own rows' slots at positions their lengths do not yet cover, which the retry overwrites.
 """
@@ -47,14 +47,27 @@ class KVPool:
         shape = (slots, geometry.kv_heads, geometry.max_len, geometry.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(geometry.layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(geometry.layers)]
+        self.written = [0] * slots
+        """Per slot, how far any step has written (pool hygiene, not batch state): a new occupant
+        needs only [its prompt, written) cleared, not the whole slot."""
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (*self.keys, *self.values))
 
-    def clear(self, slots: torch.Tensor) -> None:
-        for t in (*self.keys, *self.values):
-            t.index_fill_(0, slots, 0)
+    def claim(self, slots: list[int], lengths: list[int]) -> None:
+        """Prefill of `lengths`-token prompts into `slots`: clear what earlier occupants left beyond."""
+        for slot, length in zip(slots, lengths, strict=True):
+            if self.written[slot] > length:
+                for t in (*self.keys, *self.values):
+                    t[slot, :, length:self.written[slot]] = 0
+            self.written[slot] = length
+
+    def wrote(self, slots: list[int], lengths: list[int]) -> None:
+        """A decode step writes position `length` of each slot."""
+        for slot, length in zip(slots, lengths, strict=True):
+            if length >= self.written[slot]:
+                self.written[slot] = length + 1
 
 
 @dataclass(frozen=True)

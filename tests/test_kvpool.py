@@ -19,7 +19,7 @@ PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there")
 
 def _generate(engine: TorchEngine, slots: list[int], steps: int, poison: tuple[int, ...] = ()) -> list[list[int]]:
     """Greedy tokens of PROMPTS decoded together in `slots`; `poison` slots are filled with NaN
-    after the prefill, as a failed neighbour or a previous occupant could leave them."""
+    after the prefill, as a failed neighbour could leave them (and its slot's next occupant finds them)."""
     async def run():
         prompts = [tuple(engine.encode(p)) for p in PROMPTS]
         generated = [[] for _ in prompts]
@@ -28,6 +28,8 @@ def _generate(engine: TorchEngine, slots: list[int], steps: int, poison: tuple[i
         results = await engine.prefill(rows())
         for t in (*engine._pool.keys, *engine._pool.values):
             t[list(poison)] = float("nan")
+        for slot in poison:  # as if a sequence had filled the whole slot with NaN
+            engine._pool.written[slot] = engine._pool.geometry.max_len
         for _ in range(steps):
             for g, r in zip(generated, results, strict=True):
                 assert r.error is None
