@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ADAPTERS, PROMPT
 from loraserve.v1 import inference_pb2 as pb
+from runner.demo import DOMAINS
 
 PROMPTS = [PROMPT, "Question: Is this normal?\nAnswer:", "Question: Tell me more.\nAnswer:",
            "Question: Why did this happen?\nAnswer:"]
@@ -30,13 +31,20 @@ def details(err: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo, str]:
     return info, field
 
 
+def _domain_words(domain: str) -> set[str]:
+    return {w.strip(".,").lower() for part in DOMAINS[domain].values() for phrase in part for w in phrase.split()}
+
+
 def test_each_adapter_answers_in_its_own_domain(stub):
-    words = {"legal": ("agreement", "clause", "contract", "statute", "terms"),
-             "medical": ("patient", "dose", "fever", "blood", "fluids", "fatigue"),
-             "support": ("router", "ticket", "account", "warranty", "app")}
+    """Scored against every domain's whole training vocabulary, not a few hand-picked words, so
+    the check holds for any demo build that learned its domains (one trained on another
+    machine answers with other sentences of the same domain)."""
+    vocab = {d: _domain_words(d) - set.union(*(_domain_words(o) for o in DOMAINS if o != d)) for d in DOMAINS}
     texts = {a: gen(stub, a, max_new_tokens=40).text for a in (*ADAPTERS, "base")}
-    for adapter, vocabulary in words.items():
-        assert any(w in texts[adapter] for w in vocabulary), (adapter, texts[adapter])
+    for adapter, text in texts.items():
+        words = {w.strip(".,:").lower() for w in text.split()}
+        scores = {d: len(words & vocab[d]) for d in DOMAINS}
+        assert scores[adapter] > max(v for d, v in scores.items() if d != adapter), (adapter, text, scores)
     assert len(set(texts.values())) == 4
 
 
