@@ -10,6 +10,7 @@ r=8 over rank-512 tensors would otherwise pass every rank limit).
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -74,6 +75,11 @@ def read_header(source: Path | bytes) -> dict:
         raise WeightsError("the weights file has no valid safetensors header")
     header.pop("__metadata__", None)
     return header
+
+
+def held_bytes(source: Path | bytes, itemsize: int) -> int:
+    """Bytes the file's tensors take once converted to a dtype of `itemsize` bytes."""
+    return sum(math.prod(t["shape"]) for t in read_header(source).values()) * itemsize
 
 
 def weight_facts(source: Path | bytes) -> WeightFacts:

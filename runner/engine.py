@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from registry.store import CONFIG, WEIGHTS  # safetensors only: pickle weights can run code
-from registry.weights import WeightsError, check_against_config, weight_facts
+from registry.weights import WeightsError, check_against_config, held_bytes, weight_facts
 from runner.detok import decode_new
 from runner.kvpool import ATTENTION, KVPool, decode_context, geometry_of, prefill_context
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
@@ -208,8 +208,10 @@ class TorchEngine:
     # and checked) runs on the loader threads, overlapping compute; attach/demote/detach
     # run on the engine thread. Each version is a separate entry, so a new version never
     # disturbs rows still running on the old one.
-    def size_on_disk(self, adapter: AdapterRef) -> int:
-        return (Path(adapter.path) / WEIGHTS).stat().st_size
+    def bytes_once_read(self, adapter: AdapterRef) -> int:
+        """From the file's header: its tensors' elements in the serving dtype (a float32 file
+        served in bfloat16 takes half its size in RAM)."""
+        return held_bytes(Path(adapter.path) / WEIGHTS, self._dtype.itemsize)
 
     async def fetch(self, adapter: AdapterRef) -> int:
         try:

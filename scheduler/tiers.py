@@ -26,8 +26,9 @@ from scheduler.types import AdapterRef
 class TierEngine(Protocol):
     """The moves an engine performs; the bookkeeping is all here."""
 
-    def size_on_disk(self, adapter: AdapterRef) -> int:
-        """An upper bound of the adapter's bytes once read (raises if it cannot be read)."""
+    def bytes_once_read(self, adapter: AdapterRef) -> int:
+        """The adapter's bytes once read into RAM, in the dtype it is held in (raises if it
+        cannot be read): the RAM tier reserves exactly this before the read."""
 
     def attached_bytes(self, adapter: AdapterRef) -> int:
         """Device bytes the adapter occupies once attached (what the VRAM budget counts)."""
@@ -92,7 +93,7 @@ class AdapterTiers:
     async def _read(self, adapter: AdapterRef) -> float:
         started = time.perf_counter()
         try:
-            size = self._engine.size_on_disk(adapter)
+            size = self._engine.bytes_once_read(adapter)
         except Exception as exc:
             raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
         self._check_fits(adapter, size, Tier.RAM)

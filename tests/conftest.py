@@ -85,6 +85,16 @@ class ServerThread:
         self._thread.join(10)
 
 
+def adapter_mib(demo_dir: Path, dtype: str = "auto", device: str = "auto") -> float:
+    """What one demo adapter takes in the RAM tier as the server holds it (the serving dtype:
+    float32 on CPU, bfloat16 on CUDA), for tests that size budgets in adapters."""
+    from registry.weights import held_bytes
+    from runner.engine import resolve_device, resolve_dtype
+
+    itemsize = resolve_dtype(dtype, resolve_device(device)).itemsize
+    return held_bytes(demo_dir / "adapters" / ADAPTERS[0] / "1" / "adapter_model.safetensors", itemsize) / 2**20
+
+
 def server_config(demo_dir: Path, **overrides):
     from server.config import ServerConfig
 

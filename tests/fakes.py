@@ -13,7 +13,7 @@ class WeightsRecorder:
         self.vram: set = set()
 
     def attached_bytes(self, adapter):
-        return self.size_on_disk(adapter)
+        return self.bytes_once_read(adapter)
 
     async def attach(self, adapter):
         self.ram.remove(adapter)

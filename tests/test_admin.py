@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 
-from conftest import PROMPT, ServerThread, server_config
+from conftest import PROMPT, ServerThread, adapter_mib, server_config
 from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
@@ -16,13 +16,10 @@ from server.app import engine_config
 from test_generate import details
 from test_lifecycle import PacedEngine, wait_for
 
-ADAPTER_MIB = 0.14  # a demo adapter is ~136 KiB
-
-
 @pytest.fixture(scope="module")
 def cached(demo_dir):
     # VRAM holds two demo adapters, RAM one; `legal` is attached at start-up.
-    cfg = server_config(demo_dir, max_loras=2, ram_budget_mib=1.2 * ADAPTER_MIB,
+    cfg = server_config(demo_dir, max_loras=2, ram_budget_mib=1.2 * adapter_mib(demo_dir),
                         warm=("legal",))
     srv = ServerThread(cfg, engine=PacedEngine(engine_config(cfg)))
     with srv.channel() as ch:

@@ -94,7 +94,7 @@ class RecordingEngine(WeightsRecorder):
         self.sizes = sizes
         self.reads = 0
 
-    def size_on_disk(self, adapter):
+    def bytes_once_read(self, adapter):
         return self.sizes[adapter]
 
     async def fetch(self, adapter):

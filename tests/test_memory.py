@@ -29,7 +29,7 @@ def test_2000_load_evict_cycles_keep_rss_flat(demo_dir):
 
     async def churn():
         await engine.start()
-        size = max(engine.size_on_disk(r) for r in refs)
+        size = max(engine.bytes_once_read(r) for r in refs)
         # Room for one adapter per tier: every step reads one, drops one and demotes one.
         tiers = AdapterTiers(engine, Budgets(ram=size, vram=engine.attached_bytes(refs[0])))
         for i in range(CYCLES):
@@ -113,3 +113,28 @@ def test_a_verified_file_rewritten_after_its_check_is_hashed_again(demo_dir, tmp
     with pytest.raises(AdapterIncompatible) as caught:
         asyncio.run(scenario())
     assert caught.value.reason == "WEIGHTS_HASH_MISMATCH"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_ram_tier_counts_bytes_in_the_dtype_it_holds(demo_dir, dtype):
+    """A float32 file served in bfloat16 takes half its size in RAM: the tier reserves and
+    records that, so a budget sized for one adapter holds one, whatever the dtype."""
+    from conftest import adapter_mib
+
+    engine = TorchEngine(EngineConfig(demo_dir / "base", dtype=dtype))
+    refs = [AdapterRef(name, "1", str(demo_dir / "adapters" / name / "1")) for name in ADAPTERS]
+
+    async def scenario():
+        await engine.start()
+        try:
+            tiers = AdapterTiers(engine, Budgets(ram=int(1.2 * adapter_mib(demo_dir, dtype) * 2**20), vram=1 << 30))
+            for ref in refs:
+                await tiers.to_ram(ref)
+            return tiers.cache.used(Tier.RAM), tiers.cache.stats[Tier.RAM].evictions
+        finally:
+            await engine.close()
+
+    used, evictions = asyncio.run(scenario())
+    file_bytes = (demo_dir / "adapters" / "legal" / "1" / "adapter_model.safetensors").stat().st_size
+    assert evictions == len(refs) - 1
+    assert used == round(adapter_mib(demo_dir, dtype) * 2**20) < file_bytes * (0.55 if dtype == "bfloat16" else 1.0)

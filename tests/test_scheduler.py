@@ -51,7 +51,7 @@ class ScriptedEngine(WeightsRecorder):
         self._fail = set(fail_adapters)
         self.owner: dict[int, int] = {}  # KV slot -> the sequence last prefilled into it
 
-    def size_on_disk(self, adapter):
+    def bytes_once_read(self, adapter):
         return self._size
 
     async def fetch(self, adapter):

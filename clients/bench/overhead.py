@@ -18,7 +18,7 @@ class InstantEngine:
     eos_token_ids = frozenset({0})
     kv_slots = 1024
 
-    def size_on_disk(self, adapter):
+    def bytes_once_read(self, adapter):
         return 1
 
     def attached_bytes(self, adapter):
