@@ -205,10 +205,11 @@ class Scheduler:
         """How long a request submitted now should wait for a batch row: none while rows are
         free; otherwise rows free up at about max_batch_size per average service time, and it
         needs the one after every request already waiting."""
-        ahead = len(self._waiting) + len(self._live()) - self._limits.max_batch_size
+        rows = min(self._limits.max_batch_size, self._kv.total)  # a smaller KV pool binds first
+        ahead = len(self._waiting) + len(self._live()) - rows
         if ahead < 0 or self._service_s is None:
             return 0.0
-        return (ahead + 1) * self._service_s / self._limits.max_batch_size
+        return (ahead + 1) * self._service_s / rows
 
     def submit(self, req: GenerationRequest, time_left_s: float | None = None) -> Ticket:
         """`time_left_s`: the caller's deadline; a request that would still be queued when it
