@@ -13,10 +13,11 @@ from typing import Sequence
 _INCOMPLETE = "\ufffd"
 
 
-def decode_new(tokenizer, ids: Sequence[int], prefix: int, read: int) -> tuple[str, int, int]:
-    """-> (new text, new prefix, new read)."""
+def decode_new(tokenizer, ids: Sequence[int], prefix: int, read: int) -> tuple[str, str, int, int]:
+    """-> (new text, text held back, new prefix, new read). The held-back text (a character
+    still incomplete, or a real U+FFFD) is what a sequence ending now must still add."""
     before = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
     after = tokenizer.decode(ids[prefix:], skip_special_tokens=True)
     if len(after) > len(before) and not after.endswith(_INCOMPLETE):
-        return after[len(before):], read, len(ids)
-    return "", prefix, read
+        return after[len(before):], "", read, len(ids)
+    return "", after[len(before):], prefix, read

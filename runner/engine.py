@@ -61,6 +61,18 @@ class EngineConfig:
     """Caps the slot stacks' bytes (fewer slots than max_loras when it binds); 0 = no cap."""
 
 
+def _refuse_unsupported_attention(config, max_len: int) -> None:
+    """runner/kvpool.py's attention is full causal attention with no logit softcapping: a model
+    that needs a sliding window within the served length, or softcapping, would silently
+    answer wrong, so it is refused at start-up instead."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < max_len:
+        raise ValueError(f"this model attends through a sliding window of {window} tokens, which loraserve's "
+                         f"attention does not implement: serve it with --max-model-len {window} or less")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError("this model softcaps its attention logits, which loraserve's attention does not implement")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,8 +141,9 @@ class TorchEngine:
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
         self._rows.keep_gathered = self._device.type == "cpu"
         self._layers = wrap_linear_layers(self._model, self._rows)
-        self._model.set_attn_implementation(ATTENTION)
         self._pool = self._allocate_pool()
+        _refuse_unsupported_attention(self._model.config, self._pool.geometry.max_len)
+        self._model.set_attn_implementation(ATTENTION)
         self._allocate_lora_slots()
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         eos = self._model.generation_config.eos_token_id
@@ -265,10 +278,17 @@ class TorchEngine:
         await self._run(self._attach, adapter)
 
     def _attach(self, adapter: AdapterRef) -> None:
-        weights = self._ram.pop(adapter)
+        weights = self._ram[adapter]
         slot = self._free_slots.pop()  # the VRAM tier's budget is exactly the slots: one is free
-        for path, entry in weights.modules.items():
-            self._layers[path].write(slot, entry)
+        try:
+            for path, entry in weights.modules.items():
+                self._layers[path].write(slot, entry)
+        except BaseException:  # the adapter stays in RAM and the slot free, as the books say
+            for path in weights.modules:
+                self._layers[path].write(slot, None)
+            self._free_slots.append(slot)
+            raise
+        del self._ram[adapter]
         self._slots[adapter] = (slot, {path: a_t.shape[1] for path, (a_t, _, _) in weights.modules.items()})
         self._set_rank()
 
@@ -283,8 +303,8 @@ class TorchEngine:
     def _demote(self, adapter: AdapterRef) -> None:
         slot, ranks = self._slots[adapter]
         weights = LoraWeights({path: self._layers[path].read(slot, r) for path, r in ranks.items()})
-        self._detach(adapter)
         self._ram[adapter] = weights.to(torch.device("cpu"), self._dtype, pin=self._device.type == "cuda")
+        self._detach(adapter)
 
     async def detach(self, adapter: AdapterRef) -> None:
         await self._run(self._detach, adapter)
@@ -382,16 +402,16 @@ class TorchEngine:
                 results.append(StepResult(row.seq_id, error=GenerationFailed(
                     "the model produced non-finite scores for this request", reason="NON_FINITE_LOGITS")))
                 continue
-            text, detok = self._detokenize(row, token)
-            results.append(StepResult(row.seq_id, token, text, detok))
+            text, held, detok = self._detokenize(row, token)
+            results.append(StepResult(row.seq_id, token, text, detok, held=held))
         return results
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         return sample(logits, [r.sampling for r in rows], [len(r.generated) for r in rows])
 
-    def _detokenize(self, row: Row, token: int) -> tuple[str, tuple[int, int]]:
+    def _detokenize(self, row: Row, token: int) -> tuple[str, str, tuple[int, int]]:
         """Only the row's undecoded tail is decoded: O(1) tokens per row and step."""
         prefix, read = row.detok
         window = [*row.generated[prefix:], token]
-        text, new_prefix, new_read = decode_new(self._tokenizer, window, 0, read - prefix)
-        return text, (prefix + new_prefix, prefix + new_read)
+        text, held, new_prefix, new_read = decode_new(self._tokenizer, window, 0, read - prefix)
+        return text, held, (prefix + new_prefix, prefix + new_read)

@@ -22,7 +22,10 @@ class SmokeTester:
 
     def __init__(self, model_path: Path, prompts: tuple[str, ...] = PROMPTS, max_new_tokens: int = 16,
                  quantization: str = "none"):
-        self.engine = TorchEngine(EngineConfig(Path(model_path), quantization))
+        # One row at a time and one adapter: a small KV pool and one LoRA slot, whatever the
+        # model's context (a 128K-context model's default pool would not fit).
+        self.engine = TorchEngine(EngineConfig(Path(model_path), quantization, max_rows=1, max_model_len=1024,
+                                               max_loras=1, max_lora_rank=256))
         self.prompts, self.max_new_tokens = prompts, max_new_tokens
         self._started = False
 

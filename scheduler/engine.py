@@ -46,6 +46,8 @@ class StepResult:
     text: str = ""
     detok: tuple[int, int] = (0, 0)
     error: LoraServeError | None = None
+    held: str = ""
+    """Text decoded but not yet final (an incomplete character): added if the row ends here."""
 
 
 class Engine(TierEngine, Protocol):

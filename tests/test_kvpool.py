@@ -78,3 +78,29 @@ def test_a_full_pool_makes_requests_wait_not_fail(demo_dir, stub):
         assert srv.server.scheduler.stats.failed == 0
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("extra, flags", [
+    (dict(sliding_window=8), {}),  # a window inside the served length: refused
+    (dict(attn_logit_softcapping=5.0), {}),
+    (dict(sliding_window=8), {"max_model_len": 8}),  # served length within the window: full attention is exact
+])
+def test_attention_the_pool_does_not_implement_is_refused_not_approximated(demo_dir, tmp_path, extra, flags):
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(demo_dir / "base")
+    for key, value in extra.items():
+        setattr(config, key, value)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (demo_dir / "base" / name).exists():
+            shutil.copy(demo_dir / "base" / name, tmp_path / name)
+    engine = TorchEngine(EngineConfig(tmp_path, **flags))
+    if flags:
+        asyncio.run(engine.start())
+        asyncio.run(engine.close())
+        return
+    with pytest.raises(ValueError, match="sliding window|softcaps"):
+        asyncio.run(engine.start())

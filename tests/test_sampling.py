@@ -36,3 +36,19 @@ def test_draws_follow_softmax_of_scores_over_temperature_within_top_k_and_top_p(
     for seed in range(3000):  # top_p 0.6: 0.4 then 0.3 reach it; the rest never drawn
         counts[sample(logits, [SamplingParams(temperature=1.0, top_p=0.6, seed=seed)], [0])] += 1
     assert counts[[0, 3, 4]].sum() == 0 and abs(counts[1] / 3000 - 0.4 / 0.7) < 0.03
+
+
+def test_text_still_incomplete_when_a_row_ends_is_not_lost(demo_dir):
+    """A character whose bytes are not all out is held back while streaming; if the row ends
+    there (EOS, max_new_tokens), the decoder's text is what the answer gets."""
+    from transformers import AutoTokenizer
+
+    from runner.detok import decode_new
+
+    tok = AutoTokenizer.from_pretrained(demo_dir / "base")
+    ids = tok.encode("ok \ufffd", add_special_tokens=False)
+    text, held, prefix, read = "", "", 0, 0
+    for n in range(1, len(ids) + 1):
+        new, held, prefix, read = decode_new(tok, ids[:n], prefix, read)
+        text += new
+    assert text + held == tok.decode(ids) == "ok \ufffd"
