@@ -171,9 +171,9 @@ class AdapterTiers:
 
     async def sweep_idle(self, ttl_s: float) -> list[AdapterRef]:
         """Let go of unpinned adapters unused for `ttl_s` seconds; returns them."""
-        now = self._clock()
-        busy = self._running() | self._waiting() | self._loading()
         async with self._moves:
+            # Who is busy is read under the lock: while it was awaited, requests may have started.
+            now, busy = self._clock(), self._running() | self._waiting() | self._loading()
             idle = [e for e in self.cache.entries.values()
                     if not e.pinned and e.tier > Tier.DISK and e.adapter not in busy and now - e.last_used >= ttl_s]
             await self._execute([Drop(e.adapter, e.tier) for e in idle])

@@ -239,3 +239,24 @@ def test_evict_warm_pin_and_requests_interleaved_never_hand_out_a_detached_adapt
     assert len(handed_out) > 300 and all(handed_out)
     assert engine.vram == {a for a, e in tiers.cache.entries.items() if e.tier is Tier.VRAM}
     assert engine.ram == {a for a, e in tiers.cache.entries.items() if e.tier is Tier.RAM}
+
+
+def test_an_idle_sweep_waiting_for_the_lock_spares_an_adapter_a_request_took_meanwhile():
+    a, b = ref("a"), ref("b")
+    engine = SlowMovesEngine({a: 10, b: 10})
+    in_use: list[AdapterRef] = []
+    tiers = AdapterTiers(engine, Budgets(100, 100), running=lambda: frozenset(in_use))
+
+    async def scenario():
+        await tiers.to_vram(a)
+        attaching = asyncio.create_task(tiers.to_vram(b))  # holds the lock through a slow attach
+        await asyncio.sleep(0.001)
+        sweep = asyncio.create_task(tiers.sweep_idle(0.0))
+        await asyncio.sleep(0)  # the sweep now waits for the lock
+        in_use.append(a)  # a request starts on `a`, already attached
+        await tiers.to_vram(a)
+        await attaching
+        await sweep
+        return a in engine.vram
+
+    assert asyncio.run(scenario())
