@@ -1,10 +1,11 @@
 """The torch side: one base model (optionally bitsandbytes-quantized) plus LoRA adapters.
 
 All torch work runs on one dedicated thread (TorchEngine's executor), so the
-event loop never blocks and the model is never touched by two threads. The
-batch lives here as a left-padded KV cache; each row carries its own adapter
-(runner/lora.py gathers the rows' weights), so no global "active adapter"
-exists to race on.
+event loop never blocks and the model is never touched by two threads. No batch
+lives here: each step gets its rows from the scheduler (their KV pool slots,
+runner/kvpool.py, and their adapters, whose weights runner/lora.py gathers per
+row), so there is neither a cache to reconcile nor a global "active adapter" to
+race on.
 """
 
 from __future__ import annotations
