@@ -484,11 +484,11 @@ class Scheduler:
             seq.detok = res.detok
             stops, searched = seq.req.stop_sequences, len(seq.text)
             seq.text = text = seq.text + res.text
-            # Only the new text (and a stop's length before it) can hold a new match.
             ending = (FinishReason.EOS if res.token_id in eos and not seq.req.ignore_eos else
                       FinishReason.LENGTH if seq.output_tokens >= seq.req.max_new_tokens else None)
             if ending is not None:
                 text += res.held  # nothing more will complete it: the decoder's text as it is
+            # Only the new text (and a stop's length before it) can hold a new match.
             cut = find_stop(text, stops, max(0, searched - max(map(len, stops)) + 1)) if stops else -1
             if cut >= 0:
                 self._finish(seq, text[:cut], FinishReason.STOP_SEQUENCE)

@@ -31,6 +31,9 @@ class Caller:
     client: str | None
     """None when authentication is off (anonymous)."""
     admin: bool
+    key: str = ""
+    """Who the call counts as for fair share and the stream limit (set by server.interceptors
+    for inference calls: the client, a trusted metadata value, or the peer's address)."""
 
 
 ANONYMOUS = Caller(None, True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from contextvars import ContextVar
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import grpc
@@ -22,7 +22,7 @@ from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from loraserve.v1 import admin_pb2, inference_pb2
-from scheduler.errors import InvalidArgument, LoraServeError, TooManyStreams, Unauthenticated
+from scheduler.errors import InvalidArgument, LoraServeError, TooManyStreams
 from server.auth import CALLER, Authenticator, Caller
 from server.errors import abort
 from server.metrics import Metrics
@@ -32,17 +32,6 @@ OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME,
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdapterAdminService"].full_name
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 MAX_CLIENT_ID_CHARS = 128
-
-CLIENT_KEY: ContextVar[str] = ContextVar("loraserve_client_key")
-"""The unit of fairness and of the stream limit for the RPC being handled (set with CALLER)."""
-
-
-def current_client_key() -> str:
-    try:
-        return CLIENT_KEY.get()
-    except LookupError:  # a handler reached without the interceptor: refuse rather than guess
-        raise Unauthenticated("no authenticated caller for this call") from None
-
 
 class _Undecodable:
     """Handed to the behaviour instead of a message when the request bytes do not parse."""
@@ -117,6 +106,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
     def _admitted(self, request, context, admin: bool, counted: bool) -> Iterator[None]:
         metadata = context.invocation_metadata()
         caller = self._auth.admin(metadata) if admin else self._auth.identify(metadata)
+        if counted:
+            caller = replace(caller, key=self._client_key(caller, context))
         CALLER.set(caller)
         if request is UNDECODABLE:
             raise InvalidArgument("request", "cannot be decoded (a corrupt message, or invalid UTF-8 in a "
@@ -124,8 +115,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if not counted:
             yield
             return
-        key = self._client_key(caller, context)
-        CLIENT_KEY.set(key)
+        key = caller.key
         if self._limit and self.open_calls[key] >= self._limit:
             raise TooManyStreams(key, self._limit)
         self.open_calls[key] += 1

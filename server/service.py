@@ -19,7 +19,6 @@ from server.adapters import AdapterRegistry
 from server.auth import current_caller
 from server.convert import FALLBACKS, RequestLimits, check_fields, delta_pb, final_chunk_pb, from_pb, to_pb
 from server.errors import stream_errors, unary_errors
-from server.interceptors import current_client_key
 from server.telemetry import Telemetry
 
 log = logging.getLogger("loraserve.requests")
@@ -56,7 +55,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def _submit(self, request: pb.GenerateRequest, context, call: _Call, span) -> Ticket:
         caller = current_caller()
-        call.client, client = caller.client, current_client_key()
+        call.client, client = caller.client, caller.key
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         check_fields(request, self._limits)
