@@ -25,6 +25,7 @@ import torch
 from registry.store import CONFIG, WEIGHTS  # safetensors only: pickle weights can run code
 from registry.weights import WeightsError, check_against_config, held_bytes, weight_facts
 from runner.detok import decode_new
+from runner.graphs import DecodeGraphs
 from runner.kvpool import ATTENTION, KVPool, decode_context, geometry_of, prefill_context
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
@@ -60,6 +61,9 @@ class EngineConfig:
     """Largest adapter rank; every slot has room for it."""
     vram_budget_bytes: int = 0
     """Caps the slot stacks' bytes (fewer slots than max_loras when it binds); 0 = no cap."""
+    decode_graphs: str = "auto"
+    """auto: decode replays CUDA graphs on cuda (runner/graphs.py), runs eagerly elsewhere; off:
+    always eager; buffers: the graphs' static-buffer step without capture (checks it on a CPU)."""
 
 
 def _refuse_unsupported_attention(config, max_len: int) -> None:
@@ -129,6 +133,7 @@ class TorchEngine:
         self._model = None
         self._device = torch.device("cpu")
         self._pool: KVPool | None = None
+        self._graphs: DecodeGraphs | None = None
         self._pad = 0
         self._eos: frozenset[int] = frozenset()
 
@@ -140,19 +145,24 @@ class TorchEngine:
         self._tokenizer, self._model, self._device = load_model(self.cfg)
         self._dtype = resolve_dtype(self.cfg.dtype, self._device)
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
-        self._rows.keep_gathered = self._device.type == "cpu"
+        graphs = self.cfg.decode_graphs == "buffers" or (self.cfg.decode_graphs == "auto"
+                                                         and self._device.type == "cuda")
+        self._rows.keep_gathered = self._device.type == "cpu" and not graphs
         self._layers = wrap_linear_layers(self._model, self._rows)
-        self._pool = self._allocate_pool()
+        self._pool = self._allocate_pool(scratch=graphs)
         _refuse_unsupported_attention(self._model.config, self._pool.geometry.max_len)
         self._model.set_attn_implementation(ATTENTION)
         self._allocate_lora_slots()
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        if graphs:
+            self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad,
+                                        capture=self._device.type == "cuda")
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
-        log.info("loaded base model %s on %s (quantization=%s); KV pool: %d sequences x %d tokens, %.1f MiB",
-                 self.cfg.model_path, self._device, self.cfg.quantization, self._pool.slots,
-                 self._pool.geometry.max_len, self._pool.nbytes / 2**20)
+        log.info("loaded base model %s on %s (quantization=%s); KV pool: %d sequences x %d tokens, %.1f MiB; "
+                 "decode: %s", self.cfg.model_path, self._device, self.cfg.quantization, self._pool.slots,
+                 self._pool.geometry.max_len, self._pool.nbytes / 2**20, self.decode_mode)
 
     def _allocate_lora_slots(self) -> None:
         """Every wrapped layer's slot stacks at (slots + 1, max_lora_rank), once: as many slots as
@@ -168,7 +178,7 @@ class TorchEngine:
             layer.allocate(slots + 1, self.cfg.max_lora_rank, self._device, self._dtype)
         self._free_slots = list(range(slots, 0, -1))
 
-    def _allocate_pool(self) -> KVPool:
+    def _allocate_pool(self, scratch: bool) -> KVPool:
         config = self._model.config
         limit = int(config.max_position_embeddings)
         max_len = min(self.cfg.max_model_len, limit) if self.cfg.max_model_len else limit
@@ -180,7 +190,7 @@ class TorchEngine:
             if slots < 1:
                 raise ValueError(f"kv_cache_mib {self.cfg.kv_cache_mib} holds no sequence: one of {max_len} "
                                  f"tokens needs {per_slot / 2**20:.1f} MiB (lower max_model_len or raise it)")
-        return KVPool(geometry, slots, self._device, self._dtype)
+        return KVPool(geometry, slots, self._device, self._dtype, scratch)
 
     async def close(self) -> None:
         self._loaders.shutdown(wait=True)
@@ -209,6 +219,13 @@ class TorchEngine:
 
     def kv_bytes(self) -> int:
         return self._pool.nbytes
+
+    @property
+    def decode_mode(self) -> str:
+        """How decode steps run: "cuda graphs", "static buffers" (the graphs' step, uncaptured) or "eager"."""
+        if self._graphs is None:
+            return "eager"
+        return "cuda graphs" if self._graphs.capturing else "static buffers"
 
     def module_names(self) -> frozenset[str]:
         """Leaf names of the model's modules (what an adapter's target_modules may name)."""
@@ -376,17 +393,30 @@ class TorchEngine:
         ids = torch.tensor([[r.generated[-1]] for r in rows])
         lengths = [r.length for r in rows]
         slots = [r.kv_slot for r in rows]
-        ctx = decode_context(self._pool, slots, lengths, self._device)
         self._pool.wrote(slots, lengths)  # before the forward: a failed step may have written too
+        if self._graphs is not None:
+            lora = [self._lora_slot(r) for r in rows]
+            return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, slots, lora, self._rows.rank))
+        ctx = decode_context(self._pool, slots, lengths, self._device)
         return self._results(rows, self._forward(rows, ids, torch.tensor(lengths).unsqueeze(1), ctx))
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """[B, vocab] float32 logits of each row's next token."""
-        slots = tuple(0 if r.adapter.is_base else self._slot_of(r.adapter) for r in rows)
-        with self._rows.using(slots, self._device):
-            out = self._model(input_ids=ids.to(self._device), position_ids=positions.to(self._device),
-                              attention_mask=ctx.mask, use_cache=False, logits_to_keep=1, kv_step=ctx)
-        return out.logits[:, -1, :].float()
+        with self._rows.using(tuple(self._lora_slot(r) for r in rows), self._device):
+            return self._call(ids.to(self._device), positions.to(self._device), ctx).float()
+
+    def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None):
+        """A captured decode step: `lora` is the graphs' persistent [B] slot buffer."""
+        with self._rows.installed(lora):
+            return self._call(ids, positions, ctx)
+
+    def _call(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        """[B, vocab] logits of each row's next token (the attention takes its mask from ctx)."""
+        out = self._model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, kv_step=ctx)
+        return out.logits[:, -1, :]
+
+    def _lora_slot(self, row: Row) -> int:
+        return 0 if row.adapter.is_base else self._slot_of(row.adapter)
 
     def _slot_of(self, adapter: AdapterRef) -> int:
         attached = self._slots.get(adapter)

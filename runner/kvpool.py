@@ -42,9 +42,12 @@ class PoolGeometry:
 
 
 class KVPool:
-    def __init__(self, geometry: PoolGeometry, slots: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, geometry: PoolGeometry, slots: int, device: torch.device, dtype: torch.dtype,
+                 scratch: bool = False):
         self.geometry, self.slots = geometry, slots
-        shape = (slots, geometry.kv_heads, geometry.max_len, geometry.head_dim)
+        self.scratch = slots if scratch else None
+        """One extra slot no sequence owns: padding rows of a captured decode step write there."""
+        shape = (slots + scratch, geometry.kv_heads, geometry.max_len, geometry.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(geometry.layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(geometry.layers)]
         self.written = [0] * slots

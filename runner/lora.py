@@ -107,7 +107,14 @@ class RowSlots:
         if slots != self._slots:
             self._slots, self.version = slots, self.version + 1
             self._tensor = torch.tensor(slots, device=device) if any(slots) else None
-        self.index = self._tensor
+        with self.installed(self._tensor):
+            yield
+
+    @contextlib.contextmanager
+    def installed(self, index: torch.Tensor | None):
+        """`index` ([B] slots, or None for no adapter) for one forward, as it is: a captured
+        decode step passes its persistent buffer, whose contents change between replays."""
+        self.index = index
         try:
             yield
         finally:

@@ -56,6 +56,8 @@ class ServerConfig:
     warm_schedule: tuple[str, ...] = _f((), "Daily warm-ups, HH:MM=ADAPTER, comma-separated (local time).")
     idle_ttl_s: float = _f(0.0, "Unload adapters unused this long (seconds); 0 keeps them.")
     failed_load_backoff_s: float = _f(30.0, "After an adapter fails to load, its requests fail fast this long.")
+    no_cuda_graphs: bool = _f(False, "Run decode steps eagerly on cuda too, instead of replaying captured CUDA "
+                                     "graphs (for debugging; slower).")
     max_lora_rank: int = _f(64, "Largest adapter rank accepted (every adapter slot has room for it).")
     max_loras: int = _f(64, "Adapters attached at once: slots reserved at start-up, capped by vram_budget_mib.")
     auth_tokens_file: Path | None = _f(None, "JSON file of bearer tokens -> clients; unset turns authentication off.")
@@ -153,6 +155,10 @@ def _convert(f: dataclasses.Field, raw: str):
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     if "Path" in kind:
         return Path(raw) if raw else None
+    if kind == "bool":
+        if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(raw)
+        return raw.lower() in ("1", "true", "yes", "on")
     if kind == "int":
         return int(raw)
     if kind == "float":
@@ -163,7 +169,12 @@ def _convert(f: dataclasses.Field, raw: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ServerConfig):
         env = ENV_PREFIX + f.name.upper()
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+        flag = "--" + f.name.replace("_", "-")
+        if str(f.type) == "bool":  # a switch on the command line; true/false in the environment
+            parser.add_argument(flag, dest=f.name, action="store_const", const="true", default=None,
+                                help=f"{f.metadata['help']} [env {env}=true]")
+            continue
+        parser.add_argument(flag, dest=f.name, default=None,
                             help=f"{f.metadata['help']} [env {env}; default {f.default}]")
 
 

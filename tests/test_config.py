@@ -46,3 +46,11 @@ def test_nonsense_fails_fast(argv, message):
 def test_a_trusted_client_id_key_is_taken_from_the_environment():
     cfg = parse([], {"LORASERVE_CLIENT_ID_METADATA_KEY": "x-client-id"})
     assert cfg.client_id_metadata_key == "x-client-id"
+
+
+def test_switches_are_flags_and_true_or_false_in_the_environment():
+    assert parse(["--no-cuda-graphs"], {}).no_cuda_graphs is True
+    assert parse([], {"LORASERVE_NO_CUDA_GRAPHS": "true"}).no_cuda_graphs is True
+    assert parse([], {"LORASERVE_NO_CUDA_GRAPHS": "0"}).no_cuda_graphs is False
+    with pytest.raises(ValueError, match="no_cuda_graphs='maybe'"):
+        parse([], {"LORASERVE_NO_CUDA_GRAPHS": "maybe"})

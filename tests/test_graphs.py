@@ -1,0 +1,139 @@
+"""The captured decode step (runner/graphs.py) run over its persistent buffers without capture:
+rows joining and leaving, padded to buckets, mixed adapters and base rows, and adapters
+attached after a bucket was first used, all give the tokens each request gets alone from the
+eager engine. Capture itself needs CUDA (tests marked gpu)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from conftest import ADAPTERS, PROMPT
+from runner.engine import EngineConfig, TorchEngine
+from scheduler.engine import Row
+from scheduler.types import BASE, AdapterRef, SamplingParams
+
+PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there", "Question: Why?\nAnswer:")
+
+
+def _ref(demo_dir, name: str) -> AdapterRef:
+    if name == "base":
+        return BASE
+    path = demo_dir / "adapters" / name / "1"
+    return AdapterRef(name, "1", str(path), json.loads((path / "metadata.json").read_text())["weights_sha256"])
+
+
+def _engine(demo_dir, mode: str, device: str = "cpu", dtype: str = "float32", **cfg) -> TorchEngine:
+    engine = TorchEngine(EngineConfig(demo_dir / "base", device=device, dtype=dtype, max_rows=8, max_model_len=160,
+                                      decode_graphs=mode, **cfg))
+    asyncio.run(engine.start())
+    return engine
+
+
+async def _attach(engine: TorchEngine, ref: AdapterRef) -> None:
+    if not ref.is_base and ref not in engine._slots:
+        await engine.fetch(ref)
+        await engine.attach(ref)
+
+
+def drive(engine: TorchEngine, requests: list[tuple[AdapterRef, str, int, int]],
+          attach_late: AdapterRef | None = None) -> list[list[int]]:
+    """Requests (adapter, prompt, new tokens, step it joins at) through prefill and decode steps
+    as the scheduler runs them: joiners are prefilled on their own, then decode with the rest;
+    a row leaves (freeing its KV slot) when it has its tokens. `attach_late` is attached half-way."""
+    async def run():
+        for ref, *_ in requests:
+            if ref != attach_late:
+                await _attach(engine, ref)
+        out: list[list[int]] = [[] for _ in requests]
+        free, running = list(range(engine.kv_slots)), {}
+        step = 0
+        while step == 0 or running or any(len(out[i]) == 0 for i in range(len(requests))):
+            if step == 6 and attach_late is not None:
+                await _attach(engine, attach_late)
+            joining = [i for i, r in enumerate(requests) if r[3] == step]
+            if joining:
+                rows = []
+                for i in joining:
+                    running[i] = free.pop(0)
+                    ref, prompt, _, _ = requests[i]
+                    rows.append(Row(i, ref, running[i], tuple(engine.encode(prompt)), out[i], SamplingParams()))
+                for r in await engine.prefill(rows):
+                    out[r.seq_id].append(r.token_id)
+            decoding = [i for i in sorted(running) if i not in joining and len(out[i]) < requests[i][2]]
+            if decoding:
+                rows = [Row(i, requests[i][0], running[i], tuple(engine.encode(requests[i][1])), out[i],
+                            SamplingParams()) for i in decoding]
+                for r in await engine.decode(rows):
+                    out[r.seq_id].append(r.token_id)
+            for i in [i for i in running if len(out[i]) >= requests[i][2]]:
+                free.append(running.pop(i))
+                free.sort()
+            step += 1
+            if step > 500:
+                raise AssertionError("the drive did not finish")
+        return out
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def eager(demo_dir):
+    engine = _engine(demo_dir, "off")
+    yield engine
+    asyncio.run(engine.close())
+
+
+@pytest.fixture(scope="module")
+def buffered(demo_dir):
+    engine = _engine(demo_dir, "buffers")
+    yield engine
+    asyncio.run(engine.close())
+
+
+def _workload(demo_dir) -> list[tuple[AdapterRef, str, int, int]]:
+    names = ["base", *ADAPTERS]
+    # Staggered joins and lengths: batches of 1..7 rows (buckets 1, 2, 4, 8 with padding rows),
+    # rows leaving mid-batch, and lengths crossing the 64-position read bucket.
+    return [(_ref(demo_dir, names[i % 4]), PROMPTS[i % len(PROMPTS)], 6 + (i * 11) % 60, (i * 5) % 23)
+            for i in range(7)]
+
+
+def test_buffered_decode_matches_each_request_served_alone(demo_dir, eager, buffered):
+    requests = _workload(demo_dir)
+    alone = [drive(eager, [(ref, prompt, n, 0)])[0] for ref, prompt, n, _ in requests]
+    assert drive(buffered, requests) == alone
+    assert drive(eager, requests) == alone
+    assert buffered.decode_mode == "static buffers" and eager.decode_mode == "eager"
+    # Several buckets were used: rows (1..8) x read lengths (64, 128) x LoRA rank (0 or the demo's).
+    assert buffered._graphs.captured >= 5
+
+
+def test_an_adapter_attached_after_its_bucket_was_first_used_is_applied(demo_dir, eager, buffered):
+    late = _ref(demo_dir, "support")
+    requests = [(_ref(demo_dir, "legal"), PROMPT, 30, 0), (late, PROMPTS[1], 20, 8), (BASE, PROMPTS[2], 25, 2)]
+    alone = [drive(eager, [(ref, prompt, n, 0)])[0] for ref, prompt, n, _ in requests]
+    if late in buffered._slots:
+        asyncio.run(buffered.detach(late))
+    assert drive(buffered, requests, attach_late=late) == alone
+
+
+def test_padding_rows_write_only_the_scratch_slot(demo_dir, buffered):
+    pool = buffered._pool
+    assert pool.scratch == pool.slots == buffered.kv_slots
+    before = [t[:pool.slots].clone() for t in pool.keys]
+    # One row in slot 0 decodes in a bucket of one; three rows pad a bucket of four.
+    drive(buffered, [(BASE, PROMPT, 3, 0)])
+    drive(buffered, [(BASE, PROMPTS[i], 3, 0) for i in range(3)])
+    for old, new in zip(before, pool.keys, strict=True):
+        assert torch.equal(old[3:pool.slots], new[3:pool.slots])  # slots no row owned are untouched
+
+
+def test_buckets_round_rows_and_lengths_up(buffered):
+    graphs = buffered._graphs
+    max_len = buffered.max_context
+    assert graphs.bucket(3, 10, 0) == (4, 64, 0)
+    assert graphs.bucket(8, 65, 16) == (8, 128, 16)
+    assert graphs.bucket(1, max_len, 4) == (1, max_len, 4)  # capped at the pool's length (160, not 256)
