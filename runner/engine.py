@@ -11,6 +11,7 @@ race on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ import torch
 from registry.store import CONFIG, WEIGHTS  # safetensors only: pickle weights can run code
 from registry.weights import WeightsError, check_against_config, held_bytes, weight_facts
 from runner.detok import decode_new
-from runner.graphs import DecodeGraphs
+from runner.graphs import CaptureFailed, DecodeGraphs
 from runner.kvpool import ATTENTION, KVPool, decode_context, geometry_of, prefill_context
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
@@ -134,6 +135,8 @@ class TorchEngine:
         self._device = torch.device("cpu")
         self._pool: KVPool | None = None
         self._graphs: DecodeGraphs | None = None
+        self._copy_stream = None  # cuda: adapters are copied into their slots on a side stream
+        self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
         self._pad = 0
         self._eos: frozenset[int] = frozenset()
 
@@ -153,6 +156,8 @@ class TorchEngine:
         _refuse_unsupported_attention(self._model.config, self._pool.geometry.max_len)
         self._model.set_attn_implementation(ATTENTION)
         self._allocate_lora_slots()
+        if self._device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(self._device)
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         if graphs:
             self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad,
@@ -279,7 +284,7 @@ class TorchEngine:
         except WeightsError as exc:
             raise AdapterIncompatible(adapter.id, str(exc)) from exc
         weights = parse_peft(config, safetensors_load(blob))
-        for module, (a_t, b_t, _) in weights.modules.items():
+        for module, (a_t, b_t) in weights.modules.items():
             if a_t.shape[1] > self.cfg.max_lora_rank:
                 raise AdapterIncompatible(adapter.id, f"{module} has rank {a_t.shape[1]} in its weights; this "
                                           f"server's slots hold rank {self.cfg.max_lora_rank} at most")
@@ -299,15 +304,17 @@ class TorchEngine:
         weights = self._ram[adapter]
         slot = self._free_slots.pop()  # the VRAM tier's budget is exactly the slots: one is free
         try:
-            for path, entry in weights.modules.items():
-                self._layers[path].write(slot, entry)
+            with self._copying(slot):
+                for path, entry in weights.modules.items():
+                    self._layers[path].write(slot, entry)
         except BaseException:  # the adapter stays in RAM and the slot free, as the books say
-            for path in weights.modules:
-                self._layers[path].write(slot, None)
+            with self._copying(slot):
+                for path in weights.modules:
+                    self._layers[path].write(slot, None)
             self._free_slots.append(slot)
             raise
         del self._ram[adapter]
-        self._slots[adapter] = (slot, {path: a_t.shape[1] for path, (a_t, _, _) in weights.modules.items()})
+        self._slots[adapter] = (slot, {path: a_t.shape[1] for path, (a_t, _) in weights.modules.items()})
         self._set_rank()
 
     def _set_rank(self) -> None:
@@ -320,6 +327,7 @@ class TorchEngine:
 
     def _demote(self, adapter: AdapterRef) -> None:
         slot, ranks = self._slots[adapter]
+        self._await_copy(slot)
         weights = LoraWeights({path: self._layers[path].read(slot, r) for path, r in ranks.items()})
         self._ram[adapter] = weights.to(torch.device("cpu"), self._dtype, pin=self._device.type == "cuda")
         self._detach(adapter)
@@ -329,10 +337,32 @@ class TorchEngine:
 
     def _detach(self, adapter: AdapterRef) -> None:
         slot, ranks = self._slots.pop(adapter)
-        for path in ranks:
-            self._layers[path].write(slot, None)
+        with self._copying(slot):
+            for path in ranks:
+                self._layers[path].write(slot, None)
         self._free_slots.append(slot)
         self._set_rank()
+
+    @contextlib.contextmanager
+    def _copying(self, slot: int):
+        """On cuda, a slot's writes run on the copy stream, so attaching an adapter overlaps the
+        steps of rows that do not use it; a step using the slot waits for them (_await_copy).
+        The copy stream first waits for the steps already queued (a slot freed by a detach may
+        still be read by one)."""
+        if self._copy_stream is None:
+            yield
+            return
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(self._copy_stream):
+            yield
+            event = torch.cuda.Event()
+            event.record()
+        self._copies[slot] = event
+
+    def _await_copy(self, slot: int) -> None:
+        event = self._copies.pop(slot, None)
+        if event is not None:
+            torch.cuda.current_stream(self._device).wait_event(event)
 
     def drop(self, adapter: AdapterRef) -> None:
         self._ram.pop(adapter, None)
@@ -396,7 +426,12 @@ class TorchEngine:
         self._pool.wrote(slots, lengths)  # before the forward: a failed step may have written too
         if self._graphs is not None:
             lora = [self._lora_slot(r) for r in rows]
-            return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, slots, lora, self._rows.rank))
+            try:
+                return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, slots, lora,
+                                                            self._rows.rank))
+            except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: eager from now on
+                log.warning("%s; decode runs eagerly from now on (as with --no-cuda-graphs)", exc)
+                self._graphs = None
         ctx = decode_context(self._pool, slots, lengths, self._device)
         return self._results(rows, self._forward(rows, ids, torch.tensor(lengths).unsqueeze(1), ctx))
 
@@ -416,7 +451,11 @@ class TorchEngine:
         return out.logits[:, -1, :]
 
     def _lora_slot(self, row: Row) -> int:
-        return 0 if row.adapter.is_base else self._slot_of(row.adapter)
+        if row.adapter.is_base:
+            return 0
+        slot = self._slot_of(row.adapter)
+        self._await_copy(slot)
+        return slot
 
     def _slot_of(self, adapter: AdapterRef) -> int:
         attached = self._slots.get(adapter)

@@ -48,7 +48,7 @@ class DecodeGraphs:
         self._buf = torch.zeros((4, self._rows), dtype=torch.long, device=device)
         self._arange = torch.arange(pool.geometry.max_len, device=device)
         self._graphs: dict[tuple[int, int, int], Callable[[], torch.Tensor]] = {}
-        self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        self._mempool = torch.cuda.graph_pool_handle() if capture and torch.cuda.is_available() else None
 
     @property
     def capturing(self) -> bool:
@@ -88,12 +88,22 @@ class DecodeGraphs:
         return step
 
     def _record(self, key: tuple[int, int, int]) -> Callable[[], torch.Tensor]:
-        """The bucket's step, captured as a graph when capturing. The warm-up runs compute the
-        current step for real: they write the same keys and values at the same positions as the
-        replay that follows."""
         step = self._function(key)
         if not self._capture:
             return step
+        try:
+            replay = self._captured(step)
+        except torch.OutOfMemoryError:
+            raise  # the scheduler splits the rows: a smaller bucket may fit
+        except Exception as exc:
+            raise CaptureFailed(f"capturing the decode step for {key[0]} rows, {key[1]} positions, LoRA rank "
+                                f"{key[2]} failed: {type(exc).__name__}: {exc}") from exc
+        log.info("captured the decode graph for %d rows, %d positions, LoRA rank %d", *key)
+        return replay
+
+    def _captured(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """The step as a CUDA graph. The warm-up runs compute the current step for real: they write
+        the same keys and values at the same positions as the replay that follows."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -103,9 +113,12 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._mempool):
             out = step()
-        log.info("captured the decode graph for %d rows, %d positions, LoRA rank %d", *key)
 
         def replay() -> torch.Tensor:
             graph.replay()
             return out
         return replay
+
+
+class CaptureFailed(RuntimeError):
+    """A model whose decode step cannot be captured (a kernel that syncs with the host, say)."""

@@ -28,19 +28,21 @@ class UnsupportedAdapter(ValueError):
 
 @dataclass
 class LoraWeights:
-    """One adapter: module path -> (A^T [in, r], B^T [r, out], scale)."""
+    """One adapter: module path -> (A^T [in, r], scale x B^T [r, out]); the scale is folded into B
+    when the file is read, so attaching is a plain copy."""
 
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b, _ in self.modules.values())
+        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
     def to(self, device: torch.device, dtype: torch.dtype, pin: bool = False) -> LoraWeights:
         def move(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(device=device, dtype=dtype, copy=True)
-            return t.pin_memory() if pin else t
-        return LoraWeights({k: (move(a), move(b), s) for k, (a, b, s) in self.modules.items()})
+            if pin:  # converted straight into page-locked memory: one copy, not two
+                return torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t)
+            return t.to(device=device, dtype=dtype, copy=True)
+        return LoraWeights({k: (move(a), move(b)) for k, (a, b) in self.modules.items()})
 
 
 def parse_peft(config: dict, tensors: dict[str, torch.Tensor]) -> LoraWeights:
@@ -72,7 +74,7 @@ def parse_peft(config: dict, tensors: dict[str, torch.Tensor]) -> LoraWeights:
         module_alpha = next((float(v) for k, v in patterns.items() if module == k or module.endswith("." + k)),
                             alpha)
         scale = module_alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-        modules[module] = (a.t().contiguous(), b.t().contiguous(), scale)
+        modules[module] = (a.t().contiguous(), (b.t() * scale).contiguous())
     return LoraWeights(modules)
 
 
@@ -163,20 +165,20 @@ class LoRALinear(nn.Module):
         self._gathered = (self._rows.version, a, b) if self._rows.keep_gathered else None
         return a, b
 
-    def write(self, slot: int, entry: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
-        """Put one adapter's (A^T, B^T, scale) for this layer into `slot` (None clears it)."""
+    def write(self, slot: int, entry: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Put one adapter's (A^T, scale x B^T) for this layer into `slot` (None clears it). From
+        page-locked host memory the copies are asynchronous on the current stream."""
         self._gathered = None
-        self.a[slot].zero_()
-        self.b[slot].zero_()
+        r = 0 if entry is None else entry[0].shape[1]
         if entry is not None:
-            a_t, b_t, scale = entry
-            r = a_t.shape[1]
-            self.a[slot, :, :r] = a_t
-            self.b[slot, :r, :] = b_t * scale
+            self.a[slot, :, :r].copy_(entry[0], non_blocking=True)
+            self.b[slot, :r, :].copy_(entry[1], non_blocking=True)
+        self.a[slot, :, r:].zero_()
+        self.b[slot, r:, :].zero_()
 
-    def read(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The (A^T, scaled B^T, 1.0) held in `slot`, copied to the CPU."""
-        return self.a[slot, :, :rank].to("cpu", copy=True), self.b[slot, :rank, :].to("cpu", copy=True), 1.0
+    def read(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A^T, scale x B^T) held in `slot`, copied to the CPU."""
+        return self.a[slot, :, :rank].to("cpu", copy=True), self.b[slot, :rank, :].to("cpu", copy=True)
 
 
 def wrap_linear_layers(model: nn.Module, rows: RowSlots,

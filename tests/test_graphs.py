@@ -13,6 +13,7 @@ import torch
 
 from conftest import ADAPTERS, PROMPT
 from runner.engine import EngineConfig, TorchEngine
+from runner.graphs import DecodeGraphs
 from scheduler.engine import Row
 from scheduler.types import BASE, AdapterRef, SamplingParams
 
@@ -137,3 +138,20 @@ def test_buckets_round_rows_and_lengths_up(buffered):
     assert graphs.bucket(3, 10, 0) == (4, 64, 0)
     assert graphs.bucket(8, 65, 16) == (8, 128, 16)
     assert graphs.bucket(1, max_len, 4) == (1, max_len, 4)  # capped at the pool's length (160, not 256)
+
+
+def test_a_step_that_cannot_be_captured_falls_back_to_eager_decode(demo_dir, eager, caplog):
+    class Uncapturable(DecodeGraphs):
+        def _captured(self, step):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    engine = _engine(demo_dir, "buffers")
+    try:
+        g = engine._graphs
+        engine._graphs = Uncapturable(engine._model_step, engine._pool, engine._pad, capture=True)
+        requests = [(BASE, PROMPT, 8, 0), (_ref(demo_dir, "legal"), PROMPTS[1], 8, 0)]
+        assert drive(engine, requests) == drive(eager, requests)
+        assert engine.decode_mode == "eager" and g.captured == 0
+        assert "decode runs eagerly from now on" in caplog.text
+    finally:
+        asyncio.run(engine.close())
