@@ -62,6 +62,8 @@ class EngineConfig:
     """Largest adapter rank; every slot has room for it."""
     vram_budget_bytes: int = 0
     """Caps the slot stacks' bytes (fewer slots than max_loras when it binds); 0 = no cap."""
+    prefill_chunk_tokens: int = 512
+    """Prompt columns one prefill forward takes at most (longer prompts run in chunks); 0 = no limit."""
     decode_graphs: str = "auto"
     """auto: decode replays CUDA graphs on cuda (runner/graphs.py), runs eagerly elsewhere; off:
     always eager; buffers: the graphs' static-buffer step without capture (checks it on a CPU)."""
@@ -414,9 +416,15 @@ class TorchEngine:
         start = torch.tensor([width - n for n in lengths]).unsqueeze(1)
         positions = (torch.arange(width).unsqueeze(0) - start).clamp(min=0)
         slots = [r.kv_slot for r in rows]
-        ctx = prefill_context(self._pool, slots, lengths, self._device)
-        self._pool.claim(slots, lengths)  # nothing a previous occupant left is ever read
-        return self._results(rows, self._forward(rows, ids, positions, ctx))
+        # Long prompts run in chunks of columns, so activations and masks stay bounded whatever the
+        # prompt's length; each chunk writes its keys into the pool, where the next reads them.
+        chunk = self.cfg.prefill_chunk_tokens or width
+        self._pool.claim(slots, lengths, whole=width > chunk)  # nothing a previous occupant left is ever read
+        for begin in range(0, width, chunk):
+            end = min(begin + chunk, width)
+            ctx = prefill_context(self._pool, slots, lengths, self._device, begin, end)
+            logits = self._forward(rows, ids[:, begin:end], positions[:, begin:end], ctx)
+        return self._results(rows, logits)
 
     @torch.inference_mode()
     def _decode(self, rows: list[Row]) -> list[StepResult]:

@@ -58,12 +58,15 @@ class KVPool:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (*self.keys, *self.values))
 
-    def claim(self, slots: list[int], lengths: list[int]) -> None:
-        """Prefill of `lengths`-token prompts into `slots`: clear what earlier occupants left beyond."""
+    def claim(self, slots: list[int], lengths: list[int], whole: bool = False) -> None:
+        """Prefill of `lengths`-token prompts into `slots`: clear what earlier occupants left beyond
+        them, or everything they left when `whole` (a chunked prefill reads positions of its own
+        slot that later chunks have not written yet, masked, and a masked NaN still poisons)."""
         for slot, length in zip(slots, lengths, strict=True):
-            if self.written[slot] > length:
+            start = 0 if whole else length
+            if self.written[slot] > start:
                 for t in (*self.keys, *self.values):
-                    t[slot, :, length:self.written[slot]] = 0
+                    t[slot, :, start:self.written[slot]] = 0
             self.written[slot] = length
 
     def wrote(self, slots: list[int], lengths: list[int]) -> None:
@@ -82,27 +85,42 @@ class StepContext:
     """[B] long: each row's pool slot."""
     prefill: bool
     mask: torch.Tensor
-    """prefill: [B, 1, T, T] bool (causal and not padding); decode: [B, 1, 1, L] bool (position < length + 1)."""
+    """prefill: [B, 1, C, C] bool (causal and not padding) for a first chunk of C columns,
+    [B, 1, C, L] (key position <= query position) for a later one; decode: [B, 1, 1, L] bool
+    (position < length + 1)."""
     write_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor
-    """prefill: (rows, columns, positions) of the valid tokens, each [N]; decode: [B] positions."""
+    """prefill: (rows, columns in the chunk, positions) of the valid tokens, each [N]; decode: [B] positions."""
     span: slice | None = None
     """decode, when the slots are consecutive: the pool rows to read as a view, no gather."""
     read_len: int = 0
+    """Positions read from the rows' slots (decode, and prefill chunks after the first; 0: none)."""
 
 
-def prefill_context(pool: KVPool, slots: list[int], lengths: list[int], device: torch.device) -> StepContext:
+def prefill_context(pool: KVPool, slots: list[int], lengths: list[int], device: torch.device,
+                    begin: int = 0, end: int | None = None) -> StepContext:
+    """Columns [begin, end) of the prompts left-padded to one width T (a chunk; all of it by
+    default). The first chunk attends its own fresh keys; a later chunk reads its rows' slots,
+    where the earlier chunks wrote theirs."""
     width = max(lengths)
-    col = torch.arange(width)
+    end = width if end is None else end
+    col = torch.arange(begin, end)
     start = torch.tensor([width - n for n in lengths]).unsqueeze(1)  # [B, 1] first real column
-    valid = col.unsqueeze(0) >= start  # [B, T]
-    causal = col.unsqueeze(0) <= col.unsqueeze(1)  # [T(query), T(key)]
-    # Padding queries may see only themselves: a fully masked row would make SDPA produce NaN.
-    mask = (causal.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(width, dtype=torch.bool).unsqueeze(0)
+    valid = col.unsqueeze(0) >= start  # [B, C]
+    positions = (col.unsqueeze(0) - start).clamp(min=0)  # [B, C]
+    if begin == 0:
+        causal = col.unsqueeze(0) <= col.unsqueeze(1)  # [C(query), C(key)]
+        # Padding queries may see only themselves: a fully masked row would make SDPA produce NaN.
+        mask = (causal.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(len(col), dtype=torch.bool).unsqueeze(0)
+        read_len = 0
+    else:
+        read_len = end - int(start.min())
+        key = torch.arange(read_len)
+        # Each query sees its own slot's positions up to its own; padding queries see position 0.
+        mask = torch.where(valid.unsqueeze(2), key <= positions.unsqueeze(2), key == 0)  # [B, C, L]
     rows, cols = valid.nonzero(as_tuple=True)
-    positions = cols - start.squeeze(1)[rows]
     slot_t = torch.tensor(slots, device=device)
     return StepContext(pool, slot_t, True, mask.unsqueeze(1).to(device),
-                       (rows.to(device), cols.to(device), positions.to(device)))
+                       (rows.to(device), cols.to(device), positions[rows, cols].to(device)), read_len=read_len)
 
 
 def decode_context(pool: KVPool, slots: list[int], lengths: list[int], device: torch.device) -> StepContext:
@@ -127,6 +145,8 @@ def pool_attention(module, query, key, value, attention_mask, scaling=None, drop
         k_pool[slots, :, positions] = key[rows, :, cols]
         v_pool[slots, :, positions] = value[rows, :, cols]
         k, v = key, value
+        if ctx.read_len:
+            k, v = k_pool[ctx.slots, :, :ctx.read_len], v_pool[ctx.slots, :, :ctx.read_len]
     else:
         k_pool[ctx.slots, :, ctx.write_at] = key[:, :, 0]
         v_pool[ctx.slots, :, ctx.write_at] = value[:, :, 0]

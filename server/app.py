@@ -44,7 +44,8 @@ def engine_config(cfg: ServerConfig) -> EngineConfig:
     return EngineConfig(cfg.model_path, cfg.quantization, cfg.device, cfg.dtype, cfg.max_concurrent_loads,
                         max_rows=cfg.max_batch_size, kv_cache_mib=cfg.kv_cache_mib, max_model_len=cfg.max_model_len,
                         max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,
-                        vram_budget_bytes=cfg.budgets_bytes[1], decode_graphs="off" if cfg.no_cuda_graphs else "auto")
+                        vram_budget_bytes=cfg.budgets_bytes[1], prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+                        decode_graphs="off" if cfg.no_cuda_graphs else "auto")
 
 
 class LoraServer:

@@ -56,6 +56,8 @@ class ServerConfig:
     warm_schedule: tuple[str, ...] = _f((), "Daily warm-ups, HH:MM=ADAPTER, comma-separated (local time).")
     idle_ttl_s: float = _f(0.0, "Unload adapters unused this long (seconds); 0 keeps them.")
     failed_load_backoff_s: float = _f(30.0, "After an adapter fails to load, its requests fail fast this long.")
+    prefill_chunk_tokens: int = _f(512, "Prompt tokens one prefill forward takes at most; longer prompts run in "
+                                        "chunks (bounded activation memory); 0 = no limit.")
     no_cuda_graphs: bool = _f(False, "Run decode steps eagerly on cuda too, instead of replaying captured CUDA "
                                      "graphs (for debugging; slower).")
     max_lora_rank: int = _f(64, "Largest adapter rank accepted (every adapter slot has room for it).")
@@ -103,8 +105,8 @@ class ServerConfig:
         if min(self.batch_wait_ms, self.join_delay_ms, self.grace_period_s, self.failed_load_backoff_s) < 0:
             problems.append("batch_wait_ms, join_delay_ms, grace_period_s and failed_load_backoff_s must not "
                             "be negative")
-        if min(self.kv_cache_mib, self.max_model_len) < 0:
-            problems.append("kv_cache_mib and max_model_len must not be negative")
+        if min(self.kv_cache_mib, self.max_model_len, self.prefill_chunk_tokens) < 0:
+            problems.append("kv_cache_mib, max_model_len and prefill_chunk_tokens must not be negative")
         if min(self.ram_budget_mib, self.vram_budget_mib, self.idle_ttl_s) < 0:
             problems.append("ram_budget_mib, vram_budget_mib and idle_ttl_s must not be negative")
         bad = [w for w in self.warm_schedule if not (m := WARM_AT.fullmatch(w)) or not is_adapter_id(m["adapter"])]

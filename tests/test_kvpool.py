@@ -55,6 +55,20 @@ def test_rows_never_read_a_poisoned_neighbour_slot(engine):
     assert _generate(engine, [0, 1, 2], 12) == clean
 
 
+def test_long_prompts_prefilled_in_chunks_answer_as_in_one_piece(engine, demo_dir):
+    clean = _generate(engine, [0, 1, 2], 12)
+    # Chunks of 3 columns: each later chunk reads the keys earlier chunks wrote, and slots that
+    # a poisoned sequence filled with NaN are cleared whole before the chunks read them.
+    chunked = TorchEngine(EngineConfig(demo_dir / "base", max_rows=6, prefill_chunk_tokens=3))
+    asyncio.run(chunked.start())
+    try:
+        assert _generate(chunked, [0, 1, 2], 12) == clean
+        assert _generate(chunked, [3, 4, 5], 12, poison=[0, 1, 2]) == clean
+        assert _generate(chunked, [0, 1, 2], 12) == clean
+    finally:
+        asyncio.run(chunked.close())
+
+
 def test_pool_size_follows_its_budget_and_refuses_one_that_holds_nothing(demo_dir):
     probe = TorchEngine(EngineConfig(demo_dir / "base", max_rows=64, kv_cache_mib=1))
     asyncio.run(probe.start())
