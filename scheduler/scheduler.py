@@ -194,10 +194,6 @@ class Scheduler:
     def _waiting_adapters(self) -> frozenset[AdapterRef]:
         return frozenset(s.req.adapter for s in self._waiting)
 
-    def adapters_in_use(self) -> frozenset[AdapterRef]:
-        """Adapters that queued or running requests need."""
-        return self._running_adapters() | self._waiting_adapters()
-
     def _ready(self, adapter: AdapterRef) -> bool:
         return self.tiers.tier_of(adapter) >= Tier.RAM and not self.tiers.loads.loading(adapter)
 

@@ -11,7 +11,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from scheduler.cache import Tier
 from scheduler.scheduler import Scheduler
 from scheduler.thrash import ThrashDetector
 from scheduler.types import AdapterRef, Completion, LoadSource
@@ -88,25 +87,23 @@ class _SchedulerCollector(Collector):
         self._scheduler = scheduler
 
     def collect(self) -> Iterator:
-        cache = self._scheduler.tiers.cache
-        tiers = (Tier.RAM, Tier.VRAM)
-        names = {t: t.name.lower() for t in tiers}
+        states = self._scheduler.tiers.tier_states()
         for metric, help_text, field in (("hits", "Requests that found their adapter in the tier", "hits"),
                                          ("misses", "Requests that did not", "misses"),
                                          ("loads", "Adapters brought into the tier", "loads"),
                                          ("evictions", "Adapters pushed out of the tier", "evictions")):
             family = CounterMetricFamily(f"loraserve_cache_{metric}", help_text, labels=["tier"])
-            for t in tiers:
-                family.add_metric([names[t]], getattr(cache.stats[t], field))
+            for t, st in states.items():
+                family.add_metric([t.name.lower()], getattr(st.stats, field))
             yield family
         resident = GaugeMetricFamily("loraserve_resident_adapters", "Adapters held in the tier", labels=["tier"])
         used = GaugeMetricFamily("loraserve_cache_bytes", "Bytes of adapter weights held in the tier",
                                  labels=["tier"])
         budget = GaugeMetricFamily("loraserve_cache_budget_bytes", "The tier's byte budget", labels=["tier"])
-        for t in tiers:
-            resident.add_metric([names[t]], sum(1 for e in cache.entries.values() if e.tier is t))
-            used.add_metric([names[t]], cache.used(t))
-            budget.add_metric([names[t]], cache.budgets.of(t))
+        for t, st in states.items():
+            resident.add_metric([t.name.lower()], st.adapters)
+            used.add_metric([t.name.lower()], st.bytes_used)
+            budget.add_metric([t.name.lower()], st.budget)
         yield from (resident, used, budget)
         yield GaugeMetricFamily("loraserve_queue_depth", "Requests waiting", value=self._scheduler.queue_depth)
         yield GaugeMetricFamily("loraserve_running_requests", "Requests in the running batch",
