@@ -104,13 +104,13 @@ def _charge(seqs: list[_Seq], prefill: bool, ms: float) -> None:
     counted). A prefill's work grows with the prompt tokens it reads, so it is shared by them;
     a decode step makes one token per row, so equally. A step that raised is charged to no one:
     its rows are charged for the retries that served them."""
-    if prefill:
-        tokens = sum(len(s.req.prompt_ids) for s in seqs)
-        for s in seqs:
-            s.cost.prefill_device_ms += ms * len(s.req.prompt_ids) / tokens
-    else:
-        for s in seqs:
-            s.cost.decode_device_ms += ms / len(seqs)
+    weights = [max(len(s.req.prompt_ids), 1) if prefill else 1 for s in seqs]
+    for s, weight in zip(seqs, weights):
+        share = ms * weight / sum(weights)
+        if prefill:
+            s.cost.prefill_device_ms += share
+        else:
+            s.cost.decode_device_ms += share
 
 
 def _alone(exc: Exception) -> LoraServeError:

@@ -68,7 +68,6 @@ class AdapterState:
     pinned: bool = False
     in_use: bool = False
     """Queued or running requests need it."""
-    loading: bool = False
     idle_s: float | None = None
     """Seconds since a request last used it; None if none has yet."""
 
@@ -130,9 +129,9 @@ class AdapterTiers:
             return AdapterState(adapter, Tier.VRAM, 0, in_use=adapter in busy)
         e = self.cache.entries.get(adapter)
         if e is None:
-            return AdapterState(adapter, Tier.DISK, 0, in_use=adapter in busy, loading=self.loads.loading(adapter))
+            return AdapterState(adapter, Tier.DISK, 0, in_use=adapter in busy)
         return AdapterState(adapter, e.tier, e.bytes if e.tier > Tier.DISK else 0, e.pinned, adapter in busy,
-                            self.loads.loading(adapter), now - e.last_used if e.used else None)
+                            now - e.last_used if e.used else None)
 
     # -- up --------------------------------------------------------------------
     async def to_ram(self, adapter: AdapterRef) -> Moved:
