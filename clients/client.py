@@ -33,6 +33,8 @@ class GenerateResult:
     load_source: str
     """vram | ram | disk"""
     timings_ms: dict[str, float] = field(default_factory=dict)
+    cost_ms: dict[str, float] = field(default_factory=dict)
+    """The request's share of the engine's prefill and decode steps and of its adapter's load."""
 
     @classmethod
     def from_pb(cls, msg: pb.GenerateResponse | pb.GenerateStreamResponse, text: str) -> GenerateResult:
@@ -44,6 +46,8 @@ class GenerateResult:
             load_source=pb.LoadSource.Name(msg.adapter.load_source).removeprefix("LOAD_SOURCE_").lower(),
             timings_ms={"queue": msg.timings.queue_ms, "load": msg.timings.load_ms,
                         "prefill": msg.timings.prefill_ms, "decode": msg.timings.decode_ms},
+            cost_ms={"prefill_device": msg.usage.prefill_device_ms, "decode_device": msg.usage.decode_device_ms,
+                     "adapter_load": msg.usage.adapter_load_ms},
         )
 
 

@@ -28,8 +28,8 @@ from scheduler.observer import NullObserver, Observer
 from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
 from scheduler.tiers import AdapterTiers
-from scheduler.types import (BASE, AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta,
-                             Timeline, Timings)
+from scheduler.types import (BASE, AdapterRef, Completion, Cost, FinishReason, GenerationRequest, LoadSource,
+                             TextDelta, Timeline, Timings)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class _Seq:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     timings: Timings = field(default_factory=Timings)
     timeline: Timeline = field(default_factory=Timeline)
+    cost: Cost = field(default_factory=Cost)
     load_source: LoadSource = LoadSource.VRAM
     kv_slot: int = -1
     generated: list[int] = field(default_factory=list)
@@ -96,6 +97,20 @@ def _adapter_of(seqs: list[_Seq]) -> AdapterRef:
     """The batch phase's adapter for its span: the common one, else BASE standing for "mixed"."""
     adapters = {s.req.adapter for s in seqs}
     return adapters.pop() if len(adapters) == 1 else replace(BASE, id="mixed")
+
+
+def _charge(seqs: list[_Seq], prefill: bool, ms: float) -> None:
+    """Share one engine step's duration among the rows it served (the only place cost is
+    counted). A prefill's work grows with the prompt tokens it reads, so it is shared by them;
+    a decode step makes one token per row, so equally. A step that raised is charged to no one:
+    its rows are charged for the retries that served them."""
+    weights = [max(len(s.req.prompt_ids), 1) if prefill else 1 for s in seqs]
+    for s, weight in zip(seqs, weights):
+        share = ms * weight / sum(weights)
+        if prefill:
+            s.cost.prefill_device_ms += share
+        else:
+            s.cost.decode_device_ms += share
 
 
 def _alone(exc: Exception) -> LoraServeError:
@@ -185,6 +200,11 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def queue_limit(self) -> int:
+        """Most requests waiting; beyond it QueueFull."""
+        return self._max_queue
+
+    @property
     def running(self) -> int:
         return sum(1 for s in self._running if not (s.done or s.cancelled))
 
@@ -193,10 +213,6 @@ class Scheduler:
 
     def _waiting_adapters(self) -> frozenset[AdapterRef]:
         return frozenset(s.req.adapter for s in self._waiting)
-
-    def adapters_in_use(self) -> frozenset[AdapterRef]:
-        """Adapters that queued or running requests need."""
-        return self._running_adapters() | self._waiting_adapters()
 
     def _ready(self, adapter: AdapterRef) -> bool:
         return self.tiers.tier_of(adapter) >= Tier.RAM and not self.tiers.loads.loading(adapter)
@@ -358,7 +374,9 @@ class Scheduler:
             return []
         rows = [s.row() for s in seqs]
         try:
+            t0 = self._clock()
             results = await (self._engine.prefill(rows) if prefill else self._engine.decode(rows))
+            _charge(seqs, prefill, (self._clock() - t0) * 1e3)
             return list(zip(seqs, results, strict=True))
         except Exception as exc:
             if len(seqs) == 1:
@@ -396,6 +414,7 @@ class Scheduler:
         for seq in group:
             seq.load_source = _SOURCE[found_in]
             seq.timings.load_ms = moved.ms + (cold[1] if cold else 0.0)
+            seq.cost.adapter_load_ms = seq.timings.load_ms / len(group)  # one load, made for all of them
             t = seq.timeline
             t.load_started, t.load_ended = (cold[0] if cold else started), loaded
             t.load_shared = cold is not None and cold[0] < t.enqueued
@@ -509,4 +528,5 @@ class Scheduler:
             input_tokens=len(seq.req.prompt_ids), output_tokens=seq.output_tokens,
             adapter=seq.req.adapter, load_source=seq.load_source, timings=seq.timings,
             fallback_reason=seq.req.fallback_reason, fallback_from=seq.req.requested, timeline=seq.timeline,
+            cost=seq.cost,
         ))

@@ -16,6 +16,18 @@ class ThrashDetector:
     def record(self, key: Hashable, now: float) -> bool:
         loads = self._loads[key]
         loads.append(now)
+        self._expire(loads, now)
+        return len(loads) > self.limit
+
+    def over_limit(self, now: float) -> int:
+        """How many keys are over the limit within the window ending `now` (keys with no load
+        left in it are forgotten)."""
+        for key in list(self._loads):
+            self._expire(self._loads[key], now)
+            if not self._loads[key]:
+                del self._loads[key]
+        return sum(1 for loads in self._loads.values() if len(loads) > self.limit)
+
+    def _expire(self, loads: deque[float], now: float) -> None:
         while loads and loads[0] <= now - self.window_s:
             loads.popleft()
-        return len(loads) > self.limit

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
-from scheduler.cache import Action, AdapterCache, Budgets, Demote, Drop, NoRoom, Tier
+from scheduler.cache import Action, AdapterCache, Budgets, Demote, Drop, NoRoom, Tier, TierStats
 from scheduler.errors import AdapterBusy, AdapterLoadFailed
 from scheduler.loads import LoadLimiter
 from scheduler.types import AdapterRef
@@ -57,6 +57,32 @@ class Moved:
     ms: float
 
 
+@dataclass(frozen=True)
+class AdapterState:
+    """One adapter as the tiers hold it, copied out: what the admin API and metrics read."""
+
+    adapter: AdapterRef
+    tier: Tier
+    bytes: int
+    """What it occupies in its tier (device bytes while attached); 0 on disk."""
+    pinned: bool = False
+    in_use: bool = False
+    """Queued or running requests need it."""
+    idle_s: float | None = None
+    """Seconds since a request last used it; None if none has yet."""
+
+
+@dataclass(frozen=True)
+class TierState:
+    """One tier's counters (since start-up) and occupancy, copied out."""
+
+    tier: Tier
+    stats: TierStats
+    bytes_used: int
+    budget: int
+    adapters: int
+
+
 def _never() -> frozenset[AdapterRef]:
     return frozenset()
 
@@ -81,6 +107,31 @@ class AdapterTiers:
 
     def _loading(self) -> frozenset[AdapterRef]:
         return frozenset(a for a in self.cache.entries if self.loads.loading(a))
+
+    # -- reading: the one door for code outside the scheduler (admin API, metrics) -------------
+    def state(self, adapter: AdapterRef) -> AdapterState:
+        """Where `adapter` is now (DISK with no other facts when the tiers do not hold it)."""
+        return self._state(adapter, self._running() | self._waiting(), self._clock())
+
+    def adapter_states(self) -> list[AdapterState]:
+        """Every adapter the tiers hold, pinned ones pushed back to disk included."""
+        busy, now = self._running() | self._waiting(), self._clock()
+        return [self._state(a, busy, now) for a in self.cache.entries]
+
+    def tier_states(self) -> dict[Tier, TierState]:
+        """RAM and VRAM."""
+        cache = self.cache
+        return {t: TierState(t, replace(cache.stats[t]), cache.used(t), cache.budgets.of(t),
+                             sum(1 for e in cache.entries.values() if e.tier is t)) for t in (Tier.RAM, Tier.VRAM)}
+
+    def _state(self, adapter: AdapterRef, busy: frozenset[AdapterRef], now: float) -> AdapterState:
+        if adapter.is_base:
+            return AdapterState(adapter, Tier.VRAM, 0, in_use=adapter in busy)
+        e = self.cache.entries.get(adapter)
+        if e is None:
+            return AdapterState(adapter, Tier.DISK, 0, in_use=adapter in busy)
+        return AdapterState(adapter, e.tier, e.bytes if e.tier > Tier.DISK else 0, e.pinned, adapter in busy,
+                            now - e.last_used if e.used else None)
 
     # -- up --------------------------------------------------------------------
     async def to_ram(self, adapter: AdapterRef) -> Moved:
@@ -203,4 +254,4 @@ class AdapterTiers:
             self.cache.record_use(adapter, found_in, self._clock())
 
 
-__all__ = ["AdapterTiers", "Moved", "NoRoom", "TierEngine"]
+__all__ = ["AdapterState", "AdapterTiers", "Moved", "NoRoom", "TierEngine", "TierState"]

@@ -87,6 +87,18 @@ class Timings:
 
 
 @dataclass
+class Cost:
+    """What serving a request took, as its share (milliseconds): of every engine step it was a row
+    of (scheduler._charge says how a step is shared), and of the adapter load made usable for the
+    requests it was admitted with. Shares add up: summed over requests, they are the steps' and
+    loads' whole time, so a team can be billed or capacity planned from them."""
+
+    prefill_device_ms: float = 0.0
+    decode_device_ms: float = 0.0
+    adapter_load_ms: float = 0.0
+
+
+@dataclass
 class Timeline:
     """When each phase of a request began and ended, on the scheduler's clock (seconds).
 
@@ -124,3 +136,4 @@ class Completion:
     fallback_reason: str = ""
     fallback_from: str = ""
     timeline: Timeline = field(default_factory=Timeline)
+    cost: Cost = field(default_factory=Cost)

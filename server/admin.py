@@ -9,6 +9,7 @@ from loraserve.v1 import admin_pb2_grpc
 from scheduler.cache import Tier
 from scheduler.errors import InvalidArgument, NotReady
 from scheduler.scheduler import Scheduler
+from scheduler.tiers import AdapterState
 from scheduler.types import AdapterRef
 from server.adapters import AdapterRegistry
 from server.errors import unary_errors
@@ -53,24 +54,17 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
         return self._registry.attachable(adapter_id)
 
     def _status(self, ref: AdapterRef) -> pb.AdapterStatus:
-        sched = self._sched()
-        entry = sched.tiers.cache.entries.get(ref)
-        status = pb.AdapterStatus(id=ref.id, version=ref.version, tier=_TIER_PB[sched.tiers.tier_of(ref)],
-                                  in_use=ref in sched.adapters_in_use())
-        if entry is not None:
-            status.pinned = entry.pinned
-            status.size_bytes = entry.bytes if entry.tier > Tier.DISK else 0
-            if entry.used:
-                status.last_used.FromNanoseconds(int((time.time() - (sched.tiers.now() - entry.last_used)) * 1e9))
-        return status
+        return _status_pb(self._sched().tiers.state(ref))
 
     @unary_errors
     async def ListAdapters(self, request, context):
-        sched = self._sched()
-        refs = dict.fromkeys(self._registry.refs())
-        refs.update(dict.fromkeys(sched.tiers.cache.entries))  # also versions no longer in the store
-        ordered = sorted(refs, key=lambda r: (r.id, r.version))
-        return pb.ListAdaptersResponse(adapters=[self._status(r) for r in ordered])
+        tiers = self._sched().tiers
+        states = {s.adapter: s for s in tiers.adapter_states()}  # also versions no longer in the store
+        for ref in self._registry.refs():
+            if ref not in states:
+                states[ref] = tiers.state(ref)
+        ordered = sorted(states.values(), key=lambda s: (s.adapter.id, s.adapter.version))
+        return pb.ListAdaptersResponse(adapters=[_status_pb(s) for s in ordered])
 
     @unary_errors
     async def WarmAdapter(self, request, context):
@@ -104,16 +98,25 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
     @unary_errors
     async def GetCacheStats(self, request, context):
-        tiers = self._sched().tiers
-        cache = tiers.cache
         sched = self._sched()
+        tiers = sched.tiers
         out = pb.GetCacheStatsResponse(loads_in_flight=tiers.loads.running, peak_loads_in_flight=tiers.loads.peak,
                                        max_context_tokens=self._max_context, kv_slots=sched.kv_slots.total,
                                        kv_slots_in_use=sched.kv_slots.total - sched.kv_slots.free,
                                        kv_pool_bytes=self._kv_pool_bytes)
+        states = tiers.tier_states()
         for tier in (Tier.VRAM, Tier.RAM):
-            st = cache.stats[tier]
-            out.tiers.add(tier=_TIER_PB[tier], hits=st.hits, misses=st.misses, loads=st.loads,
-                          evictions=st.evictions, bytes_used=cache.used(tier), bytes_budget=cache.budgets.of(tier),
-                          adapters=sum(1 for e in cache.entries.values() if e.tier is tier))
+            st = states[tier]
+            out.tiers.add(tier=_TIER_PB[tier], hits=st.stats.hits, misses=st.stats.misses, loads=st.stats.loads,
+                          evictions=st.stats.evictions, bytes_used=st.bytes_used, bytes_budget=st.budget,
+                          adapters=st.adapters)
         return out
+
+
+def _status_pb(state: AdapterState) -> pb.AdapterStatus:
+    ref = state.adapter
+    status = pb.AdapterStatus(id=ref.id, version=ref.version, tier=_TIER_PB[state.tier], in_use=state.in_use,
+                              pinned=state.pinned, size_bytes=state.bytes)
+    if state.idle_s is not None:
+        status.last_used.FromNanoseconds(int((time.time() - state.idle_s) * 1e9))
+    return status

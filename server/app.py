@@ -24,6 +24,7 @@ from server.auth import Authenticator
 from server.interceptors import AccessInterceptor
 from server.config import WARM_AT, ServerConfig
 from server.convert import RequestLimits
+from server.memory import EngineMemory, tensor_bytes
 from server.metrics import Metrics
 from server.service import InferenceServicer
 from server.telemetry import Telemetry, provider_from_env
@@ -60,7 +61,7 @@ class LoraServer:
         self.health = health.aio.HealthServicer()
         # The base model's identity is known once load() has fingerprinted it.
         self.registry = AdapterRegistry(Store(cfg.adapters_dir), BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
-        self.metrics = Metrics(cfg.thrash_limit)
+        self.metrics = Metrics(cfg.thrash_limit, cfg.metrics_adapter_labels, cfg.metrics_client_labels)
         self.access = AccessInterceptor(Authenticator.from_file(cfg.auth_tokens_file), self.metrics,
                                         cfg.max_streams_per_client, cfg.client_id_metadata_key)
         self.telemetry = Telemetry(tracer_provider or provider_from_env(), self.metrics)
@@ -105,7 +106,10 @@ class LoraServer:
             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(cfg.budgets_bytes[0], self.engine.lora_budget_bytes),
             max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s,
             observer=self.telemetry)
-        self.metrics.watch(self.scheduler, self.engine.stack_bytes)
+        # The engine has no accessor for its model (runner/ is being rewritten): its weights are
+        # measured here, once, since they do not change after loading.
+        weights = tensor_bytes(self.engine._model)
+        self.metrics.watch(self.scheduler, EngineMemory(weights, self.engine.kv_bytes, self.engine.stack_bytes))
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, self.metrics_port)

@@ -78,6 +78,10 @@ class ServerConfig:
                                          "sent: set it only behind a proxy that overwrites that key.")
     metrics_host: str = _f("127.0.0.1", "Interface for the Prometheus /metrics endpoint.")
     metrics_port: int = _f(9464, "Port for /metrics; 0 picks a free one, -1 turns it off.")
+    metrics_adapter_labels: int = _f(50, "Adapters with their own metrics label value (the first to be asked "
+                                         "for keep it); the rest are counted as _other.")
+    metrics_client_labels: int = _f(50, "Clients with their own label value on the cost counters; the rest are "
+                                        "counted as _other.")
     thrash_limit: int = _f(10, "Warn when one adapter is read from disk more than this many times in an hour.")
     grace_period_s: float = _f(30.0, "On SIGTERM, how long in-flight requests may take to finish.")
     log_level: str = _f("INFO", "Python logging level.")
@@ -123,6 +127,8 @@ class ServerConfig:
             problems.append("max_message_bytes must be at least 1024")
         if self.max_streams_per_client < 0:
             problems.append("max_streams_per_client must not be negative")
+        if min(self.metrics_adapter_labels, self.metrics_client_labels) < 0:
+            problems.append("metrics_adapter_labels and metrics_client_labels must not be negative")
         key = self.client_id_metadata_key
         if key and (not METADATA_KEY.fullmatch(key) or key.endswith("-bin") or key.startswith("grpc-")
                     or key in RESERVED_KEYS):

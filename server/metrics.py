@@ -1,11 +1,16 @@
-"""Prometheus metrics: request histograms and counters observed as requests finish, cache and
-queue state read from the scheduler at scrape time (so there is one set of books)."""
+"""Prometheus metrics: request histograms and counters observed as requests finish, cache, queue
+and memory state read at scrape time from what holds it (so there is one set of books).
+
+Per-adapter and per-client labels go through BoundedLabels (server/labels.py): at most
+--metrics-adapter-labels adapters and --metrics-client-labels clients get their own value, the
+rest share "_other"; "-" means none (a call refused before its adapter was resolved).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,41 +20,54 @@ from scheduler.cache import Tier
 from scheduler.scheduler import Scheduler
 from scheduler.thrash import ThrashDetector
 from scheduler.types import AdapterRef, Completion, LoadSource
+from server.labels import BoundedLabels
+from server.memory import EngineMemory
 
 log = logging.getLogger(__name__)
 
 _LATENCY = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+NONE = "-"
 
 
 class Metrics:
-    def __init__(self, thrash_limit: int = 10):
+    def __init__(self, thrash_limit: int = 10, adapter_labels: int = 50, client_labels: int = 50):
+        self._adapter_label = BoundedLabels(adapter_labels)
+        self._client_label = BoundedLabels(client_labels)
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)  # process_resident_memory_bytes: the soak's flat-memory check
-        self.load_seconds = Histogram("loraserve_adapter_load_seconds", "Time to make an adapter usable for a "
-                                      "batch, by where it was found", ["source"], buckets=_LATENCY, registry=r)
-        self.queue_seconds = Histogram("loraserve_queue_wait_seconds", "Time from arrival to batch start",
-                                       buckets=_LATENCY, registry=r)
-        self.ttft_seconds = Histogram("loraserve_time_to_first_token_seconds", "Arrival to first generated token",
-                                      buckets=_LATENCY, registry=r)
-        self.generation_seconds = Histogram("loraserve_generation_seconds", "Prefill plus decode time",
-                                            buckets=_LATENCY, registry=r)
-        self.request_seconds = Histogram("loraserve_request_duration_seconds", "Whole request, as the server saw it",
-                                         buckets=_LATENCY, registry=r)
-        self.requests = Counter("loraserve_requests", "Requests by adapter served and status", ["adapter", "status"],
-                                registry=r)
+
+        def histogram(name: str, help_text: str, labels=("adapter",)) -> Histogram:
+            return Histogram(name, help_text, labels, buckets=_LATENCY, registry=r)
+
+        self.load_seconds = histogram("loraserve_adapter_load_seconds", "Time to make an adapter usable for a "
+                                      "batch, by where it was found", ("adapter", "source"))
+        self.queue_seconds = histogram("loraserve_queue_wait_seconds", "Time from arrival to batch start")
+        self.ttft_seconds = histogram("loraserve_time_to_first_token_seconds", "Arrival to first generated token")
+        self.generation_seconds = histogram("loraserve_generation_seconds", "Prefill plus decode time")
+        self.request_seconds = histogram("loraserve_request_duration_seconds", "Whole request, as the server saw it")
+        self.requests = Counter("loraserve_requests", "Requests by adapter served and status (OK or the error's "
+                                "reason)", ["adapter", "status"], registry=r)
+        self.hits = Counter("loraserve_adapter_cache_hits", "Served requests whose adapter was found in the tier",
+                            ["adapter", "tier"], registry=r)
+        self.misses = Counter("loraserve_adapter_cache_misses", "Served requests whose adapter was not in the tier",
+                              ["adapter", "tier"], registry=r)
+        self.tokens = Counter("loraserve_tokens", "Tokens of served requests: prompt (input) and generated "
+                              "(output)", ["client", "adapter", "direction"], registry=r)
+        self.device_seconds = Counter("loraserve_device_seconds", "Served requests' shares of the engine's "
+                                      "steps", ["client", "adapter", "phase"], registry=r)
+        self.load_share_seconds = Counter("loraserve_adapter_load_share_seconds", "Served requests' shares of "
+                                          "the adapter loads made for them", ["client", "adapter"], registry=r)
         self.cold_starts = Counter("loraserve_cold_starts", "Adapter reads from disk", registry=r)
         self.thrash = Counter("loraserve_adapter_thrash_warnings", "Adapters reloaded more than the limit within "
                               "an hour", ["adapter"], registry=r)
         self._thrash = ThrashDetector(thrash_limit)
+        Gauge("loraserve_adapters_thrashing", "Adapters read from disk more than --thrash-limit times in the last "
+              "hour", registry=r).set_function(lambda: self._thrash.over_limit(time.monotonic()))
         self._server = None
 
-    def watch(self, scheduler: Scheduler, stack_bytes: Callable[[], int] | None = None) -> None:
-        self.registry.register(_SchedulerCollector(scheduler))
-        if stack_bytes is not None:
-            Gauge("loraserve_adapter_stack_bytes", "Device bytes of the adapter slot stacks, reserved at start-up "
-                  "(max_loras + 1 slots at max_lora_rank): the VRAM tier counts whole slots of it",
-                  registry=self.registry).set_function(stack_bytes)
+    def watch(self, scheduler: Scheduler, memory: EngineMemory | None = None) -> None:
+        self.registry.register(_SchedulerCollector(scheduler, memory))
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the port (0 picks a free one)."""
@@ -60,54 +78,94 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
 
+    def _adapter(self, adapter_id: str) -> str:
+        return adapter_id if adapter_id == NONE else self._adapter_label(adapter_id)
+
     # -- observations --------------------------------------------------------
-    def request_done(self, adapter_label: str, status: str, seconds: float, c: Completion | None) -> None:
-        self.requests.labels(adapter_label, status).inc()
-        self.request_seconds.observe(seconds)
-        if c is not None:
-            t = c.timings
-            self.queue_seconds.observe(t.queue_ms / 1e3)
-            self.generation_seconds.observe((t.prefill_ms + t.decode_ms) / 1e3)
-            self.ttft_seconds.observe(max(c.timeline.first_token - c.timeline.enqueued, 0.0))
+    def request_done(self, adapter_id: str, status: str, seconds: float, c: Completion | None,
+                     client: str = NONE) -> None:
+        adapter = self._adapter(adapter_id)
+        self.requests.labels(adapter, status).inc()
+        self.request_seconds.labels(adapter).observe(seconds)
+        if c is None:
+            return
+        t, cost = c.timings, c.cost
+        self.queue_seconds.labels(adapter).observe(t.queue_ms / 1e3)
+        self.generation_seconds.labels(adapter).observe((t.prefill_ms + t.decode_ms) / 1e3)
+        self.ttft_seconds.labels(adapter).observe(max(c.timeline.first_token - c.timeline.enqueued, 0.0))
+        if not c.adapter.is_base:  # as the tiers count: the base model is no cache entry
+            vram_hit, ram_hit = c.load_source is LoadSource.VRAM, c.load_source is LoadSource.RAM
+            (self.hits if vram_hit else self.misses).labels(adapter, "vram").inc()
+            if not vram_hit:
+                (self.hits if ram_hit else self.misses).labels(adapter, "ram").inc()
+        who = client if client == NONE else self._client_label(client)
+        self.tokens.labels(who, adapter, "input").inc(c.input_tokens)
+        self.tokens.labels(who, adapter, "output").inc(c.output_tokens)
+        self.device_seconds.labels(who, adapter, "prefill").inc(cost.prefill_device_ms / 1e3)
+        self.device_seconds.labels(who, adapter, "decode").inc(cost.decode_device_ms / 1e3)
+        self.load_share_seconds.labels(who, adapter).inc(cost.adapter_load_ms / 1e3)
 
     def adapter_read(self, adapter: AdapterRef, ms: float) -> None:
         self.cold_starts.inc()
         if self._thrash.record(adapter.id, time.monotonic()):
-            self.thrash.labels(adapter.id).inc()
+            self.thrash.labels(self._adapter(adapter.id)).inc()
             log.warning("adapter %s was loaded from disk more than %d times in an hour: the cache is too small "
                         "for this traffic (raise --ram-budget-mib / --vram-budget-mib, or pin it)",
                         adapter.id, self._thrash.limit)
 
     def adapter_ready(self, adapter: AdapterRef, source: LoadSource, ms: float) -> None:
         if source is not LoadSource.VRAM:
-            self.load_seconds.labels(source.value).observe(ms / 1e3)
+            self.load_seconds.labels(self._adapter(adapter.id), source.value).observe(ms / 1e3)
 
 
 class _SchedulerCollector(Collector):
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, memory: EngineMemory | None):
         self._scheduler = scheduler
+        self._memory = memory
 
     def collect(self) -> Iterator:
-        cache = self._scheduler.tiers.cache
-        tiers = (Tier.RAM, Tier.VRAM)
-        names = {t: t.name.lower() for t in tiers}
+        states = self._scheduler.tiers.tier_states()
         for metric, help_text, field in (("hits", "Requests that found their adapter in the tier", "hits"),
                                          ("misses", "Requests that did not", "misses"),
                                          ("loads", "Adapters brought into the tier", "loads"),
                                          ("evictions", "Adapters pushed out of the tier", "evictions")):
             family = CounterMetricFamily(f"loraserve_cache_{metric}", help_text, labels=["tier"])
-            for t in tiers:
-                family.add_metric([names[t]], getattr(cache.stats[t], field))
+            for t, st in states.items():
+                family.add_metric([t.name.lower()], getattr(st.stats, field))
             yield family
         resident = GaugeMetricFamily("loraserve_resident_adapters", "Adapters held in the tier", labels=["tier"])
         used = GaugeMetricFamily("loraserve_cache_bytes", "Bytes of adapter weights held in the tier",
                                  labels=["tier"])
         budget = GaugeMetricFamily("loraserve_cache_budget_bytes", "The tier's byte budget", labels=["tier"])
-        for t in tiers:
-            resident.add_metric([names[t]], sum(1 for e in cache.entries.values() if e.tier is t))
-            used.add_metric([names[t]], cache.used(t))
-            budget.add_metric([names[t]], cache.budgets.of(t))
+        for t, st in states.items():
+            resident.add_metric([t.name.lower()], st.adapters)
+            used.add_metric([t.name.lower()], st.bytes_used)
+            budget.add_metric([t.name.lower()], st.budget)
         yield from (resident, used, budget)
-        yield GaugeMetricFamily("loraserve_queue_depth", "Requests waiting", value=self._scheduler.queue_depth)
-        yield GaugeMetricFamily("loraserve_running_requests", "Requests in the running batch",
-                                value=self._scheduler.running)
+        sched = self._scheduler
+        yield GaugeMetricFamily("loraserve_queue_depth", "Requests waiting", value=sched.queue_depth)
+        yield GaugeMetricFamily("loraserve_queue_limit", "Most requests waiting (--max-queue)",
+                                value=sched.queue_limit)
+        yield GaugeMetricFamily("loraserve_running_requests", "Requests in the running batch", value=sched.running)
+        slots, in_use = sched.kv_slots.total, sched.kv_slots.total - sched.kv_slots.free
+        yield GaugeMetricFamily("loraserve_kv_slots", "Sequences the KV pool holds at once", value=slots)
+        yield GaugeMetricFamily("loraserve_kv_slots_in_use", "KV pool slots held by running requests", value=in_use)
+        if self._memory is not None:
+            yield from _memory(self._memory, states[Tier.RAM].bytes_used, in_use / slots if slots else 0.0)
+
+
+def _memory(memory: EngineMemory, ram_tier: int, kv_used: float) -> Iterator:
+    device, kv = memory.device, memory.kv_bytes()
+    parts = GaugeMetricFamily("loraserve_memory_bytes", "Memory by device and part: base_weights, kv_pool "
+                              "(reserved whole at start-up), adapter_slots (the slot stacks, likewise) and "
+                              "adapter_ram (the RAM tier's adapters)", labels=["device", "component"])
+    for where, held in memory.weights.items():
+        parts.add_metric([where, "base_weights"], held)
+    parts.add_metric([device, "kv_pool"], kv)
+    parts.add_metric([device, "adapter_slots"], memory.stack_bytes())
+    parts.add_metric(["cpu", "adapter_ram"], ram_tier)
+    yield parts
+    used = GaugeMetricFamily("loraserve_kv_pool_used_bytes", "KV pool bytes in slots held by running requests",
+                             labels=["device"])
+    used.add_metric([device], kv * kv_used)
+    yield used

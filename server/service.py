@@ -33,6 +33,8 @@ class _Call:
     """What one RPC learns as it goes, for its span, metrics and log line."""
 
     client: str | None = None
+    key: str = "-"
+    """Caller.key (the client, a trusted metadata value or the peer's address): whom cost is counted for."""
     adapter: str = "-"
     """The metrics label: the adapter that serves (or would have served) once resolved."""
     req: GenerationRequest | None = None
@@ -55,7 +57,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def _submit(self, request: pb.GenerateRequest, context, call: _Call, span) -> Ticket:
         caller = current_caller()
-        call.client, client = caller.client, caller.key
+        call.client, call.key = caller.client, caller.key
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         check_fields(request, self._limits)
@@ -72,9 +74,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt)
         if found.problem is None:
             req = from_pb(request, found.adapter, prompt_ids, self._limits, fallback_to_base=may_fall_back,
-                          client=client)
+                          client=call.key)
         else:
-            req = replace(from_pb(request, BASE, prompt_ids, self._limits, client=client),
+            req = replace(from_pb(request, BASE, prompt_ids, self._limits, client=call.key),
                           fallback_reason=found.problem.reason,
                           requested=f"{found.adapter.id}@{found.adapter.version}")
         ticket = self._scheduler.submit(req, context.time_remaining())
@@ -106,7 +108,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 self._telemetry.finished(span, call.req, call.completion)
                 c = call.completion
                 label = c.adapter.id if c else call.adapter
-                self._telemetry.metrics.request_done(label, call.status, time.perf_counter() - started, c)
+                self._telemetry.metrics.request_done(label, call.status, time.perf_counter() - started, c, call.key)
                 _log_request(request, call, self._registry.base.model_id, started)
 
     @unary_errors
@@ -151,13 +153,15 @@ def _log_request(request: pb.GenerateRequest, call: _Call, base_model: str, star
     """One structured line per request."""
     c = call.completion
     line = {"request_id": c.request_id if c else (call.req.request_id if call.req else request.request_id),
-            "client": call.client or "anonymous", "adapter_id": request.adapter_id, "base_model": base_model,
-            "status": call.status, "total_ms": round((time.perf_counter() - started) * 1e3, 2)}
+            "client": call.client or "anonymous", "client_key": call.key, "adapter_id": request.adapter_id,
+            "base_model": base_model, "status": call.status, "total_ms": round((time.perf_counter() - started) * 1e3, 2)}
     if c is not None:
-        t = c.timings
+        t, cost = c.timings, c.cost
         line.update(adapter=c.adapter.id, version=c.adapter.version, load_source=c.load_source.value,
                     queue_ms=round(t.queue_ms, 2), load_ms=round(t.load_ms, 2),
-                    generation_ms=round(t.prefill_ms + t.decode_ms, 2), output_tokens=c.output_tokens)
+                    generation_ms=round(t.prefill_ms + t.decode_ms, 2), input_tokens=c.input_tokens,
+                    output_tokens=c.output_tokens, prefill_device_ms=round(cost.prefill_device_ms, 3),
+                    decode_device_ms=round(cost.decode_device_ms, 3), adapter_load_ms=round(cost.adapter_load_ms, 3))
         if c.fallback_reason:
             line.update(fallback_from=c.fallback_from, fallback_reason=c.fallback_reason)
     log.info(json.dumps(line))

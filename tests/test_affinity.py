@@ -20,7 +20,7 @@ def test_ring_hash_keeps_each_adapter_on_one_replica(demo_dir, tmp_path):
                 for i, name in enumerate(names):
                     result = client.generate(name, PROMPT, max_new_tokens=4)
                     assert result.adapter_id == name
-        loaded = [{ref.id for ref in s.server.scheduler.tiers.cache.entries} for s in servers]
+        loaded = [{st.adapter.id for st in s.server.scheduler.tiers.adapter_states()} for s in servers]
         for name in names:
             holders = [i for i, held in enumerate(loaded) if name in held]
             assert len(holders) == 1, f"{name} was loaded on replicas {holders}"

@@ -260,3 +260,29 @@ def test_an_idle_sweep_waiting_for_the_lock_spares_an_adapter_a_request_took_mea
         return a in engine.vram
 
     assert asyncio.run(scenario())
+
+
+def test_the_read_api_copies_out_each_adapter_and_tier():
+    a, b, c = ref("a"), ref("b"), ref("c")
+    engine = RecordingEngine({a: 10, b: 20, c: 30})
+    now = [0.0]
+    tiers = AdapterTiers(engine, Budgets(ram=100, vram=100), waiting=lambda: frozenset({b}), clock=lambda: now[0])
+
+    async def scenario():
+        await tiers.to_vram(a)
+        await tiers.to_ram(b)
+        await tiers.pin(c)
+
+    asyncio.run(scenario())
+    tiers.record_use(a, Tier.DISK)
+    now[0] = 5.0
+    states = {s.adapter.id: s for s in tiers.adapter_states()}
+    assert (states["a"].tier, states["a"].bytes, states["a"].idle_s, states["a"].in_use) == (Tier.VRAM, 10, 5.0, False)
+    assert (states["b"].tier, states["b"].bytes, states["b"].idle_s, states["b"].in_use) == (Tier.RAM, 20, None, True)
+    assert states["c"].pinned and tiers.state(c) == states["c"]
+    assert tiers.state(ref("never")).tier is Tier.DISK and tiers.state(ref("never")).bytes == 0
+    vram, ram = tiers.tier_states()[Tier.VRAM], tiers.tier_states()[Tier.RAM]
+    assert (vram.adapters, vram.bytes_used, vram.budget, vram.stats.misses) == (2, 40, 100, 1)
+    assert (ram.adapters, ram.bytes_used, ram.stats.misses) == (1, 20, 1)
+    vram.stats.hits += 99  # a copy: the books are untouched
+    assert tiers.tier_states()[Tier.VRAM].stats.hits == 0

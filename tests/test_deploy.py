@@ -46,3 +46,25 @@ def test_compose_wires_loraserve_to_jaeger_with_the_store_as_volumes():
     mounts = {re.search(r":(/[^:]+)(?::ro|:rw)?$", v).group(1) for v in app["volumes"]}
     assert {env["LORASERVE_MODEL_PATH"], env["LORASERVE_ADAPTERS_DIR"]} <= mounts
     assert any(p.split(":")[-1] == "50051" for p in app["ports"])
+
+
+def test_compose_wires_prometheus_alertmanager_and_grafana_to_the_shipped_files():
+    services = COMPOSE["services"]
+    deploy = REPO / "deploy"
+    for name in ("prometheus", "alertmanager", "grafana"):
+        for volume in services[name]["volumes"]:
+            assert (deploy / volume.split(":")[0]).exists(), volume
+    prometheus = yaml.safe_load((deploy / "prometheus" / "prometheus.yml").read_text())
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    assert all((deploy / "prometheus" / f).exists() for f in prometheus["rule_files"])
+    targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert targets == ["loraserve:9464"] and "9464:9464" in services["loraserve"]["ports"]
+    assert services["loraserve"]["environment"]["LORASERVE_METRICS_HOST"] == "0.0.0.0"
+    managers = prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert managers == ["alertmanager:9093"] and "9093:9093" in services["alertmanager"]["ports"]
+    source = yaml.safe_load((deploy / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090" and source["datasources"][0]["isDefault"]
+    provider = yaml.safe_load((deploy / "grafana" / "provisioning" / "dashboards" / "loraserve.yml").read_text())
+    dashboards = provider["providers"][0]["options"]["path"]
+    assert f"./grafana/loraserve.json:{dashboards}/loraserve.json:ro" in services["grafana"]["volumes"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from concurrent import futures
 
@@ -12,11 +13,15 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import generate_latest
 
 from conftest import PROMPT, ServerThread, adapter_mib, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from scheduler.thrash import ThrashDetector
+from scheduler.types import AdapterRef, Completion, FinishReason, LoadSource
+from server.labels import OTHER, BoundedLabels
+from server.metrics import Metrics
 from server.telemetry import provider_from_env
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -97,30 +102,77 @@ def scrape(srv) -> dict[str, float]:
             for line in body.splitlines() if line and not line.startswith("#")}
 
 
+def total(sample: dict[str, float], name: str, **labels) -> float:
+    """Sum of `name`'s series whose labels include `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in sample.items()
+               if k.split("{")[0] == name and all(w in k.partition("{")[2].rstrip("}").split(",") for w in want))
+
+
 def test_metrics_endpoint_counters_move(traced):
     srv, _, stub = traced
     before = scrape(srv)
-    ask(stub, "legal")
-    ask(stub, "legal")
+    answers = [ask(stub, "legal"), ask(stub, "legal")]
     with pytest.raises(grpc.RpcError):
         ask(stub, "ghost")
     after = scrape(srv)
 
-    def delta(name):
-        return after.get(name, 0.0) - before.get(name, 0.0)
+    def delta(name, **labels):
+        return total(after, name, **labels) - total(before, name, **labels)
 
-    assert delta('loraserve_requests_total{adapter="legal",status="OK"}') == 2
-    assert delta('loraserve_requests_total{adapter="-",status="ADAPTER_NOT_FOUND"}') == 1
+    assert delta("loraserve_requests_total", adapter="legal", status="OK") == 2
+    assert delta("loraserve_requests_total", adapter="-", status="ADAPTER_NOT_FOUND") == 1
     assert delta("loraserve_request_duration_seconds_count") == 3
-    assert delta("loraserve_queue_wait_seconds_count") == 2
-    assert delta("loraserve_time_to_first_token_seconds_count") == 2
-    assert delta('loraserve_cache_hits_total{tier="vram"}') + delta('loraserve_cache_misses_total{tier="vram"}') == 2
+    assert delta("loraserve_request_duration_seconds_count", adapter="-") == 1
+    for histogram in ("queue_wait", "time_to_first_token", "generation", "request_duration"):
+        assert delta(f"loraserve_{histogram}_seconds_count", adapter="legal") == 2, histogram
+    assert delta("loraserve_cache_hits_total", tier="vram") + delta("loraserve_cache_misses_total", tier="vram") == 2
+    assert (delta("loraserve_adapter_cache_hits_total", adapter="legal", tier="vram")
+            + delta("loraserve_adapter_cache_misses_total", adapter="legal", tier="vram")) == 2
+    # Cost, by client and adapter: exactly what the responses' usage says.
+    client = {"client": "ipv4:127.0.0.1", "adapter": "legal"}
+    assert delta("loraserve_tokens_total", direction="input", **client) == sum(a.usage.input_tokens for a in answers)
+    assert delta("loraserve_tokens_total", direction="output", **client) == 12
+    for phase in ("prefill", "decode"):
+        used = [getattr(a.usage, f"{phase}_device_ms") for a in answers]
+        assert all(u > 0 for u in used)
+        assert delta("loraserve_device_seconds_total", phase=phase, **client) == pytest.approx(sum(used) / 1e3)
+    assert delta("loraserve_adapter_load_share_seconds_total", **client) == pytest.approx(
+        sum(a.usage.adapter_load_ms for a in answers) / 1e3)
     for gauge in ("loraserve_queue_depth", "loraserve_running_requests", 'loraserve_cache_bytes{tier="vram"}',
-                  'loraserve_cache_budget_bytes{tier="ram"}', 'loraserve_resident_adapters{tier="vram"}'):
+                  'loraserve_cache_budget_bytes{tier="ram"}', 'loraserve_resident_adapters{tier="vram"}',
+                  "loraserve_queue_limit", "loraserve_kv_slots", "loraserve_kv_slots_in_use",
+                  "loraserve_adapters_thrashing"):
         assert gauge in after
     assert after['loraserve_cache_bytes{tier="vram"}'] <= after['loraserve_cache_budget_bytes{tier="vram"}']
+
+
+def test_memory_breakdown_by_device_and_part(traced):
+    srv, _, _ = traced
+    sample = scrape(srv)
+    memory = [k for k in sample if k.startswith("loraserve_memory_bytes{")]
+    parts = {c: total(sample, "loraserve_memory_bytes", device="cpu", component=c)
+             for c in ("base_weights", "kv_pool", "adapter_slots", "adapter_ram")}
+    assert len(memory) == len(parts)
+    engine = srv.server.engine
+    assert parts["base_weights"] == sum(p.numel() * p.element_size() for p in engine._model.parameters()) + sum(
+        b.numel() * b.element_size() for b in engine._model.buffers())
+    assert parts["kv_pool"] == engine.kv_bytes() > 0
     # The real footprint of the attached adapters is at least what the tier counts.
-    assert after["loraserve_adapter_stack_bytes"] >= after['loraserve_cache_bytes{tier="vram"}'] > 0
+    assert parts["adapter_slots"] == engine.stack_bytes() >= sample['loraserve_cache_bytes{tier="vram"}'] > 0
+    assert parts["adapter_ram"] == sample['loraserve_cache_bytes{tier="ram"}']
+    assert sample['loraserve_kv_pool_used_bytes{device="cpu"}'] == (
+        parts["kv_pool"] * sample["loraserve_kv_slots_in_use"] / sample["loraserve_kv_slots"])
+
+
+def test_each_response_carries_its_usage_streamed_or_not(traced):
+    _, _, stub = traced
+    unary = ask(stub, "medical", request_id="usage")
+    last = list(stub.GenerateStream(pb.GenerateRequest(adapter_id="medical", prompt=PROMPT, max_new_tokens=6),
+                                    timeout=60))[-1]
+    for usage in (unary.usage, last.usage):
+        assert usage.input_tokens > 0 and usage.output_tokens == 6
+        assert usage.prefill_device_ms > 0 and usage.decode_device_ms > 0
 
 
 def test_reloading_one_adapter_again_and_again_raises_a_thrash_warning(traced):
@@ -132,12 +184,35 @@ def test_reloading_one_adapter_again_and_again_raises_a_thrash_warning(traced):
     after = scrape(srv)
     assert after["loraserve_cold_starts_total"] - before.get("loraserve_cold_starts_total", 0) >= 3
     assert after.get('loraserve_adapter_thrash_warnings_total{adapter="legal"}', 0) >= 1
-    assert after['loraserve_adapter_load_seconds_count{source="disk"}'] >= 3
+    assert after["loraserve_adapters_thrashing"] >= 1
+    assert total(after, "loraserve_adapter_load_seconds_count", source="disk") >= 3
+    assert total(after, "loraserve_adapter_load_seconds_count", adapter="medical", source="disk") >= 1
+
+
+def test_ten_thousand_adapters_and_clients_make_at_most_n_plus_one_label_values():
+    labels = BoundedLabels(5)
+    assert len({labels(f"adapter-{i}") for i in range(10_000)}) == 6
+    assert labels("adapter-3") == "adapter-3" and labels("adapter-5") == OTHER  # given for life, never moved
+    metrics = Metrics(thrash_limit=1, adapter_labels=5, client_labels=3)
+    for i in range(10_000):
+        adapter = AdapterRef(f"a{i}", "1", "/store")
+        metrics.adapter_read(adapter, 1.0)
+        metrics.adapter_read(adapter, 1.0)  # a thrash warning, labelled too
+        metrics.adapter_ready(adapter, LoadSource.DISK, 1.0)
+        metrics.request_done(adapter.id, "OK", 0.01, Completion(f"r{i}", "x", FinishReason.LENGTH, 3, 1, adapter,
+                                                               LoadSource.DISK), client=f"ipv4:10.0.{i % 250}.1")
+    exposition = generate_latest(metrics.registry).decode()
+    assert len(set(re.findall(r'adapter="([^"]*)"', exposition))) == 6
+    assert len(set(re.findall(r'client="([^"]*)"', exposition))) == 4
+    assert 'loraserve_adapter_thrash_warnings_total{adapter="_other"} 9995.0' in exposition
 
 
 def test_thrash_detector_counts_within_the_window():
     d = ThrashDetector(limit=2, window_s=10)
     assert [d.record("a", t) for t in (0, 1, 2, 20, 21)] == [False, False, True, False, False]
+    for t in (22, 23, 24):
+        d.record("b", t)
+    assert d.over_limit(24) == 1 and d.over_limit(40) == 0
 
 
 class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):

@@ -176,6 +176,9 @@ def test_each_request_logs_one_structured_line(registry_server, caplog):
     ok = lines["log-me"]
     assert (ok["client"], ok["adapter"], ok["version"], ok["status"]) == ("acme", "legal", "1", "OK")
     assert {"base_model", "load_source", "load_ms", "queue_ms", "generation_ms"} <= ok.keys()
+    # Its cost: the client it is counted for, tokens, and its shares of engine steps and of the load.
+    assert ok["client_key"] == "acme" and ok["input_tokens"] > 0 and ok["output_tokens"] > 0
+    assert ok["prefill_device_ms"] > 0 and ok["decode_device_ms"] > 0 and ok["adapter_load_ms"] >= 0
     assert (lines["denied"]["client"], lines["denied"]["status"]) == ("other", "PERMISSION_DENIED")
 
 

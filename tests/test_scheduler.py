@@ -415,3 +415,51 @@ def test_request_too_large_even_alone_fails_alone_and_a_decode_out_of_memory_is_
 
     results, splits = run(engine, scenario)
     assert [r.text for r in results] == ["abc", "xyz"] and splits == 1
+
+
+class MeteredEngine(ScriptedEngine):
+    """Steps take time on the scheduler's clock: a prefill 1 ms per prompt token it reads, a decode 3 ms."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def prefill(self, rows):
+        self.now += sum(len(r.prompt_ids) for r in rows) / 1e3
+        return await super().prefill(rows)
+
+    async def decode(self, rows):
+        self.now += 3 / 1e3
+        return await super().decode(rows)
+
+
+def test_each_step_is_shared_among_its_rows_prefill_by_prompt_tokens_decode_equally():
+    engine = MeteredEngine()
+
+    async def scenario(s):
+        together = [s.submit(req(f"r{n}", BASE, max_new=3, prompt=(7,) * n)) for n in (2, 4, 6)]
+        done = [await t.result() for t in together]
+        return done + [await s.submit(req("alone", BASE, max_new=3, prompt=(7, 7))).result()]
+
+    *together, alone = run(engine, scenario, clock=engine.clock)
+    # One 12-token prefill (12 ms) and two decode steps of three rows (3 ms each).
+    assert [c.cost.prefill_device_ms for c in together] == pytest.approx([2, 4, 6])
+    assert [c.cost.decode_device_ms for c in together] == pytest.approx([2, 2, 2])
+    assert (alone.cost.prefill_device_ms, alone.cost.decode_device_ms) == pytest.approx((2, 6))
+    shares = sum(c.cost.prefill_device_ms + c.cost.decode_device_ms for c in (*together, alone))
+    assert shares == pytest.approx(engine.now * 1e3)  # every step's time, charged once
+
+
+def test_an_adapter_load_is_shared_by_the_requests_it_was_made_for():
+    engine = ScriptedEngine(fetch_s=0.01)
+
+    async def scenario(s):
+        tickets = [s.submit(req(f"r{i}", ref("ab"))) for i in range(2)]
+        return [await t.result() for t in tickets]
+
+    results = run(engine, scenario)
+    assert all(r.load_source is LoadSource.DISK and r.timings.load_ms >= 10 for r in results)
+    assert [r.cost.adapter_load_ms for r in results] == [r.timings.load_ms / 2 for r in results]
