@@ -166,7 +166,8 @@ class Scheduler:
         self.tiers = AdapterTiers(engine, budgets, max_loads=max_loads, running=self._running_adapters,
                                   waiting=self._waiting_adapters, clock=clock, origin=origin)
         self._fetching: set[AdapterRef] = set()
-        self._cold: dict[AdapterRef, tuple[float, float, Fetch | None]] = {}  # read for waiting requests: (start, ms, fetch)
+        # Read (or fetched, then read) for waiting requests: (start, ms, the remote fetch if any).
+        self._cold: dict[AdapterRef, tuple[float, float, Fetch | None]] = {}
         self._deferred: set[AdapterRef] = set()  # no room yet; retried once rows have left
         self._epoch: list | None = None  # current decode stretch: [start, steps, seq ids, seqs]
         self._failed: dict[AdapterRef, tuple[float, LoraServeError]] = {}

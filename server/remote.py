@@ -101,6 +101,9 @@ class RemoteOrigin:
             self._failed(exc)
             log.warning("fetching adapter %s@%s from %s failed: %s", name, version, self.store.url, exc)
             raise OriginFetchFailed(adapter.id, self.store.url, str(exc), exc.code) from exc
+        except Exception as exc:  # the disk cache's own I/O: still only this adapter's requests fail
+            log.exception("fetching adapter %s@%s into the disk cache failed", name, version)
+            raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
         if fetched.downloaded:
             self.metrics.fetches.labels("downloaded").inc()
             self.metrics.fetch_bytes.inc(fetched.bytes)
