@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from registry.origin import is_remote, open_store
 from registry.passport import STATUSES, Evaluation, Passport
 from registry.store import Store, StoreError
 
@@ -126,8 +127,11 @@ def _reindex(args, store: Store) -> int:
 
 def add_adapters_parser(sub) -> None:
     p = sub.add_parser("adapters", help="the adapter registry (store of versioned adapters)")
-    p.add_argument("--store", type=Path, default=Path(os.environ.get("LORASERVE_ADAPTERS_DIR", "var/demo/adapters")),
-                   help="store directory [env LORASERVE_ADAPTERS_DIR; var/demo/adapters]")
+    p.add_argument("--store", default=os.environ.get("LORASERVE_ADAPTERS_DIR", "var/demo/adapters"),
+                   help="store directory, or s3://BUCKET/PREFIX [env LORASERVE_ADAPTERS_DIR; var/demo/adapters]")
+    p.add_argument("--s3-endpoint-url", default=os.environ.get("LORASERVE_S3_ENDPOINT_URL") or None,
+                   help="S3-compatible endpoint for an s3:// store (credentials: the standard AWS variables "
+                        "and files) [env LORASERVE_S3_ENDPOINT_URL; AWS's]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     cmds = p.add_subparsers(dest="adapters_command", required=True)
 
@@ -187,9 +191,17 @@ def add_adapters_parser(sub) -> None:
     p.set_defaults(func=run_adapters)
 
 
+def _open(args: argparse.Namespace):
+    """A local store is recovered on opening (a crashed writer's leftovers); a bucket's index is
+    only ever moved by conditional writes, so nothing needs finishing (`reindex` reconciles it)."""
+    if is_remote(args.store):
+        return open_store(args.store, endpoint_url=args.s3_endpoint_url)
+    return Store.open(Path(args.store))
+
+
 def run_adapters(args: argparse.Namespace) -> int:
     try:
-        return args.run(args, Store.open(args.store))
+        return args.run(args, _open(args))
     except (StoreError, ValueError, OSError) as exc:
         print(f"loraserve adapters: {exc}", file=sys.stderr)
         return 1

@@ -148,8 +148,38 @@ def _adapter_config(version_dir: Path) -> dict:
     return config
 
 
-def _index_text(passports) -> str:
-    return json.dumps({"generated": now_iso(), "adapters": [p.to_dict() for p in passports]}, indent=1) + "\n"
+def reconcile(indexed: dict[str, dict] | None, found: list[Passport]) -> tuple[list[Passport], list[Passport]]:
+    """Recovery's decisions, whatever holds the store: the passports found take their lifecycle
+    from the index (`indexed`: key -> entry, None when there is none), versions missing from it
+    are adopted, entries without a passport dropped, at most one version per name stays active.
+    Returns (every version, the passports to rewrite)."""
+    passports, stale = [], []
+    for p in found:
+        entry = (indexed or {}).get(p.key)
+        if entry is None:
+            if indexed is not None:
+                log.warning("adopting %s (status %s): its directory is complete but the index lacked it",
+                            p.key, p.status)
+        elif any(getattr(p, f) != entry.get(f) for f in LIFECYCLE):
+            log.warning("%s: passport says %s, registry.json says %s; the index decides",
+                        p.key, p.status, entry.get("status"))
+            p = replace(p, **{f: entry.get(f, "") for f in LIFECYCLE})
+            stale.append(p)
+        passports.append(p)
+    for key in sorted(set(indexed or {}) - {p.key for p in passports}):
+        log.warning("dropping %s from registry.json: its directory or passport is gone", key)
+    out = []
+    for p in passports:
+        rivals = [q for q in passports if q.name == p.name and q.status == "active"]
+        if p.status == "active" and len(rivals) > 1:
+            keep = max(rivals, key=lambda q: (q.promoted_at, int(q.version)))
+            if p is not keep:
+                log.warning("%s and %s are both active; keeping the later promoted %s, archiving %s",
+                            p.key, keep.key, keep.key, p.key)
+                p = replace(p, status="archived")
+                stale.append(p)
+        out.append(p)
+    return out, stale
 
 
 class Store:
@@ -264,37 +294,9 @@ class Store:
         except (ValueError, KeyError, TypeError, StoreError) as exc:
             log.warning("registry.json is unreadable (%s); rebuilding it from the passports", exc)
             indexed = None
-        passports, stale = [], []
-        for p, vdir in self._on_disk(clean=True):
-            entry = (indexed or {}).get(p.key)
-            if entry is None:
-                if indexed is not None:
-                    log.warning("adopting %s (status %s): its directory is complete but the index lacked it",
-                                p.key, p.status)
-            elif any(getattr(p, f) != entry.get(f) for f in LIFECYCLE):
-                log.warning("%s: passport says %s, registry.json says %s; the index decides",
-                            p.key, p.status, entry.get("status"))
-                p = replace(p, **{f: entry.get(f, "") for f in LIFECYCLE})
-                stale.append((p, vdir))
-            passports.append(p)
-        for key in sorted(set(indexed or {}) - {p.key for p in passports}):
-            log.warning("dropping %s from registry.json: its directory or passport is gone", key)
-        passports = self._one_active_per_name(passports, stale)
-        return self._commit(passports, stale, force=indexed is None)
-
-    def _one_active_per_name(self, passports: list[Passport], stale: list) -> list[Passport]:
-        out = []
-        for p in passports:
-            rivals = [q for q in passports if q.name == p.name and q.status == "active"]
-            if p.status == "active" and len(rivals) > 1:
-                keep = max(rivals, key=lambda q: (q.promoted_at, int(q.version)))
-                if p is not keep:
-                    log.warning("%s and %s are both active; keeping the later promoted %s, archiving %s",
-                                p.key, keep.key, keep.key, p.key)
-                    p = replace(p, status="archived")
-                    stale.append((p, self.version_dir(p.name, p.version)))
-            out.append(p)
-        return out
+        passports, stale = reconcile(indexed, [p for p, _ in self._on_disk(clean=True)])
+        return self._commit(passports, [(p, self.version_dir(p.name, p.version)) for p in stale],
+                            force=indexed is None)
 
     def _commit(self, passports: list[Passport], mirror: list[tuple[Passport, Path]],
                 force: bool = True) -> Snapshot:
@@ -307,7 +309,7 @@ class Store:
             except (OSError, ValueError, KeyError):
                 pass
         if force or old != [p.to_dict() for p in passports]:
-            write_atomic(self.root / INDEX, _index_text(passports))
+            write_atomic(self.root / INDEX, index_text(passports))
         for p, vdir in mirror:
             p.write(vdir)
         return Snapshot(tuple(passports))
@@ -324,9 +326,7 @@ class Store:
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def _transition(self, snap: Snapshot, changed: list[Passport]) -> Snapshot:
-        keys = {p.key for p in changed}
-        passports = [p for p in snap.passports if p.key not in keys] + changed
-        return self._commit(passports, [(p, self.version_dir(p.name, p.version)) for p in changed])
+        return self._commit(with_changes(snap, changed), [(p, self.version_dir(p.name, p.version)) for p in changed])
 
     # -- lifecycle -------------------------------------------------------------
     def register(self, source: Path, name: str, base: BaseIdentity,
@@ -335,37 +335,11 @@ class Store:
         """Copy a PEFT adapter directory in as the next version of `name`, read its facts from the
         tensors, hash it, smoke-test it (unless `smoke_test` is None) and write its passport:
         `staging` if every check passed, else `failed` with the reason in `failure`."""
-        source = Path(source)
-        if not NAME.fullmatch(name):
-            raise StoreError(f"name {name!r} must be letters, digits, '-' or '_'")
-        if not (source / CONFIG).is_file():
-            raise StoreError(f"{source} has no {CONFIG}: not a PEFT adapter directory")
-        if not (source / WEIGHTS).is_file():
-            if (source / PICKLE_WEIGHTS).is_file():
-                raise StoreError(f"{source} has only pickle weights ({PICKLE_WEIGHTS}), which can run code when "
-                                 "loaded; convert them to safetensors first")
-            raise StoreError(f"{source} has no {WEIGHTS}")
-        draft = Passport(name=name, version="0", base_model=base.model_id, base_model_revision=base.revision,
-                         weights_sha256="", created=now_iso(), evaluation=evaluation or Evaluation(), **fields)
-        self._check_lineage(self.snapshot(), draft)  # early, so a doomed registration costs nothing
+        draft = new_draft(Path(source), name, base, evaluation, fields)
+        check_lineage(self.snapshot(), draft)  # early, so a doomed registration costs nothing
         self.root.mkdir(parents=True, exist_ok=True)
         with self._staged() as stage:
-            for f in (CONFIG, WEIGHTS):
-                shutil.copyfile(source / f, stage / f)
-                fsync_file(stage / f)
-            draft.weights_sha256 = sha256_file(stage / WEIGHTS)
-            try:
-                facts = weight_facts(stage / WEIGHTS)
-                draft.rank, draft.ranks, draft.dtype = facts.rank, facts.leaf_ranks(), facts.dtype
-                draft.target_modules = facts.target_modules
-                check_against_config(facts, _adapter_config(stage))
-            except WeightsError as exc:
-                draft.failure = str(exc)
-            if not draft.failure and smoke_test is not None:
-                draft.smoke_test = smoke_test(stage)
-                if not draft.smoke_test.passed:
-                    draft.failure = f"smoke test failed: {draft.smoke_test.error}"
-            draft.status = "failed" if draft.failure else "staging"
+            prepare(Path(source), stage, draft, smoke_test)
             return self._add(stage, draft)
 
     @contextmanager
@@ -382,7 +356,7 @@ class Store:
 
     def _add(self, stage: Path, draft: Passport) -> Passport:
         with self._writing() as snap:
-            self._check_lineage(snap, draft)
+            check_lineage(snap, draft)
             name_dir = self.root / draft.name
             on_disk = [int(d.name) for d in name_dir.iterdir() if d.name.isdigit()] if name_dir.is_dir() else []
             draft.version = str(max([*on_disk, *(int(p.version) for p in snap.versions(draft.name))], default=0) + 1)
@@ -397,56 +371,25 @@ class Store:
             self._commit([*snap.passports, draft], [])
         return draft
 
-    @staticmethod
-    def _check_lineage(snap: Snapshot, draft: Passport) -> None:
-        snap.check_namespace(draft)
-        prev = draft.evaluation.previous_version
-        if prev and snap.get(*prev.split("@")) is None:
-            raise StoreError(f"previous_version {prev} is not in the store")
+    def _change(self, plan: Callable[[Snapshot], tuple]) -> tuple:
+        """Under the lock: `plan` decides from the current state (result, changed passports)."""
+        with self._writing() as snap:
+            result, changed = plan(snap)
+            if changed:
+                self._transition(snap, changed)
+            return result
 
     def promote(self, name: str, version: str) -> Passport:
-        with self._writing() as snap:
-            target = snap.get(name, version)
-            if target is None:
-                raise StoreError(f"{name}@{version} is not in the store")
-            if target.status == "active":
-                return target
-            if target.status == "failed" or not (target.smoke_test and target.smoke_test.passed):
-                why = target.failure or "it has not passed a smoke test"
-                raise StoreError(f"{name}@{version} cannot be promoted: {why}")
-            snap.check_namespace(target)
-            changed = [replace(target, status="active", promoted_at=now_iso())]
-            current = snap.active(name)
-            if current is not None:
-                changed.append(replace(current, status="archived"))
-            self._transition(snap, changed)
-            return changed[0]
+        return self._change(lambda snap: plan_promote(snap, name, version))
 
     def rollback(self, name: str) -> Passport:
         """Re-activate the version that was active before the current one; the current one
         goes back to staging."""
-        with self._writing() as snap:
-            current = snap.active(name)
-            if current is None:
-                raise StoreError(f"{name} has no active version to roll back from")
-            previous = [p for p in snap.versions(name) if p.status == "archived" and p.promoted_at]
-            if not previous:
-                raise StoreError(f"{name} has no earlier promoted version to roll back to")
-            before = max(previous, key=lambda p: p.promoted_at)
-            snap.check_namespace(before)
-            changed = [replace(before, status="active"), replace(current, status="staging", promoted_at="")]
-            self._transition(snap, changed)
-            return changed[0]
+        return self._change(lambda snap: plan_rollback(snap, name))
 
     def archive(self, name: str) -> list[Passport]:
         """Take every version of `name` out of service (the files stay)."""
-        with self._writing() as snap:
-            versions = snap.versions(name)
-            if not versions:
-                raise StoreError(f"{name} is not in the store")
-            changed = {p.key: replace(p, status="archived") for p in versions if p.status != "archived"}
-            self._transition(snap, list(changed.values()))
-            return [changed.get(p.key, p) for p in versions]
+        return self._change(lambda snap: plan_archive(snap, name))
 
     def stale(self, days: int, today: dt.datetime | None = None) -> list[Passport]:
         """Versions not active and trained more than `days` ago (by evaluation.trained_at, else
@@ -454,3 +397,95 @@ class Store:
         today = today or dt.datetime.now(dt.timezone.utc)
         cutoff = today - dt.timedelta(days=days)
         return [p for p in self.snapshot().passports if p.status != "active" and p.trained < cutoff]
+
+
+# -- lifecycle decisions: pure functions of a snapshot, shared by every kind of store ---------
+def new_draft(source: Path, name: str, base: BaseIdentity, evaluation: Evaluation | None, fields: dict) -> Passport:
+    """The passport a registration starts from, once `source` looks like a safetensors PEFT adapter."""
+    if not NAME.fullmatch(name):
+        raise StoreError(f"name {name!r} must be letters, digits, '-' or '_'")
+    if not (source / CONFIG).is_file():
+        raise StoreError(f"{source} has no {CONFIG}: not a PEFT adapter directory")
+    if not (source / WEIGHTS).is_file():
+        if (source / PICKLE_WEIGHTS).is_file():
+            raise StoreError(f"{source} has only pickle weights ({PICKLE_WEIGHTS}), which can run code when "
+                             "loaded; convert them to safetensors first")
+        raise StoreError(f"{source} has no {WEIGHTS}")
+    return Passport(name=name, version="0", base_model=base.model_id, base_model_revision=base.revision,
+                    weights_sha256="", created=now_iso(), evaluation=evaluation or Evaluation(), **fields)
+
+
+def prepare(source: Path, stage: Path, draft: Passport, smoke_test: Callable[[Path], SmokeTest] | None) -> None:
+    """Copy the adapter into the private directory `stage`, hash it, read its facts from the
+    tensors and smoke-test it; `draft` records the outcome (status staging, or failed and why)."""
+    for f in (CONFIG, WEIGHTS):
+        shutil.copyfile(source / f, stage / f)
+        fsync_file(stage / f)
+    draft.weights_sha256 = sha256_file(stage / WEIGHTS)
+    try:
+        facts = weight_facts(stage / WEIGHTS)
+        draft.rank, draft.ranks, draft.dtype = facts.rank, facts.leaf_ranks(), facts.dtype
+        draft.target_modules = facts.target_modules
+        check_against_config(facts, _adapter_config(stage))
+    except WeightsError as exc:
+        draft.failure = str(exc)
+    if not draft.failure and smoke_test is not None:
+        draft.smoke_test = smoke_test(stage)
+        if not draft.smoke_test.passed:
+            draft.failure = f"smoke test failed: {draft.smoke_test.error}"
+    draft.status = "failed" if draft.failure else "staging"
+
+
+def check_lineage(snap: Snapshot, draft: Passport) -> None:
+    snap.check_namespace(draft)
+    prev = draft.evaluation.previous_version
+    if prev and snap.get(*prev.split("@")) is None:
+        raise StoreError(f"previous_version {prev} is not in the store")
+
+
+def plan_promote(snap: Snapshot, name: str, version: str) -> tuple[Passport, list[Passport]]:
+    target = snap.get(name, version)
+    if target is None:
+        raise StoreError(f"{name}@{version} is not in the store")
+    if target.status == "active":
+        return target, []
+    if target.status == "failed" or not (target.smoke_test and target.smoke_test.passed):
+        why = target.failure or "it has not passed a smoke test"
+        raise StoreError(f"{name}@{version} cannot be promoted: {why}")
+    snap.check_namespace(target)
+    changed = [replace(target, status="active", promoted_at=now_iso())]
+    current = snap.active(name)
+    if current is not None:
+        changed.append(replace(current, status="archived"))
+    return changed[0], changed
+
+
+def plan_rollback(snap: Snapshot, name: str) -> tuple[Passport, list[Passport]]:
+    current = snap.active(name)
+    if current is None:
+        raise StoreError(f"{name} has no active version to roll back from")
+    previous = [p for p in snap.versions(name) if p.status == "archived" and p.promoted_at]
+    if not previous:
+        raise StoreError(f"{name} has no earlier promoted version to roll back to")
+    before = max(previous, key=lambda p: p.promoted_at)
+    snap.check_namespace(before)
+    changed = [replace(before, status="active"), replace(current, status="staging", promoted_at="")]
+    return changed[0], changed
+
+
+def plan_archive(snap: Snapshot, name: str) -> tuple[list[Passport], list[Passport]]:
+    versions = snap.versions(name)
+    if not versions:
+        raise StoreError(f"{name} is not in the store")
+    changed = {p.key: replace(p, status="archived") for p in versions if p.status != "archived"}
+    return [changed.get(p.key, p) for p in versions], list(changed.values())
+
+
+def with_changes(snap: Snapshot, changed: list[Passport]) -> list[Passport]:
+    """Every version, `changed` replacing the versions they name, in index order."""
+    keys = {p.key for p in changed}
+    return sorted([p for p in snap.passports if p.key not in keys] + changed, key=lambda p: (p.name, int(p.version)))
+
+
+def index_text(passports) -> str:
+    return json.dumps({"generated": now_iso(), "adapters": [p.to_dict() for p in passports]}, indent=1) + "\n"

@@ -227,6 +227,14 @@ class TorchEngine:
     def kv_bytes(self) -> int:
         return self._pool.nbytes
 
+    def weights_bytes(self) -> dict[str, int]:
+        """The base model's parameters and buffers by device ("cpu", "cuda:0"), quantized ones as
+        packed (the LoRA slot stacks are not among them: stack_bytes)."""
+        held: dict[str, int] = {}
+        for t in (*self._model.parameters(), *self._model.buffers()):
+            held[str(t.device)] = held.get(str(t.device), 0) + t.nbytes
+        return held
+
     @property
     def decode_mode(self) -> str:
         """How decode steps run: "cuda graphs", "static buffers" (the graphs' step, uncaptured) or "eager"."""

@@ -38,6 +38,15 @@ class AdapterLoadFailed(LoraServeError):
         self.adapter_id, self.cause = adapter_id, cause
 
 
+class OriginFetchFailed(AdapterLoadFailed):
+    """The adapter's files could not be fetched from the remote origin (after retries); the
+    origin's own error is in the metadata."""
+
+    def __init__(self, adapter_id: str, origin: str, origin_error: str, origin_code: str):
+        super().__init__(adapter_id, f"fetching it from {origin} failed: {origin_error}")
+        self.metadata.update(origin=origin, origin_error=origin_error, origin_code=origin_code)
+
+
 class AdapterIncompatible(LoraServeError):
     """The adapter does not fit the served base model (or its files are not what was registered)."""
 

@@ -27,7 +27,7 @@ from scheduler.kvslots import KVSlots
 from scheduler.observer import NullObserver, Observer
 from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
-from scheduler.tiers import AdapterTiers
+from scheduler.tiers import AdapterTiers, Fetch, Origin
 from scheduler.types import (BASE, AdapterRef, Completion, Cost, FinishReason, GenerationRequest, LoadSource,
                              TextDelta, Timeline, Timings)
 
@@ -163,7 +163,7 @@ class Scheduler:
     def __init__(self, engine: Engine, limits: BatchLimits = BatchLimits(), *, max_queue: int = 1024,
                  batch_wait_s: float = 0.002, budgets: Budgets = Budgets(2 << 30, 1 << 30), max_loads: int = 2,
                  failed_load_backoff_s: float = 30.0, observer: Observer = NullObserver(),
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, origin: Origin | None = None):
         self._engine = engine
         self._observer = observer
         self._limits = limits
@@ -179,9 +179,10 @@ class Scheduler:
         self._idle.set()
         self._accepting = True
         self.tiers = AdapterTiers(engine, budgets, max_loads=max_loads, running=self._running_adapters,
-                                  waiting=self._waiting_adapters, clock=clock)
+                                  waiting=self._waiting_adapters, clock=clock, origin=origin)
         self._fetching: set[AdapterRef] = set()
-        self._cold: dict[AdapterRef, tuple[float, float]] = {}  # read from disk for waiting requests: (start, ms)
+        # Read (or fetched, then read) for waiting requests: (start, ms, the remote fetch if any).
+        self._cold: dict[AdapterRef, tuple[float, float, Fetch | None]] = {}
         self._deferred: set[AdapterRef] = set()  # no room yet; retried once rows have left
         self._epoch: list | None = None  # current decode stretch: [start, steps, seq ids, seqs]
         self._failed: dict[AdapterRef, tuple[float, LoraServeError]] = {}
@@ -302,7 +303,7 @@ class Scheduler:
         try:
             moved = await self.tiers.to_ram(adapter)
             if moved.found_in is Tier.DISK:
-                self._cold[adapter] = (started, moved.ms)
+                self._cold[adapter] = (started, moved.ms, moved.fetched)
                 self._observer.adapter_read(adapter, moved.ms)
         except NoRoom:
             self._deferred.add(adapter)
@@ -410,17 +411,20 @@ class Scheduler:
         loaded = self._clock()
         cold = self._cold.pop(adapter, None)
         found_in = Tier.DISK if cold is not None else moved.found_in
+        fetched = cold[2] if cold is not None else moved.fetched
+        source = LoadSource.REMOTE if fetched is not None else _SOURCE[found_in]
         entry = self.tiers.cache.entries.get(adapter)
         for seq in group:
-            seq.load_source = _SOURCE[found_in]
+            seq.load_source = source
             seq.timings.load_ms = moved.ms + (cold[1] if cold else 0.0)
             seq.cost.adapter_load_ms = seq.timings.load_ms / len(group)  # one load, made for all of them
             t = seq.timeline
             t.load_started, t.load_ended = (cold[0] if cold else started), loaded
             t.load_shared = cold is not None and cold[0] < t.enqueued
             t.load_bytes = entry.bytes if entry else 0
+            t.fetch_bytes, t.fetch_ms = (fetched.bytes, fetched.ms) if fetched is not None else (0, 0.0)
             self.tiers.record_use(adapter, found_in)
-        self._observer.adapter_ready(adapter, _SOURCE[found_in], group[0].timings.load_ms)
+        self._observer.adapter_ready(adapter, source, group[0].timings.load_ms)
         return True
 
     def _requeue(self, group: list[_Seq]) -> None:

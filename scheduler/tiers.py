@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
@@ -50,11 +51,29 @@ class TierEngine(Protocol):
 
 
 @dataclass(frozen=True)
+class Fetch:
+    """A download from the remote origin that a read waited for."""
+
+    bytes: int
+    ms: float
+
+
+class Origin(Protocol):
+    """Where adapters' files come from when the store is remote: before a read, `local(adapter)`
+    makes sure its directory (adapter.path) holds them, fetching them if needed (the Fetch, or
+    None when they were already on disk), and keeps them there until the block ends."""
+
+    def local(self, adapter: AdapterRef) -> AbstractAsyncContextManager[Fetch | None]: ...
+
+
+@dataclass(frozen=True)
 class Moved:
     """What making an adapter usable took: where it was found and the milliseconds spent."""
 
     found_in: Tier
     ms: float
+    fetched: Fetch | None = None
+    """The remote fetch the read included (it is counted in `ms`)."""
 
 
 @dataclass(frozen=True)
@@ -91,9 +110,11 @@ class AdapterTiers:
     def __init__(self, engine: TierEngine, budgets: Budgets, *, max_loads: int = 2,
                  running: Callable[[], frozenset[AdapterRef]] = _never,
                  waiting: Callable[[], frozenset[AdapterRef]] = _never,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, origin: Origin | None = None):
         self.cache = AdapterCache(budgets)
-        self.loads: LoadLimiter[AdapterRef, float] = LoadLimiter(self._read, max_loads)
+        # A remote fetch is part of its read: it takes one of the same max_loads slots, once per adapter.
+        self.loads: LoadLimiter[AdapterRef, tuple[float, Fetch | None]] = LoadLimiter(self._read, max_loads)
+        self._origin = origin
         self._engine = engine
         self._moves = asyncio.Lock()
         self._running, self._waiting = running, waiting
@@ -139,9 +160,18 @@ class AdapterTiers:
         tier = self.tier_of(adapter)
         if tier >= Tier.RAM and not self.loads.loading(adapter):
             return Moved(tier, 0.0)
-        return Moved(Tier.DISK, await self.loads.get(adapter))
+        ms, fetched = await self.loads.get(adapter)
+        return Moved(Tier.DISK, ms, fetched)
 
-    async def _read(self, adapter: AdapterRef) -> float:
+    async def _read(self, adapter: AdapterRef) -> tuple[float, Fetch | None]:
+        if self._origin is None:
+            return await self._read_local(adapter), None
+        started = time.perf_counter()
+        async with self._origin.local(adapter) as fetched:
+            await self._read_local(adapter)
+        return (time.perf_counter() - started) * 1e3, fetched
+
+    async def _read_local(self, adapter: AdapterRef) -> float:
         started = time.perf_counter()
         try:
             size = self._engine.bytes_once_read(adapter)

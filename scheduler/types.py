@@ -20,6 +20,8 @@ class LoadSource(enum.Enum):
     VRAM = "vram"
     RAM = "ram"
     DISK = "disk"
+    REMOTE = "remote"
+    """Fetched from the remote origin (object storage) into the disk cache, then read."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ class Timeline:
     finished: float = 0.0
     load_shared: bool = False
     load_bytes: int = 0
+    fetch_bytes: int = 0
+    """Bytes downloaded from the remote origin for this load (0: it was on local disk)."""
+    fetch_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 Ids are validated names (never paths): `name`, `alias` or `name@VERSION`, or
 `base`; an id the store lets two adapters claim is refused, never guessed. The
-registry index is re-read whenever it changes on disk, so a promotion or
-rollback takes effect without a restart; requests already resolved keep the
-version they got.
+registry index is re-read whenever it changes on disk (a local store: checked
+on every look-up) or its ETag moves (a remote store: `poll`, every
+--index-poll-s), so a promotion or rollback takes effect without a restart;
+requests already resolved keep the version they got.
 
 Every way into the engine passes `AdapterRegistry.gate` (through `resolve`):
 requests, which may then fall back to the base model where allowed, and
@@ -41,6 +42,8 @@ class Resolution:
 class AdapterRegistry:
     def __init__(self, store: Store, base: BaseIdentity, *, max_rank: int = 64):
         self.store = store
+        self.polled = getattr(store, "remote", False)
+        """A remote index changes only through `poll` (a look-up must not cost a request to the bucket)."""
         self.base = base
         self.max_rank = max_rank
         self.module_names: frozenset[str] = frozenset()
@@ -49,10 +52,21 @@ class AdapterRegistry:
         self._snapshot = Snapshot(())
 
     def snapshot(self) -> Snapshot:
+        if self.polled:
+            return self._snapshot
         stamp = self.store.index_stamp()
         if stamp != self._stamp:
             self._snapshot, self._stamp = self.store.snapshot(), stamp
         return self._snapshot
+
+    def poll(self) -> bool:
+        """Re-read a remote index if its ETag moved (one HEAD; the GET only then); whether it had.
+        Blocking: run it on a thread."""
+        if self.store.index_stamp() == self._stamp:
+            return False
+        snap, etag = self.store.read_index()
+        self._snapshot, self._stamp = snap, etag or ""
+        return True
 
     def refs(self) -> list[AdapterRef]:
         """Every version in the store."""

@@ -18,14 +18,17 @@ from scheduler.policy import BatchLimits
 from scheduler.scheduler import Scheduler
 from server import admin
 from registry.identity import BaseIdentity, base_identity
-from registry.store import Store, StoreError
+from registry.diskcache import DiskCache
+from registry.origin import open_store
+from registry.store import StoreError
 from server.adapters import AdapterRegistry
 from server.auth import Authenticator
 from server.interceptors import AccessInterceptor
 from server.config import WARM_AT, ServerConfig
 from server.convert import RequestLimits
-from server.memory import EngineMemory, tensor_bytes
+from server.memory import EngineMemory
 from server.metrics import Metrics
+from server.remote import OriginMetrics, RemoteOrigin, follow_index
 from server.service import InferenceServicer
 from server.telemetry import Telemetry, provider_from_env
 
@@ -59,9 +62,14 @@ class LoraServer:
         self.engine = engine or TorchEngine(engine_config(cfg))
         self.scheduler: Scheduler | None = None
         self.health = health.aio.HealthServicer()
-        # The base model's identity is known once load() has fingerprinted it.
-        self.registry = AdapterRegistry(Store(cfg.adapters_dir), BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
         self.metrics = Metrics(cfg.thrash_limit, cfg.metrics_adapter_labels, cfg.metrics_client_labels)
+        self.origin_metrics = OriginMetrics(self.metrics.registry) if cfg.remote else None
+        store = open_store(cfg.adapters_dir, endpoint_url=cfg.s3_endpoint_url, cache_dir=cfg.disk_cache_dir,
+                           timeout_s=cfg.origin_timeout_s, retries=cfg.origin_retries,
+                           on_retry=self.origin_metrics and self.origin_metrics.retried)
+        self.origin: RemoteOrigin | None = None
+        # The base model's identity is known once load() has fingerprinted it.
+        self.registry = AdapterRegistry(store, BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
         self.access = AccessInterceptor(Authenticator.from_file(cfg.auth_tokens_file), self.metrics,
                                         cfg.max_streams_per_client, cfg.client_id_metadata_key)
         self.telemetry = Telemetry(tracer_provider or provider_from_env(), self.metrics)
@@ -95,7 +103,10 @@ class LoraServer:
     async def load(self) -> None:
         """Load the model, attach the warm and pinned adapters, then turn SERVING."""
         cfg = self.cfg
-        await asyncio.to_thread(self._recover_store)
+        if cfg.remote:
+            await self._open_origin()
+        else:
+            await asyncio.to_thread(self._recover_store)
         self.registry.base = await asyncio.to_thread(base_identity, cfg.model_path)
         self.telemetry.model_name = self.registry.base.model_id
         await self.engine.start()
@@ -105,11 +116,9 @@ class LoraServer:
                                      cfg.join_delay_ms / 1e3),
             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(cfg.budgets_bytes[0], self.engine.lora_budget_bytes),
             max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s,
-            observer=self.telemetry)
-        # The engine has no accessor for its model (runner/ is being rewritten): its weights are
-        # measured here, once, since they do not change after loading.
-        weights = tensor_bytes(self.engine._model)
-        self.metrics.watch(self.scheduler, EngineMemory(weights, self.engine.kv_bytes, self.engine.stack_bytes))
+            observer=self.telemetry, origin=self.origin)
+        self.metrics.watch(self.scheduler, EngineMemory(self.engine.weights_bytes(), self.engine.kv_bytes,
+                                                        self.engine.stack_bytes))
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, self.metrics_port)
@@ -132,6 +141,18 @@ class LoraServer:
         self.admin.ready(self.scheduler, max_context, self.engine.kv_bytes())
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model_path)
+
+    async def _open_origin(self) -> None:
+        """The disk cache and the first read of the bucket's index (the server does not start
+        without it); then the index is polled. Servers never write to the bucket."""
+        cfg, store = self.cfg, self.registry.store
+        cache = await asyncio.to_thread(DiskCache, store.cache_dir, int(cfg.disk_cache_mib * 2**20))
+        self.origin = RemoteOrigin(store, cache, self.origin_metrics, cfg.origin_timeout_s)
+        await asyncio.to_thread(self.registry.poll)
+        log.info("adapters from %s (%d versions in its index), disk cache %s (%d of %d bytes used)", store.url,
+                 len(self.registry.snapshot().passports), cache.root, cache.used, cache.budget)
+        self._tasks.append(asyncio.create_task(follow_index(self.registry, cfg.index_poll_s, self.origin_metrics),
+                                               name="index-poll"))
 
     def _recover_store(self) -> None:
         """Finish or undo whatever a crashed writer left; a read-only store is served as it is."""
@@ -161,6 +182,8 @@ class LoraServer:
             task.cancel()
         self.metrics.close()
         self.telemetry.shutdown()
+        if self.origin is not None:
+            self.origin.cache.close()
         await self.engine.close()
 
     async def wait_for_termination(self) -> None:

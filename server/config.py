@@ -16,6 +16,7 @@ from typing import Mapping
 
 from scheduler.policy import POLICIES
 from server.auth import Authenticator
+from registry.origin import S3Location, is_remote
 from server.ids import is_adapter_id
 
 QUANTIZATIONS = ("none", "nf4", "int8")
@@ -36,7 +37,14 @@ class ServerConfig:
     host: str = _f("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
     port: int = _f(50051, "TCP port; 0 picks a free one.")
     model_path: Path = _f(Path("var/demo/base"), "Hugging Face model directory of the base model.")
-    adapters_dir: Path = _f(Path("var/demo/adapters"), "Directory with one PEFT adapter directory per id.")
+    adapters_dir: str = _f("var/demo/adapters", "The adapter registry store: a directory, or s3://BUCKET/PREFIX "
+                                                "(credentials from the standard AWS variables and files).")
+    s3_endpoint_url: str = _f("", "S3-compatible endpoint for an s3:// store; empty = AWS's (or AWS_ENDPOINT_URL).")
+    disk_cache_dir: Path = _f(Path("var/adapter-cache"), "With an s3:// store: where fetched adapters are kept.")
+    disk_cache_mib: float = _f(10240.0, "With an s3:// store: byte budget of the disk cache, MiB (LRU eviction).")
+    origin_timeout_s: float = _f(30.0, "With an s3:// store: limit for one try of a fetch or index read, seconds.")
+    origin_retries: int = _f(3, "With an s3:// store: retries of a failed fetch (exponential backoff, jitter).")
+    index_poll_s: float = _f(5.0, "With an s3:// store: how often the index's ETag is checked for changes.")
     quantization: str = _f("none", "Base model weights: none | nf4 | int8 (bitsandbytes).")
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16.")
@@ -113,6 +121,16 @@ class ServerConfig:
             problems.append("kv_cache_mib, max_model_len and prefill_chunk_tokens must not be negative")
         if min(self.ram_budget_mib, self.vram_budget_mib, self.idle_ttl_s) < 0:
             problems.append("ram_budget_mib, vram_budget_mib and idle_ttl_s must not be negative")
+        if min(self.disk_cache_mib, self.origin_timeout_s, self.index_poll_s) <= 0 or self.origin_retries < 0:
+            problems.append("disk_cache_mib, origin_timeout_s and index_poll_s must be positive, origin_retries "
+                            "not negative")
+        if is_remote(self.adapters_dir):
+            try:
+                S3Location.parse(str(self.adapters_dir))
+            except ValueError as exc:
+                problems.append(f"adapters_dir: {exc}")
+        elif self.s3_endpoint_url:
+            problems.append("s3_endpoint_url applies only to an s3:// adapters_dir")
         bad = [w for w in self.warm_schedule if not (m := WARM_AT.fullmatch(w)) or not is_adapter_id(m["adapter"])]
         if bad:
             problems.append(f"warm_schedule entries must look like 08:55=support, not {bad[0]!r}")
@@ -143,13 +161,19 @@ class ServerConfig:
             raise ValueError("invalid configuration: " + "; ".join(problems))
 
     @property
+    def remote(self) -> bool:
+        """Whether adapters come from object storage (through the disk cache)."""
+        return is_remote(self.adapters_dir)
+
+    @property
     def budgets_bytes(self) -> tuple[int, int]:
         """(RAM, VRAM) budgets in bytes."""
         return int(self.ram_budget_mib * 2**20), int(self.vram_budget_mib * 2**20)
 
     def check_paths(self) -> None:
         """Fail fast on missing or unusable files (separate so tests can build configs before models)."""
-        missing = [p for p in (self.model_path / "config.json", self.adapters_dir, self.tls_cert, self.tls_key,
+        store = None if self.remote else self.adapters_dir
+        missing = [p for p in (self.model_path / "config.json", store, self.tls_cert, self.tls_key,
                                self.tls_client_ca, self.auth_tokens_file)
                    if p is not None and not Path(p).exists()]
         if missing:

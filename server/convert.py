@@ -88,7 +88,7 @@ _FINISH = {
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
 }
 _SOURCE = {LoadSource.VRAM: pb.LOAD_SOURCE_VRAM, LoadSource.RAM: pb.LOAD_SOURCE_RAM,
-           LoadSource.DISK: pb.LOAD_SOURCE_DISK}
+           LoadSource.DISK: pb.LOAD_SOURCE_DISK, LoadSource.REMOTE: pb.LOAD_SOURCE_REMOTE}
 
 
 def _summary(c: Completion) -> dict:

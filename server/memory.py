@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
-
-
-def tensor_bytes(module) -> dict[str, int]:
-    """Bytes of a torch module's parameters and buffers by device ("cpu", "cuda:0"): a
-    quantized model counts its packed weights as they are held."""
-    held: Counter[str] = Counter()
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        held[str(t.device)] += t.nbytes
-    return dict(held)
 
 
 @dataclass(frozen=True)

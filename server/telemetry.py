@@ -108,9 +108,11 @@ class Telemetry:
             child.end(end_time=self._ns(max(end, start)))
 
         phase("queue.wait", t.enqueued, t.dispatched, base)
+        fetch = {"loraserve.adapter.fetch_bytes": t.fetch_bytes,
+                 "loraserve.adapter.fetch_ms": t.fetch_ms} if t.fetch_bytes else {}
         phase("adapter.load", t.load_started, t.load_ended, {
             **base, "loraserve.adapter.source": c.load_source.value, "loraserve.adapter.bytes": t.load_bytes,
-            "loraserve.adapter.load_shared": t.load_shared})
+            "loraserve.adapter.load_shared": t.load_shared, **fetch})
         phase("generate", t.load_ended, t.finished, {
             **base,
             "gen_ai.operation.name": "text_completion",

@@ -116,3 +116,35 @@ def stub(server):
 
     with server.channel() as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto's S3 server on loopback, with test credentials in the environment (tests/s3util.py)."""
+    import os
+
+    from s3util import ENV, moto_server
+
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    try:
+        with moto_server() as endpoint:
+            yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture()
+def bucket(moto_endpoint) -> str:
+    """A new empty bucket; the store's address in it."""
+    import uuid
+
+    from s3util import s3_client
+
+    name = f"adapters-{uuid.uuid4().hex[:12]}"
+    s3_client(moto_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}/team/adapters"

@@ -26,6 +26,7 @@ class LoadSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOAD_SOURCE_VRAM: _ClassVar[LoadSource]
     LOAD_SOURCE_RAM: _ClassVar[LoadSource]
     LOAD_SOURCE_DISK: _ClassVar[LoadSource]
+    LOAD_SOURCE_REMOTE: _ClassVar[LoadSource]
 FALLBACK_UNSPECIFIED: Fallback
 FALLBACK_FAIL: Fallback
 FALLBACK_BASE: Fallback
@@ -37,6 +38,7 @@ LOAD_SOURCE_UNSPECIFIED: LoadSource
 LOAD_SOURCE_VRAM: LoadSource
 LOAD_SOURCE_RAM: LoadSource
 LOAD_SOURCE_DISK: LoadSource
+LOAD_SOURCE_REMOTE: LoadSource
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "adapter_id", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences", "ignore_eos", "fallback")
