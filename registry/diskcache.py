@@ -90,8 +90,9 @@ class DiskCache:
 
     @property
     def used(self) -> int:
-        """Bytes on disk plus bytes reserved for downloads under way."""
-        return sum(e.bytes for e in self._entries.values()) + self._reserved
+        """Bytes on disk plus bytes reserved for downloads under way (the scrape thread reads it too)."""
+        with self._cond:
+            return sum(e.bytes for e in self._entries.values()) + self._reserved
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -42,7 +42,7 @@ from typing import Callable
 from registry.diskcache import DiskCache
 from registry.identity import BaseIdentity
 from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
-from registry.s3 import S3, Conflict, NotFound
+from registry.s3 import S3, Conflict, NotFound, OriginError
 from registry.store import (CONFIG, INDEX, WEIGHTS, Snapshot, StoreError, check_lineage, index_text, new_draft,
                             plan_archive, plan_promote, plan_rollback, prepare, reconcile, with_changes)
 
@@ -155,6 +155,14 @@ class S3Store:
             prepare(Path(source), Path(stage), draft, smoke_test)
             return self._add(Path(stage), draft)
 
+    def _indexed(self, draft: Passport) -> bool:
+        """Whether the index names `draft` now; True when it cannot be read (keeping files the
+        index may name is the safe side: a reindex settles it)."""
+        try:
+            return self.snapshot().get(draft.name, draft.version) is not None
+        except OriginError:
+            return True
+
     def _claimed(self, name: str) -> list[int]:
         """Version numbers with any object under them (claimed, even by a writer that died)."""
         under = self.s3.key(name) + "/"
@@ -188,6 +196,12 @@ class S3Store:
 
         try:
             return self._change(plan)
+        except OriginError as exc:
+            if not isinstance(exc, Conflict) and self._indexed(draft):
+                raise  # the index write landed before the error: the version is registered, keep its files
+            for key in reversed(keys):
+                self.s3.delete(key)
+            raise
         except StoreError:
             # Refused on the index as it is now: the uploaded version must not be adopted later.
             for key in reversed(keys):

@@ -163,7 +163,7 @@ class TorchEngine:
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         if graphs:
             self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad,
-                                        capture=self._device.type == "cuda")
+                                        capture=self._device.type == "cuda", max_rank=self.cfg.max_lora_rank)
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
@@ -456,9 +456,9 @@ class TorchEngine:
         with self._rows.using(tuple(self._lora_slot(r) for r in rows), self._device):
             return self._call(ids.to(self._device), positions.to(self._device), ctx).float()
 
-    def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None):
+    def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None, rank: int):
         """A captured decode step: `lora` is the graphs' persistent [B] slot buffer."""
-        with self._rows.installed(lora):
+        with self._rows.installed(lora, rank):
             return self._call(ids, positions, ctx)
 
     def _call(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:

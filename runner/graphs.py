@@ -7,8 +7,9 @@ LoRA rank), on first use:
   token in the pool's scratch slot with no adapter, and their logits are dropped;
 * the attended length is rounded up to a power of two (at least 64, at most max_len): a row's
   positions past its own length are masked, so a bucket serves every length up to it;
-* the rank is the LoRA stacks' columns the step reads (the largest attached rank), 0 when no row
-  has an adapter (the LoRA add is skipped altogether).
+* the rank is the LoRA stacks' columns the step reads: the largest attached rank rounded up to
+  a power of two (columns past an adapter's rank are zero), 0 when no row has an adapter (the
+  LoRA add is skipped altogether).
 
 Each step copies its rows' tokens, lengths, KV slots and LoRA slots into one [4, rows] buffer
 (one host-to-device copy) and replays. The KV pool, the LoRA slot stacks and the buffers are
@@ -39,11 +40,12 @@ def _pow2(n: int) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, model_step: Callable[..., torch.Tensor], pool: KVPool, pad: int, capture: bool):
-        """`model_step(ids [b,1], positions [b,1], ctx, lora_index [b] | None) -> logits [b, vocab]`."""
+    def __init__(self, model_step: Callable[..., torch.Tensor], pool: KVPool, pad: int, capture: bool,
+                 max_rank: int):
+        """`model_step(ids [b,1], positions [b,1], ctx, lora_index [b] | None, rank) -> logits [b, vocab]`."""
         self._step, self._pool, self._pad = model_step, pool, pad
-        self._capture = capture
-        device = pool.keys[0].device
+        self._capture, self._max_rank = capture, max_rank
+        self._device = device = pool.keys[0].device
         self._rows = pool.slots
         self._buf = torch.zeros((4, self._rows), dtype=torch.long, device=device)
         self._arange = torch.arange(pool.geometry.max_len, device=device)
@@ -60,7 +62,8 @@ class DecodeGraphs:
         return len(self._graphs)
 
     def bucket(self, rows: int, read: int, rank: int) -> tuple[int, int, int]:
-        return (min(_pow2(rows), self._rows), min(max(_pow2(read), MIN_READ), self._pool.geometry.max_len), rank)
+        return (min(_pow2(rows), self._rows), min(max(_pow2(read), MIN_READ), self._pool.geometry.max_len),
+                min(_pow2(rank), self._max_rank) if rank else 0)
 
     def run(self, tokens: list[int], lengths: list[int], kv_slots: list[int], lora_slots: list[int],
             rank: int) -> torch.Tensor:
@@ -84,7 +87,7 @@ class DecodeGraphs:
             positions = buf[LENGTHS].unsqueeze(1)  # [b, 1]: each row writes at its length
             mask = (self._arange[:read] <= positions)[:, None, None, :]  # [b, 1, 1, read]
             ctx = StepContext(self._pool, buf[KV], False, mask, buf[LENGTHS], None, read)
-            return self._step(buf[IDS].unsqueeze(1), positions, ctx, buf[LORA] if rank else None)
+            return self._step(buf[IDS].unsqueeze(1), positions, ctx, buf[LORA] if rank else None, rank)
         return step
 
     def _record(self, key: tuple[int, int, int]) -> Callable[[], torch.Tensor]:
@@ -104,15 +107,17 @@ class DecodeGraphs:
     def _captured(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """The step as a CUDA graph. The warm-up runs compute the current step for real: they write
         the same keys and values at the same positions as the replay that follows."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # lazy initialisations (cuBLAS handles, autotuning) happen outside capture
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
-            out = step()
+        with torch.cuda.device(self._device):  # the engine thread's current device may be another
+            side = torch.cuda.Stream(self._device)
+            side.wait_stream(torch.cuda.current_stream(self._device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # lazy initialisations (cuBLAS handles, autotuning) happen outside capture
+                    step()
+            torch.cuda.current_stream(self._device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the loader threads' page-locked allocations may go on meanwhile
+            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
+                out = step()
 
         def replay() -> torch.Tensor:
             graph.replay()

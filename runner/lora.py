@@ -113,14 +113,16 @@ class RowSlots:
             yield
 
     @contextlib.contextmanager
-    def installed(self, index: torch.Tensor | None):
+    def installed(self, index: torch.Tensor | None, rank: int | None = None):
         """`index` ([B] slots, or None for no adapter) for one forward, as it is: a captured
-        decode step passes its persistent buffer, whose contents change between replays."""
-        self.index = index
+        decode step passes its persistent buffer, whose contents change between replays, and the
+        rank its bucket reads (at least the largest attached)."""
+        kept_rank = self.rank
+        self.index, self.rank = index, rank or self.rank
         try:
             yield
         finally:
-            self.index = None
+            self.index, self.rank = None, kept_rank
 
 
 class LoRALinear(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict, deque
 from typing import Hashable
 
@@ -12,21 +13,24 @@ class ThrashDetector:
     def __init__(self, limit: int, window_s: float = 3600.0):
         self.limit, self.window_s = limit, window_s
         self._loads: dict[Hashable, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()  # loads are recorded on the event loop, counted by the scrape thread
 
     def record(self, key: Hashable, now: float) -> bool:
-        loads = self._loads[key]
-        loads.append(now)
-        self._expire(loads, now)
-        return len(loads) > self.limit
+        with self._lock:
+            loads = self._loads[key]
+            loads.append(now)
+            self._expire(loads, now)
+            return len(loads) > self.limit
 
     def over_limit(self, now: float) -> int:
         """How many keys are over the limit within the window ending `now` (keys with no load
         left in it are forgotten)."""
-        for key in list(self._loads):
-            self._expire(self._loads[key], now)
-            if not self._loads[key]:
-                del self._loads[key]
-        return sum(1 for loads in self._loads.values() if len(loads) > self.limit)
+        with self._lock:
+            for key in list(self._loads):
+                self._expire(self._loads[key], now)
+                if not self._loads[key]:
+                    del self._loads[key]
+            return sum(1 for loads in self._loads.values() if len(loads) > self.limit)
 
     def _expire(self, loads: deque[float], now: float) -> None:
         while loads and loads[0] <= now - self.window_s:

@@ -1,7 +1,7 @@
 """The captured decode step (runner/graphs.py) run over its persistent buffers without capture:
 rows joining and leaving, padded to buckets, mixed adapters and base rows, and adapters
 attached after a bucket was first used, all give the tokens each request gets alone from the
-eager engine. Capture itself needs CUDA (tests marked gpu)."""
+eager engine. Capture itself needs CUDA and has not run in this suite."""
 
 from __future__ import annotations
 
@@ -124,12 +124,15 @@ def test_an_adapter_attached_after_its_bucket_was_first_used_is_applied(demo_dir
 def test_padding_rows_write_only_the_scratch_slot(demo_dir, buffered):
     pool = buffered._pool
     assert pool.scratch == pool.slots == buffered.kv_slots
+    for t in (*pool.keys, *pool.values):
+        t[pool.scratch] = 7.0  # a sentinel: whatever padding rows leave there, no row reads it
     before = [t[:pool.slots].clone() for t in pool.keys]
-    # One row in slot 0 decodes in a bucket of one; three rows pad a bucket of four.
-    drive(buffered, [(BASE, PROMPT, 3, 0)])
-    drive(buffered, [(BASE, PROMPTS[i], 3, 0) for i in range(3)])
+    # Three rows in slots 0-2 decode in a bucket of four: one padding row.
+    tokens = drive(buffered, [(BASE, PROMPTS[i], 3, 0) for i in range(3)])
+    assert tokens == [drive(buffered, [(BASE, PROMPTS[i], 3, 0)])[0] for i in range(3)]
     for old, new in zip(before, pool.keys, strict=True):
         assert torch.equal(old[3:pool.slots], new[3:pool.slots])  # slots no row owned are untouched
+    assert all(not (t[pool.scratch, :, 0] == 7.0).all() for t in pool.keys)  # the padding row wrote there
 
 
 def test_buckets_round_rows_and_lengths_up(buffered):
@@ -137,7 +140,9 @@ def test_buckets_round_rows_and_lengths_up(buffered):
     max_len = buffered.max_context
     assert graphs.bucket(3, 10, 0) == (4, 64, 0)
     assert graphs.bucket(8, 65, 16) == (8, 128, 16)
+    assert graphs.bucket(5, 65, 12) == (8, 128, 16)  # ranks round up too: columns past a rank are zero
     assert graphs.bucket(1, max_len, 4) == (1, max_len, 4)  # capped at the pool's length (160, not 256)
+    assert graphs.bucket(1, 1, 100) == (1, 64, buffered.cfg.max_lora_rank)
 
 
 def test_a_step_that_cannot_be_captured_falls_back_to_eager_decode(demo_dir, eager, caplog):
@@ -147,11 +152,11 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_decode(demo_dir, eag
 
     engine = _engine(demo_dir, "buffers")
     try:
-        g = engine._graphs
-        engine._graphs = Uncapturable(engine._model_step, engine._pool, engine._pad, capture=True)
+        engine._graphs = g = Uncapturable(engine._model_step, engine._pool, engine._pad, capture=True,
+                                          max_rank=engine.cfg.max_lora_rank)
         requests = [(BASE, PROMPT, 8, 0), (_ref(demo_dir, "legal"), PROMPTS[1], 8, 0)]
         assert drive(engine, requests) == drive(eager, requests)
-        assert engine.decode_mode == "eager" and g.captured == 0
+        assert engine.decode_mode == "eager" and engine._graphs is None and g.captured == 0
         assert "decode runs eagerly from now on" in caplog.text
     finally:
         asyncio.run(engine.close())
