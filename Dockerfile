@@ -16,6 +16,7 @@ COPY scheduler scheduler
 COPY runner runner
 COPY registry registry
 COPY clients clients
+COPY tools tools
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir . grpcio-health-checking
 ENV PATH=/opt/venv/bin:$PATH \
     LORASERVE_HOST=0.0.0.0 \

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     build.set_defaults(func=_demo_build)
 
     from clients.cli import add_generate_parser
-    from clients.bench.cli import add_bench_parser
-    from clients.bench.soak import add_soak_parser
+    from tools.bench.cli import add_bench_parser
+    from tools.bench.soak import add_soak_parser
     from registry.cli import add_adapters_parser
 
     add_generate_parser(sub)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from clients.bench.cli import add_bench_parser
-from clients.bench.load import Workload
-from clients.bench.overhead import scheduler_overhead
+from tools.bench.cli import add_bench_parser
+from tools.bench.load import Workload
+from tools.bench.overhead import scheduler_overhead
 
 
 def test_bench_reports_every_figure(demo_dir, tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from clients.bench.soak import PROMPTS, run_soak
+from tools.bench.soak import PROMPTS, run_soak
 from clients.client import AsyncLoraServeClient
 from conftest import ADAPTERS, ServerThread, clone_adapter, server_config
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.bench.load import Workload, run
-from clients.bench.report import plot, summarize
+from tools.bench.load import Workload, run
+from tools.bench.report import plot, summarize
 from loraserve.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -97,10 +97,10 @@ def _range(raw: str) -> tuple[int, int]:
 
 
 def run_bench(args) -> int:
-    from clients.bench.engine_limit import engine_limit
-    from clients.bench.naive import run_naive
-    from clients.bench.overhead import scheduler_overhead
-    from clients.bench.synth import make_store
+    from tools.bench.engine_limit import engine_limit
+    from tools.bench.naive import run_naive
+    from tools.bench.overhead import scheduler_overhead
+    from tools.bench.synth import make_store
 
     counts = sorted({int(n) for n in args.sweep.split(",")} | {args.adapters})
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""Operator tools outside the contract: benchmark, soak and load generators."""
