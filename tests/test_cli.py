@@ -10,7 +10,7 @@ from conftest import PROMPT, REPO
 
 
 def loraserve(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=env)
 
 
