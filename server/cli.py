@@ -16,11 +16,13 @@ from server import config as config_mod
 
 
 def try_it_line(host: str, port: int, adapter: str) -> str:
-    """The one line that tells a newcomer how to call the server that just turned SERVING."""
+    """The one line that tells a newcomer how to call the server that just turned SERVING: the
+    client CLI (bash's $'...' carries the prompt's newline) and grpcurl (reflection is on)."""
     target = f"{'localhost' if host in ('0.0.0.0', '::', '127.0.0.1') else host}:{port}"
-    body = f'{{"adapter_id":"{adapter}","prompt":"Question: What should I do next?\\nAnswer:"}}'
-    return (f"ready: try `loraserve generate --target {target} --adapter {adapter} \"Question: Tell me more. "
-            f"Answer:\"` or `grpcurl -plaintext -d '{body}' {target} loraserve.v1.InferenceService/Generate`")
+    prompt = "Question: What should I do next?\\nAnswer:"
+    body = f'{{"adapter_id":"{adapter}","prompt":"{prompt}"}}'
+    return (f"ready: try `loraserve generate --target {target} --adapter {adapter} $'{prompt}'` or "
+            f"`grpcurl -plaintext -d '{body}' {target} loraserve.v1.InferenceService/Generate`")
 
 
 def _serve(args: argparse.Namespace) -> int:
