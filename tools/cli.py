@@ -65,8 +65,8 @@ def _demo_build(args: argparse.Namespace) -> int:
         print(f"demo already built in {out} (use --force to rebuild)")
         return 0
     shutil.rmtree(out, ignore_errors=True)
-    print(f"building the demo into {out}: a tokenizer, a small Llama base and its "
-          "LoRA adapters, trained here on CPU (no downloads; about 30 s on 2 cores)", file=sys.stderr)
+    print(f"building the demo into {out}: a tokenizer, a small Llama base and its LoRA adapters, "
+          "trained here (nothing is downloaded)", file=sys.stderr)
     summary = build_demo(out, progress=StageBars())
     print(json.dumps(summary, indent=2) if args.json else summary_text(summary))
     return 0
