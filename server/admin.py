@@ -6,15 +6,13 @@ import time
 
 from loraserve.v1 import admin_pb2 as pb
 from loraserve.v1 import admin_pb2_grpc
-from scheduler.cache import Tier
 from scheduler.errors import InvalidArgument, NotReady
 from scheduler.scheduler import Scheduler
 from scheduler.tiers import AdapterState
-from scheduler.types import AdapterRef
+from scheduler.types import AdapterRef, Tier
 from server.adapters import AdapterRegistry
 from server.convert import PB_TIER, TIER_PB
 from server.errors import unary_errors
-
 
 
 async def warm(scheduler: Scheduler, adapter: AdapterRef, tier: Tier) -> None:

@@ -161,3 +161,16 @@ def test_demo_build_shows_one_bar_per_stage(tmp_path):
     stages = [line.split("[")[0].strip() for line in log.text.splitlines()]
     assert stages == ["tokenizer", "base model", "adapter legal", "register (smoke test)"]
     assert all(re.search(r"\[#+\]\s+(\d+)/\1\s+[\d.]+ s$", line) for line in log.text.splitlines()), log.text
+
+
+def test_registry_cli_alone_registers_only_without_the_smoke_test(tmp_path, capsys):
+    """`python -m registry.cli` imports no runner: a smoke-tested registration needs `loraserve adapters`."""
+    from registry.cli import main
+    from tiny import fake_base, tiny_adapter
+
+    raw, base, store = tiny_adapter(tmp_path / "raw"), fake_base(tmp_path / "base"), tmp_path / "store"
+    assert main(["--store", str(store), "register", str(raw), "--name", "x", "--model-path", str(base)]) == 1
+    assert "loraserve adapters register" in capsys.readouterr().err
+    assert main(["--store", str(store), "--json", "register", str(raw), "--name", "x", "--no-smoke",
+                 "--model-path", str(base)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "staging"
