@@ -25,8 +25,8 @@ def _generate(model, ids: torch.Tensor, new_tokens: int, pad: int, **kwargs) -> 
                    do_sample=False, pad_token_id=pad, **kwargs)
 
 
-def _timed(run, batch: int, new_tokens: int, repeats: int, device: torch.device) -> dict:
-    run()  # warm-up: compilation and graph capture happen here
+def _timed(run, batch: int, new_tokens: int, repeats: int, device: torch.device, warm=None) -> dict:
+    (warm or run)()  # compilation and graph capture happen in the first call
     _sync(device)
     started = time.perf_counter()
     for _ in range(repeats):
@@ -49,29 +49,31 @@ def measure(spec: dict) -> dict:
         return torch.randint(3, len(tokenizer), (batch, spec["prompt_tokens"]), generator=g).to(device)
 
     out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    part = spec["part"]
     with torch.inference_mode():
-        if spec.get("static"):
-            out["hf_static"] = {}
+        if part == "hf_static":
             for b in spec["batches"]:
                 ids = prompts(b)
                 r = _timed(lambda: _generate(model, ids, new, pad, cache_implementation="static"),
                            b, new, spec["repeats"], device)
                 # transformers compiles the static-cache decode only where it can (CUDA, no CPU offload).
                 r["compiled"] = getattr(model, "_compiled_call", None) is not None
-                out["hf_static"][b] = r
-        if spec.get("eager"):
-            out["hf_eager"] = {}
+                out[b] = r
+        elif part == "hf_eager":
             for b in spec["batches"]:
                 ids = prompts(b)
-                out["hf_eager"][b] = _timed(lambda: _generate(model, ids, new, pad), b, new, spec["repeats"], device)
-        plan = spec.get("plan") or []
-        if plan:
-            peft_model = _with_adapters(model, Path(spec["store"]), sorted({a for a, _, _ in plan if a != "base"}))
+                out[b] = _timed(lambda: _generate(model, ids, new, pad), b, new, spec["repeats"], device,
+                                warm=lambda: _generate(model, ids, 2, pad))
+        elif part == "peft":
+            plan = spec["plan"]
+            peft_model = _with_adapters(model, Path(spec["store"]), sorted({a for a, _, _ in plan}))
             out["peft_mixed"] = {}
             for b in spec["peft_batches"]:
                 ids, names = prompts(b), [plan[i % len(plan)][0] for i in range(b)]
+                # peft's mixed batch is slow enough that one timed pass says it (warm-up: 2 tokens).
                 out["peft_mixed"][b] = _timed(lambda: _generate(peft_model, ids, new, pad, adapter_names=names),
-                                              b, new, spec["repeats"], device)
+                                              b, new, 1, device,
+                                              warm=lambda: _generate(peft_model, ids, 2, pad, adapter_names=names))
             out["naive"] = _naive(peft_model, tokenizer, plan[:spec["naive_requests"]], device)
     return out
 

@@ -28,10 +28,10 @@ class Preset:
     headline: int = 100
     """The adapter count whose throughput is compared with base-only."""
     batches: tuple[int, ...] = (1, 8, 32, 128)
-    peft_batches: tuple[int, ...] = (1, 8, 32)
+    peft_batches: tuple[int, ...] = (1, 32)
     new_tokens: int = 128
     rank: int = 16
-    naive_requests: int = 16
+    naive_requests: int = 8
     repeats: int = 2
     published: dict[int, float] = field(default_factory=dict)
     """Reference tok/s by batch from outside this run (bitsandbytes' published HF figures)."""
@@ -77,18 +77,23 @@ def run_matrix(preset_name: str, out: Path, device: str, fresh: bool, extra_args
     def workload(adapters: list[str], batch: int, requests: int) -> Workload:
         return Workload(adapters, requests, 1.1, batch, None, (8, 24), (preset.new_tokens, preset.new_tokens))
 
-    if "reference" not in results:
-        headline = names[:preset.headline]
-        spec = {"model_path": str(model), "store": str(store), "device": device, "dtype": dtype,
-                "quantization": preset.quantization, "batches": list(preset.batches),
-                "peft_batches": list(preset.peft_batches), "new_tokens": preset.new_tokens,
-                "prompt_tokens": _mean_prompt_tokens(model, workload(headline, 1, 64).plan()),
-                "repeats": preset.repeats, "static": True, "eager": True,
-                "plan": workload(headline, 1, max(preset.naive_requests, max(preset.peft_batches))).plan(),
-                "naive_requests": preset.naive_requests}
-        done = subprocess.run([sys.executable, "-m", "tools.bench.ceiling", json.dumps(spec)], check=True,
-                              stdout=subprocess.PIPE, text=True)
-        results["reference"] = json.loads(done.stdout.strip().splitlines()[-1])
+    headline = names[:preset.headline]
+    spec = {"model_path": str(model), "store": str(store), "device": device, "dtype": dtype,
+            "quantization": preset.quantization, "batches": list(preset.batches),
+            "peft_batches": list(preset.peft_batches), "new_tokens": preset.new_tokens,
+            "prompt_tokens": _mean_prompt_tokens(model, workload(headline, 1, 64).plan()),
+            "repeats": preset.repeats,
+            "plan": workload(headline, 1, max(preset.naive_requests, max(preset.peft_batches))).plan(),
+            "naive_requests": preset.naive_requests}
+    reference = results.setdefault("reference", {})
+    for part in ("hf_static", "hf_eager", "peft"):
+        if part in reference or (part == "peft" and "peft_mixed" in reference):
+            continue
+        done = subprocess.run([sys.executable, "-m", "tools.bench.ceiling", json.dumps({**spec, "part": part})],
+                              check=True, stdout=subprocess.PIPE, text=True)
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        reference["device"] = measured.pop("device")
+        reference.update(measured if part == "peft" else {part: measured})
         save()
 
     server_args = ["--max-batch-size", str(max(preset.batches)), "--max-batch-tokens", "1000000",
