@@ -45,3 +45,30 @@ def test_workload_plan_is_reproducible_and_zipf_skewed():
 def test_scheduler_overhead_is_measured_with_a_free_engine():
     result = scheduler_overhead(requests=200, adapters=10, new_tokens=4, concurrency=8)
     assert result["requests"] == 200 and result["ms_per_request"] > 0
+
+
+def test_gpu_matrix_preset_runs_every_part_and_resumes(tmp_path):
+    """The GPU preset's code path on its tiny stand-in: a random-weight model built locally, the HF
+    references in a child process, the server base-only and with each adapter count at every batch."""
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    path = tmp_path / "preset-tiny.json"
+    report = json.loads(path.read_text())
+    ref = report["reference"]
+    assert set(ref["hf_static"]) == set(ref["hf_eager"]) == {"1", "2"} and set(ref["peft_mixed"]) == {"2"}
+    assert not ref["hf_static"]["1"]["compiled"]  # transformers compiles the static cache on CUDA only
+    assert ref["naive"]["requests"] == 3 and ref["naive"]["tokens"] == 12
+    assert set(report["server"]) == {"base", "1", "3"}
+    for runs in report["server"].values():
+        assert set(runs) == {"1", "2"}
+        for run in runs.values():
+            assert run["errors"] == 0 and run["requests"] == 16 and run["tokens"] == 16 * 4
+            assert 0 < run["server_ttft_ms"]["95"] <= run["latency_ms"]["95"]
+    assert report["server"]["3"]["2"]["cold_loads"] + report["server"]["3"]["1"]["cold_loads"] >= 1
+    assert {"base_vs_hf_static", "base_vs_hf_eager", "adapters_vs_base", "adapters_vs_peft_mixed"} <= set(
+        report["ratios"]["2"])
+    # A second run finds every part measured and keeps it.
+    assert args.func(args) == 0
+    assert json.loads(path.read_text())["server"] == report["server"]

@@ -17,22 +17,26 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tools.bench.load import Workload, run
-from tools.bench.report import plot, summarize
+from tools.bench.matrix import PRESETS, print_matrix, run_matrix
+from tools.bench.report import plot, plot_matrix, summarize
 from loraserve.v1 import admin_pb2, admin_pb2_grpc
 
 
 class ServerProcess:
     """`loraserve serve` in a child process, so the load generator does not share its GIL."""
 
-    def __init__(self, model_path: Path, store: Path, extra: list[str]):
+    def __init__(self, model_path: Path, store: Path, extra: list[str], log: Path | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.target = f"127.0.0.1:{self.port}"
+        sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--metrics-port", "-1",
              "--model-path", str(model_path), "--adapters-dir", str(store), "--log-level", "WARNING", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=sink, stderr=sink)
+        if log:
+            sink.close()
         deadline = time.monotonic() + 180
         with grpc.insecure_channel(self.target) as ch:
             while time.monotonic() < deadline:
@@ -43,7 +47,7 @@ class ServerProcess:
                 except grpc.RpcError:
                     pass
                 if self.proc.poll() is not None:
-                    raise RuntimeError("the server exited during start-up")
+                    raise RuntimeError("the server exited during start-up" + (f" (its log: {log})" if log else ""))
                 time.sleep(0.2)
         raise TimeoutError("the server did not become healthy")
 
@@ -79,6 +83,11 @@ def add_bench_parser(sub) -> None:
                    help="the server's compute dtype; the naive baseline (always on CPU) uses the same, "
                         "float32 for auto [auto]")
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the GPU matrix instead of the sweep: builds the "
+                   "preset's random-weight model and measures HF (compiled static cache, eager), peft and this "
+                   "server at every batch size (tools/bench/matrix.py); the other workload flags do not apply")
+    p.add_argument("--device", default="auto", help="with --preset: auto, cpu, cuda or cuda:N [auto]")
+    p.add_argument("--fresh", action="store_true", help="with --preset: measure again what the JSON already has")
     p.set_defaults(func=run_bench)
 
 
@@ -97,6 +106,14 @@ def _range(raw: str) -> tuple[int, int]:
 
 
 def run_bench(args) -> int:
+    if args.preset:
+        results = run_matrix(args.preset, args.out, args.device, args.fresh, args.server_arg)
+        try:
+            plot_matrix(results, args.out / f"preset-{args.preset}.png")
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install 'loraserve[bench]')", file=sys.stderr)
+        print_matrix(results)
+        return 0
     from tools.bench.engine_limit import engine_limit
     from tools.bench.naive import run_naive
     from tools.bench.overhead import scheduler_overhead

@@ -54,6 +54,9 @@ class Record:
     error: str = ""
     latency_s: float = 0.0
     ttft_s: float = 0.0
+    """Until the first message with text: later than the first token when that token prints nothing."""
+    server_ttft_s: float = 0.0
+    """Queued, loaded and prefilled, by the server's own timings: right for random-weight models too."""
     output_tokens: int = 0
     load_source: str = ""
     load_ms: float = 0.0
@@ -78,6 +81,7 @@ async def _one(stub, adapter: str, prompt: str, max_new: int) -> Record:
                 rec.ok, rec.output_tokens = True, msg.usage.output_tokens
                 rec.load_source = pb.LoadSource.Name(msg.adapter.load_source).removeprefix("LOAD_SOURCE_").lower()
                 rec.load_ms = msg.timings.load_ms
+                rec.server_ttft_s = (msg.timings.queue_ms + msg.timings.load_ms + msg.timings.prefill_ms) / 1e3
     except grpc.aio.AioRpcError as err:
         rec.error = err.code().name
     rec.latency_s = time.perf_counter() - started

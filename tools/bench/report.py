@@ -26,6 +26,7 @@ def summarize(result: RunResult, cache: dict | None = None) -> dict:
         "latency_ms": {p: round(percentile(latency, p), 1) for p in (50, 95, 99)},
         "warm_latency_p95_ms": round(percentile(warm, 95), 1),
         "ttft_ms": {p: round(percentile([r.ttft_s * 1e3 for r in ok], p), 1) for p in (50, 95)},
+        "server_ttft_ms": {p: round(percentile([r.server_ttft_s * 1e3 for r in ok], p), 1) for p in (50, 95)},
         "cold_load_p95_ms": round(percentile([r.load_ms for r in ok if r.load_source == "disk"], 95), 1),
         "cold_loads": sum(1 for r in ok if r.load_source == "disk"),
     }
@@ -54,6 +55,31 @@ def plot(sweep: dict[int, dict], base: dict, naive: dict | None, path: Path) -> 
     right.axhline(base["latency_ms"][95], color="gray", ls="--", label="base model only p95")
     right.set(xscale="log", xlabel="adapters in the workload", ylabel="ms", title="p95 latency")
     right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_matrix(results: dict, path: Path) -> None:
+    """Throughput against batch size: the HF references and every server run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = results["reference"]
+    lines = [(name, ref[key], style) for key, name, style in (
+        ("hf_static", "HF generate, static cache", "k--"), ("hf_eager", "HF generate, eager", "k:"),
+        ("peft_mixed", "peft mixed batch", "r:")) if key in ref]
+    lines += [("server " + ("base only" if k == "base" else f"{k} adapters"), v, "o-")
+              for k, v in results["server"].items()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, runs, style in lines:
+        batches = sorted(runs, key=int)
+        ax.plot([int(b) for b in batches], [runs[b]["tok_per_s"] for b in batches], style, label=name)
+    ax.set(xscale="log", yscale="log", xlabel="batch (concurrent requests)", ylabel="tokens / s",
+           title=f"{results['preset']['name']} on {ref['device']}")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
