@@ -2,30 +2,27 @@
 #   docker build -t loraserve .
 #   docker run --gpus all -p 50051:50051 -v /models/base:/models/base:ro \
 #       -v /models/adapters:/models/adapters:ro loraserve
-FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
+# No CUDA base image and no apt: torch's Linux wheel brings the CUDA runtime libraries as pip
+# packages (nvidia-*), and `--gpus all` (NVIDIA Container Toolkit) mounts the host's driver.
+FROM python:3.11-slim-bookworm
 
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/*
-RUN useradd --create-home --uid 10001 loraserve
+RUN groupadd --gid 10001 loraserve && useradd --create-home --uid 10001 --gid 10001 loraserve
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY proto proto
-COPY loraserve loraserve
+COPY pyclient pyclient
 COPY server server
 COPY scheduler scheduler
 COPY runner runner
 COPY registry registry
-COPY clients clients
 COPY tools tools
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir . grpcio-health-checking
+# The client distribution first: loraserve depends on it by name.
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir ./pyclient .
 ENV PATH=/opt/venv/bin:$PATH \
     LORASERVE_HOST=0.0.0.0 \
     LORASERVE_MODEL_PATH=/models/base \
     LORASERVE_ADAPTERS_DIR=/models/adapters \
     HF_HUB_OFFLINE=1
-USER loraserve
+USER 10001:10001
 EXPOSE 50051
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s \
-    CMD python3 -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
-sys.exit(g.HealthStub(grpc.insecure_channel('localhost:50051')).Check(h.HealthCheckRequest(), timeout=3).status != 1)"
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s CMD ["python3", "-c", "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; sys.exit(g.HealthStub(grpc.insecure_channel('localhost:50051')).Check(h.HealthCheckRequest(), timeout=3).status != 1)"]
 ENTRYPOINT ["loraserve", "serve"]

@@ -4,25 +4,32 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= var/demo
 STAMP := $(VENV)/.installed-stamp
+# $(call timed,WHAT,COMMAND): say what a stage does, run it, then say how long it took.
+timed = @t=$$(date +%s); printf '\n== %s\n' "$(1)"; $(2) && echo "   done in $$(( $$(date +%s) - t )) s"
+EXTRAS := .[test,ray]
 
 .PHONY: serve test install demo bench stubs lint clean
 
 # torch first and pinned: that exact CPU wheel is on local disk; anything looser pulls GBs of CUDA.
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,ray]'
-	touch $(STAMP)
+# The client distribution (pyclient/) before loraserve, which depends on it by name.
+$(STAMP): pyproject.toml pyclient/pyproject.toml
+	$(call timed,install 1/3: a virtual environment in $(VENV),$(PYTHON) -m venv $(VENV))
+	$(call timed,install 2/3: torch 2.13.0 (CPU wheel),$(PY) -m pip install --quiet torch==2.13.0)
+	$(call timed,install 3/3: loraserve-client (pyclient/) then loraserve with its test and Ray extras: the longest stage,\
+		$(PY) -m pip install --quiet -e ./pyclient -e '$(EXTRAS)')
+	@touch $(STAMP)
 
 install: $(STAMP)
 
 $(DEMO)/adapters/registry.json: | $(STAMP)
-	$(VENV)/bin/loraserve demo build --out $(DEMO)
+	@printf '\n== demo: train the demo model and adapters into $(DEMO) (first time only)\n'
+	@$(VENV)/bin/loraserve demo build --out $(DEMO)
 
 demo: $(DEMO)/adapters/registry.json
 
 serve: $(STAMP) $(DEMO)/adapters/registry.json
-	$(VENV)/bin/loraserve serve --model-path $(DEMO)/base --adapters-dir $(DEMO)/adapters
+	@printf '\n== serve: loading the model; a line says how to try it once it is serving (Ctrl-C stops)\n'
+	@$(VENV)/bin/loraserve serve --model-path $(DEMO)/base --adapters-dir $(DEMO)/adapters
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,9 +1,13 @@
 """Regenerate the Python stubs from proto/ (python proto/generate.py [OUT_DIR]).
 
-Stubs are committed under loraserve/v1/ so that an installed wheel needs no
-protoc; tests/test_stubs.py regenerates into a temp dir and fails on drift.
+The stubs, and a copy of the .proto files they came from, are committed into the client
+distribution (pyclient/loraserve/v1/), so an installed wheel needs no protoc;
+tests/test_stubs.py regenerates into a temp dir and fails on drift. Only loraserve's own
+protos are compiled: the vendored google/rpc ones are for other languages, Python has them
+from googleapis-common-protos (a dependency of grpcio-status).
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,10 +15,14 @@ from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
+OUT = REPO_ROOT / "pyclient"
+
+
+def sources() -> list[Path]:
+    return sorted((PROTO_ROOT / "loraserve").rglob("*.proto"))
 
 
 def generate(out_dir: Path) -> list[Path]:
-    sources = sorted(PROTO_ROOT.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
@@ -23,12 +31,14 @@ def generate(out_dir: Path) -> list[Path]:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        *(str(s) for s in sources),
+        *(str(s) for s in sources()),
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed")
-    return sorted(p for p in out_dir.rglob("*_pb2*.py*"))
+    for source in sources():
+        shutil.copyfile(source, out_dir / source.relative_to(PROTO_ROOT))
+    return sorted(p for p in (out_dir / "loraserve").rglob("*") if p.suffix in (".py", ".pyi", ".proto"))
 
 
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO_ROOT)
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT)

@@ -1,6 +1,8 @@
 """`loraserve adapters ...`: list, show, register, promote, rollback, archive, stale, reindex.
 
-Also runnable alone, without the server's imports: `python -m registry.cli --store DIR ...`.
+Also runnable alone, without torch or the server's imports: `python -m registry.cli --store DIR ...`;
+`register` then needs --no-smoke, since the smoke test runs the model: the `loraserve` command
+(tools/cli.py) hands it the runner's tester, so no import here runs back up to the runner.
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from registry.origin import is_remote, open_store
 from registry.passport import STATUSES, Evaluation, Passport
 from registry.store import Store, StoreError
+
+SmokeFactory = Callable[[Path, tuple[str, ...] | None], Callable]
+"""(base model path, prompts or None for the default ones) -> a tester for Store.register."""
 
 COLUMNS = ("name", "version", "status", "aliases", "task", "client", "base_model", "rank", "created", "trained",
            "smoke")
@@ -81,9 +87,10 @@ def _register(args, store: Store) -> int:
 
     tester = None
     if not args.no_smoke:
-        from runner.smoke import PROMPTS, SmokeTester  # torch: only when a smoke test runs
-
-        tester = SmokeTester(args.model_path, tuple(args.smoke_prompt or PROMPTS))
+        if args.smoke is None:
+            raise StoreError("the smoke test runs the model: register with `loraserve adapters register`, "
+                             "or pass --no-smoke")
+        tester = args.smoke(args.model_path, tuple(args.smoke_prompt) if args.smoke_prompt else None)
     evaluation = Evaluation.from_dict(json.loads(args.evaluation.read_text())) if args.evaluation else None
     p = store.register(
         Path(args.path), args.name, base_identity(args.model_path), tester, evaluation=evaluation, task=args.task,
@@ -125,7 +132,7 @@ def _reindex(args, store: Store) -> int:
     return 0
 
 
-def add_adapters_parser(sub) -> None:
+def add_adapters_parser(sub, smoke: SmokeFactory | None = None) -> None:
     p = sub.add_parser("adapters", help="the adapter registry (store of versioned adapters)")
     p.add_argument("--store", default=os.environ.get("LORASERVE_ADAPTERS_DIR", "var/demo/adapters"),
                    help="store directory, or s3://BUCKET/PREFIX [env LORASERVE_ADAPTERS_DIR; var/demo/adapters]")
@@ -188,7 +195,7 @@ def add_adapters_parser(sub) -> None:
                                               "registry.json")
     reindex.set_defaults(run=_reindex)
 
-    p.set_defaults(func=run_adapters)
+    p.set_defaults(func=run_adapters, smoke=smoke)
 
 
 def _open(args: argparse.Namespace):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from registry.passport import NAME
+from loraserve.contract import NAME
 from registry.store import StoreError
 
 log = logging.getLogger(__name__)

@@ -12,17 +12,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraserve.contract import NAME, versioned
 from registry.durable import write_atomic
 
 STATUSES = ("staging", "active", "archived", "failed")
 FALLBACKS = ("fail", "base")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-"""An adapter name or alias; matched whole (fullmatch) wherever an id is checked."""
-ADAPTER_ID = re.compile(rf"(?P<name>{NAME.pattern})(?:@(?P<version>[0-9]{{1,9}}))?")
-"""What a caller may name: a name, an alias or name@VERSION."""
 PASSPORT_FILE = "metadata.json"
 SHA256 = re.compile(r"[0-9a-f]{64}")
-KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}@[0-9]{1,9}")
+KEY = re.compile(rf"{NAME.pattern}@[0-9]{{1,9}}")
 
 
 @dataclass
@@ -147,7 +144,7 @@ class Passport:
 
     @property
     def key(self) -> str:
-        return f"{self.name}@{self.version}"
+        return versioned(self.name, self.version)
 
     @property
     def trained(self) -> dt.datetime:

@@ -43,6 +43,7 @@ from registry.diskcache import DiskCache
 from registry.identity import BaseIdentity
 from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
 from registry.s3 import S3, Conflict, NotFound, OriginError
+from loraserve.contract import versioned
 from registry.store import (CONFIG, INDEX, WEIGHTS, Snapshot, StoreError, check_lineage, index_text, new_draft,
                             plan_archive, plan_promote, plan_rollback, prepare, reconcile, with_changes)
 
@@ -230,7 +231,7 @@ class S3Store:
         for _ in range(_MAX_TRIES):
             try:
                 raw, etag = self.s3.get(self.s3.key(INDEX))
-                indexed = {f"{d['name']}@{d['version']}": d for d in json.loads(raw)["adapters"]}
+                indexed = {versioned(d['name'], d['version']): d for d in json.loads(raw)["adapters"]}
             except NotFound:
                 indexed, etag = None, None
             except (ValueError, KeyError, TypeError) as exc:

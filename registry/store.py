@@ -46,7 +46,8 @@ from typing import Callable, Iterator
 
 from registry.durable import flocked, fsync_dir, fsync_file, write_atomic
 from registry.identity import BaseIdentity, sha256_file
-from registry.passport import NAME, PASSPORT_FILE, Evaluation, Passport, SmokeTest
+from loraserve.contract import NAME, versioned
+from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
 from registry.weights import WeightsError, check_against_config, weight_facts
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ class Store:
     def _recover(self) -> Snapshot:
         self._clean_staging()
         try:
-            indexed = {f"{d['name']}@{d['version']}": d
+            indexed = {versioned(d['name'], d['version']): d
                        for d in json.loads(self.confined(self.root / INDEX).read_text())["adapters"]}
         except FileNotFoundError:
             indexed = None

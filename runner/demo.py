@@ -18,8 +18,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+Progress = Callable[[str, int, int], None]
+"""(stage, done, total): called as each stage starts (done 0) and after each of its steps."""
+
+
+def _quiet(stage: str, done: int, total: int) -> None:
+    pass
 
 QUESTIONS = [
     "What should I do next?", "Can you help me with this?", "What happens now?",
@@ -102,7 +110,7 @@ def _train_tokenizer(spec: DemoSpec, out: Path):
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
         special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
@@ -119,20 +127,21 @@ def _batches(tokenizer, domain: str, spec: DemoSpec, steps: int, rng: random.Ran
         yield enc.input_ids, enc.attention_mask, labels
 
 
-def _train(model, params, batches, lr: float) -> float:
+def _train(model, params, batches, lr: float, on_step: Callable[[int], None] = lambda step: None) -> float:
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     loss = torch.tensor(0.0)
-    for input_ids, mask, labels in batches:
+    for step, (input_ids, mask, labels) in enumerate(batches, 1):
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
+        on_step(step)
     model.eval()
     return float(loss.detach())
 
 
-def build_demo(out: Path, spec: DemoSpec = DemoSpec()) -> dict:
+def build_demo(out: Path, spec: DemoSpec = DemoSpec(), progress: Progress = _quiet) -> dict:
     """Write the demo base model and adapters under OUT; returns a summary."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -146,7 +155,9 @@ def build_demo(out: Path, spec: DemoSpec = DemoSpec()) -> dict:
     rng = random.Random(spec.seed)
     base_dir, raw_dir = out / "base", out / "raw-adapters"
     base_dir.mkdir(parents=True, exist_ok=True)
+    progress("tokenizer", 0, 1)
     tokenizer = _train_tokenizer(spec, base_dir)
+    progress("tokenizer", 1, 1)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.hidden_size * 2,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
@@ -155,7 +166,9 @@ def build_demo(out: Path, spec: DemoSpec = DemoSpec()) -> dict:
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    base_loss = _train(model, model.parameters(), _batches(tokenizer, "base", spec, spec.base_steps, rng), 3e-3)
+    progress("base model", 0, spec.base_steps)
+    base_loss = _train(model, model.parameters(), _batches(tokenizer, "base", spec, spec.base_steps, rng), 3e-3,
+                       lambda step: progress("base model", step, spec.base_steps))
     model.save_pretrained(base_dir)
 
     losses = {}
@@ -164,19 +177,24 @@ def build_demo(out: Path, spec: DemoSpec = DemoSpec()) -> dict:
                           lora_dropout=0.0, task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, lora, adapter_name=name)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        losses[name] = _train(peft_model, trainable, _batches(tokenizer, name, spec, spec.adapter_steps, rng), 1e-2)
+        stage = f"adapter {name}"
+        progress(stage, 0, spec.adapter_steps)
+        losses[name] = _train(peft_model, trainable, _batches(tokenizer, name, spec, spec.adapter_steps, rng), 1e-2,
+                              lambda step, stage=stage: progress(stage, step, spec.adapter_steps))
         # save_pretrained puts a named adapter in a subfolder of its own name.
         peft_model.save_pretrained(raw_dir, selected_adapters=[name])
         model = peft_model.unload()
 
     store = Store(out / "adapters")
     store.root.mkdir(parents=True, exist_ok=True)
+    progress("register (smoke test)", 0, len(spec.adapters))
     identity, tester = base_identity(base_dir), SmokeTester(base_dir)
-    for name in spec.adapters:
+    for i, name in enumerate(spec.adapters, 1):
         passport = store.register(
             raw_dir / name, name, identity, tester, task=name, client="demo", language="en",
             description=f"demo {name} adapter trained on templated {name} answers", aliases=ALIASES.get(name, []))
         store.promote(name, passport.version)
+        progress("register (smoke test)", i, len(spec.adapters))
     shutil.rmtree(raw_dir, ignore_errors=True)
     return {"base": str(base_dir), "adapters": str(store.root), "base_loss": base_loss, "adapter_losses": losses,
             "seconds": time.perf_counter() - started}

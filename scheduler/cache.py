@@ -12,18 +12,11 @@ scheduler/tiers.py carries the actions out.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from scheduler.errors import NoCacheRoom
-from scheduler.types import AdapterRef
-
-
-class Tier(enum.IntEnum):
-    DISK = 0
-    RAM = 1
-    VRAM = 2
+from scheduler.types import AdapterRef, Tier
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from scheduler.types import AdapterRef, LoadSource
+from scheduler.types import AdapterRef, Tier
 
 
 class Observer(Protocol):
@@ -16,7 +16,7 @@ class Observer(Protocol):
     def adapter_read(self, adapter: AdapterRef, ms: float) -> None:
         """An adapter was read from disk (a cold load)."""
 
-    def adapter_ready(self, adapter: AdapterRef, source: LoadSource, ms: float) -> None:
+    def adapter_ready(self, adapter: AdapterRef, source: Tier, ms: float) -> None:
         """A batch's adapter was made usable: found in `source`, taking `ms` in all."""
 
 

@@ -28,12 +28,10 @@ from scheduler.observer import NullObserver, Observer
 from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
 from scheduler.tiers import AdapterTiers, Fetch, Origin
-from scheduler.types import (BASE, AdapterRef, Completion, Cost, FinishReason, GenerationRequest, LoadSource,
+from scheduler.types import (BASE, AdapterRef, Completion, Cost, FinishReason, GenerationRequest,
                              TextDelta, Timeline, Timings)
 
 log = logging.getLogger(__name__)
-
-_SOURCE = {Tier.DISK: LoadSource.DISK, Tier.RAM: LoadSource.RAM, Tier.VRAM: LoadSource.VRAM}
 
 
 @dataclass
@@ -60,7 +58,7 @@ class _Seq:
     timings: Timings = field(default_factory=Timings)
     timeline: Timeline = field(default_factory=Timeline)
     cost: Cost = field(default_factory=Cost)
-    load_source: LoadSource = LoadSource.VRAM
+    load_source: Tier = Tier.VRAM
     kv_slot: int = -1
     generated: list[int] = field(default_factory=list)
     detok: tuple[int, int] = (0, 0)
@@ -125,7 +123,7 @@ def _alone(exc: Exception) -> LoraServeError:
 
 def _to_base(req: GenerationRequest, exc: LoraServeError) -> GenerationRequest:
     return replace(req, adapter=BASE, fallback_to_base=False, fallback_reason=exc.reason,
-                   requested=f"{req.adapter.id}@{req.adapter.version}")
+                   requested=req.adapter.key)
 
 
 class Ticket:
@@ -412,7 +410,7 @@ class Scheduler:
         cold = self._cold.pop(adapter, None)
         found_in = Tier.DISK if cold is not None else moved.found_in
         fetched = cold[2] if cold is not None else moved.fetched
-        source = LoadSource.REMOTE if fetched is not None else _SOURCE[found_in]
+        source = Tier.REMOTE if fetched is not None else found_in
         entry = self.tiers.cache.entries.get(adapter)
         for seq in group:
             seq.load_source = source

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-BASE_ADAPTER_ID = "base"
+from loraserve.contract import BASE_ADAPTER_ID, versioned
 
 
 class FinishReason(enum.Enum):
@@ -14,14 +14,21 @@ class FinishReason(enum.Enum):
     STOP_SEQUENCE = "stop_sequence"
 
 
-class LoadSource(enum.Enum):
-    """Where an adapter's weights were when a request needed them."""
+class Tier(enum.IntEnum):
+    """Where an adapter's weights are, lowest first. The cache keeps each adapter in exactly one
+    of DISK, RAM and VRAM (scheduler/cache.py); a completion's `load_source` is the tier its
+    adapter was found in when the request needed it, REMOTE when it was first fetched from the
+    store's object storage into the disk cache. server/convert.py maps it to the proto's enums."""
 
-    VRAM = "vram"
-    RAM = "ram"
-    DISK = "disk"
-    REMOTE = "remote"
-    """Fetched from the remote origin (object storage) into the disk cache, then read."""
+    REMOTE = -1
+    DISK = 0
+    RAM = 1
+    VRAM = 2
+
+    @property
+    def label(self) -> str:
+        """Its name in metrics labels, span attributes, log lines and the clients: vram, ram, ..."""
+        return self.name.lower()
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,10 @@ class AdapterRef:
     @property
     def is_base(self) -> bool:
         return self.path is None
+
+    @property
+    def key(self) -> str:
+        return versioned(self.id, self.version)
 
 
 BASE = AdapterRef(BASE_ADAPTER_ID, "-")
@@ -136,7 +147,7 @@ class Completion:
     input_tokens: int
     output_tokens: int
     adapter: AdapterRef
-    load_source: LoadSource
+    load_source: Tier
     timings: Timings = field(default_factory=Timings)
     fallback_reason: str = ""
     fallback_from: str = ""

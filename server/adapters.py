@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraserve.contract import ADAPTER_ID, BASE_ADAPTER_ID
 from registry.identity import BaseIdentity
-from registry.passport import ADAPTER_ID, Passport
+from registry.passport import Passport
 from registry.store import PICKLE_WEIGHTS, WEIGHTS, AmbiguousId, Snapshot, Store, StoreError
 from scheduler.errors import (AdapterAmbiguous, AdapterIncompatible, AdapterNotActive, AdapterNotFound,
                               InvalidArgument, LoraServeError, PermissionDenied)
-from scheduler.types import BASE, BASE_ADAPTER_ID, AdapterRef
-
+from scheduler.types import BASE, AdapterRef
+from server.convert import check_adapter_id
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class AdapterRegistry:
         self._snapshot, self._stamp = snap, etag or ""
         return True
 
+    def example_id(self) -> str:
+        """An id worth trying: the first active adapter's name, else the base model's."""
+        return next((p.name for p in self.snapshot().passports if p.status == "active"), BASE_ADAPTER_ID)
+
     def refs(self) -> list[AdapterRef]:
         """Every version in the store."""
         return [self._ref(p) for p in self.snapshot().passports]
@@ -76,14 +81,10 @@ class AdapterRegistry:
         return AdapterRef(p.name, p.version, str(self.store.version_dir(p.name, p.version)), p.weights_sha256)
 
     def resolve(self, adapter_id: str, client: str | None = None, *, check_access: bool = True) -> Resolution:
-        if not adapter_id:
-            raise InvalidArgument("adapter_id", "is required (an adapter id, or 'base' for the bare model)")
+        check_adapter_id(adapter_id)
         if adapter_id == BASE_ADAPTER_ID:
             return Resolution(BASE)
         match = ADAPTER_ID.fullmatch(adapter_id)
-        if not match:
-            raise InvalidArgument("adapter_id", "must be a name of letters, digits, '-' or '_' with an "
-                                                "optional '@VERSION' (paths are not accepted)")
         snap = self.snapshot()
         try:
             name = snap.owner(match["name"])

@@ -6,16 +6,13 @@ import time
 
 from loraserve.v1 import admin_pb2 as pb
 from loraserve.v1 import admin_pb2_grpc
-from scheduler.cache import Tier
 from scheduler.errors import InvalidArgument, NotReady
 from scheduler.scheduler import Scheduler
 from scheduler.tiers import AdapterState
-from scheduler.types import AdapterRef
+from scheduler.types import AdapterRef, Tier
 from server.adapters import AdapterRegistry
+from server.convert import PB_TIER, TIER_PB
 from server.errors import unary_errors
-
-_TIER_PB = {Tier.DISK: pb.TIER_DISK, Tier.RAM: pb.TIER_RAM, Tier.VRAM: pb.TIER_VRAM}
-_PB_TIER = {v: k for k, v in _TIER_PB.items()}
 
 
 async def warm(scheduler: Scheduler, adapter: AdapterRef, tier: Tier) -> None:
@@ -69,7 +66,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
     @unary_errors
     async def WarmAdapter(self, request, context):
         ref = self._attachable(request.adapter_id)
-        tier = _PB_TIER.get(request.tier, Tier.VRAM)
+        tier = PB_TIER.get(request.tier, Tier.VRAM)
         if tier is Tier.DISK:
             raise InvalidArgument("tier", "warm to TIER_RAM or TIER_VRAM")
         await warm(self._sched(), ref, tier)
@@ -78,7 +75,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
     @unary_errors
     async def EvictAdapter(self, request, context):
         ref = self._resolve(request.adapter_id)
-        tier = _PB_TIER.get(request.tier, Tier.DISK)
+        tier = PB_TIER.get(request.tier, Tier.DISK)
         if tier is Tier.VRAM:
             raise InvalidArgument("tier", "evict to TIER_RAM or TIER_DISK")
         await self._sched().tiers.evict(ref, tier)
@@ -107,7 +104,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
         states = tiers.tier_states()
         for tier in (Tier.VRAM, Tier.RAM):
             st = states[tier]
-            out.tiers.add(tier=_TIER_PB[tier], hits=st.stats.hits, misses=st.stats.misses, loads=st.stats.loads,
+            out.tiers.add(tier=TIER_PB[tier], hits=st.stats.hits, misses=st.stats.misses, loads=st.stats.loads,
                           evictions=st.stats.evictions, bytes_used=st.bytes_used, bytes_budget=st.budget,
                           adapters=st.adapters)
         return out
@@ -115,7 +112,7 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
 
 def _status_pb(state: AdapterState) -> pb.AdapterStatus:
     ref = state.adapter
-    status = pb.AdapterStatus(id=ref.id, version=ref.version, tier=_TIER_PB[state.tier], in_use=state.in_use,
+    status = pb.AdapterStatus(id=ref.id, version=ref.version, tier=TIER_PB[state.tier], in_use=state.in_use,
                               pinned=state.pinned, size_bytes=state.bytes)
     if state.idle_s is not None:
         status.last_used.FromNanoseconds(int((time.time() - state.idle_s) * 1e9))

@@ -1,17 +1,28 @@
-"""`loraserve` command: serve, demo build, generate, adapters."""
+"""`loraserve serve`: run the gRPC server (also `python -m server.cli serve ...`).
+
+The `loraserve` command itself (tools/cli.py) adds the demo, client, registry and bench
+subcommands; this module imports none of them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import shutil
 import signal
 import sys
-from pathlib import Path
 
 from server import config as config_mod
+
+
+def try_it_line(host: str, port: int, adapter: str) -> str:
+    """The one line that tells a newcomer how to call the server that just turned SERVING: the
+    client CLI (bash's $'...' carries the prompt's newline) and grpcurl (reflection is on)."""
+    target = f"{'localhost' if host in ('0.0.0.0', '::', '127.0.0.1') else host}:{port}"
+    prompt = "Question: What should I do next?\\nAnswer:"
+    body = f'{{"adapter_id":"{adapter}","prompt":"{prompt}"}}'
+    return (f"ready: try `loraserve generate --target {target} --adapter {adapter} $'{prompt}'` or "
+            f"`grpcurl -plaintext -d '{body}' {target} loraserve.v1.InferenceService/Generate`")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -32,6 +43,12 @@ def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stopping.set)
         await server.start()
         loader = asyncio.create_task(server.load())
+
+        def loaded(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is None:
+                print(try_it_line(cfg.host, server.port, server.registry.example_id()), file=sys.stderr, flush=True)
+
+        loader.add_done_callback(loaded)
         await stopping.wait()
         logging.getLogger("loraserve").info("signal received: draining")
         if not loader.done():
@@ -42,43 +59,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_build(args: argparse.Namespace) -> int:
-    from runner.demo import build_demo
-
-    out = Path(args.out)
-    if (out / "adapters" / "registry.json").exists() and not args.force:
-        print(f"demo already built in {out} (use --force to rebuild)")
-        return 0
-    shutil.rmtree(out, ignore_errors=True)
-    summary = build_demo(out)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loraserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="run the gRPC server")
     config_mod.add_arguments(serve)
     serve.set_defaults(func=_serve)
 
-    demo = sub.add_parser("demo", help="the embedded demo model")
-    demo_sub = demo.add_subparsers(dest="demo_command", required=True)
-    build = demo_sub.add_parser("build", help="train the demo base model and adapters (no downloads)")
-    build.add_argument("--out", default="var/demo", help="output directory [var/demo]")
-    build.add_argument("--force", action="store_true", help="rebuild even if present")
-    build.set_defaults(func=_demo_build)
 
-    from clients.cli import add_generate_parser
-    from tools.bench.cli import add_bench_parser
-    from tools.bench.soak import add_soak_parser
-    from registry.cli import add_adapters_parser
-
-    add_generate_parser(sub)
-    add_adapters_parser(sub)
-    add_bench_parser(sub)
-    add_soak_parser(sub)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.cli")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

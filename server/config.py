@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from loraserve.contract import ROUTING_HEADER, adapter_id_problem
 from scheduler.policy import POLICIES
 from server.auth import Authenticator
 from registry.origin import S3Location, is_remote
-from server.ids import is_adapter_id
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARM_AT = re.compile(r"(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>.+)")
 METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 """A gRPC metadata key that carries text (keys ending in -bin carry bytes)."""
-RESERVED_KEYS = frozenset({"authorization", "x-adapter-id", "user-agent", "content-type", "te", "traceparent"})
+RESERVED_KEYS = frozenset({"authorization", ROUTING_HEADER, "user-agent", "content-type", "te", "traceparent"})
 ENV_PREFIX = "LORASERVE_"
 
 
@@ -131,10 +131,10 @@ class ServerConfig:
                 problems.append(f"adapters_dir: {exc}")
         elif self.s3_endpoint_url:
             problems.append("s3_endpoint_url applies only to an s3:// adapters_dir")
-        bad = [w for w in self.warm_schedule if not (m := WARM_AT.fullmatch(w)) or not is_adapter_id(m["adapter"])]
+        bad = [w for w in self.warm_schedule if not (m := WARM_AT.fullmatch(w)) or adapter_id_problem(m["adapter"])]
         if bad:
             problems.append(f"warm_schedule entries must look like 08:55=support, not {bad[0]!r}")
-        bad = [a for a in (*self.warm, *self.pin) if not is_adapter_id(a)]
+        bad = [a for a in (*self.warm, *self.pin) if adapter_id_problem(a)]
         if bad:
             problems.append(f"warm and pin take adapter ids (name, alias or name@VERSION), not {bad[0]!r}")
         if (self.tls_cert is None) != (self.tls_key is None):

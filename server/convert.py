@@ -6,11 +6,11 @@ import math
 import uuid
 from dataclasses import dataclass
 
+from loraserve.contract import adapter_id_problem
+from loraserve.v1 import admin_pb2
 from loraserve.v1 import inference_pb2 as pb
 from scheduler.errors import InvalidArgument
-from scheduler.types import (AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource,
-                             SamplingParams)
-from server.ids import is_adapter_id
+from scheduler.types import AdapterRef, Completion, FinishReason, GenerationRequest, SamplingParams, Tier
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 64
@@ -31,11 +31,7 @@ def check_fields(req: pb.GenerateRequest, limits: RequestLimits) -> None:
     """Everything checkable before tokenizing; raises InvalidArgument naming the field."""
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument("request_id", f"is longer than {MAX_REQUEST_ID_CHARS} characters")
-    if not req.adapter_id:
-        raise InvalidArgument("adapter_id", "is required (an adapter id, or 'base' for the bare model)")
-    if not is_adapter_id(req.adapter_id):
-        raise InvalidArgument("adapter_id", "must be a name of letters, digits, '-' or '_' with an optional "
-                                            "'@VERSION' (paths are not accepted)")
+    check_adapter_id(req.adapter_id)
     if not req.prompt:
         raise InvalidArgument("prompt", "must not be empty")
     if req.max_new_tokens > limits.max_new_tokens_limit:
@@ -51,6 +47,11 @@ def check_fields(req: pb.GenerateRequest, limits: RequestLimits) -> None:
         raise InvalidArgument("stop_sequences", f"at most {MAX_STOP_SEQUENCES} are allowed")
     if any(not s or len(s) > MAX_STOP_CHARS for s in req.stop_sequences):
         raise InvalidArgument("stop_sequences", f"each must have 1 to {MAX_STOP_CHARS} characters")
+
+
+def check_adapter_id(adapter_id: str) -> None:
+    if (problem := adapter_id_problem(adapter_id)) is not None:
+        raise InvalidArgument("adapter_id", problem)
 
 
 FALLBACKS = {pb.FALLBACK_UNSPECIFIED: "", pb.FALLBACK_FAIL: "fail", pb.FALLBACK_BASE: "base"}
@@ -87,8 +88,12 @@ _FINISH = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
 }
-_SOURCE = {LoadSource.VRAM: pb.LOAD_SOURCE_VRAM, LoadSource.RAM: pb.LOAD_SOURCE_RAM,
-           LoadSource.DISK: pb.LOAD_SOURCE_DISK, LoadSource.REMOTE: pb.LOAD_SOURCE_REMOTE}
+# The one mapping of the tier enum to the proto's: a response's load source and the admin
+# service's tiers (whose enum has no REMOTE: the cache never holds an adapter there).
+_SOURCE = {Tier.VRAM: pb.LOAD_SOURCE_VRAM, Tier.RAM: pb.LOAD_SOURCE_RAM, Tier.DISK: pb.LOAD_SOURCE_DISK,
+           Tier.REMOTE: pb.LOAD_SOURCE_REMOTE}
+TIER_PB = {Tier.DISK: admin_pb2.TIER_DISK, Tier.RAM: admin_pb2.TIER_RAM, Tier.VRAM: admin_pb2.TIER_VRAM}
+PB_TIER = {v: k for k, v in TIER_PB.items()}
 
 
 def _summary(c: Completion) -> dict:

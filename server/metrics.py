@@ -16,10 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from scheduler.cache import Tier
 from scheduler.scheduler import Scheduler
 from scheduler.thrash import ThrashDetector
-from scheduler.types import AdapterRef, Completion, LoadSource
+from scheduler.types import AdapterRef, Completion, Tier
 from server.labels import BoundedLabels
 from server.memory import EngineMemory
 
@@ -94,7 +93,7 @@ class Metrics:
         self.generation_seconds.labels(adapter).observe((t.prefill_ms + t.decode_ms) / 1e3)
         self.ttft_seconds.labels(adapter).observe(max(c.timeline.first_token - c.timeline.enqueued, 0.0))
         if not c.adapter.is_base:  # as the tiers count: the base model is no cache entry
-            vram_hit, ram_hit = c.load_source is LoadSource.VRAM, c.load_source is LoadSource.RAM
+            vram_hit, ram_hit = c.load_source is Tier.VRAM, c.load_source is Tier.RAM
             (self.hits if vram_hit else self.misses).labels(adapter, "vram").inc()
             if not vram_hit:
                 (self.hits if ram_hit else self.misses).labels(adapter, "ram").inc()
@@ -113,9 +112,9 @@ class Metrics:
                         "for this traffic (raise --ram-budget-mib / --vram-budget-mib, or pin it)",
                         adapter.id, self._thrash.limit)
 
-    def adapter_ready(self, adapter: AdapterRef, source: LoadSource, ms: float) -> None:
-        if source is not LoadSource.VRAM:
-            self.load_seconds.labels(self._adapter(adapter.id), source.value).observe(ms / 1e3)
+    def adapter_ready(self, adapter: AdapterRef, source: Tier, ms: float) -> None:
+        if source is not Tier.VRAM:
+            self.load_seconds.labels(self._adapter(adapter.id), source.label).observe(ms / 1e3)
 
 
 class _SchedulerCollector(Collector):
@@ -131,16 +130,16 @@ class _SchedulerCollector(Collector):
                                          ("evictions", "Adapters pushed out of the tier", "evictions")):
             family = CounterMetricFamily(f"loraserve_cache_{metric}", help_text, labels=["tier"])
             for t, st in states.items():
-                family.add_metric([t.name.lower()], getattr(st.stats, field))
+                family.add_metric([t.label], getattr(st.stats, field))
             yield family
         resident = GaugeMetricFamily("loraserve_resident_adapters", "Adapters held in the tier", labels=["tier"])
         used = GaugeMetricFamily("loraserve_cache_bytes", "Bytes of adapter weights held in the tier",
                                  labels=["tier"])
         budget = GaugeMetricFamily("loraserve_cache_budget_bytes", "The tier's byte budget", labels=["tier"])
         for t, st in states.items():
-            resident.add_metric([t.name.lower()], st.adapters)
-            used.add_metric([t.name.lower()], st.bytes_used)
-            budget.add_metric([t.name.lower()], st.budget)
+            resident.add_metric([t.label], st.adapters)
+            used.add_metric([t.label], st.bytes_used)
+            budget.add_metric([t.label], st.budget)
         yield from (resident, used, budget)
         sched = self._scheduler
         yield GaugeMetricFamily("loraserve_queue_depth", "Requests waiting", value=sched.queue_depth)

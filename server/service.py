@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Iterator
 
+from loraserve.contract import ROUTING_HEADER
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from scheduler.errors import InvalidArgument, LoraServeError, NotReady
@@ -24,8 +25,6 @@ from server.telemetry import Telemetry
 log = logging.getLogger("loraserve.requests")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
-ROUTING_KEY = "x-adapter-id"
-"""Metadata clients send for adapter-affinity routing (clients/affinity.py); must match adapter_id."""
 
 
 @dataclass
@@ -61,9 +60,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
         check_fields(request, self._limits)
-        routed = next((v for k, v in context.invocation_metadata() or () if k == ROUTING_KEY), None)
+        routed = next((v for k, v in context.invocation_metadata() or () if k == ROUTING_HEADER), None)
         if routed is not None and routed != request.adapter_id:
-            raise InvalidArgument(ROUTING_KEY, f"metadata names {routed!r} but the request names "
+            raise InvalidArgument(ROUTING_HEADER, f"metadata names {routed!r} but the request names "
                                                f"{request.adapter_id!r}; a router would send it to the wrong replica")
         with self._telemetry.resolve(request.adapter_id):
             found = self._registry.resolve(request.adapter_id, call.client)
@@ -78,7 +77,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         else:
             req = replace(from_pb(request, BASE, prompt_ids, self._limits, client=call.key),
                           fallback_reason=found.problem.reason,
-                          requested=f"{found.adapter.id}@{found.adapter.version}")
+                          requested=found.adapter.key)
         ticket = self._scheduler.submit(req, context.time_remaining())
         call.req = req
         self._telemetry.submitted(span, req)
@@ -157,7 +156,7 @@ def _log_request(request: pb.GenerateRequest, call: _Call, base_model: str, star
             "base_model": base_model, "status": call.status, "total_ms": round((time.perf_counter() - started) * 1e3, 2)}
     if c is not None:
         t, cost = c.timings, c.cost
-        line.update(adapter=c.adapter.id, version=c.adapter.version, load_source=c.load_source.value,
+        line.update(adapter=c.adapter.id, version=c.adapter.version, load_source=c.load_source.label,
                     queue_ms=round(t.queue_ms, 2), load_ms=round(t.load_ms, 2),
                     generation_ms=round(t.prefill_ms + t.decode_ms, 2), input_tokens=c.input_tokens,
                     output_tokens=c.output_tokens, prefill_device_ms=round(cost.prefill_device_ms, 3),

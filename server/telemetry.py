@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from scheduler.errors import LoraServeError
-from scheduler.types import AdapterRef, Completion, GenerationRequest, LoadSource
+from scheduler.types import AdapterRef, Completion, GenerationRequest, Tier
 from server.metrics import Metrics
 
 
@@ -111,7 +111,7 @@ class Telemetry:
         fetch = {"loraserve.adapter.fetch_bytes": t.fetch_bytes,
                  "loraserve.adapter.fetch_ms": t.fetch_ms} if t.fetch_bytes else {}
         phase("adapter.load", t.load_started, t.load_ended, {
-            **base, "loraserve.adapter.source": c.load_source.value, "loraserve.adapter.bytes": t.load_bytes,
+            **base, "loraserve.adapter.source": c.load_source.label, "loraserve.adapter.bytes": t.load_bytes,
             "loraserve.adapter.load_shared": t.load_shared, **fetch})
         phase("generate", t.load_ended, t.finished, {
             **base,
@@ -123,7 +123,7 @@ class Telemetry:
             "gen_ai.usage.input_tokens": c.input_tokens,
             "gen_ai.usage.output_tokens": c.output_tokens,
             "gen_ai.response.finish_reasons": [c.finish_reason.value],
-            "loraserve.adapter.load_source": c.load_source.value,
+            "loraserve.adapter.load_source": c.load_source.label,
         })
         span.set_attributes({**base, "gen_ai.usage.output_tokens": c.output_tokens})
         if c.fallback_reason:
@@ -144,7 +144,7 @@ class Telemetry:
     def adapter_read(self, adapter: AdapterRef, ms: float) -> None:
         self.metrics.adapter_read(adapter, ms)
 
-    def adapter_ready(self, adapter: AdapterRef, source: LoadSource, ms: float) -> None:
+    def adapter_ready(self, adapter: AdapterRef, source: Tier, ms: float) -> None:
         self.metrics.adapter_ready(adapter, source, ms)
 
     def shutdown(self) -> None:

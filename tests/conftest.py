@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -17,6 +18,10 @@ import pytest
 from runner.demo import DemoSpec, build_demo
 
 REPO = Path(__file__).resolve().parent.parent
+# Processes the tests start import this checkout's rooms and its client distribution (pytest's
+# own `pythonpath` setting covers only this process).
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "pyclient"),
+                                            *filter(None, [os.environ.get("PYTHONPATH")])])
 PROMPT = "Question: What should I do next?\nAnswer:"
 ADAPTERS = ("legal", "medical", "support")
 

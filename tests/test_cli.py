@@ -1,16 +1,26 @@
-"""The `loraserve` command: generate against a live server, config failures."""
+"""The `loraserve` command: generate against a live server, config failures, what a newcomer
+sees from demo build and serve."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+import threading
+from pathlib import Path
+
+import pytest
 
 from conftest import PROMPT, REPO
+from runner.demo import DemoSpec
+from tools.cli import summary_text
 
 
 def loraserve(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=env)
 
 
@@ -82,3 +92,85 @@ def test_adapters_cli_lifecycle(demo_dir, tmp_path):
     assert refused.returncode == 1 and "pickle" in refused.stderr
     missing = adapters("promote", "triage", "9")
     assert missing.returncode == 1 and "not in the store" in missing.stderr
+
+
+def test_serve_says_how_to_try_it_in_one_line_and_the_commands_work(demo_dir):
+    env = {**os.environ, "LORASERVE_PORT": "0", "LORASERVE_METRICS_PORT": "-1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--model-path", str(demo_dir / "base"),
+                             "--adapters-dir", str(demo_dir / "adapters")], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready: try "):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(120), lines
+        cli, grpcurl = re.findall(r"`([^`]+)`", lines[-1])
+        assert cli.startswith("loraserve generate ") and grpcurl.startswith("grpcurl ")
+        tried = subprocess.run(["bash", "-c", cli.replace("loraserve", f"{sys.executable} -m tools.cli", 1)],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert tried.returncode == 0 and tried.stdout.strip() and "legal@1" in tried.stderr, tried.stderr
+        binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+        if binary:
+            called = subprocess.run(["bash", "-c", grpcurl.replace("grpcurl", binary, 1)], capture_output=True,
+                                    text=True, timeout=60)
+            assert called.returncode == 0 and json.loads(called.stdout)["adapter"]["id"] == "legal", called.stderr
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    said = "".join(lines)
+    assert sum(line.startswith("ready: ") for line in lines) == 1
+    assert "Loading weights" not in said and "Warning" not in said, said
+
+
+def test_demo_summary_reads_as_text():
+    text = summary_text({"base": "var/demo/base", "adapters": "var/demo/adapters", "base_loss": 0.3456,
+                         "adapter_losses": {"legal": 1.7, "medical": 1.9}, "seconds": 27.4})
+    assert text.splitlines()[0] == "demo built in 27 s"
+    assert "legal, medical in var/demo/adapters" in text and "legal 1.70, medical 1.90" in text
+    assert "loraserve serve --model-path var/demo/base --adapters-dir var/demo/adapters" in text
+
+
+@pytest.mark.slow
+def test_demo_build_shows_one_bar_per_stage(tmp_path):
+    """A smaller spec through the same command path: one line per stage off a terminal."""
+    from runner.demo import build_demo
+    from tools.progress import StageBars
+
+    class Log:
+        text = ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return False
+
+    log = Log()
+    spec = DemoSpec(adapters=("legal",), base_steps=3, adapter_steps=2)
+    build_demo(tmp_path / "demo", spec, progress=StageBars(log))
+    stages = [line.split("[")[0].strip() for line in log.text.splitlines()]
+    assert stages == ["tokenizer", "base model", "adapter legal", "register (smoke test)"]
+    assert all(re.search(r"\[#+\]\s+(\d+)/\1\s+[\d.]+ s$", line) for line in log.text.splitlines()), log.text
+
+
+def test_registry_cli_alone_registers_only_without_the_smoke_test(tmp_path, capsys):
+    """`python -m registry.cli` imports no runner: a smoke-tested registration needs `loraserve adapters`."""
+    from registry.cli import main
+    from tiny import fake_base, tiny_adapter
+
+    raw, base, store = tiny_adapter(tmp_path / "raw"), fake_base(tmp_path / "base"), tmp_path / "store"
+    assert main(["--store", str(store), "register", str(raw), "--name", "x", "--model-path", str(base)]) == 1
+    assert "loraserve adapters register" in capsys.readouterr().err
+    assert main(["--store", str(store), "--json", "register", str(raw), "--name", "x", "--no-smoke",
+                 "--model-path", str(base)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "staging"

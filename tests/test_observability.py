@@ -19,7 +19,7 @@ from conftest import PROMPT, ServerThread, adapter_mib, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from scheduler.thrash import ThrashDetector
-from scheduler.types import AdapterRef, Completion, FinishReason, LoadSource
+from scheduler.types import AdapterRef, Completion, FinishReason, Tier
 from server.labels import OTHER, BoundedLabels
 from server.metrics import Metrics
 from server.telemetry import provider_from_env
@@ -198,9 +198,9 @@ def test_ten_thousand_adapters_and_clients_make_at_most_n_plus_one_label_values(
         adapter = AdapterRef(f"a{i}", "1", "/store")
         metrics.adapter_read(adapter, 1.0)
         metrics.adapter_read(adapter, 1.0)  # a thrash warning, labelled too
-        metrics.adapter_ready(adapter, LoadSource.DISK, 1.0)
+        metrics.adapter_ready(adapter, Tier.DISK, 1.0)
         metrics.request_done(adapter.id, "OK", 0.01, Completion(f"r{i}", "x", FinishReason.LENGTH, 3, 1, adapter,
-                                                               LoadSource.DISK), client=f"ipv4:10.0.{i % 250}.1")
+                                                               Tier.DISK), client=f"ipv4:10.0.{i % 250}.1")
     exposition = generate_latest(metrics.registry).decode()
     assert len(set(re.findall(r'adapter="([^"]*)"', exposition))) == 6
     assert len(set(re.findall(r'client="([^"]*)"', exposition))) == 4

@@ -35,9 +35,9 @@ FAULTY = ("ghost", "corrupt", "stalled", "denied", "cold1", "cold2", "cold3")
 
 
 def cli(endpoint: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "registry.cli", "--store", STORE, "--s3-endpoint-url", endpoint,
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "adapters", "--store", STORE, "--s3-endpoint-url", endpoint,
                            *args], capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=os.environ)
     assert done.returncode == 0, done.stderr
     return done
 

@@ -155,7 +155,7 @@ def test_cli_against_the_bucket(bucket, moto_endpoint, raw, tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "registry.cli", "--store", bucket, "--s3-endpoint-url",
                                moto_endpoint, *args], capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                              env=os.environ, timeout=120)
 
     done = cli("--json", "register", str(raw), "--name", "legal", "--no-smoke", "--model-path", str(base),
                "--aliases", "law")
@@ -170,7 +170,7 @@ def test_cli_against_the_bucket(bucket, moto_endpoint, raw, tmp_path):
     assert json.loads(cli("--json", "list").stdout)[0]["status"] == "archived"
     missing = subprocess.run([sys.executable, "-m", "registry.cli", "--store", "s3://no-such-bucket-here/x",
                               "--s3-endpoint-url", moto_endpoint, "list"], capture_output=True, text=True,
-                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                             cwd=REPO, env=os.environ, timeout=120)
     assert missing.returncode == 1 and "NoSuchBucket" in missing.stderr
 
 

@@ -14,7 +14,7 @@ from scheduler.errors import AdapterLoadFailed, DeadlineTooShort, OutOfMemory, Q
 from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.scheduler import Scheduler
 from scheduler.text import find_stop, stable_length
-from scheduler.types import BASE, AdapterRef, Completion, FinishReason, GenerationRequest, LoadSource, TextDelta
+from scheduler.types import BASE, AdapterRef, Completion, FinishReason, GenerationRequest, Tier, TextDelta
 
 EOS = 0
 
@@ -138,8 +138,8 @@ def test_each_request_gets_its_own_adapters_text():
     assert [r.text for r in results] == ["ab", "xyz", "ab", "q"]
     assert all(r.finish_reason is FinishReason.EOS for r in results)
     # r0 and r2 shared the batch that read "ab" from disk; later it is already attached.
-    assert results[0].load_source is results[2].load_source is LoadSource.DISK
-    assert again.load_source is LoadSource.VRAM and again.timings.load_ms == 0
+    assert results[0].load_source is results[2].load_source is Tier.DISK
+    assert again.load_source is Tier.VRAM and again.timings.load_ms == 0
     # All four adapters shared one prefill and one decode batch (mixed policy).
     assert list(map(len, engine.prefills)) == [4, 1] and engine.decodes[0] == [1, 2, 3, 4]
 
@@ -225,7 +225,7 @@ def test_cold_loads_are_limited_single_flight_and_answered_correctly():
     assert [r.text for r in results] == names * 3
     assert engine.peak_fetching == 2
     assert sorted(engine.loads) == sorted(names)
-    assert {r.load_source for r in results} >= {LoadSource.DISK}
+    assert {r.load_source for r in results} >= {Tier.DISK}
 
 
 def test_resident_adapters_are_served_while_a_cold_one_loads():
@@ -461,5 +461,5 @@ def test_an_adapter_load_is_shared_by_the_requests_it_was_made_for():
         return [await t.result() for t in tickets]
 
     results = run(engine, scenario)
-    assert all(r.load_source is LoadSource.DISK and r.timings.load_ms >= 10 for r in results)
+    assert all(r.load_source is Tier.DISK and r.timings.load_ms >= 10 for r in results)
     assert [r.cost.adapter_load_ms for r in results] == [r.timings.load_ms / 2 for r in results]

@@ -1,1 +1,2 @@
-"""Operator tools outside the contract: benchmark, soak and load generators."""
+"""The top room: the `loraserve` command, the benchmark, soak and load generators, and the Ray
+Serve front. Nothing below imports it."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from clients.client import ROUTING_HEADER
+from loraserve.contract import ROUTING_HEADER
 
 # Until gRPC turns it on by default, hashing on a header is behind this switch; it is read
 # when a channel parses its service config, so setting it here (before any such channel) works.

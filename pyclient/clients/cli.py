@@ -1,4 +1,5 @@
-"""`loraserve generate --adapter legal "prompt" [--stream]`."""
+"""`loraserve generate --adapter legal "prompt" [--stream]`; `loraserve-client generate ...` where only
+the client is installed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from dataclasses import asdict
 
 from clients.client import LoraServeClient, RequestFailed
+from loraserve.contract import versioned
 
 
 def add_generate_parser(sub) -> None:
@@ -52,6 +54,17 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(result)))
     else:
-        print(f"[{result.adapter_id}@{result.adapter_version} from {result.load_source}, "
+        print(f"[{versioned(result.adapter_id, result.adapter_version)} from {result.load_source}, "
               f"{result.output_tokens} tokens, {result.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loraserve-client", description="call a running loraserve server")
+    add_generate_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ from typing import AsyncIterator, Iterator
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from loraserve.contract import ROUTING_HEADER
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 
@@ -31,7 +32,7 @@ class GenerateResult:
     adapter_id: str
     adapter_version: str
     load_source: str
-    """vram | ram | disk"""
+    """vram | ram | disk | remote"""
     timings_ms: dict[str, float] = field(default_factory=dict)
     cost_ms: dict[str, float] = field(default_factory=dict)
     """The request's share of the engine's prefill and decode steps and of its adapter's load."""
@@ -86,9 +87,6 @@ def build_request(adapter: str, prompt: str, *, max_new_tokens: int = 0, tempera
         if value is not None:
             setattr(req, name, value)
     return req
-
-
-ROUTING_HEADER = "x-adapter-id"
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

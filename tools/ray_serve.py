@@ -5,7 +5,7 @@ errors, spans) on a loopback port and answers through it. Adapters are Serve *mu
 models*: Serve routes a request to a replica that already holds its adapter, and when a
 replica's multiplex LRU drops one, the adapter leaves that replica's VRAM too.
 
-    serve run server.ray_serve:app model_path=/models/base adapters_dir=/models/adapters
+    serve run tools.ray_serve:app model_path=/models/base adapters_dir=/models/adapters
 
 Callers name the adapter as the multiplexed model id: HTTP header
 `serve_multiplexed_model_id: legal` with a JSON body {"prompt": ..., "max_new_tokens": ...},
@@ -21,7 +21,8 @@ from pathlib import Path
 from ray import serve
 
 from clients.client import AsyncLoraServeClient, RequestFailed
-from scheduler.cache import Tier
+from loraserve.contract import BASE_ADAPTER_ID
+from scheduler.types import Tier
 from server import admin
 from server.app import LoraServer
 from server.config import ServerConfig
@@ -66,7 +67,7 @@ class LoraServeDeployment:
     @serve.multiplexed(max_num_models_per_replica=16)
     async def get_adapter(self, adapter_id: str) -> _Resident:
         server = await self._ready()
-        if adapter_id != "base":
+        if adapter_id != BASE_ADAPTER_ID:
             found = server.registry.resolve(adapter_id, check_access=False)
             if found.problem is None:  # else the request itself reports why, or falls back to the base model
                 await admin.warm(server.scheduler, found.adapter, Tier.VRAM)
@@ -74,7 +75,7 @@ class LoraServeDeployment:
 
     async def generate(self, prompt: str, **params) -> dict:
         """The adapter is the request's multiplexed model id; params as LoraServeClient.generate."""
-        adapter_id = serve.get_multiplexed_model_id() or "base"
+        adapter_id = serve.get_multiplexed_model_id() or BASE_ADAPTER_ID
         await self.get_adapter(adapter_id)
         try:
             return asdict(await self._client.generate(adapter_id, prompt, **params))
@@ -87,7 +88,7 @@ class LoraServeDeployment:
 
 
 def app(args: dict) -> serve.Application:
-    """`serve run server.ray_serve:app model_path=... adapters_dir=... [num_replicas=2]`."""
+    """`serve run tools.ray_serve:app model_path=... adapters_dir=... [num_replicas=2]`."""
     args = dict(args)
     replicas = int(args.pop("num_replicas", 2))
     return LoraServeDeployment.options(num_replicas=replicas).bind(**args)
