@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -19,6 +20,10 @@ from runner.demo import DemoSpec, build_demo
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Question: What should I do next?\nAnswer:"
 ADAPTERS = ("legal", "medical", "support")
+TEST_DTYPE = os.environ.get("LORASERVE_TEST_DTYPE", "auto")
+"""The compute dtype of the servers the fixtures start (`server_config`) and of the engines the
+byte-accounting tests start: LORASERVE_TEST_DTYPE=bfloat16 serves on a CPU in the dtype a CUDA
+machine serves in by default."""
 
 
 @pytest.fixture(scope="session")
@@ -85,14 +90,32 @@ class ServerThread:
         self._thread.join(10)
 
 
-def adapter_mib(demo_dir: Path, dtype: str = "auto", device: str = "auto") -> float:
-    """What one demo adapter takes in the RAM tier as the server holds it (the serving dtype:
-    float32 on CPU, bfloat16 on CUDA), for tests that size budgets in adapters."""
-    from registry.weights import held_bytes
-    from runner.engine import resolve_device, resolve_dtype
+def one_adapter_bytes(cfg) -> tuple[int, int]:
+    """(RAM, VRAM) bytes one demo adapter takes in the tiers of a server configured by `cfg`,
+    asked of a started engine of that very configuration: what reading it into RAM holds (its
+    tensors in the serving dtype) and the device slot attaching it takes. Tests size budgets in
+    adapters from these, never from the file on disk (float32, while CUDA serves bfloat16)."""
+    from runner.engine import TorchEngine
+    from scheduler.types import AdapterRef
+    from server.app import engine_config
 
-    itemsize = resolve_dtype(dtype, resolve_device(device)).itemsize
-    return held_bytes(demo_dir / "adapters" / ADAPTERS[0] / "1" / "adapter_model.safetensors", itemsize) / 2**20
+    ref = AdapterRef(ADAPTERS[0], "1", str(Path(cfg.adapters_dir) / ADAPTERS[0] / "1"))
+    engine = TorchEngine(engine_config(cfg))
+
+    async def ask() -> tuple[int, int]:
+        await engine.start()
+        try:
+            return await engine.fetch(ref), engine.attached_bytes(ref)
+        finally:
+            await engine.close()
+    return asyncio.run(ask())
+
+
+def room_for_one_in_ram(demo_dir: Path, **overrides):
+    """`server_config(demo_dir, **overrides)` whose RAM tier holds one demo adapter, not two
+    (a budget of 1.5 adapters as this server holds them)."""
+    cfg = server_config(demo_dir, **overrides)
+    return dataclasses.replace(cfg, ram_budget_mib=1.5 * one_adapter_bytes(cfg)[0] / 2**20)
 
 
 def server_config(demo_dir: Path, **overrides):
@@ -100,7 +123,7 @@ def server_config(demo_dir: Path, **overrides):
 
     return ServerConfig(**{"port": 0, "metrics_port": 0, "model_path": demo_dir / "base",
                            "adapters_dir": demo_dir / "adapters", "batch_wait_ms": 5.0, "grace_period_s": 10.0,
-                           **overrides})
+                           "dtype": TEST_DTYPE, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 
-from conftest import PROMPT, ServerThread, adapter_mib, server_config
+from conftest import PROMPT, ServerThread, room_for_one_in_ram, server_config
 from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
@@ -19,8 +19,7 @@ from test_lifecycle import PacedEngine, wait_for
 @pytest.fixture(scope="module")
 def cached(demo_dir):
     # VRAM holds two demo adapters, RAM one; `legal` is attached at start-up.
-    cfg = server_config(demo_dir, max_loras=2, ram_budget_mib=1.2 * adapter_mib(demo_dir),
-                        warm=("legal",))
+    cfg = room_for_one_in_ram(demo_dir, max_loras=2, warm=("legal",))
     srv = ServerThread(cfg, engine=PacedEngine(engine_config(cfg)))
     with srv.channel() as ch:
         yield srv, admin_pb2_grpc.AdapterAdminServiceStub(ch), inference_pb2_grpc.InferenceServiceStub(ch)
