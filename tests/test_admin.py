@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 
-from conftest import PROMPT, ServerThread, room_for_one_in_ram, server_config
+from conftest import PROMPT, ServerThread, one_adapter_bytes, room_for_one_in_ram, server_config
 from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
@@ -73,6 +73,8 @@ def test_cache_lifecycle_through_admin_rpcs(cached):
 
     for tier in stats(admin).values():
         assert 0 < tier.bytes_used <= tier.bytes_budget and tier.evictions > 0
+    ram, slot = one_adapter_bytes(srv.server.cfg)  # as this server holds one, in its dtype
+    assert stats(admin)[apb.TIER_VRAM].bytes_budget == 2 * slot and stats(admin)[apb.TIER_RAM].bytes_used == ram
     assert admin.GetCacheStats(apb.GetCacheStatsRequest(), timeout=10).peak_loads_in_flight <= 2
 
 
