@@ -67,6 +67,10 @@ class EngineConfig:
     decode_graphs: str = "auto"
     """auto: decode replays CUDA graphs on cuda (runner/graphs.py), runs eagerly elsewhere; off:
     always eager; buffers: the graphs' static-buffer step without capture (checks it on a CPU)."""
+    deterministic: bool = False
+    """Batch-invariant steps: every row's forward runs alone (one row, its own adapter's rank)
+    under torch's deterministic algorithms, so nothing else in its step can change a row's
+    scores. One forward per row instead of one per step."""
 
 
 def _refuse_unsupported_attention(config, max_len: int) -> None:
@@ -141,12 +145,20 @@ class TorchEngine:
         self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
         self._pad = 0
         self._eos: frozenset[int] = frozenset()
+        self._restore: tuple[bool, bool] | None = None  # torch's deterministic settings before this engine's
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         await self._run(self._load)
 
     def _load(self) -> None:
+        if self.cfg.deterministic:
+            self._restore = (torch.are_deterministic_algorithms_enabled(),
+                             torch.is_deterministic_algorithms_warn_only_enabled())
+            # cuBLAS is deterministic only with a fixed workspace, set before its first handle.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            # warn_only: an op without a deterministic kernel logs a warning instead of failing requests.
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self._tokenizer, self._model, self._device = load_model(self.cfg)
         self._dtype = resolve_dtype(self.cfg.dtype, self._device)
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
@@ -202,6 +214,8 @@ class TorchEngine:
     async def close(self) -> None:
         self._loaders.shutdown(wait=True)
         self._executor.shutdown(wait=True)
+        if self._restore is not None:
+            torch.use_deterministic_algorithms(self._restore[0], warn_only=self._restore[1])
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -405,6 +419,8 @@ class TorchEngine:
         """torch's CUDA and CPU out-of-memory errors become OutOfMemory (the scheduler splits the
         rows and retries); what was allocated for the failed step is released."""
         try:
+            if self.cfg.deterministic:  # each row alone: no other row can enter its sums
+                return [result for row in rows for result in step([row])]
             return step(rows)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
@@ -444,7 +460,7 @@ class TorchEngine:
             lora = [self._lora_slot(r) for r in rows]
             try:
                 return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, slots, lora,
-                                                            self._rows.rank))
+                                                            self._rank(rows)))
             except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: eager from now on
                 log.warning("%s; decode runs eagerly from now on (as with --no-cuda-graphs)", exc)
                 self._graphs = None
@@ -453,8 +469,16 @@ class TorchEngine:
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """[B, vocab] float32 logits of each row's next token."""
-        with self._rows.using(tuple(self._lora_slot(r) for r in rows), self._device):
+        lora = tuple(self._lora_slot(r) for r in rows)
+        with self._rows.using(lora, self._device, self._rank(rows)):
             return self._call(ids.to(self._device), positions.to(self._device), ctx).float()
+
+    def _rank(self, rows: list[Row]) -> int:
+        """The LoRA stacks' columns a step reads: the largest rank attached, or, deterministic (a
+        step of one row), its own adapter's, so attaching another cannot change how its sums split."""
+        if not self.cfg.deterministic or rows[0].adapter.is_base:
+            return self._rows.rank
+        return max(self._slots[rows[0].adapter][1].values())
 
     def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None, rank: int):
         """A captured decode step: `lora` is the graphs' persistent [B] slot buffer."""
