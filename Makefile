@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO ?= var/demo
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: serve test install demo bench stubs lint clean
+.PHONY: serve test test-gpu install demo bench stubs lint clean
 
 # torch first and pinned: that exact CPU wheel is on local disk; anything looser pulls GBs of CUDA.
 $(STAMP): pyproject.toml
@@ -26,6 +26,11 @@ serve: $(STAMP) $(DEMO)/adapters/registry.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Only the tests that need a CUDA device (README "Running the suite on CUDA"). The CUDA machine
+# has no venv: there, `make test-gpu PY=python3`.
+test-gpu:
+	$(PY) -m pytest -q -m gpu
 
 # The performance benchmark (README "Performance"); writes var/bench/bench.json and bench.png.
 bench: $(STAMP)

@@ -27,6 +27,17 @@ byte-accounting tests start: LORASERVE_TEST_DTYPE=bfloat16 serves on a CPU in th
 machine serves in by default."""
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip, saying why, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False here); run "
+                                   "`pytest -m gpu` on the CUDA machine, README 'Running the suite on CUDA'")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
     """The default demo spec, cached by a hash of the spec and the builder's source."""
