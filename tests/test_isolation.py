@@ -26,7 +26,7 @@ PROMPTS = ("Question: What should I do next?\nAnswer:", "Question: Is this norma
            "Question: Why did this happen?\nAnswer:", "Question: Tell me more.\nAnswer:")
 TOLERANCE = {  # (dtype, quantization): largest score difference allowed, as a share of the largest |score|
     ("float32", "none"): 1e-5,
-    ("float32", "nf4"): 1e-3,
+    ("float32", "nf4"): 2**-7,
     ("bfloat16", "none"): 2**-5,
     ("bfloat16", "nf4"): 2**-5,
 }
@@ -70,8 +70,8 @@ def wide(demo_dir, tmp_path_factory) -> AdapterRef:
 
 
 @pytest.mark.parametrize("dtype, quantization, mode", CASES)
-def test_a_rows_scores_in_a_mixed_batch_agree_with_alone_within_the_stated_tolerance(demo_dir, dtype,
-                                                                                     quantization, mode):
+def test_a_rows_scores_in_a_mixed_batch_agree_with_alone_within_the_stated_tolerance(demo_dir, dtype, quantization,
+                                                                                     mode, record_property):
     engine = start(demo_dir, device="cpu", dtype=dtype, quantization=quantization, decode_graphs=mode)
     try:
         refs = [demo_ref(demo_dir, n) for n in (*ADAPTERS, "base", "medical", "legal")]
@@ -83,6 +83,8 @@ def test_a_rows_scores_in_a_mixed_batch_agree_with_alone_within_the_stated_toler
         asyncio.run(engine.close())
     scale = max(float(a.abs().max()) for a in alone)
     worst = max(float((a - t).abs().max()) for a, t in zip(alone, together, strict=True))
+    record_property("worst_share", f"{worst / scale:.2g}")  # README "What batching guarantees" quotes these
+    record_property("other_adapter_share", f"{float((alone[0] - other).abs().max()) / scale:.2g}")
     assert worst <= TOLERANCE[dtype, quantization] * scale, (worst, scale)
     # The tolerance is far below what an adapter changes: another adapter on the same tokens.
     assert float((alone[0] - other).abs().max()) > 20 * TOLERANCE[dtype, quantization] * scale
