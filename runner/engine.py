@@ -25,6 +25,7 @@ import torch
 
 from registry.store import CONFIG, WEIGHTS  # safetensors only: pickle weights can run code
 from registry.weights import WeightsError, check_against_config, held_bytes, weight_facts
+from runner import determinism
 from runner.detok import decode_new
 from runner.graphs import CaptureFailed, DecodeGraphs
 from runner.kvpool import ATTENTION, KVPool, decode_context, geometry_of, prefill_context
@@ -145,7 +146,7 @@ class TorchEngine:
         self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
         self._pad = 0
         self._eos: frozenset[int] = frozenset()
-        self._restore: tuple[bool, bool] | None = None  # torch's deterministic settings before this engine's
+        self._holds_determinism = False
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -153,12 +154,8 @@ class TorchEngine:
 
     def _load(self) -> None:
         if self.cfg.deterministic:
-            self._restore = (torch.are_deterministic_algorithms_enabled(),
-                             torch.is_deterministic_algorithms_warn_only_enabled())
-            # cuBLAS is deterministic only with a fixed workspace, set before its first handle.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            # warn_only: an op without a deterministic kernel logs a warning instead of failing requests.
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            determinism.hold()
+            self._holds_determinism = True
         self._tokenizer, self._model, self._device = load_model(self.cfg)
         self._dtype = resolve_dtype(self.cfg.dtype, self._device)
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
@@ -214,8 +211,9 @@ class TorchEngine:
     async def close(self) -> None:
         self._loaders.shutdown(wait=True)
         self._executor.shutdown(wait=True)
-        if self._restore is not None:
-            torch.use_deterministic_algorithms(self._restore[0], warn_only=self._restore[1])
+        if self._holds_determinism:
+            self._holds_determinism = False
+            determinism.release()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -19,14 +19,14 @@ def _digests(out) -> dict[str, str]:
 
 def test_two_builds_under_different_thread_counts_write_the_same_bytes(tmp_path):
     spec = DemoSpec(adapters=("legal",), base_steps=4, adapter_steps=3)
-    threads = torch.get_num_threads()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     builds = []
     try:
         for n in (1, 4):
             torch.set_num_threads(n)
             build_demo(tmp_path / str(n), spec)
             # The caller's settings are back once the build is done.
-            assert torch.get_num_threads() == n and not torch.are_deterministic_algorithms_enabled()
+            assert torch.get_num_threads() == n and torch.are_deterministic_algorithms_enabled() == deterministic
             builds.append(_digests(tmp_path / str(n)))
     finally:
         torch.set_num_threads(threads)

@@ -93,6 +93,7 @@ def test_a_rows_scores_in_a_mixed_batch_agree_with_alone_within_the_stated_toler
 @pytest.mark.parametrize("dtype, quantization, mode", CASES)
 def test_deterministic_rows_score_the_same_bits_in_any_batch_beside_any_adapter(demo_dir, wide, dtype,
                                                                                  quantization, mode):
+    before = torch.are_deterministic_algorithms_enabled()  # a --deterministic server of the session may hold it
     engine = start(demo_dir, device="cpu", dtype=dtype, quantization=quantization, decode_graphs=mode,
                    deterministic=True)
     try:
@@ -103,5 +104,14 @@ def test_deterministic_rows_score_the_same_bits_in_any_batch_beside_any_adapter(
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         asyncio.run(engine.close())
-    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is back
+    assert torch.are_deterministic_algorithms_enabled() == before  # the process's setting is back
     assert all(torch.equal(a, t) for a, t in zip(alone, together[:len(alone)]))
+
+
+def test_torchs_deterministic_switch_stays_on_until_the_last_deterministic_engine_closes(demo_dir):
+    before = torch.are_deterministic_algorithms_enabled()
+    first, second = (start(demo_dir, device="cpu", deterministic=True) for _ in range(2))
+    asyncio.run(first.close())
+    assert torch.are_deterministic_algorithms_enabled()  # the second still serves
+    asyncio.run(second.close())
+    assert torch.are_deterministic_algorithms_enabled() == before
