@@ -177,8 +177,9 @@ class TorchEngine:
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
         log.info("loaded base model %s on %s (quantization=%s); KV pool: %d sequences x %d tokens, %.1f MiB; "
-                 "decode: %s", self.cfg.model_path, self._device, self.cfg.quantization, self._pool.slots,
-                 self._pool.geometry.max_len, self._pool.nbytes / 2**20, self.decode_mode)
+                 "decode: %s%s", self.cfg.model_path, self._device, self.cfg.quantization, self._pool.slots,
+                 self._pool.geometry.max_len, self._pool.nbytes / 2**20, self.decode_mode,
+                 "; deterministic: one row per forward" if self.cfg.deterministic else "")
 
     def _allocate_lora_slots(self) -> None:
         """Every wrapped layer's slot stacks at (slots + 1, max_lora_rank), once: as many slots as
