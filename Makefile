@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 timed = @t=$$(date +%s); printf '\n== %s\n' "$(1)"; $(2) && echo "   done in $$(( $$(date +%s) - t )) s"
 EXTRAS := .[test,ray]
 
-.PHONY: serve test install demo bench stubs lint clean
+.PHONY: serve test test-gpu install demo bench stubs lint clean
 
 # torch first and pinned: that exact CPU wheel is on local disk; anything looser pulls GBs of CUDA.
 # The client distribution (pyclient/) before loraserve, which depends on it by name.
@@ -33,6 +33,11 @@ serve: $(STAMP) $(DEMO)/adapters/registry.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Only the tests that need a CUDA device (README "Running the suite on CUDA"). The CUDA machine
+# has no venv: there, `make test-gpu PY=python3`.
+test-gpu:
+	$(PY) -m pytest -q -m gpu
 
 # The performance benchmark (README "Performance"); writes var/bench/bench.json and bench.png.
 bench: $(STAMP)

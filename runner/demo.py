@@ -13,6 +13,7 @@ smoke-tested, promoted) into a registry store (registry/store.py):
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import time
@@ -84,6 +85,9 @@ class DemoSpec:
     lora_rank: int = 8
     batch_size: int = 16
     seed: int = 1234
+    threads: int = 2
+    """Intra-op threads while building, whatever the machine has: how a reduction is split
+    between threads can change its float result."""
     targets: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 
@@ -141,8 +145,31 @@ def _train(model, params, batches, lr: float, on_step: Callable[[int], None] = l
     return float(loss.detach())
 
 
+@contextlib.contextmanager
+def _reproducible(spec: DemoSpec):
+    """A seed, a fixed thread count and torch's deterministic algorithms for the build, and the
+    caller's settings back afterwards. The same software on the same kind of CPU then builds
+    the same bytes; another BLAS or instruction set may still round differently, so tests check
+    what the demo learned (its domains' words), never its exact sentences."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(spec.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(spec.seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 def build_demo(out: Path, spec: DemoSpec = DemoSpec(), progress: Progress = _quiet) -> dict:
     """Write the demo base model and adapters under OUT; returns a summary."""
+    with _reproducible(spec):
+        return _build(out, spec, progress)
+
+
+def _build(out: Path, spec: DemoSpec, progress: Progress) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -151,7 +178,6 @@ def build_demo(out: Path, spec: DemoSpec = DemoSpec(), progress: Progress = _qui
     from runner.smoke import SmokeTester
 
     started = time.perf_counter()
-    torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
     base_dir, raw_dir = out / "base", out / "raw-adapters"
     base_dir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import torch
 
 from registry.store import CONFIG, WEIGHTS  # safetensors only: pickle weights can run code
 from registry.weights import WeightsError, check_against_config, held_bytes, weight_facts
+from runner import determinism
 from runner.detok import decode_new
 from runner.graphs import CaptureFailed, DecodeGraphs
 from runner.kvpool import ATTENTION, KVPool, decode_context, geometry_of, prefill_context
@@ -67,6 +68,10 @@ class EngineConfig:
     decode_graphs: str = "auto"
     """auto: decode replays CUDA graphs on cuda (runner/graphs.py), runs eagerly elsewhere; off:
     always eager; buffers: the graphs' static-buffer step without capture (checks it on a CPU)."""
+    deterministic: bool = False
+    """Batch-invariant steps: every row's forward runs alone (one row, its own adapter's rank)
+    under torch's deterministic algorithms, so nothing else in its step can change a row's
+    scores. One forward per row instead of one per step."""
 
 
 def _refuse_unsupported_attention(config, max_len: int) -> None:
@@ -141,12 +146,16 @@ class TorchEngine:
         self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
         self._pad = 0
         self._eos: frozenset[int] = frozenset()
+        self._holds_determinism = False
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         await self._run(self._load)
 
     def _load(self) -> None:
+        if self.cfg.deterministic:
+            determinism.hold()
+            self._holds_determinism = True
         self._tokenizer, self._model, self._device = load_model(self.cfg)
         self._dtype = resolve_dtype(self.cfg.dtype, self._device)
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
@@ -168,8 +177,9 @@ class TorchEngine:
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
         log.info("loaded base model %s on %s (quantization=%s); KV pool: %d sequences x %d tokens, %.1f MiB; "
-                 "decode: %s", self.cfg.model_path, self._device, self.cfg.quantization, self._pool.slots,
-                 self._pool.geometry.max_len, self._pool.nbytes / 2**20, self.decode_mode)
+                 "decode: %s%s", self.cfg.model_path, self._device, self.cfg.quantization, self._pool.slots,
+                 self._pool.geometry.max_len, self._pool.nbytes / 2**20, self.decode_mode,
+                 "; deterministic: one row per forward" if self.cfg.deterministic else "")
 
     def _allocate_lora_slots(self) -> None:
         """Every wrapped layer's slot stacks at (slots + 1, max_lora_rank), once: as many slots as
@@ -202,6 +212,9 @@ class TorchEngine:
     async def close(self) -> None:
         self._loaders.shutdown(wait=True)
         self._executor.shutdown(wait=True)
+        if self._holds_determinism:
+            self._holds_determinism = False
+            determinism.release()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -405,6 +418,8 @@ class TorchEngine:
         """torch's CUDA and CPU out-of-memory errors become OutOfMemory (the scheduler splits the
         rows and retries); what was allocated for the failed step is released."""
         try:
+            if self.cfg.deterministic:  # each row alone: no other row can enter its sums
+                return [result for row in rows for result in step([row])]
             return step(rows)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
@@ -444,7 +459,7 @@ class TorchEngine:
             lora = [self._lora_slot(r) for r in rows]
             try:
                 return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, slots, lora,
-                                                            self._rows.rank))
+                                                            self._rank(rows)))
             except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: eager from now on
                 log.warning("%s; decode runs eagerly from now on (as with --no-cuda-graphs)", exc)
                 self._graphs = None
@@ -453,8 +468,16 @@ class TorchEngine:
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """[B, vocab] float32 logits of each row's next token."""
-        with self._rows.using(tuple(self._lora_slot(r) for r in rows), self._device):
+        lora = tuple(self._lora_slot(r) for r in rows)
+        with self._rows.using(lora, self._device, self._rank(rows)):
             return self._call(ids.to(self._device), positions.to(self._device), ctx).float()
+
+    def _rank(self, rows: list[Row]) -> int:
+        """The LoRA stacks' columns a step reads: the largest rank attached, or, deterministic (a
+        step of one row), its own adapter's, so attaching another cannot change how its sums split."""
+        if not self.cfg.deterministic or rows[0].adapter.is_base:
+            return self._rows.rank
+        return max(self._slots[rows[0].adapter][1].values())
 
     def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None, rank: int):
         """A captured decode step: `lora` is the graphs' persistent [B] slot buffer."""

@@ -101,15 +101,16 @@ class RowSlots:
         """Bumped whenever the slots or the rank change; a layer's kept gather is valid for one version."""
         self.rank = 1
         """The largest rank attached (columns of the stacks that forwards read)."""
-        self._slots: tuple[int, ...] = ()
+        self._slots: tuple[tuple[int, ...], int | None] = ((), None)
         self._tensor: torch.Tensor | None = None
 
     @contextlib.contextmanager
-    def using(self, slots: tuple[int, ...], device: torch.device):
-        if slots != self._slots:
-            self._slots, self.version = slots, self.version + 1
+    def using(self, slots: tuple[int, ...], device: torch.device, rank: int | None = None):
+        """`slots` for one forward, reading `rank` columns (None: the largest attached)."""
+        if (slots, rank) != self._slots:
+            self._slots, self.version = (slots, rank), self.version + 1
             self._tensor = torch.tensor(slots, device=device) if any(slots) else None
-        with self.installed(self._tensor):
+        with self.installed(self._tensor, rank):
             yield
 
     @contextlib.contextmanager

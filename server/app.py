@@ -49,7 +49,7 @@ def engine_config(cfg: ServerConfig) -> EngineConfig:
                         max_rows=cfg.max_batch_size, kv_cache_mib=cfg.kv_cache_mib, max_model_len=cfg.max_model_len,
                         max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,
                         vram_budget_bytes=cfg.budgets_bytes[1], prefill_chunk_tokens=cfg.prefill_chunk_tokens,
-                        decode_graphs="off" if cfg.no_cuda_graphs else "auto")
+                        decode_graphs="off" if cfg.no_cuda_graphs else "auto", deterministic=cfg.deterministic)
 
 
 class LoraServer:
@@ -137,7 +137,7 @@ class LoraServer:
         log.info("context: %d tokens per sequence (prompt + max_new_tokens)", max_context)
         self.servicer.ready(self.scheduler, self.engine.encode, RequestLimits(
             cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens,
-            max_context))
+            max_context, default_seed=0 if cfg.deterministic else None))
         self.admin.ready(self.scheduler, max_context, self.engine.kv_bytes())
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model_path)

@@ -68,6 +68,9 @@ class ServerConfig:
                                         "chunks (bounded activation memory); 0 = no limit.")
     no_cuda_graphs: bool = _f(False, "Run decode steps eagerly on cuda too, instead of replaying captured CUDA "
                                      "graphs (for debugging; slower).")
+    deterministic: bool = _f(False, "Batch-invariant serving: a request's output never depends on what else is in "
+                                    "its batch (each row's forward runs alone, torch's deterministic algorithms, "
+                                    "seed 0 for sampled requests that give none). Costs throughput.")
     max_lora_rank: int = _f(64, "Largest adapter rank accepted (every adapter slot has room for it).")
     max_loras: int = _f(64, "Adapters attached at once: slots reserved at start-up, capped by vram_budget_mib.")
     auth_tokens_file: Path | None = _f(None, "JSON file of bearer tokens -> clients; unset turns authentication off.")

@@ -25,6 +25,8 @@ class RequestLimits:
     max_batch_tokens: int
     max_context: int
     """Most tokens one sequence may hold, prompt and generated together: the model's position limit."""
+    default_seed: int | None = None
+    """The seed of a sampled request that gives none (None: the scheduler draws one at random)."""
 
 
 def check_fields(req: pb.GenerateRequest, limits: RequestLimits) -> None:
@@ -75,7 +77,7 @@ def from_pb(req: pb.GenerateRequest, adapter: AdapterRef, prompt_ids: list[int],
         temperature=req.temperature if req.HasField("temperature") else 0.0,
         top_p=req.top_p if req.HasField("top_p") else 1.0,
         top_k=req.top_k if req.HasField("top_k") else 0,
-        seed=req.seed if req.HasField("seed") else None,
+        seed=req.seed if req.HasField("seed") else limits.default_seed,
     )
     return GenerationRequest(
         request_id=req.request_id or uuid.uuid4().hex, adapter=adapter, prompt_ids=tuple(prompt_ids),

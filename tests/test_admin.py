@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 
-from conftest import PROMPT, ServerThread, adapter_mib, server_config
+from conftest import PROMPT, ServerThread, one_adapter_bytes, room_for_one_in_ram, server_config
 from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
@@ -19,8 +19,7 @@ from test_lifecycle import PacedEngine, wait_for
 @pytest.fixture(scope="module")
 def cached(demo_dir):
     # VRAM holds two demo adapters, RAM one; `legal` is attached at start-up.
-    cfg = server_config(demo_dir, max_loras=2, ram_budget_mib=1.2 * adapter_mib(demo_dir),
-                        warm=("legal",))
+    cfg = room_for_one_in_ram(demo_dir, max_loras=2, warm=("legal",))
     srv = ServerThread(cfg, engine=PacedEngine(engine_config(cfg)))
     with srv.channel() as ch:
         yield srv, admin_pb2_grpc.AdapterAdminServiceStub(ch), inference_pb2_grpc.InferenceServiceStub(ch)
@@ -74,6 +73,8 @@ def test_cache_lifecycle_through_admin_rpcs(cached):
 
     for tier in stats(admin).values():
         assert 0 < tier.bytes_used <= tier.bytes_budget and tier.evictions > 0
+    ram, slot = one_adapter_bytes(srv.server.cfg)  # as this server holds one, in its dtype
+    assert stats(admin)[apb.TIER_VRAM].bytes_budget == 2 * slot and stats(admin)[apb.TIER_RAM].bytes_used == ram
     assert admin.GetCacheStats(apb.GetCacheStatsRequest(), timeout=10).peak_loads_in_flight <= 2
 
 

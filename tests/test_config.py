@@ -50,6 +50,9 @@ def test_a_trusted_client_id_key_is_taken_from_the_environment():
 
 def test_switches_are_flags_and_true_or_false_in_the_environment():
     assert parse(["--no-cuda-graphs"], {}).no_cuda_graphs is True
+    assert parse(["--deterministic"], {}).deterministic is True
+    assert parse([], {"LORASERVE_DETERMINISTIC": "true"}).deterministic is True
+    assert parse([], {}).deterministic is False
     assert parse([], {"LORASERVE_NO_CUDA_GRAPHS": "true"}).no_cuda_graphs is True
     assert parse([], {"LORASERVE_NO_CUDA_GRAPHS": "0"}).no_cuda_graphs is False
     with pytest.raises(ValueError, match="no_cuda_graphs='maybe'"):

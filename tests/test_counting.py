@@ -13,7 +13,7 @@ import pytest
 from conftest import PROMPT, ServerThread, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import EngineConfig
+from server.app import engine_config
 from test_lifecycle import PacedEngine, wait_for
 from test_observability import scrape
 
@@ -27,7 +27,7 @@ def one_row(demo_dir, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens.json"
     tokens.write_text(json.dumps({"tokens": TOKENS}))
     cfg = server_config(demo_dir, max_batch_size=1, max_streams_per_client=1, auth_tokens_file=tokens)
-    srv = ServerThread(cfg, engine=PacedEngine(EngineConfig(cfg.model_path)))
+    srv = ServerThread(cfg, engine=PacedEngine(engine_config(cfg)))
     yield srv
     srv.stop()
 

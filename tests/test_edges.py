@@ -13,7 +13,7 @@ from conftest import PROMPT, ServerThread, server_config
 from loraserve.v1 import admin_pb2, admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import EngineConfig
+from server.app import engine_config
 from scheduler.errors import Unauthenticated
 from server.auth import Authenticator
 from server.cli import main as cli_main
@@ -128,7 +128,7 @@ def test_any_unusable_bearer_value_is_unauthenticated(tmp_path, value):
 @pytest.fixture(scope="module")
 def proxied(demo_dir):
     cfg = server_config(demo_dir, client_id_metadata_key="x-client-id", max_streams_per_client=1)
-    srv = ServerThread(cfg, engine=PacedEngine(EngineConfig(cfg.model_path)))
+    srv = ServerThread(cfg, engine=PacedEngine(engine_config(cfg)))
     yield srv
     srv.stop()
 

@@ -35,16 +35,24 @@ def _domain_words(domain: str) -> set[str]:
     return {w.strip(".,").lower() for part in DOMAINS[domain].values() for phrase in part for w in phrase.split()}
 
 
+_OWN_WORDS = {d: _domain_words(d) - set.union(*(_domain_words(o) for o in DOMAINS if o != d)) for d in DOMAINS}
+
+
+def in_own_domain(adapter: str, text: str) -> bool:
+    """Whether `text` holds more words of `adapter`'s own training vocabulary (words no other
+    domain's training text uses) than of any other domain's. Scored against the whole
+    vocabulary, not a few hand-picked words or sentences, so it holds for any demo build that
+    learned its domains: one trained on another machine's BLAS answers with other sentences of
+    the same domain, or misspells one ("The nurse reports a dailyld to a follow-up visit")."""
+    words = {w.strip(".,:").lower() for w in text.split()}
+    scores = {d: len(words & own) for d, own in _OWN_WORDS.items()}
+    return scores[adapter] > max(v for d, v in scores.items() if d != adapter)
+
+
 def test_each_adapter_answers_in_its_own_domain(stub):
-    """Scored against every domain's whole training vocabulary, not a few hand-picked words, so
-    the check holds for any demo build that learned its domains (one trained on another
-    machine answers with other sentences of the same domain)."""
-    vocab = {d: _domain_words(d) - set.union(*(_domain_words(o) for o in DOMAINS if o != d)) for d in DOMAINS}
     texts = {a: gen(stub, a, max_new_tokens=40).text for a in (*ADAPTERS, "base")}
     for adapter, text in texts.items():
-        words = {w.strip(".,:").lower() for w in text.split()}
-        scores = {d: len(words & vocab[d]) for d in DOMAINS}
-        assert scores[adapter] > max(v for d, v in scores.items() if d != adapter), (adapter, text, scores)
+        assert in_own_domain(adapter, text), (adapter, text)
     assert len(set(texts.values())) == 4
 
 

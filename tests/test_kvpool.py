@@ -4,15 +4,17 @@ from its budget, and a full pool makes requests wait, never fail."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
-from conftest import PROMPT, ServerThread, server_config
+from conftest import PROMPT, ServerThread, comparable, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from runner.engine import EngineConfig, TorchEngine
 from scheduler.engine import Row
 from scheduler.types import BASE, SamplingParams
+from server.app import engine_config
 
 PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there")
 
@@ -80,8 +82,8 @@ def test_pool_size_follows_its_budget_and_refuses_one_that_holds_nothing(demo_di
 
 
 def test_a_full_pool_makes_requests_wait_not_fail(demo_dir, stub):
-    engine = TorchEngine(EngineConfig(demo_dir / "base", max_rows=2))
-    srv = ServerThread(server_config(demo_dir, max_batch_size=16), engine=engine)
+    cfg = comparable(server_config(demo_dir, max_batch_size=16))
+    srv = ServerThread(cfg, engine=TorchEngine(dataclasses.replace(engine_config(cfg), max_rows=2)))
     requests = [pb.GenerateRequest(adapter_id=a, prompt=f"{PROMPT} {i}", max_new_tokens=10)
                 for i, a in enumerate(("legal", "medical", "support", "base") * 2)]
     try:

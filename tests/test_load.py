@@ -8,13 +8,14 @@ import random
 
 from tools.bench.soak import PROMPTS, run_soak
 from clients.client import AsyncLoraServeClient
-from conftest import ADAPTERS, ServerThread, clone_adapter, server_config
+from conftest import ADAPTERS, ServerThread, clone_adapter, comparable, server_config
 
 MIXED = (*ADAPTERS, "base")
 
 
 def test_a_thousand_concurrent_requests_each_answered_by_its_adapter(demo_dir):
-    srv = ServerThread(server_config(demo_dir, max_batch_size=32, max_queue=2000, max_streams_per_client=0))
+    srv = ServerThread(comparable(server_config(demo_dir, max_batch_size=32, max_queue=2000,
+                                                max_streams_per_client=0)))
     rng = random.Random(0)
     work = [(rng.choice(MIXED), rng.choice(PROMPTS)) for _ in range(1000)]
 
@@ -43,8 +44,8 @@ def test_short_soak_with_adapter_churn_is_correct_and_memory_stays_flat(demo_dir
         names.append(f"{ADAPTERS[i % 3]}{i}")
         clone_adapter(demo_dir, root, ADAPTERS[i % 3], names[-1])
 
-    srv = ServerThread(server_config(demo_dir, adapters_dir=root, max_loras=4,
-                                     max_streams_per_client=0))
+    srv = ServerThread(comparable(server_config(demo_dir, adapters_dir=root, max_loras=4,
+                                                max_streams_per_client=0)))
     try:
         report = asyncio.run(run_soak(srv.target, [*names, "base"], duration_s=20, concurrency=24,
                                       churn_every_s=0.2,

@@ -6,8 +6,9 @@ import asyncio
 import gc
 
 import pytest
+import torch
 
-from conftest import ADAPTERS
+from conftest import ADAPTERS, TEST_DTYPE
 from runner.engine import EngineConfig, TorchEngine
 from scheduler.cache import Budgets, Tier
 from scheduler.errors import AdapterIncompatible
@@ -24,14 +25,15 @@ def rss_bytes() -> int:
 
 
 def test_2000_load_evict_cycles_keep_rss_flat(demo_dir):
-    engine = TorchEngine(EngineConfig(demo_dir / "base"))
+    engine = TorchEngine(EngineConfig(demo_dir / "base", dtype=TEST_DTYPE))
     refs = [AdapterRef(name, "1", str(demo_dir / "adapters" / name / "1")) for name in ADAPTERS]
 
     async def churn():
         await engine.start()
-        size = max(engine.bytes_once_read(r) for r in refs)
-        # Room for one adapter per tier: every step reads one, drops one and demotes one.
-        tiers = AdapterTiers(engine, Budgets(ram=size, vram=engine.attached_bytes(refs[0])))
+        held = await engine.fetch(refs[0])  # what the RAM tier holds of one, in the serving dtype
+        engine.drop(refs[0])
+        # Room for one adapter per tier (1.5 of them): every step reads one, drops one and demotes one.
+        tiers = AdapterTiers(engine, Budgets(ram=held * 3 // 2, vram=engine.attached_bytes(refs[0]) * 3 // 2))
         for i in range(CYCLES):
             await tiers.to_vram(refs[i % len(refs)])
             if i == WARMUP:
@@ -118,16 +120,19 @@ def test_a_verified_file_rewritten_after_its_check_is_hashed_again(demo_dir, tmp
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_ram_tier_counts_bytes_in_the_dtype_it_holds(demo_dir, dtype):
     """A float32 file served in bfloat16 takes half its size in RAM: the tier reserves and
-    records that, so a budget sized for one adapter holds one, whatever the dtype."""
-    from conftest import adapter_mib
+    records what the tensors hold (elements x element size in the serving dtype), so a budget of
+    1.5 adapters holds one, whatever the dtype."""
+    from safetensors.torch import load_file
 
     engine = TorchEngine(EngineConfig(demo_dir / "base", dtype=dtype))
     refs = [AdapterRef(name, "1", str(demo_dir / "adapters" / name / "1")) for name in ADAPTERS]
+    weights = demo_dir / "adapters" / "legal" / "1" / "adapter_model.safetensors"
+    held = sum(t.numel() for t in load_file(weights).values()) * getattr(torch, dtype).itemsize
 
     async def scenario():
         await engine.start()
         try:
-            tiers = AdapterTiers(engine, Budgets(ram=int(1.2 * adapter_mib(demo_dir, dtype) * 2**20), vram=1 << 30))
+            tiers = AdapterTiers(engine, Budgets(ram=held * 3 // 2, vram=1 << 30))
             for ref in refs:
                 await tiers.to_ram(ref)
             return tiers.cache.used(Tier.RAM), tiers.cache.stats[Tier.RAM].evictions
@@ -135,6 +140,5 @@ def test_the_ram_tier_counts_bytes_in_the_dtype_it_holds(demo_dir, dtype):
             await engine.close()
 
     used, evictions = asyncio.run(scenario())
-    file_bytes = (demo_dir / "adapters" / "legal" / "1" / "adapter_model.safetensors").stat().st_size
     assert evictions == len(refs) - 1
-    assert used == round(adapter_mib(demo_dir, dtype) * 2**20) < file_bytes * (0.55 if dtype == "bfloat16" else 1.0)
+    assert used == held < weights.stat().st_size * (0.55 if dtype == "bfloat16" else 1.0)

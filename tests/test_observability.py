@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import generate_latest
 
-from conftest import PROMPT, ServerThread, adapter_mib, server_config
+from conftest import PROMPT, ServerThread, room_for_one_in_ram, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from scheduler.thrash import ThrashDetector
@@ -34,8 +34,7 @@ def traced(demo_dir):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    srv = ServerThread(server_config(demo_dir, thrash_limit=1, max_loras=1, ram_budget_mib=1.2 * adapter_mib(demo_dir)),
-                       tracer_provider=provider)
+    srv = ServerThread(room_for_one_in_ram(demo_dir, thrash_limit=1, max_loras=1), tracer_provider=provider)
     with srv.channel() as ch:
         yield srv, exporter, inference_pb2_grpc.InferenceServiceStub(ch)
     srv.stop()

@@ -20,7 +20,7 @@ import grpc
 import pytest
 import yaml
 
-from conftest import PROMPT, REPO, ServerThread, adapter_mib, server_config
+from conftest import PROMPT, REPO, ServerThread, room_for_one_in_ram
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 
@@ -159,8 +159,7 @@ def eventually(check, timeout_s: float = 20.0, what: str = ""):
 def test_a_real_prometheus_scrapes_a_live_server_evaluates_the_rules_and_fires_thrash(demo_dir, tmp_path):
     # One adapter per tier and two adapter labels: rotating three adapters reads each from disk
     # every time (thrash, limit 1) and the third adapter is counted as _other.
-    srv = ServerThread(server_config(demo_dir, thrash_limit=1, max_loras=1, metrics_adapter_labels=2,
-                                     ram_budget_mib=1.2 * adapter_mib(demo_dir)))
+    srv = ServerThread(room_for_one_in_ram(demo_dir, thrash_limit=1, max_loras=1, metrics_adapter_labels=2))
     port = free_port()
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)],
               "scrape_configs": [{"job_name": "loraserve",

@@ -1,4 +1,6 @@
-"""Lower-precision paths on CPU: bitsandbytes NF4 base weights, and bfloat16 compute."""
+"""Lower-precision paths on CPU: bitsandbytes NF4 base weights, and bfloat16 compute. Their
+batched answers agree with alone ones on scores within a tolerance (tests/test_isolation.py),
+not token for token; --deterministic makes them equal (tests/test_deterministic.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 from conftest import ADAPTERS, PROMPT, ServerThread, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
+from test_generate import in_own_domain
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +28,17 @@ def test_nf4_model_is_quantized_and_serves_mixed_adapters(nf4_stub):
 
     model = srv.server.engine._model
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    cases = [(a, PROMPT) for a in (*ADAPTERS, "base")] * 4
-    alone = {a: stub.Generate(pb.GenerateRequest(adapter_id=a, prompt=p, max_new_tokens=20), timeout=60)
-             for a, p in cases[:4]}
+    cases = [a for a in (*ADAPTERS, "base")] * 4
+    batches = srv.server.scheduler.stats.batches
     with ThreadPoolExecutor(len(cases)) as pool:
-        together = list(pool.map(lambda c: stub.Generate(
-            pb.GenerateRequest(adapter_id=c[0], prompt=c[1], max_new_tokens=20), timeout=60), cases))
-    for (adapter, _), resp in zip(cases, together):
-        assert resp.adapter.id == adapter and resp.text == alone[adapter].text
-    assert len({r.text for r in alone.values()}) == 4
+        together = list(pool.map(lambda a: stub.Generate(
+            pb.GenerateRequest(adapter_id=a, prompt=PROMPT, max_new_tokens=20), timeout=60), cases))
+    for adapter, resp in zip(cases, together):
+        assert resp.adapter.id == adapter and in_own_domain(adapter, resp.text), (adapter, resp.text)
+    assert srv.server.scheduler.stats.batches - batches < len(cases) / 2  # they were batched
 
 
-def test_bfloat16_compute_serves_each_adapter_in_its_own_domain(demo_dir, stub):
+def test_bfloat16_compute_serves_each_adapter_in_its_own_domain(demo_dir):
     srv = ServerThread(server_config(demo_dir, dtype="bfloat16"))
     try:
         import torch
@@ -44,13 +46,10 @@ def test_bfloat16_compute_serves_each_adapter_in_its_own_domain(demo_dir, stub):
         assert srv.server.engine._model.dtype == torch.bfloat16
         with srv.channel() as ch:
             bf16 = inference_pb2_grpc.InferenceServiceStub(ch)
-            texts = {a: bf16.Generate(pb.GenerateRequest(adapter_id=a, prompt=PROMPT, max_new_tokens=12),
+            texts = {a: bf16.Generate(pb.GenerateRequest(adapter_id=a, prompt=PROMPT, max_new_tokens=20),
                                       timeout=60).text for a in ADAPTERS}
         assert len(set(texts.values())) == len(ADAPTERS)
-        # Each adapter's bfloat16 answer starts like its float32 one (the precision differs, the adapter does not).
         for adapter, text in texts.items():
-            full = stub.Generate(pb.GenerateRequest(adapter_id=adapter, prompt=PROMPT, max_new_tokens=12),
-                                 timeout=60).text
-            assert text.split()[:2] == full.split()[:2], (adapter, text, full)
+            assert in_own_domain(adapter, text), (adapter, text)
     finally:
         srv.stop()

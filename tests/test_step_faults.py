@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import ADAPTERS, PROMPT, ServerThread, server_config
+from conftest import ADAPTERS, PROMPT, ServerThread, comparable, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from runner.engine import TorchEngine
@@ -84,7 +84,7 @@ class FaultyEngine(TorchEngine):
 @pytest.fixture(scope="module")
 def faulty(demo_dir):
     # Arrivals gather for 100 ms, so the poisoned request and its victims share every step.
-    cfg = server_config(demo_dir, batch_wait_ms=100.0, join_delay_ms=100.0)
+    cfg = comparable(server_config(demo_dir, batch_wait_ms=100.0, join_delay_ms=100.0))
     srv = ServerThread(cfg, engine=FaultyEngine(engine_config(cfg)))
     srv.server.engine.poison = tuple(srv.server.engine.encode(POISON))
     with srv.channel() as channel:

@@ -9,7 +9,7 @@ import time
 
 import grpc
 
-from conftest import PROMPT, ServerThread, server_config
+from conftest import PROMPT, ServerThread, comparable, server_config
 from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc, inference_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
@@ -20,7 +20,7 @@ DURATION_S = 8.0
 
 
 def test_admin_churn_racing_requests_never_fails_or_changes_an_answer(demo_dir):
-    srv = ServerThread(server_config(demo_dir, idle_ttl_s=0.05))  # idle expiry joins the churn
+    srv = ServerThread(comparable(server_config(demo_dir, idle_ttl_s=0.05)))  # idle expiry joins the churn
     requests = [pb.GenerateRequest(adapter_id=a, prompt=f"{PROMPT} {i}", max_new_tokens=8)
                 for i, a in enumerate(("support", "legal", "support", "base"))]
     errors, answers, moves, refused = [], [], [0], []

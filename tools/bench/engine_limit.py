@@ -13,11 +13,14 @@ from scheduler.engine import Row
 from scheduler.types import BASE, SamplingParams
 
 
-def engine_limit(model_path: Path, plan: list[tuple[str, str, int]], batch_size: int, dtype: str = "auto") -> dict:
+def engine_limit(model_path: Path, plan: list[tuple[str, str, int]], batch_size: int, dtype: str = "auto",
+                 deterministic: bool = False) -> dict:
+    """`deterministic`: the batch-invariant engine (--deterministic), whose cost this measures."""
     from runner.engine import EngineConfig, TorchEngine
 
     async def measure() -> dict:
-        engine = TorchEngine(EngineConfig(Path(model_path), dtype=dtype, max_rows=batch_size))
+        engine = TorchEngine(EngineConfig(Path(model_path), dtype=dtype, max_rows=batch_size,
+                                          deterministic=deterministic))
         await engine.start()
         try:
             prompts = [tuple(engine.encode(prompt)) for _, prompt, _ in plan]

@@ -1,0 +1,33 @@
+"""The demo build is reproducible: the same spec builds the same bytes, whatever threads the caller runs."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from runner.demo import DemoSpec, build_demo
+
+pytestmark = pytest.mark.slow
+
+
+def _digests(out) -> dict[str, str]:
+    files = [*out.rglob("*.safetensors"), out / "base" / "tokenizer.json"]
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_two_builds_under_different_thread_counts_write_the_same_bytes(tmp_path):
+    spec = DemoSpec(adapters=("legal",), base_steps=4, adapter_steps=3)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    builds = []
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            build_demo(tmp_path / str(n), spec)
+            # The caller's settings are back once the build is done.
+            assert torch.get_num_threads() == n and torch.are_deterministic_algorithms_enabled() == deterministic
+            builds.append(_digests(tmp_path / str(n)))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(builds[0]) == 3 and builds[0] == builds[1]
