@@ -60,7 +60,8 @@ def test_gpu_matrix_preset_runs_every_part_and_resumes(tmp_path):
     assert set(ref["hf_static"]) == set(ref["hf_eager"]) == {"1", "2"} and set(ref["peft_mixed"]) == {"2"}
     assert not ref["hf_static"]["1"]["compiled"]  # transformers compiles the static cache on CUDA only
     assert ref["naive"]["requests"] == 3 and ref["naive"]["tokens"] == 12
-    assert set(report["server"]) == {"base", "1", "3"}
+    assert set(report["server"]) == {"base", "1", "3"} and "errors" not in report
+    assert report["vram_slots"] == {"1": 64, "3": 64}  # --max-loras' default: the budget does not bind
     for runs in report["server"].values():
         assert set(runs) == {"1", "2"}
         for run in runs.values():

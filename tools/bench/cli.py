@@ -37,6 +37,14 @@ class ServerProcess:
             stdout=sink, stderr=sink)
         if log:
             sink.close()
+        try:
+            self._await_serving(log)
+        except BaseException:
+            self.proc.kill()  # a server that never served must not keep holding the device
+            self.proc.wait(60)
+            raise
+
+    def _await_serving(self, log: Path | None) -> None:
         deadline = time.monotonic() + 180
         with grpc.insecure_channel(self.target) as ch:
             while time.monotonic() < deadline:
@@ -56,7 +64,9 @@ class ServerProcess:
             stats = admin_pb2_grpc.AdapterAdminServiceStub(ch).GetCacheStats(admin_pb2.GetCacheStatsRequest(),
                                                                               timeout=10)
         vram = next(t for t in stats.tiers if t.tier == admin_pb2.TIER_VRAM)
-        return {"vram_hits": vram.hits, "vram_misses": vram.misses,
+        # The VRAM tier budgets whole slots, so its budget over one attached adapter's bytes is the slots.
+        slots = vram.bytes_budget * vram.adapters // vram.bytes_used if vram.bytes_used else 0
+        return {"vram_hits": vram.hits, "vram_misses": vram.misses, "vram_slots": slots,
                 "evictions": sum(t.evictions for t in stats.tiers)}
 
     def stop(self) -> None:

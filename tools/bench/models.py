@@ -72,6 +72,8 @@ def build_random_llama(out: Path, shape: Shape, device: str, dtype: torch.dtype 
         torch.set_default_dtype(previous)
     model.save_pretrained(staging)
     del model
+    if device != "cpu":
+        torch.cuda.empty_cache()  # the servers and the reference child need the device whole
     staging.rename(base)
     shutil.rmtree(tok)
     print(f"built a random-weight Llama {shape} in {time.perf_counter() - started:.0f} s at {base}", file=sys.stderr)
