@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,13 @@ def test_yamllint_passes_deploy():
 
 
 def test_dockerfile_copies_what_exists_sets_real_config_and_runs_unprivileged_with_a_health_check():
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    ignored = [p.strip().removeprefix("**/") for p in lines if p.strip() and not p.startswith("#")]
     for copy in _instructions("COPY"):
         *sources, _ = copy.split()
         assert all((REPO / s).exists() for s in sources), copy
+        # .dockerignore keeps none of them out of the build context (a "**/" pattern matches any part).
+        assert not [(s, p) for s in sources for part in Path(s).parts for p in ignored if fnmatch(part, p)], copy
     env = dict(re.findall(rf"({ENV_PREFIX}[A-Z_]+)=(\S+)", DOCKERFILE))
     assert env and set(env) <= CONFIG_ENV, set(env) - CONFIG_ENV
     assert env[f"{ENV_PREFIX}HOST"] == "0.0.0.0"
