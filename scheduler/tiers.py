@@ -221,11 +221,14 @@ class AdapterTiers:
 
     # -- down ------------------------------------------------------------------
     async def _execute(self, actions: list[Action]) -> None:
-        """Downward moves. The books change first: whoever reads them while the engine still
-        works (a request's to_vram, the scheduler's readiness check) sees the adapter already
-        gone and waits on the lock, instead of trusting a slot that is being emptied."""
+        """Downward moves. The books change first, for the whole plan before the engine's first
+        move: whoever reads them while the engine still works (a request's to_vram, the
+        scheduler's readiness check) sees every victim already gone and waits on the lock,
+        instead of trusting a slot that a later move of the plan empties (the plan protected only
+        the adapters in use when it was made)."""
         for action in actions:
             self.cache.apply(action)
+        for action in actions:
             if isinstance(action, Demote):
                 await self._engine.demote(action.adapter)
             elif action.tier is Tier.VRAM:

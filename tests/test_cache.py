@@ -286,3 +286,30 @@ def test_the_read_api_copies_out_each_adapter_and_tier():
     assert (ram.adapters, ram.bytes_used, ram.stats.misses) == (1, 20, 1)
     vram.stats.hits += 99  # a copy: the books are untouched
     assert tiers.tier_states()[Tier.VRAM].stats.hits == 0
+
+
+def test_a_request_on_an_adapter_a_move_already_planned_to_evict_waits_and_finds_it_attached():
+    """A warm-up that needs two slots plans both victims at once; while it demotes the first,
+    requests start on both. The second victim must not still read as attached: its request
+    would be handed a slot that the warm-up empties before that request's step runs."""
+    a, b, c = ref("a"), ref("b"), ref("c")
+    engine = SlowMovesEngine({a: 10, b: 10, c: 20})
+    in_use: list[AdapterRef] = []
+    tiers = AdapterTiers(engine, Budgets(ram=100, vram=20), running=lambda: frozenset(in_use))
+
+    async def request(x):
+        in_use.append(x)
+        await tiers.to_vram(x)
+
+    async def scenario():
+        for x in (a, b):
+            await tiers.to_vram(x)
+        await tiers.to_ram(c)
+        warm = asyncio.create_task(tiers.to_vram(c))  # evicts a and b, slowly
+        await asyncio.sleep(0.001)  # inside the first demote
+        await asyncio.gather(request(a), request(b))
+        await warm
+        return {x.id for x in in_use if x not in engine.vram}
+
+    assert asyncio.run(scenario()) == set()
+    assert engine.vram == {x for x, e in tiers.cache.entries.items() if e.tier is Tier.VRAM}
