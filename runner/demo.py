@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from runner import determinism
+
 Progress = Callable[[str, int, int], None]
 """(stage, done, total): called as each stage starts (done 0) and after each of its steps."""
 
@@ -150,17 +152,17 @@ def _reproducible(spec: DemoSpec):
     """A seed, a fixed thread count and torch's deterministic algorithms for the build, and the
     caller's settings back afterwards. The same software on the same kind of CPU then builds
     the same bytes; another BLAS or instruction set may still round differently, so tests check
-    what the demo learned (its domains' words), never its exact sentences."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    what the demo learned (its domains' words), never its exact sentences. The deterministic
+    switch is process-wide and shared with --deterministic engines, so the build holds it
+    through runner/determinism.py rather than flipping it."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
-    torch.use_deterministic_algorithms(True)
     torch.manual_seed(spec.seed)
     try:
-        yield
+        with determinism.held():
+            yield
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def build_demo(out: Path, spec: DemoSpec = DemoSpec(), progress: Progress = _quiet) -> dict:

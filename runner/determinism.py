@@ -3,6 +3,7 @@ hold it on while any of them runs; the process's own setting comes back after th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -32,3 +33,14 @@ def release() -> None:
         _holders -= 1
         if _holders == 0:
             torch.use_deterministic_algorithms(_before[0], warn_only=_before[1])
+
+
+@contextlib.contextmanager
+def held():
+    """Hold the switch for a block (a demo build): engines already holding keep it, and it stays
+    on for any engine that starts holding while the block runs."""
+    hold()
+    try:
+        yield
+    finally:
+        release()

@@ -16,12 +16,14 @@ import asyncio
 import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol, TypeVar
 
 from scheduler.cache import Action, AdapterCache, Budgets, Demote, Drop, NoRoom, Tier, TierStats
 from scheduler.errors import AdapterBusy, AdapterLoadFailed
 from scheduler.loads import LoadLimiter
 from scheduler.types import AdapterRef
+
+T = TypeVar("T")
 
 
 class TierEngine(Protocol):
@@ -198,21 +200,37 @@ class AdapterTiers:
         """Attach `adapter` to the model, reading it first if needed."""
         started = time.perf_counter()
         found_in = self.tier_of(adapter)
-        while True:
-            if self.tier_of(adapter) is Tier.VRAM:
-                return Moved(found_in, (time.perf_counter() - started) * 1e3 if found_in < Tier.VRAM else 0.0)
+        while self.tier_of(adapter) is not Tier.VRAM:
             moved = await self.to_ram(adapter)
             found_in = min(found_in, moved.found_in)
+            if await self._locked(self._attach, adapter):
+                break
+        return Moved(found_in, (time.perf_counter() - started) * 1e3 if found_in < Tier.VRAM else 0.0)
+
+    async def _attach(self, adapter: AdapterRef) -> bool:
+        """Whether `adapter` is attached now (False: pushed back to disk before we got the lock).
+        The caller returns on this answer, not on the books after the lock is let go, which a
+        move waiting for the lock may already have changed."""
+        if self.tier_of(adapter) is not Tier.RAM:
+            return self.tier_of(adapter) is Tier.VRAM
+        host, size = self.cache.entries[adapter].bytes, self._engine.attached_bytes(adapter)
+        self._check_fits(adapter, size, Tier.VRAM)
+        protected = self._running() | self._loading()
+        await self._execute(self.cache.plan(adapter, size, Tier.VRAM, protected))
+        await self._engine.attach(adapter)
+        self.cache.place(adapter, Tier.VRAM, size, self._clock())
+        self.cache.entries[adapter].host_bytes = host
+        return True
+
+    async def _locked(self, move: Callable[..., Awaitable[T]], *args) -> T:
+        """Run `move` under the moves lock, to its end even if the caller is cancelled (a gRPC
+        admin call's deadline): an engine move outlives its caller on the engine's thread, so
+        a move cut between the engine's step and the books' would leave them out of step."""
+        async def locked() -> T:
             async with self._moves:
-                if self.tier_of(adapter) is not Tier.RAM:
-                    continue  # attached meanwhile, or pushed back to disk before we got the lock
-                host, size = self.cache.entries[adapter].bytes, self._engine.attached_bytes(adapter)
-                self._check_fits(adapter, size, Tier.VRAM)
-                protected = self._running() | self._loading()
-                await self._execute(self.cache.plan(adapter, size, Tier.VRAM, protected))
-                await self._engine.attach(adapter)
-                self.cache.place(adapter, Tier.VRAM, size, self._clock())
-                self.cache.entries[adapter].host_bytes = host
+                return await move(*args)
+
+        return await asyncio.shield(asyncio.get_running_loop().create_task(locked()))
 
     def _check_fits(self, adapter: AdapterRef, size: int, tier: Tier) -> None:
         budget = self.cache.budgets.of(tier)
@@ -221,11 +239,14 @@ class AdapterTiers:
 
     # -- down ------------------------------------------------------------------
     async def _execute(self, actions: list[Action]) -> None:
-        """Downward moves. The books change first: whoever reads them while the engine still
-        works (a request's to_vram, the scheduler's readiness check) sees the adapter already
-        gone and waits on the lock, instead of trusting a slot that is being emptied."""
+        """Downward moves. The books change first, for the whole plan before the engine's first
+        move: whoever reads them while the engine still works (a request's to_vram, the
+        scheduler's readiness check) sees every victim already gone and waits on the lock,
+        instead of trusting a slot that a later move of the plan empties (the plan protected only
+        the adapters in use when it was made)."""
         for action in actions:
             self.cache.apply(action)
+        for action in actions:
             if isinstance(action, Demote):
                 await self._engine.demote(action.adapter)
             elif action.tier is Tier.VRAM:
@@ -235,29 +256,33 @@ class AdapterTiers:
 
     async def evict(self, adapter: AdapterRef, to: Tier) -> None:
         """Move `adapter` down to `to` (RAM or DISK); refused while pinned or in use."""
-        async with self._moves:
-            entry = self.cache.entries.get(adapter)
-            if entry is None or entry.tier <= to:
-                return
-            if entry.pinned:
-                raise AdapterBusy(adapter.id, "it is pinned; unpin it first")
-            if adapter in self._running() | self._waiting() | self._loading():
-                raise AdapterBusy(adapter.id, "requests are using it")
-            if to is Tier.RAM:
-                others = self._running() | self._waiting() | self._loading()
-                actions = [a for a in self.cache.plan(adapter, entry.host_bytes or entry.bytes, Tier.RAM, others)]
-                await self._execute([*actions, Demote(adapter)])
-            else:
-                await self._execute([Drop(adapter, entry.tier)])
+        await self._locked(self._evict, adapter, to)
+
+    async def _evict(self, adapter: AdapterRef, to: Tier) -> None:
+        entry = self.cache.entries.get(adapter)
+        if entry is None or entry.tier <= to:
+            return
+        if entry.pinned:
+            raise AdapterBusy(adapter.id, "it is pinned; unpin it first")
+        if adapter in self._running() | self._waiting() | self._loading():
+            raise AdapterBusy(adapter.id, "requests are using it")
+        if to is Tier.RAM:
+            others = self._running() | self._waiting() | self._loading()
+            actions = [a for a in self.cache.plan(adapter, entry.host_bytes or entry.bytes, Tier.RAM, others)]
+            await self._execute([*actions, Demote(adapter)])
+        else:
+            await self._execute([Drop(adapter, entry.tier)])
 
     async def sweep_idle(self, ttl_s: float) -> list[AdapterRef]:
         """Let go of unpinned adapters unused for `ttl_s` seconds; returns them."""
-        async with self._moves:
-            # Who is busy is read under the lock: while it was awaited, requests may have started.
-            now, busy = self._clock(), self._running() | self._waiting() | self._loading()
-            idle = [e for e in self.cache.entries.values()
-                    if not e.pinned and e.tier > Tier.DISK and e.adapter not in busy and now - e.last_used >= ttl_s]
-            await self._execute([Drop(e.adapter, e.tier) for e in idle])
+        return await self._locked(self._sweep, ttl_s)
+
+    async def _sweep(self, ttl_s: float) -> list[AdapterRef]:
+        # Who is busy is read under the lock: while it was awaited, requests may have started.
+        now, busy = self._clock(), self._running() | self._waiting() | self._loading()
+        idle = [e for e in self.cache.entries.values()
+                if not e.pinned and e.tier > Tier.DISK and e.adapter not in busy and now - e.last_used >= ttl_s]
+        await self._execute([Drop(e.adapter, e.tier) for e in idle])
         return [e.adapter for e in idle]
 
     # -- pins ------------------------------------------------------------------

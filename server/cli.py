@@ -35,9 +35,11 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from server.app import LoraServer
 
-    async def main() -> None:
+    log = logging.getLogger("loraserve")
+
+    async def main() -> int:
         server = LoraServer(cfg)
-        stopping = asyncio.Event()
+        stopping, failed = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
@@ -45,18 +47,27 @@ def _serve(args: argparse.Namespace) -> int:
         loader = asyncio.create_task(server.load())
 
         def loaded(task: asyncio.Task) -> None:
-            if not task.cancelled() and task.exception() is None:
-                print(try_it_line(cfg.host, server.port, server.registry.example_id()), file=sys.stderr, flush=True)
+            if task.cancelled():
+                return
+            if (exc := task.exception()) is not None:
+                # Retrieving the exception silences asyncio's own report: say it here, then stop,
+                # so a failed start-up exits non-zero instead of idling NOT_SERVING.
+                log.error("start-up failed, shutting down: %s", exc, exc_info=exc)
+                failed.set()
+                stopping.set()
+                return
+            print(try_it_line(cfg.host, server.port, server.registry.example_id()), file=sys.stderr, flush=True)
 
         loader.add_done_callback(loaded)
         await stopping.wait()
-        logging.getLogger("loraserve").info("signal received: draining")
+        if not failed.is_set():
+            log.info("signal received: draining")
         if not loader.done():
             loader.cancel()
         await server.stop()
+        return 1 if failed.is_set() else 0
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())
 
 
 def add_serve_parser(sub) -> None:

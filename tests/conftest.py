@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from runner.demo import DemoSpec, build_demo
+from scheduler.types import BASE, AdapterRef
 
 REPO = Path(__file__).resolve().parent.parent
 # Processes the tests start import this checkout's rooms and its client distribution (pytest's
@@ -54,6 +55,14 @@ def demo_dir() -> Path:
         build_demo(out, spec)
         (out / "done").touch()
     return out
+
+
+def demo_ref(demo_dir: Path, name: str) -> AdapterRef:
+    """The engine's reference to demo adapter `name`@1 ("base": the base model alone)."""
+    if name == "base":
+        return BASE
+    path = demo_dir / "adapters" / name / "1"
+    return AdapterRef(name, "1", str(path), json.loads((path / "metadata.json").read_text())["weights_sha256"])
 
 
 def clone_adapter(demo_dir: Path, root: Path, source: str, name: str, version: str = "1", **changes) -> Path:

@@ -286,3 +286,75 @@ def test_the_read_api_copies_out_each_adapter_and_tier():
     assert (ram.adapters, ram.bytes_used, ram.stats.misses) == (1, 20, 1)
     vram.stats.hits += 99  # a copy: the books are untouched
     assert tiers.tier_states()[Tier.VRAM].stats.hits == 0
+
+
+def test_a_request_on_an_adapter_a_move_already_planned_to_evict_waits_and_finds_it_attached():
+    """A warm-up that needs two slots plans both victims at once; while it demotes the first,
+    requests start on both. The second victim must not still read as attached: its request
+    would be handed a slot that the warm-up empties before that request's step runs."""
+    a, b, c = ref("a"), ref("b"), ref("c")
+    engine = SlowMovesEngine({a: 10, b: 10, c: 20})
+    in_use: list[AdapterRef] = []
+    tiers = AdapterTiers(engine, Budgets(ram=100, vram=20), running=lambda: frozenset(in_use))
+
+    async def request(x):
+        in_use.append(x)
+        await tiers.to_vram(x)
+
+    async def scenario():
+        for x in (a, b):
+            await tiers.to_vram(x)
+        await tiers.to_ram(c)
+        warm = asyncio.create_task(tiers.to_vram(c))  # evicts a and b, slowly
+        await asyncio.sleep(0.001)  # inside the first demote
+        await asyncio.gather(request(a), request(b))
+        await warm
+        return {x.id for x in in_use if x not in engine.vram}
+
+    assert asyncio.run(scenario()) == set()
+    assert engine.vram == {x for x, e in tiers.cache.entries.items() if e.tier is Tier.VRAM}
+
+
+class EngineThreadMoves(SlowMovesEngine):
+    """Like the real engine, a move once started finishes on the engine's thread, whoever stops
+    waiting for it."""
+
+    async def attach(self, adapter):
+        await asyncio.shield(asyncio.ensure_future(super().attach(adapter)))
+
+    async def demote(self, adapter):
+        await asyncio.shield(asyncio.ensure_future(super().demote(adapter)))
+
+
+def test_a_caller_cancelled_in_the_middle_of_a_move_leaves_books_and_engine_in_step():
+    """An admin warm-up or eviction whose caller gives up (a gRPC deadline) mid-move: the move
+    and its booking complete together, so a later request is never handed a slot the books
+    call free, nor refused one the engine holds."""
+    a, b = ref("a"), ref("b")
+    engine = EngineThreadMoves({a: 10, b: 10})
+    tiers = AdapterTiers(engine, Budgets(ram=100, vram=10))
+
+    async def cancelled_mid_move(move):
+        task = asyncio.create_task(move)
+        await asyncio.sleep(0.001)  # inside the engine's move
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with tiers._moves:  # the move, left to finish, has let go of the lock
+            pass
+
+    def books(tier):
+        return {x for x, e in tiers.cache.entries.items() if e.tier is tier}
+
+    async def scenario():
+        await tiers.to_ram(a)
+        await cancelled_mid_move(tiers.to_vram(a))
+        assert engine.vram == books(Tier.VRAM) == {a}
+        await cancelled_mid_move(tiers.evict(a, Tier.RAM))
+        assert engine.vram == books(Tier.VRAM) == set() and engine.ram == books(Tier.RAM) == {a}
+        await tiers.to_ram(b)
+        await tiers.to_vram(a)
+        await cancelled_mid_move(tiers.to_vram(b))  # demotes a, then attaches b
+        assert engine.vram == books(Tier.VRAM) == {b} and engine.ram == books(Tier.RAM) == {a}
+
+    asyncio.run(scenario())

@@ -174,3 +174,13 @@ def test_registry_cli_alone_registers_only_without_the_smoke_test(tmp_path, caps
     assert main(["--store", str(store), "--json", "register", str(raw), "--name", "x", "--no-smoke",
                  "--model-path", str(base)]) == 0
     assert json.loads(capsys.readouterr().out)[0]["status"] == "staging"
+
+
+def test_serve_exits_non_zero_and_says_why_when_start_up_fails(demo_dir):
+    """A warm adapter that is not there fails the load: the process says so and exits, not idles NOT_SERVING."""
+    res = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model-path", str(demo_dir / "base"),
+                          "--adapters-dir", str(demo_dir / "adapters"), "--port", "0", "--metrics-port", "-1",
+                          "--warm", "ghost"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "start-up failed" in res.stderr and "ghost" in res.stderr, res.stderr
+    assert "ready: " not in res.stderr

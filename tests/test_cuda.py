@@ -17,14 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import ADAPTERS, PROMPT, ServerThread, server_config
+from conftest import ADAPTERS, PROMPT, ServerThread, demo_ref, server_config
 from forced import LogitsEngine, forced_scores
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from runner.engine import EngineConfig
 from test_generate import in_own_domain
-from test_graphs import _engine, _ref, _workload, drive
-from test_isolation import TOLERANCE, demo_ref, mixed_requests
+from test_graphs import _engine, _workload, drive
+from test_isolation import TOLERANCE, mixed_requests
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 QUANTIZATIONS = ["none", "nf4"]
@@ -67,7 +67,7 @@ def test_deterministic_captured_decode_answers_each_request_as_alone(demo_dir, q
         requests = _workload(demo_dir)
         alone = [drive(engine, [(ref, prompt, n, 0)])[0] for ref, prompt, n, _ in requests]
         assert drive(engine, requests) == alone
-        late = _ref(demo_dir, "support")
+        late = demo_ref(demo_dir, "support")
         if late in engine._slots:
             asyncio.run(engine.detach(late))
         assert drive(engine, requests, attach_late=late) == alone

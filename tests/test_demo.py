@@ -7,6 +7,7 @@ import hashlib
 import pytest
 import torch
 
+from runner import determinism
 from runner.demo import DemoSpec, build_demo
 
 pytestmark = pytest.mark.slow
@@ -31,3 +32,15 @@ def test_two_builds_under_different_thread_counts_write_the_same_bytes(tmp_path)
     finally:
         torch.set_num_threads(threads)
     assert len(builds[0]) == 3 and builds[0] == builds[1]
+
+
+def test_a_build_during_a_deterministic_engines_life_leaves_the_switch_held(tmp_path):
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    determinism.hold()  # what a --deterministic engine does at start
+    try:
+        build_demo(tmp_path / "demo", DemoSpec(adapters=("legal",), base_steps=2, adapter_steps=2))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        determinism.release()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == before

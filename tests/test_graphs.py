@@ -6,25 +6,17 @@ eager engine. Capture itself needs CUDA and has not run in this suite."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 import torch
 
-from conftest import ADAPTERS, PROMPT
+from conftest import ADAPTERS, PROMPT, demo_ref
 from runner.engine import EngineConfig, TorchEngine
 from runner.graphs import DecodeGraphs
 from scheduler.engine import Row
 from scheduler.types import BASE, AdapterRef, SamplingParams
 
 PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there", "Question: Why?\nAnswer:")
-
-
-def _ref(demo_dir, name: str) -> AdapterRef:
-    if name == "base":
-        return BASE
-    path = demo_dir / "adapters" / name / "1"
-    return AdapterRef(name, "1", str(path), json.loads((path / "metadata.json").read_text())["weights_sha256"])
 
 
 def _engine(demo_dir, mode: str, device: str = "cpu", dtype: str = "float32", **cfg) -> TorchEngine:
@@ -98,7 +90,7 @@ def _workload(demo_dir) -> list[tuple[AdapterRef, str, int, int]]:
     names = ["base", *ADAPTERS]
     # Staggered joins and lengths: batches of 1..7 rows (buckets 1, 2, 4, 8 with padding rows),
     # rows leaving mid-batch, and lengths crossing the 64-position read bucket.
-    return [(_ref(demo_dir, names[i % 4]), PROMPTS[i % len(PROMPTS)], 6 + (i * 11) % 60, (i * 5) % 23)
+    return [(demo_ref(demo_dir, names[i % 4]), PROMPTS[i % len(PROMPTS)], 6 + (i * 11) % 60, (i * 5) % 23)
             for i in range(7)]
 
 
@@ -113,8 +105,8 @@ def test_buffered_decode_matches_each_request_served_alone(demo_dir, eager, buff
 
 
 def test_an_adapter_attached_after_its_bucket_was_first_used_is_applied(demo_dir, eager, buffered):
-    late = _ref(demo_dir, "support")
-    requests = [(_ref(demo_dir, "legal"), PROMPT, 30, 0), (late, PROMPTS[1], 20, 8), (BASE, PROMPTS[2], 25, 2)]
+    late = demo_ref(demo_dir, "support")
+    requests = [(demo_ref(demo_dir, "legal"), PROMPT, 30, 0), (late, PROMPTS[1], 20, 8), (BASE, PROMPTS[2], 25, 2)]
     alone = [drive(eager, [(ref, prompt, n, 0)])[0] for ref, prompt, n, _ in requests]
     if late in buffered._slots:
         asyncio.run(buffered.detach(late))
@@ -154,7 +146,7 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_decode(demo_dir, eag
     try:
         engine._graphs = g = Uncapturable(engine._model_step, engine._pool, engine._pad, capture=True,
                                           max_rank=engine.cfg.max_lora_rank)
-        requests = [(BASE, PROMPT, 8, 0), (_ref(demo_dir, "legal"), PROMPTS[1], 8, 0)]
+        requests = [(BASE, PROMPT, 8, 0), (demo_ref(demo_dir, "legal"), PROMPTS[1], 8, 0)]
         assert drive(engine, requests) == drive(eager, requests)
         assert engine.decode_mode == "eager" and engine._graphs is None and g.captured == 0
         assert "decode runs eagerly from now on" in caplog.text

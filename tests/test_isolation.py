@@ -16,11 +16,11 @@ import json
 import pytest
 import torch
 
-from conftest import ADAPTERS
+from conftest import ADAPTERS, demo_ref
 from forced import Forced, LogitsEngine, forced_scores
 from runner.demo import DOMAINS
 from runner.engine import EngineConfig
-from scheduler.types import BASE, AdapterRef
+from scheduler.types import AdapterRef
 
 PROMPTS = ("Question: What should I do next?\nAnswer:", "Question: Is this normal?\nAnswer:", "Hello there",
            "Question: Why did this happen?\nAnswer:", "Question: Tell me more.\nAnswer:")
@@ -31,13 +31,6 @@ TOLERANCE = {  # (dtype, quantization): largest score difference allowed, as a s
     ("bfloat16", "nf4"): 2**-5,
 }
 CASES = [pytest.param(*key, mode, id=f"{key[0]}-{key[1]}-{mode}") for key in TOLERANCE for mode in ("off", "buffers")]
-
-
-def demo_ref(demo_dir, name: str) -> AdapterRef:
-    if name == "base":
-        return BASE
-    path = demo_dir / "adapters" / name / "1"
-    return AdapterRef(name, "1", str(path), json.loads((path / "metadata.json").read_text())["weights_sha256"])
 
 
 def mixed_requests(engine, refs: list[AdapterRef], tokens: int = 16) -> list[Forced]:
