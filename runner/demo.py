@@ -104,7 +104,8 @@ def _sample(domain: str, rng: random.Random) -> str:
     return f"Question: {rng.choice(QUESTIONS)}\nAnswer: {_answer(domain, rng)} {_answer(domain, rng)}"
 
 
-def _train_tokenizer(spec: DemoSpec, out: Path):
+def train_tokenizer(spec: DemoSpec, out: Path):
+    """The demo's BPE tokenizer, trained on its domains' text and saved in OUT (as HF files)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -184,7 +185,7 @@ def _build(out: Path, spec: DemoSpec, progress: Progress) -> dict:
     base_dir, raw_dir = out / "base", out / "raw-adapters"
     base_dir.mkdir(parents=True, exist_ok=True)
     progress("tokenizer", 0, 1)
-    tokenizer = _train_tokenizer(spec, base_dir)
+    tokenizer = train_tokenizer(spec, base_dir)
     progress("tokenizer", 1, 1)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.hidden_size * 2,

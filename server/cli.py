@@ -39,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         server = LoraServer(cfg)
-        stopping, failed = asyncio.Event(), asyncio.Event()
+        stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
@@ -53,19 +53,19 @@ def _serve(args: argparse.Namespace) -> int:
                 # Retrieving the exception silences asyncio's own report: say it here, then stop,
                 # so a failed start-up exits non-zero instead of idling NOT_SERVING.
                 log.error("start-up failed, shutting down: %s", exc, exc_info=exc)
-                failed.set()
                 stopping.set()
                 return
             print(try_it_line(cfg.host, server.port, server.registry.example_id()), file=sys.stderr, flush=True)
 
         loader.add_done_callback(loaded)
         await stopping.wait()
-        if not failed.is_set():
+        failed = loader.done() and not loader.cancelled() and loader.exception() is not None
+        if not failed:
             log.info("signal received: draining")
         if not loader.done():
             loader.cancel()
         await server.stop()
-        return 1 if failed.is_set() else 0
+        return 1 if failed else 0
 
     return asyncio.run(main())
 

@@ -39,6 +39,7 @@ def _timed(run, batch: int, new_tokens: int, repeats: int, device: torch.device,
 
 def measure(spec: dict) -> dict:
     from runner.engine import EngineConfig, load_model
+    from tools.bench.naive import naive_loop, with_adapters
 
     tokenizer, model, device = load_model(EngineConfig(Path(spec["model_path"]), device=spec["device"],
                                                        dtype=spec["dtype"], quantization=spec["quantization"]))
@@ -66,7 +67,7 @@ def measure(spec: dict) -> dict:
                                 warm=lambda: _generate(model, ids, 2, pad))
         elif part == "peft":
             plan = spec["plan"]
-            peft_model = _with_adapters(model, Path(spec["store"]), sorted({a for a, _, _ in plan}))
+            peft_model = with_adapters(model, Path(spec["store"]), sorted({a for a, _, _ in plan}))
             out["peft_mixed"] = {}
             for b in spec["peft_batches"]:
                 ids, names = prompts(b), [plan[i % len(plan)][0] for i in range(b)]
@@ -74,30 +75,9 @@ def measure(spec: dict) -> dict:
                 out["peft_mixed"][b] = _timed(lambda: _generate(peft_model, ids, new, pad, adapter_names=names),
                                               b, new, 1, device,
                                               warm=lambda: _generate(peft_model, ids, 2, pad, adapter_names=names))
-            out["naive"] = _naive(peft_model, tokenizer, plan[:spec["naive_requests"]], device)
+            naive = naive_loop(peft_model, tokenizer, plan[:spec["naive_requests"]], device)
+            out["naive"] = {k: round(v, 3) for k, v in naive.items() if k != "latencies_s"}
     return out
-
-
-def _with_adapters(model, store: Path, names: list[str]):
-    from peft import PeftModel
-
-    peft_model = PeftModel.from_pretrained(model, store / names[0] / "1", adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.load_adapter(store / name / "1", adapter_name=name)
-    return peft_model.eval()
-
-
-def _naive(peft_model, tokenizer, plan: list, device: torch.device) -> dict:
-    """Seed 003's server minus its race: one request at a time, `set_adapter` then `generate`."""
-    tokens, started = 0, time.perf_counter()
-    for adapter, prompt, new in plan:
-        peft_model.set_adapter(adapter)
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        _generate(peft_model, ids, new, tokenizer.pad_token_id)
-        tokens += new
-    _sync(device)
-    wall = time.perf_counter() - started
-    return {"requests": len(plan), "tokens": tokens, "wall_s": round(wall, 3), "tok_per_s": round(tokens / wall, 1)}
 
 
 if __name__ == "__main__":

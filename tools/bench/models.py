@@ -39,23 +39,17 @@ SHAPES = {
 
 def build_random_llama(out: Path, shape: Shape, device: str, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write `out/base` (weights, config and the demo tokenizer) unless it is already there."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from runner.demo import DemoSpec, build_demo
+    from runner.demo import DemoSpec, train_tokenizer
 
     base = out / "base"
     if (base / "config.json").exists():
         return base
-    tok = out / "_tokenizer"
-    # The demo builder trains the tokenizer; its untrained 2-layer model is thrown away.
-    build_demo(tok, DemoSpec(adapters=(), base_steps=0))
     staging = out / "_base"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for f in (tok / "base").iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, staging / f.name)
-    tokenizer = AutoTokenizer.from_pretrained(staging)
+    tokenizer = train_tokenizer(DemoSpec(), staging)
     config = LlamaConfig(
         vocab_size=shape.vocab or len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
@@ -75,6 +69,5 @@ def build_random_llama(out: Path, shape: Shape, device: str, dtype: torch.dtype 
     if device != "cpu":
         torch.cuda.empty_cache()  # the servers and the reference child need the device whole
     staging.rename(base)
-    shutil.rmtree(tok)
     print(f"built a random-weight Llama {shape} in {time.perf_counter() - started:.0f} s at {base}", file=sys.stderr)
     return base
