@@ -3,6 +3,7 @@
 All torch work runs on one dedicated thread (TorchEngine's executor), so the
 event loop never blocks and the model is never touched by two threads. No batch
 lives here: each step gets its rows from the scheduler (their KV pool slots,
+block tables in the paged
 runner/kvpool.py, and their adapters, whose weights runner/lora.py gathers per
 row), so there is neither a cache to reconcile nor a global "active adapter" to
 race on.
@@ -28,7 +29,7 @@ from registry.weights import WeightsError, check_against_config, held_bytes, wei
 from runner import determinism
 from runner.detok import decode_new
 from runner.graphs import CaptureFailed, DecodeGraphs
-from runner.kvpool import ATTENTION, KVPool, decode_context, geometry_of, prefill_context
+from runner.kvpool import ATTENTION, KERNELS, KVPool, decode_context, geometry_of, prefill_context
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
 from runner.sampling import sample
@@ -38,6 +39,7 @@ from scheduler.types import AdapterRef
 
 log = logging.getLogger(__name__)
 
+CPU_KV_DEFAULT_MIB = 512
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,18 @@ class EngineConfig:
     load_threads: int = 2
     """Threads reading adapters from disk (the scheduler's limiter caps concurrent loads)."""
     max_rows: int = 16
-    """Sequences the KV pool should hold at once (the scheduler's max_batch_size)."""
-    kv_cache_mib: int = 0
-    """KV pool budget; 0 = room for max_rows sequences of max_model_len tokens."""
+    """Most sequences one decode step runs (the scheduler's max_batch_size)."""
+    kv_cache_mib: float = 0
+    """KV pool budget; 0 = the default: on cuda, gpu_memory_fraction of the device less what is
+    already allocated and a workspace estimate; elsewhere CPU_KV_DEFAULT_MIB; either way no more
+    than max_rows sequences of max_model_len tokens can use."""
+    kv_block_size: int = 16
+    """Token positions per KV block."""
+    gpu_memory_fraction: float = 0.90
+    """cuda: the share of the device's memory this process may fill (weights, adapters, KV pool)."""
+    attention: str = "auto"
+    """Decode attention: flex (FlexAttention over the block tables; auto on cuda) or reference
+    (a gather of each row's positions and SDPA; auto elsewhere)."""
     max_model_len: int = 0
     """Most tokens (prompt + generated) per sequence; 0 = the model's max_position_embeddings."""
     max_loras: int = 64
@@ -141,6 +152,7 @@ class TorchEngine:
         self._model = None
         self._device = torch.device("cpu")
         self._pool: KVPool | None = None
+        self._kernel = "reference"
         self._graphs: DecodeGraphs | None = None
         self._copy_stream = None  # cuda: adapters are copied into their slots on a side stream
         self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
@@ -159,27 +171,35 @@ class TorchEngine:
         self._tokenizer, self._model, self._device = load_model(self.cfg)
         self._dtype = resolve_dtype(self.cfg.dtype, self._device)
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
-        graphs = self.cfg.decode_graphs == "buffers" or (self.cfg.decode_graphs == "auto"
-                                                         and self._device.type == "cuda")
+        if self.cfg.attention not in KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(KERNELS)}, not {self.cfg.attention!r}")
+        self._kernel = self.cfg.attention if self.cfg.attention != "auto" else (
+            "flex" if self._device.type == "cuda" else "reference")
+        # A captured step has fixed shapes: only the block mask reads a row's length without a host int.
+        capture = self._device.type == "cuda" and self._kernel == "flex"
+        graphs = self.cfg.decode_graphs == "buffers" or (self.cfg.decode_graphs == "auto" and capture)
         self._rows.keep_gathered = self._device.type == "cpu" and not graphs
         self._layers = wrap_linear_layers(self._model, self._rows)
-        self._pool = self._allocate_pool(scratch=graphs)
+        self._allocate_lora_slots()
+        self._pool = self._allocate_pool()
         _refuse_unsupported_attention(self._model.config, self._pool.geometry.max_len)
         self._model.set_attn_implementation(ATTENTION)
-        self._allocate_lora_slots()
         if self._device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self._device)
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         if graphs:
-            self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad,
-                                        capture=self._device.type == "cuda", max_rank=self.cfg.max_lora_rank)
+            self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad, capture=capture,
+                                        max_rank=self.cfg.max_lora_rank, max_rows=self.cfg.max_rows,
+                                        kernel=self._kernel)
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
-        log.info("loaded base model %s on %s (quantization=%s); KV pool: %d sequences x %d tokens, %.1f MiB; "
-                 "decode: %s%s", self.cfg.model_path, self._device, self.cfg.quantization, self._pool.slots,
-                 self._pool.geometry.max_len, self._pool.nbytes / 2**20, self.decode_mode,
-                 "; deterministic: one row per forward" if self.cfg.deterministic else "")
+        pool, g = self._pool, self._pool.geometry
+        log.info("loaded base model %s on %s (quantization=%s); KV pool: %d blocks of %d tokens = %d tokens, "
+                 "%.1f MiB (%d KiB per token; %d tokens per sequence at most); attention: %s; decode: %s%s",
+                 self.cfg.model_path, self._device, self.cfg.quantization, pool.blocks, g.block_size, pool.tokens,
+                 pool.nbytes / 2**20, g.bytes_per_token(self._dtype) // 1024, g.max_len, self._kernel,
+                 self.decode_mode, "; deterministic: one row per forward" if self.cfg.deterministic else "")
 
     def _allocate_lora_slots(self) -> None:
         """Every wrapped layer's slot stacks at (slots + 1, max_lora_rank), once: as many slots as
@@ -195,19 +215,46 @@ class TorchEngine:
             layer.allocate(slots + 1, self.cfg.max_lora_rank, self._device, self._dtype)
         self._free_slots = list(range(slots, 0, -1))
 
-    def _allocate_pool(self, scratch: bool) -> KVPool:
+    def _allocate_pool(self) -> KVPool:
+        """As many blocks as the budget holds (runner/kvpool.py). max_model_len bounds one sequence
+        only; a pool that cannot hold even one such sequence is refused with the figures."""
         config = self._model.config
         limit = int(config.max_position_embeddings)
         max_len = min(self.cfg.max_model_len, limit) if self.cfg.max_model_len else limit
-        geometry = geometry_of(config, max_len)
-        per_slot = geometry.bytes_per_slot(self._dtype)
-        slots = self.cfg.max_rows
+        if self.cfg.kv_block_size < 1:
+            raise ValueError("kv_block_size must be at least 1")
+        geometry = geometry_of(config, max_len, self.cfg.kv_block_size)
+        per_block = geometry.bytes_per_block(self._dtype)
         if self.cfg.kv_cache_mib:
-            slots = min(slots, self.cfg.kv_cache_mib * 2**20 // per_slot)
-            if slots < 1:
-                raise ValueError(f"kv_cache_mib {self.cfg.kv_cache_mib} holds no sequence: one of {max_len} "
-                                 f"tokens needs {per_slot / 2**20:.1f} MiB (lower max_model_len or raise it)")
-        return KVPool(geometry, slots, self._device, self._dtype, scratch)
+            budget, source = int(self.cfg.kv_cache_mib * 2**20), f"kv_cache_mib {self.cfg.kv_cache_mib:g}"
+        else:
+            budget, source = self._default_kv_budget(geometry)
+            # More blocks than max_rows sequences of max_model_len tokens can ever hold would sit idle.
+            budget = min(budget, (self.cfg.max_rows * geometry.blocks_per_sequence + 1) * per_block)
+        blocks = budget // per_block - 1  # less the scratch block
+        if blocks < geometry.blocks_per_sequence:
+            raise ValueError(
+                f"the KV pool ({source}: {budget / 2**20:.1f} MiB, {max(blocks, 0)} blocks of "
+                f"{geometry.block_size} tokens at {geometry.bytes_per_token(self._dtype) // 1024} KiB per token) "
+                f"holds no sequence of max_model_len {max_len} tokens, which needs {geometry.blocks_per_sequence} "
+                f"blocks ({geometry.blocks_per_sequence * per_block / 2**20:.1f} MiB): lower --max-model-len "
+                f"or raise --kv-cache-mib")
+        return KVPool(geometry, blocks, self._device, self._dtype)
+
+    def _default_kv_budget(self, geometry) -> tuple[int, str]:
+        if self._device.type != "cuda":
+            return CPU_KV_DEFAULT_MIB * 2**20, f"the default {CPU_KV_DEFAULT_MIB} MiB off cuda"
+        free, total = torch.cuda.mem_get_info(self._device)
+        config = self._model.config
+        # Activations of the largest forward (a prefill chunk or a full decode batch), its fp32
+        # logits, and CUDA graphs' and cuBLAS's workspace: an estimate, not a profile.
+        tokens = max(self.cfg.prefill_chunk_tokens or 512, self.cfg.max_rows)
+        width = 4 * config.hidden_size + 2 * getattr(config, "intermediate_size", 4 * config.hidden_size)
+        workspace = tokens * (width * self._dtype.itemsize + config.vocab_size * 4) + 512 * 2**20
+        budget = int(total * self.cfg.gpu_memory_fraction) - (total - free) - workspace
+        return max(budget, 0), (f"gpu_memory_fraction {self.cfg.gpu_memory_fraction:g} of {total / 2**30:.1f} GiB "
+                                f"less {(total - free) / 2**30:.1f} GiB in use and {workspace / 2**20:.0f} MiB "
+                                f"of workspace")
 
     async def close(self) -> None:
         self._loaders.shutdown(wait=True)
@@ -234,8 +281,18 @@ class TorchEngine:
         return self._pool.geometry.max_len
 
     @property
-    def kv_slots(self) -> int:
-        return self._pool.slots
+    def kv_blocks(self) -> int:
+        """Blocks in the KV pool (0 .. kv_blocks-1; the scratch block is not among them)."""
+        return self._pool.blocks
+
+    @property
+    def kv_block_size(self) -> int:
+        return self._pool.geometry.block_size
+
+    @property
+    def attention_kernel(self) -> str:
+        """What decode attention runs: "flex" or "reference"."""
+        return self._kernel
 
     def kv_bytes(self) -> int:
         return self._pool.nbytes
@@ -404,10 +461,17 @@ class TorchEngine:
         return (len(self._free_slots) + len(self._slots)) * self._slot_bytes
 
     # -- steps ---------------------------------------------------------------
-    # A step is a function of the rows it is given: it writes only into those rows' KV slots
+    # A step is a function of the rows it is given: it writes only into those rows' KV blocks
     # (positions their lengths do not cover yet) and returns one result per row, or raises
     # having changed nothing another row reads. The scheduler retries subsets on failure, so
     # every stage below may raise; none leaves anything behind.
+    async def scrub(self, blocks: Sequence[int]) -> None:
+        await self._run(self._scrub, list(blocks))
+
+    @torch.inference_mode()
+    def _scrub(self, blocks: list[int]) -> None:
+        self._pool.scrub(blocks)
+
     async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
         return await self._run(self._typed, self._prefill, list(rows))
 
@@ -430,22 +494,25 @@ class TorchEngine:
 
     @torch.inference_mode()
     def _prefill(self, rows: list[Row]) -> list[StepResult]:
-        lengths = [len(r.prompt_ids) for r in rows]
+        """Each row computes its context (prompt, and what it generated before a preemption) past the
+        positions a shared prefix already holds; its next token comes from the last one."""
+        fed = [r.context[r.cached:] for r in rows]
+        lengths = [len(f) for f in fed]
         width = max(lengths)
-        # Left padding puts every row's last prompt token in the last column (logits_to_keep=1).
+        # Left padding puts every row's last token in the last column (logits_to_keep=1).
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - lengths[i]:] = torch.tensor(r.prompt_ids)
+        for i, tokens in enumerate(fed):
+            ids[i, width - lengths[i]:] = torch.tensor(tokens)
         start = torch.tensor([width - n for n in lengths]).unsqueeze(1)
-        positions = (torch.arange(width).unsqueeze(0) - start).clamp(min=0)
-        slots = [r.kv_slot for r in rows]
+        cached = [r.cached for r in rows]
+        positions = (torch.arange(width).unsqueeze(0) - start).clamp(min=0) + torch.tensor(cached).unsqueeze(1)
+        tables = [list(r.blocks) for r in rows]
         # Long prompts run in chunks of columns, so activations and masks stay bounded whatever the
         # prompt's length; each chunk writes its keys into the pool, where the next reads them.
         chunk = self.cfg.prefill_chunk_tokens or width
-        self._pool.claim(slots, lengths, whole=width > chunk)  # nothing a previous occupant left is ever read
         for begin in range(0, width, chunk):
             end = min(begin + chunk, width)
-            ctx = prefill_context(self._pool, slots, lengths, self._device, begin, end)
+            ctx = prefill_context(self._pool, tables, cached, lengths, self._device, begin, end)
             logits = self._forward(rows, ids[:, begin:end], positions[:, begin:end], ctx)
         return self._results(rows, logits)
 
@@ -453,17 +520,16 @@ class TorchEngine:
     def _decode(self, rows: list[Row]) -> list[StepResult]:
         ids = torch.tensor([[r.generated[-1]] for r in rows])
         lengths = [r.length for r in rows]
-        slots = [r.kv_slot for r in rows]
-        self._pool.wrote(slots, lengths)  # before the forward: a failed step may have written too
+        tables = [list(r.blocks) for r in rows]
         if self._graphs is not None:
             lora = [self._lora_slot(r) for r in rows]
             try:
-                return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, slots, lora,
+                return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, tables, lora,
                                                             self._rank(rows)))
             except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: eager from now on
                 log.warning("%s; decode runs eagerly from now on (as with --no-cuda-graphs)", exc)
                 self._graphs = None
-        ctx = decode_context(self._pool, slots, lengths, self._device)
+        ctx = decode_context(self._pool, tables, lengths, self._device, self._kernel)
         return self._results(rows, self._forward(rows, ids, torch.tensor(lengths).unsqueeze(1), ctx))
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Callable
 from scheduler.engine import Engine, Row, StepResult
 from scheduler.cache import Budgets, NoRoom, Tier
 from scheduler.errors import DeadlineTooShort, GenerationFailed, LoraServeError, OutOfMemory, QueueFull, ShuttingDown
-from scheduler.kvslots import KVSlots
+from scheduler.blocks import BlockManager, BlockTable
 from scheduler.observer import NullObserver, Observer
 from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
@@ -47,6 +47,8 @@ class SchedulerStats:
     """Steps that ran out of memory and were retried as two halves."""
     failed_splits: int = 0
     """Steps that failed otherwise and were retried as two halves, to find whose data failed them."""
+    preemptions: int = 0
+    """Running sequences sent back to wait (their KV blocks freed) so that others could grow."""
 
 
 @dataclass(eq=False)
@@ -59,21 +61,34 @@ class _Seq:
     timeline: Timeline = field(default_factory=Timeline)
     cost: Cost = field(default_factory=Cost)
     load_source: Tier = Tier.VRAM
-    kv_slot: int = -1
+    table: BlockTable | None = None
+    """Its KV blocks while it runs (None while it waits)."""
     generated: list[int] = field(default_factory=list)
     detok: tuple[int, int] = (0, 0)
     text: str = ""
     emitted: int = 0
     done: bool = False
     cancelled: bool = False
+    completed: bool = False
+    cached_tokens: int = 0
 
     @property
     def output_tokens(self) -> int:
         return len(self.generated)
 
+    @property
+    def context(self) -> tuple[int, ...]:
+        """What a prefill computes now: the prompt, and what it generated before a preemption."""
+        return (*self.req.prompt_ids, *self.generated)
+
+    @property
+    def length(self) -> int:
+        """Positions a decode step has filled after its next write (Row.length + 1)."""
+        return len(self.req.prompt_ids) + len(self.generated)
+
     def row(self) -> Row:
-        return Row(self.seq_id, self.req.adapter, self.kv_slot, self.req.prompt_ids, self.generated,
-                   self.req.sampling, self.detok)
+        return Row(self.seq_id, self.req.adapter, tuple(self.table.blocks), self.req.prompt_ids, self.generated,
+                   self.req.sampling, self.detok, self.table.cached_tokens)
 
     def emit(self, text: str, upto: int) -> None:
         if upto > self.emitted:
@@ -121,6 +136,11 @@ def _alone(exc: Exception) -> LoraServeError:
     return GenerationFailed(f"generation failed: {type(exc).__name__}", error_type=type(exc).__name__)
 
 
+def _prefix_key(adapter: AdapterRef) -> str:
+    """Keys computed under one adapter version's weights are shared only with the same weights."""
+    return f"{adapter.key}#{adapter.sha256}"
+
+
 def _to_base(req: GenerationRequest, exc: LoraServeError) -> GenerationRequest:
     return replace(req, adapter=BASE, fallback_to_base=False, fallback_reason=exc.reason,
                    requested=req.adapter.key)
@@ -161,7 +181,10 @@ class Scheduler:
     def __init__(self, engine: Engine, limits: BatchLimits = BatchLimits(), *, max_queue: int = 1024,
                  batch_wait_s: float = 0.002, budgets: Budgets = Budgets(2 << 30, 1 << 30), max_loads: int = 2,
                  failed_load_backoff_s: float = 30.0, observer: Observer = NullObserver(),
-                 clock: Callable[[], float] = time.perf_counter, origin: Origin | None = None):
+                 clock: Callable[[], float] = time.perf_counter, origin: Origin | None = None,
+                 prefix_caching: bool = True, reserve_kv: bool = False):
+        """`reserve_kv`: admit a request only with blocks for its prompt and max_new_tokens, so it is
+        never preempted (scheduler/blocks.py); deterministic engines need it, and no prefix sharing."""
         self._engine = engine
         self._observer = observer
         self._limits = limits
@@ -171,7 +194,8 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._waiting: list[_Seq] = []
         self._running: list[_Seq] = []
-        self._kv = KVSlots(engine.kv_slots)
+        self._kv = BlockManager(engine.kv_blocks, engine.kv_block_size, prefix_caching and not reserve_kv,
+                                reserve=reserve_kv)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -190,9 +214,14 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     @property
-    def kv_slots(self) -> KVSlots:
-        """The KV pool's slots (read-only use: total and free)."""
+    def kv_blocks(self) -> BlockManager:
+        """The KV pool's blocks (read-only use: total, used, cached, prefix hits)."""
         return self._kv
+
+    @property
+    def kv_tokens_held(self) -> int:
+        """Tokens the running sequences' blocks hold."""
+        return sum(len(s.req.prompt_ids) + len(s.generated) for s in self._running if s.table is not None)
 
     @property
     def queue_depth(self) -> int:
@@ -220,7 +249,7 @@ class Scheduler:
         """How long a request submitted now should wait for a batch row: none while rows are
         free; otherwise rows free up at about max_batch_size per average service time, and it
         needs the one after every request already waiting."""
-        rows = min(self._limits.max_batch_size, self._kv.total)  # a smaller KV pool binds first
+        rows = self._limits.max_batch_size
         ahead = len(self._waiting) + len(self._live()) - rows
         if ahead < 0 or self._service_s is None:
             return 0.0
@@ -279,6 +308,7 @@ class Scheduler:
                     # From idle, let requests that arrive together start together.
                     await asyncio.sleep(self._batch_wait_s)
             self._start_fetches()
+            await self._scrub()
             joined = await self._admit()
             if self._live():
                 await self._step()
@@ -317,25 +347,51 @@ class Scheduler:
         if not self._waiting and not self._running:
             self._idle.set()
 
+    async def _scrub(self) -> None:
+        """Blocks failed sequences held are zeroed before anyone is given them (scheduler/blocks.py)."""
+        dirty = self._kv.dirty()
+        if not dirty:
+            return
+        try:
+            await self._engine.scrub(dirty)
+        except Exception:  # they stay out of the free list; the next round tries again
+            log.exception("zeroing %d KV blocks failed", len(dirty))
+            return
+        self._kv.scrubbed(dirty)
+
+    def _take_blocks(self, picked: list[_Seq]) -> list[_Seq]:
+        """KV blocks for the picked requests, in order, up to the first that does not fit (it and
+        those after it wait: a big request is not overtaken forever by small ones)."""
+        admitted = []
+        for seq in picked:
+            seq.table = self._kv.admit(_prefix_key(seq.req.adapter), seq.context, seq.req.token_budget)
+            if seq.table is None:
+                break
+            seq.cached_tokens = seq.cached_tokens or seq.table.cached_tokens
+            admitted.append(seq)
+        return admitted
+
     async def _admit(self) -> bool:
         """Let ready waiting requests join the batch; returns whether any did."""
         self._reap()
         live = self._live()
         ready = [s for s in self._waiting if self._ready(s.req.adapter) and s.req.adapter not in self._deferred]
         oldest_wait = self._clock() - ready[0].enqueued_at if ready else 0.0
-        room = min(self._limits.max_batch_size - len(live), self._kv.free)
+        room = self._limits.max_batch_size - len(live)
         if not should_join(len(ready), room, len(live), oldest_wait, self._limits):
             return False
         ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live], self._last_admitted)]
         picked = [ready[i] for i in select_batch([s.req for s in ready], self._limits, [s.req for s in live])][:room]
+        picked = self._take_blocks(picked)
         if not picked:
             return False
         started = self._clock()
         for seq in picked:
             self._waiting.remove(seq)
             self._last_admitted[seq.req.client] = started
-            seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
-            seq.timeline.dispatched = started
+            if not seq.generated:  # a preempted sequence keeps its first admission's figures
+                seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
+                seq.timeline.dispatched = started
         self._running.extend(picked)  # from here their adapters are protected from eviction
         usable = set()
         for adapter in dict.fromkeys(s.req.adapter for s in picked):
@@ -345,20 +401,23 @@ class Scheduler:
         joiners = [s for s in picked if s in usable and not (s.done or s.cancelled)]
         if not joiners:
             return False
-        for seq in joiners:
-            seq.kv_slot = self._kv.take()
         self.stats.batches += 1
         self.stats.prefilled_requests += len(joiners)
         self._close_epoch()
+        contexts = {seq: seq.context for seq in joiners}
         t0 = self._clock()
         results = await self._run_step(True, joiners)
         t1 = self._clock()
         for seq in joiners:
-            seq.timings.prefill_ms = (t1 - t0) * 1e3
-            seq.timeline.first_token = t1
+            seq.timings.prefill_ms += (t1 - t0) * 1e3
+            if not seq.generated:
+                seq.timeline.first_token = t1
         served = [s for s, _ in results]
         if served:
             self._observer.batch_phase("prefill", t0, t1, _adapter_of(served), [s.req.request_id for s in served], 1)
+        for seq, res in results:
+            if res.error is None and seq.table is not None:  # its full blocks hold good keys: shareable
+                self._kv.publish(seq.table, _prefix_key(seq.req.adapter), contexts[seq])
         self._apply(results)
         self._reap()
         return True
@@ -428,10 +487,38 @@ class Scheduler:
     def _requeue(self, group: list[_Seq]) -> None:
         for seq in group:
             self._running.remove(seq)
+            self._kv.release(seq.table)
+            seq.table = None
         self._waiting[:0] = group
 
+    def _make_room(self) -> None:
+        """Every live row gets the block its next position needs; when none is free, the most
+        recently admitted row is preempted (blocks freed, back to the queue's front, prefilled
+        again later with what it generated), as vLLM does, until the older rows fit."""
+        live = self._live()
+        for seq in list(live):
+            if seq not in live:
+                continue
+            while not self._kv.grow(seq.table, seq.length):
+                victim = live.pop()
+                self._preempt(victim)
+                if victim is seq:
+                    break
+
+    def _preempt(self, seq: _Seq) -> None:
+        self._running.remove(seq)
+        self._kv.release(seq.table)
+        seq.table = None
+        self._waiting.insert(0, seq)
+        self.stats.preemptions += 1
+        log.info("request %s preempted after %d tokens: the KV pool is full; it resumes when blocks free up",
+                 seq.req.request_id, len(seq.generated))
+
     async def _step(self) -> None:
-        live = sorted(self._live(), key=lambda s: s.kv_slot)  # consecutive slots are read without a gather
+        self._make_room()
+        live = self._live()
+        if not live:
+            return
         ids = [s.seq_id for s in live]
         if self._epoch is None or self._epoch[2] != ids:
             self._close_epoch()
@@ -452,9 +539,9 @@ class Scheduler:
         if not gone:
             return
         for seq in gone:
-            if seq.kv_slot >= 0:
-                self._kv.give_back(seq.kv_slot)
-                seq.kv_slot = -1
+            if seq.table is not None:  # a failed or abandoned row may have left non-finite keys
+                self._kv.release(seq.table, clean=seq.completed)
+                seq.table = None
         self._running = [s for s in self._running if not (s.done or s.cancelled)]
         self._deferred.clear()  # rows left: room may have been freed
 
@@ -520,7 +607,7 @@ class Scheduler:
 
     def _finish(self, seq: _Seq, text: str, reason: FinishReason) -> None:
         seq.emit(text, len(text))
-        seq.done = True
+        seq.done = seq.completed = True
         seq.timeline.finished = self._clock()
         self.stats.completed += 1
         took = seq.timeline.finished - seq.timeline.dispatched
@@ -530,5 +617,5 @@ class Scheduler:
             input_tokens=len(seq.req.prompt_ids), output_tokens=seq.output_tokens,
             adapter=seq.req.adapter, load_source=seq.load_source, timings=seq.timings,
             fallback_reason=seq.req.fallback_reason, fallback_from=seq.req.requested, timeline=seq.timeline,
-            cost=seq.cost,
+            cost=seq.cost, cached_tokens=seq.cached_tokens,
         ))

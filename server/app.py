@@ -46,7 +46,9 @@ _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Heal
 def engine_config(cfg: ServerConfig) -> EngineConfig:
     """The engine's part of the server's configuration."""
     return EngineConfig(cfg.model_path, cfg.quantization, cfg.device, cfg.dtype, cfg.max_concurrent_loads,
-                        max_rows=cfg.max_batch_size, kv_cache_mib=cfg.kv_cache_mib, max_model_len=cfg.max_model_len,
+                        max_rows=cfg.max_batch_size, kv_cache_mib=cfg.kv_cache_mib, kv_block_size=cfg.kv_block_size,
+                        gpu_memory_fraction=cfg.gpu_memory_fraction, attention=cfg.attention,
+                        max_model_len=cfg.max_model_len,
                         max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,
                         vram_budget_bytes=cfg.budgets_bytes[1], prefill_chunk_tokens=cfg.prefill_chunk_tokens,
                         decode_graphs="off" if cfg.no_cuda_graphs else "auto", deterministic=cfg.deterministic)
@@ -116,7 +118,8 @@ class LoraServer:
                                      cfg.join_delay_ms / 1e3),
             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(cfg.budgets_bytes[0], self.engine.lora_budget_bytes),
             max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s,
-            observer=self.telemetry, origin=self.origin)
+            observer=self.telemetry, origin=self.origin, prefix_caching=not cfg.no_prefix_caching,
+            reserve_kv=cfg.deterministic)
         self.metrics.watch(self.scheduler, EngineMemory(self.engine.weights_bytes(), self.engine.kv_bytes,
                                                         self.engine.stack_bytes))
         if cfg.metrics_port >= 0:

@@ -20,6 +20,7 @@ from server.auth import Authenticator
 from registry.origin import S3Location, is_remote
 
 QUANTIZATIONS = ("none", "nf4", "int8")
+KERNELS = ("auto", "flex", "reference")  # runner.kvpool.KERNELS, without importing torch here
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARM_AT = re.compile(r"(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>.+)")
 METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
@@ -50,7 +51,16 @@ class ServerConfig:
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16.")
     max_batch_size: int = _f(16, "Most sequences decoded together in one batch.")
     max_batch_tokens: int = _f(8192, "Most prompt+max_new_tokens summed over one batch.")
-    kv_cache_mib: int = _f(0, "KV pool budget, MiB; 0 = room for max_batch_size sequences of max_model_len tokens.")
+    kv_cache_mib: float = _f(0.0, "KV pool budget, MiB; 0 = on cuda gpu_memory_fraction of the device less weights, "
+                                  "adapter slots and a workspace estimate, elsewhere 512 MiB; a default budget is "
+                                  "capped at what max_batch_size sequences of max_model_len tokens can use.")
+    kv_block_size: int = _f(16, "Token positions per KV cache block (the unit sequences take as they grow).")
+    gpu_memory_fraction: float = _f(0.90, "cuda: the share of device memory the process may fill when kv_cache_mib "
+                                          "is 0.")
+    attention: str = _f("auto", "Decode attention: auto (flex on cuda, reference elsewhere), flex (FlexAttention "
+                                "over the block tables) or reference (a gather of each row's positions, and SDPA).")
+    no_prefix_caching: bool = _f(False, "Do not share the KV blocks of identical prompt prefixes between requests for "
+                                        "the same adapter version (off anyway with deterministic).")
     max_model_len: int = _f(0, "Most tokens (prompt + generated) per sequence; 0 = the model's position limit.")
     batch_policy: str = _f("mixed", "mixed: any adapters share a batch; grouped: one adapter per batch.")
     join_delay_ms: float = _f(20.0, "How long newcomers may wait to join a running batch together.")
@@ -122,6 +132,12 @@ class ServerConfig:
                             "be negative")
         if min(self.kv_cache_mib, self.max_model_len, self.prefill_chunk_tokens) < 0:
             problems.append("kv_cache_mib, max_model_len and prefill_chunk_tokens must not be negative")
+        if self.kv_block_size < 1:
+            problems.append("kv_block_size must be at least 1")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            problems.append("gpu_memory_fraction must be in (0, 1]")
+        if self.attention not in KERNELS:
+            problems.append(f"attention must be one of {', '.join(KERNELS)}, not {self.attention!r}")
         if min(self.ram_budget_mib, self.vram_budget_mib, self.idle_ttl_s) < 0:
             problems.append("ram_budget_mib, vram_budget_mib and idle_ttl_s must not be negative")
         if min(self.disk_cache_mib, self.origin_timeout_s, self.index_poll_s) <= 0 or self.origin_retries < 0:
