@@ -212,7 +212,11 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     k, v = key, value
     if ctx.read_len:
         index = _gather_index(ctx.tables, ctx.read_len, ctx.pool.geometry.block_size)  # [B, L]
-        k, v = k_pool[index].transpose(1, 2), v_pool[index].transpose(1, 2)  # [B, Hkv, L, D]
+        # Positions no query of the row sees (past its length, or in the scratch block that pads a
+        # short table) are zeroed in the copy: masking alone would let a NaN there through.
+        seen = ctx.mask.any(dim=2).unsqueeze(-1)  # [B, 1, L, 1]
+        k = torch.where(seen, k_pool[index].transpose(1, 2), 0)  # [B, Hkv, L, D]
+        v = torch.where(seen, v_pool[index].transpose(1, 2), 0)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=ctx.mask, scale=scaling,
                                          enable_gqa=query.shape[1] != k.shape[1])
     return out.transpose(1, 2).contiguous(), None

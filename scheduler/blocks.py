@@ -171,7 +171,7 @@ class BlockManager:
             table.digests.append(digest)
             if digest in self._block_of:  # computed twice at once: the first copy stays the shared one
                 continue
-            self._block_of[digest], self._digest_of[block], self._tokens_of[block] = digest, block, chunk
+            self._block_of[digest], self._digest_of[block], self._tokens_of[block] = block, digest, chunk
 
     # -- leaving ------------------------------------------------------------
     def release(self, table: BlockTable, clean: bool = True) -> None:

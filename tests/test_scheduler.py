@@ -32,12 +32,13 @@ class ScriptedEngine(WeightsRecorder):
 
     Stateless like the real engine: a row's next letter follows from the tokens it carries.
     It checks what the scheduler promises: a step only runs rows whose adapter is attached, and
-    a KV slot belongs to one live sequence at a time (from its prefill until it leaves).
+    a KV block a sequence writes belongs to it alone until it leaves (no other row writes there).
     `gate`, when set, holds every decode step until the test releases it.
     """
 
     eos_token_ids = frozenset({EOS})
-    kv_slots = 64
+    kv_blocks = 256
+    kv_block_size = 4
 
     def __init__(self, fail_adapters=(), fetch_s: float = 0.0, slow: dict[str, float] | None = None,
                  size: int = 100):
@@ -49,7 +50,9 @@ class ScriptedEngine(WeightsRecorder):
         self.fetching = self.peak_fetching = 0
         self._fetch_s, self._slow, self._size = fetch_s, slow or {}, size
         self._fail = set(fail_adapters)
-        self.owner: dict[int, int] = {}  # KV slot -> the sequence last prefilled into it
+        self.owner: dict[int, int] = {}  # KV block -> the sequence that last wrote into it
+        self.scrubbed: list[int] = []
+        self.cached: list[int] = []  # per prefilled row, positions shared prefix blocks held
 
     def bytes_once_read(self, adapter):
         return self._size
@@ -69,20 +72,32 @@ class ScriptedEngine(WeightsRecorder):
 
     async def prefill(self, rows):
         self.prefills.append([r.seq_id for r in rows])
+        self.cached += [r.cached for r in rows]
         for r in rows:
-            self.owner[r.kv_slot] = r.seq_id
+            assert len(r.blocks) * self.kv_block_size > len(r.context), "no room for the first decode's position"
+            for p in range(r.cached, len(r.context)):
+                self.owner[r.blocks[p // self.kv_block_size]] = r.seq_id
         return self._step(rows)
+
+    async def scrub(self, blocks):
+        self.scrubbed += blocks
 
     async def decode(self, rows):
         self.decodes.append([r.seq_id for r in rows])
         if self.gate is not None:
             await self.gate.wait()
         await asyncio.sleep(0)  # like the real engine's executor hop, a step lets other tasks run
-        assert all(self.owner[r.kv_slot] == r.seq_id for r in rows), "a KV slot was handed to two sequences"
+        size = self.kv_block_size
+        for r in rows:
+            assert len(r.blocks) > r.length // size, "a row decoded without a block for its position"
+            self.owner[r.blocks[r.length // size]] = r.seq_id
+            assert all(self.owner[b] == r.seq_id for b in r.blocks[r.cached // size:r.length // size + 1]), \
+                "a KV block was handed to two sequences"
         return self._step(rows)
 
     def _step(self, rows):
-        assert len({r.kv_slot for r in rows}) == len(rows)
+        written = [b for r in rows for b in r.blocks[r.cached // self.kv_block_size:]]
+        assert len(set(written)) == len(written), "two rows of one step write one block"
         assert all(r.adapter.is_base or r.adapter in self.vram for r in rows), "batch ran without its adapter"
         out = []
         for r in rows:
@@ -463,3 +478,66 @@ def test_an_adapter_load_is_shared_by_the_requests_it_was_made_for():
     results = run(engine, scenario)
     assert all(r.load_source is Tier.DISK and r.timings.load_ms >= 10 for r in results)
     assert [r.cost.adapter_load_ms for r in results] == [r.timings.load_ms / 2 for r in results]
+
+
+def test_rows_that_cannot_grow_are_preempted_and_resume_where_they_were():
+    engine = ScriptedEngine()
+    engine.kv_blocks = 10  # 40 positions; each request grows to 2 + 16 letters + EOS: 5 blocks
+    names = ["abcdefghijklmnop", "qrstuvwxyzabcdef", "ghijklmnopqrstuv"]
+
+    async def scenario(s):
+        tickets = [s.submit(req(f"r{i}", ref(n), max_new=40)) for i, n in enumerate(names)]
+        return [await t.result() for t in tickets], s.stats, s.kv_blocks
+
+    results, stats, blocks = run(engine, scenario)
+    assert [r.text for r in results] == names
+    assert stats.preemptions > 0 and stats.failed == 0
+    assert blocks.used == 0 and blocks.free == 10
+    assert max(len(p) for p in engine.prefills) >= 1 and len(engine.prefills) > 1
+
+
+def test_a_reserving_scheduler_makes_requests_wait_instead_of_preempting():
+    engine = ScriptedEngine()
+    engine.kv_blocks = 10
+    names = ["abcdefghijklmnop", "qrstuvwxyzabcdef", "ghijklmnopqrstuv"]
+
+    async def scenario(s):
+        tickets = [s.submit(req(f"r{i}", ref(n), max_new=17)) for i, n in enumerate(names)]
+        return [await t.result() for t in tickets], s.stats
+
+    results, stats = run(engine, scenario, reserve_kv=True)
+    assert [r.text for r in results] == names and stats.preemptions == 0
+
+
+def test_a_repeated_prompt_prefix_is_computed_once_per_adapter_version():
+    engine = ScriptedEngine()
+    prompt = tuple(range(10, 19))  # 9 tokens: two full blocks of 4
+
+    async def scenario(s):
+        first = await s.submit(req("a", ref("ab"), prompt=prompt)).result()
+        second = await s.submit(req("b", ref("ab"), prompt=prompt)).result()
+        other = await s.submit(req("c", ref("xy"), prompt=prompt)).result()
+        return first, second, other, s.kv_blocks.prefix
+
+    first, second, other, prefix = run(engine, scenario)
+    assert (first.cached_tokens, second.cached_tokens, other.cached_tokens) == (0, 8, 0)
+    assert engine.cached == [0, 8, 0] and second.text == first.text == "ab"
+    assert (prefix.queried_tokens, prefix.hit_tokens) == (27, 8)
+
+
+def test_blocks_of_a_failed_request_are_zeroed_before_reuse():
+    class Poisoning(ScriptedEngine):
+        def _step(self, rows):
+            out = super()._step(rows)
+            return [replace(r, error=OutOfMemory("boom")) if rows[i].adapter.id == "bad" else r
+                    for i, r in enumerate(out)]
+
+    engine = Poisoning()
+
+    async def scenario(s):
+        with pytest.raises(OutOfMemory):
+            await s.submit(req("a", ref("bad"))).result()
+        return await s.submit(req("b", ref("ok"))).result()
+
+    assert run(engine, scenario).text == "ok"
+    assert engine.scrubbed
