@@ -208,7 +208,8 @@ def test_a_repeated_prompt_takes_its_prefix_blocks_from_the_cache_for_the_same_a
     assert stats_after.prefix_cache_queried_tokens - stats_before.prefix_cache_queried_tokens == queried
     assert stats_after.kv_blocks_used == stats_after.kv_tokens_held == 0  # all finished
     assert 2 <= stats_after.kv_blocks_cached <= stats_after.kv_blocks_total
-    assert after["loraserve_prefix_cache_hit_tokens_total"] - before["loraserve_prefix_cache_hit_tokens_total"] == cached
+    assert (after["loraserve_prefix_cache_hit_tokens_total"]
+            - before["loraserve_prefix_cache_hit_tokens_total"]) == cached
     assert (after["loraserve_prefix_cache_queried_tokens_total"]
             - before["loraserve_prefix_cache_queried_tokens_total"]) == queried
     assert after["loraserve_kv_blocks_cached"] == stats_after.kv_blocks_cached
