@@ -65,6 +65,7 @@ class BlockManager:
         self._block_of: dict[bytes, int] = {}  # digest -> published block
         self._tokens_of: dict[int, tuple[int, ...]] = {}  # published block -> its tokens (checked on a hit)
         self._promised = 0
+        self._cached_free = 0  # free blocks still published (kept as a count: metrics read it from another thread)
         self._dirty: list[int] = []
         self.prefix = PrefixStats()
 
@@ -85,7 +86,7 @@ class BlockManager:
     @property
     def cached(self) -> int:
         """Free blocks that still hold a published prefix (taken back on a hit)."""
-        return sum(1 for b in self._free if b in self._digest_of)
+        return self._cached_free
 
     def refs(self, block: int) -> int:
         return self._refs[block]
@@ -129,6 +130,7 @@ class BlockManager:
         for block, digest in hits:
             if self._refs[block] == 0:
                 del self._free[block]
+                self._cached_free -= 1
             self._refs[block] += 1
             table.blocks.append(block)
             table.digests.append(digest)
@@ -144,6 +146,7 @@ class BlockManager:
         digest = self._digest_of.pop(block, None)
         if digest is not None:  # the oldest cached prefix gives its block up
             del self._block_of[digest], self._tokens_of[block]
+            self._cached_free -= 1
         self._refs[block] = 1
         return block
 
@@ -182,7 +185,10 @@ class BlockManager:
             self._refs[block] -= 1
             if self._refs[block]:
                 continue
-            if clean or block in self._digest_of:  # a published block is never written again: clean
+            if block in self._digest_of:  # a published block is never written again: clean
+                self._free[block] = None
+                self._cached_free += 1
+            elif clean:
                 self._free[block] = None
             else:
                 self._dirty.append(block)

@@ -133,3 +133,4 @@ def test_books_stay_consistent_whatever_happens(ops):
             assert m.refs(b) == count
             assert count == 1 or b in m._digest_of, "a private block in two tables"
         assert m.used == len(held) and m.used + m.free + len(m.dirty()) == m.total
+        assert m.cached == sum(1 for b in m._free if b in m._digest_of)

@@ -73,6 +73,7 @@ def test_span_tree_for_a_cold_then_a_warm_request(traced):
         assert gen.attributes["gen_ai.request.model"] == "base"
         assert gen.attributes["gen_ai.request.max_tokens"] == 6
         assert gen.attributes["gen_ai.usage.output_tokens"] == 6 and gen.attributes["gen_ai.usage.input_tokens"] > 0
+        assert 0 <= gen.attributes["loraserve.usage.cached_input_tokens"] < gen.attributes["gen_ai.usage.input_tokens"]
         assert list(gen.attributes["gen_ai.response.finish_reasons"]) == ["length"]
         assert children["queue.wait"].start_time <= load.end_time <= gen.start_time + 1 <= gen.end_time + 1
         # Batch spans are their own traces, linked to every request they served.
