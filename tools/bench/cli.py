@@ -134,8 +134,8 @@ def run_bench(args) -> int:
         from tools.bench.kvcap import run_kvcap
 
         extra = ["--device", args.device, "--dtype", args.dtype, *args.server_arg]
-        run_kvcap(args.out, tuple(p.strip() for p in args.kvcap.split(",") if p.strip()), args.model_path, extra)
-        return 0
+        return run_kvcap(args.out, tuple(p.strip() for p in args.kvcap.split(",") if p.strip()), args.model_path,
+                         extra)
     if args.preset:
         references = None if args.references is None else tuple(p for p in args.references.split(",") if p)
         results = run_matrix(args.preset, args.out, args.device, args.fresh, args.server_arg,

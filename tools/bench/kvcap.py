@@ -29,6 +29,7 @@ import socket
 import statistics
 import threading
 import time
+import traceback
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,7 +393,9 @@ def _store_beside(model: Path, out: Path) -> Path:
     return empty
 
 
-def run_kvcap(out: Path, parts: tuple[str, ...], model_path: Path | None, server_args: list[str]) -> dict:
+def run_kvcap(out: Path, parts: tuple[str, ...], model_path: Path | None, server_args: list[str]) -> int:
+    """Runs the parts asked for; one that fails is recorded under "errors" and the rest still run.
+    Returns 1 when one failed."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise SystemExit(f"--kvcap parts are {', '.join(PARTS)}; not {', '.join(sorted(unknown))}")
@@ -403,21 +406,26 @@ def run_kvcap(out: Path, parts: tuple[str, ...], model_path: Path | None, server
     def save() -> None:
         path.write_text(json.dumps(results, indent=2))
 
-    if "capacity" in parts:
-        results["capacity"] = capacity()
+    def part(name: str, measure, show) -> None:
+        try:
+            results[name] = measure()
+        except Exception as exc:  # noqa: BLE001 (recorded, and the exit status says so)
+            results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+            print(f"\n{name}: failed: {results['errors'][name]}")
+            traceback.print_exc()
+        else:
+            show(results[name])
         save()
-        print_capacity(results["capacity"])
+
+    if "capacity" in parts:
+        part("capacity", capacity, print_capacity)
     if {"concurrency", "prefix"} & set(parts):
         model = Path(model_path) if model_path else demo_model(out / "demo")
         store = _store_beside(model, out)
         results["model"] = str(model)
         if "concurrency" in parts:
-            results["concurrency"] = concurrency(model, store, out, server_args)
-            save()
-            print_concurrency(results["concurrency"])
+            part("concurrency", lambda: concurrency(model, store, out, server_args), print_concurrency)
         if "prefix" in parts:
-            results["prefix"] = prefix_ttft(model, store, out, server_args)
-            save()
-            print_prefix(results["prefix"])
+            part("prefix", lambda: prefix_ttft(model, store, out, server_args), print_prefix)
     print(f"\nwritten: {path}")
-    return results
+    return 1 if results.get("errors") else 0
