@@ -496,7 +496,7 @@ class TorchEngine:
     def _prefill(self, rows: list[Row]) -> list[StepResult]:
         """Each row computes its context (prompt, and what it generated before a preemption) past the
         positions a shared prefix already holds; its next token comes from the last one."""
-        fed = [r.context[r.cached:] for r in rows]
+        fed = [r.fed for r in rows]
         lengths = [len(f) for f in fed]
         width = max(lengths)
         # Left padding puts every row's last token in the last column (logits_to_keep=1).

@@ -33,12 +33,21 @@ class Row:
     detok: tuple[int, int] = (0, 0)
     """Incremental detokenisation offsets into `generated`: (context start, text returned up to)."""
     cached: int = 0
-    """Prefill: leading positions whose keys shared blocks already hold (not computed again)."""
+    """Prefill: leading context positions whose keys the blocks already hold (a shared prefix, or
+    earlier chunks): not computed again."""
+    upto: int = 0
+    """Prefill: the end of the context chunk this step computes (0: the whole context). A step
+    that stops short of the context's end still returns a token, which the scheduler ignores."""
 
     @property
     def context(self) -> tuple[int, ...]:
         """What a prefill computes: the prompt, and the tokens generated before a preemption."""
         return (*self.prompt_ids, *self.generated)
+
+    @property
+    def fed(self) -> tuple[int, ...]:
+        """What this prefill step computes."""
+        return self.context[self.cached:self.upto or None]
 
     @property
     def length(self) -> int:

@@ -71,6 +71,12 @@ class _Seq:
     cancelled: bool = False
     completed: bool = False
     cached_tokens: int = 0
+    target: int = 0
+    """While it prefills: the context positions its prefill fills (0 once it decodes)."""
+    prefilled: int = 0
+    """Context positions whose keys its blocks hold (shared prefix included)."""
+    upto: int = 0
+    """The end of the context chunk its current prefill step computes."""
 
     @property
     def output_tokens(self) -> int:
@@ -88,7 +94,7 @@ class _Seq:
 
     def row(self) -> Row:
         return Row(self.seq_id, self.req.adapter, tuple(self.table.blocks), self.req.prompt_ids, self.generated,
-                   self.req.sampling, self.detok, self.table.cached_tokens)
+                   self.req.sampling, self.detok, self.prefilled, self.upto if self.target else 0)
 
     def emit(self, text: str, upto: int) -> None:
         if upto > self.emitted:
@@ -309,12 +315,15 @@ class Scheduler:
                     await asyncio.sleep(self._batch_wait_s)
             self._start_fetches()
             await self._scrub()
-            joined = await self._admit()
-            if self._live():
+            progressed = await self._admit()
+            if any(s.target for s in self._live()):
+                await self._prefill_chunks()
+                progressed = True
+            if self._decoding():
                 await self._step()
-            elif self._running:
+            elif self._running and not self._live():
                 await self._end_batch()
-            elif not joined:
+            elif not progressed:
                 # Everything waiting needs an adapter still loading (or room for it).
                 self._wake.clear()
                 await self._wake.wait()
@@ -368,6 +377,7 @@ class Scheduler:
             if seq.table is None:
                 break
             seq.cached_tokens = seq.cached_tokens or seq.table.cached_tokens
+            seq.target, seq.prefilled = len(seq.context), seq.table.cached_tokens
             admitted.append(seq)
         return admitted
 
@@ -403,24 +413,58 @@ class Scheduler:
             return False
         self.stats.batches += 1
         self.stats.prefilled_requests += len(joiners)
+        return True
+
+    def _decoding(self) -> list[_Seq]:
+        return [s for s in self._live() if not s.target]
+
+    def _chunks(self) -> list[_Seq]:
+        """Prefilling rows and the chunk each computes this step, oldest first, within what the
+        step's token budget leaves after one token per decoding row; the oldest always gets at
+        least one block's worth, so prefills progress under any decode load."""
+        budget = self._limits.max_num_batched_tokens - len(self._decoding())
+        budget = max(budget, self._kv.block_size)
+        chosen = []
+        for seq in (s for s in self._live() if s.target):
+            n = min(seq.target - seq.prefilled, budget)
+            if n <= 0:
+                break
+            seq.upto = seq.prefilled + n
+            budget -= n
+            chosen.append(seq)
+        return chosen
+
+    async def _prefill_chunks(self) -> None:
+        """One prefill step: every prefilling row computes its next chunk. A row whose chunk ends its
+        context gets its first token (or, resumed after a preemption, its next one) and decodes
+        from the next step; the others go on with their next chunk after the decode step, so a
+        long prompt never stalls the running rows for more than one budgeted step."""
+        rows = self._chunks()
         self._close_epoch()
-        contexts = {seq: seq.context for seq in joiners}
         t0 = self._clock()
-        results = await self._run_step(True, joiners)
+        results = await self._run_step(True, rows)
         t1 = self._clock()
-        for seq in joiners:
+        for seq in rows:
             seq.timings.prefill_ms += (t1 - t0) * 1e3
-            if not seq.generated:
-                seq.timeline.first_token = t1
         served = [s for s, _ in results]
         if served:
             self._observer.batch_phase("prefill", t0, t1, _adapter_of(served), [s.req.request_id for s in served], 1)
+        finished = []
         for seq, res in results:
-            if res.error is None and seq.table is not None:  # its full blocks hold good keys: shareable
-                self._kv.publish(seq.table, _prefix_key(seq.req.adapter), contexts[seq])
-        self._apply(results)
+            if res.error is not None or seq.done or seq.cancelled:
+                finished.append((seq, res))
+                continue
+            seq.prefilled = seq.upto
+            if seq.upto < seq.target:
+                continue  # a chunk: its token is not the next one yet
+            # Its full blocks hold good keys now: shareable.
+            self._kv.publish(seq.table, _prefix_key(seq.req.adapter), seq.context[:seq.target])
+            seq.target = 0
+            if not seq.generated:
+                seq.timeline.first_token = t1
+            finished.append((seq, res))
+        self._apply(finished)
         self._reap()
-        return True
 
     async def _run_step(self, prefill: bool, seqs: list[_Seq]) -> list[tuple[_Seq, StepResult]]:
         """One step over `seqs`. The engine keeps no batch and a failed step leaves no trace, so
@@ -516,7 +560,7 @@ class Scheduler:
 
     async def _step(self) -> None:
         self._make_room()
-        live = self._live()
+        live = self._decoding()
         if not live:
             return
         ids = [s.seq_id for s in live]

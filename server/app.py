@@ -115,7 +115,7 @@ class LoraServer:
         self.registry.module_names = self.engine.module_names()
         self.scheduler = Scheduler(
             self.engine, BatchLimits(cfg.max_batch_size, cfg.max_batch_tokens, cfg.batch_policy,
-                                     cfg.join_delay_ms / 1e3),
+                                     cfg.join_delay_ms / 1e3, cfg.max_num_batched_tokens),
             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(cfg.budgets_bytes[0], self.engine.lora_budget_bytes),
             max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s,
             observer=self.telemetry, origin=self.origin, prefix_caching=not cfg.no_prefix_caching,

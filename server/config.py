@@ -51,6 +51,9 @@ class ServerConfig:
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16.")
     max_batch_size: int = _f(16, "Most sequences decoded together in one batch.")
     max_batch_tokens: int = _f(8192, "Most prompt+max_new_tokens summed over one batch.")
+    max_num_batched_tokens: int = _f(1024, "Most tokens one step computes: each decoding row counts one, prefills "
+                                           "take chunks of the rest (a long prompt runs over several steps, "
+                                           "between decode steps, so running streams keep their pace).")
     kv_cache_mib: float = _f(0.0, "KV pool budget, MiB; 0 = on cuda gpu_memory_fraction of the device less weights, "
                                   "adapter slots and a workspace estimate, elsewhere 512 MiB; a default budget is "
                                   "capped at what max_batch_size sequences of max_model_len tokens can use.")
@@ -119,7 +122,7 @@ class ServerConfig:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
-        for name in ("max_loras", "max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",
+        for name in ("max_loras", "max_batch_size", "max_batch_tokens", "max_num_batched_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",
                      "max_new_tokens_limit", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

@@ -278,3 +278,19 @@ def test_engine_config_carries_the_pool_flags(demo_dir):
     ec = engine_config(cfg)
     assert (ec.kv_cache_mib, ec.kv_block_size, ec.gpu_memory_fraction, ec.attention) == (3.5, 8, 0.5, "flex")
     assert json.dumps(dataclasses.asdict(ec), default=str)
+
+
+def test_prompts_prefilled_over_several_steps_answer_as_in_one(demo_dir, stub):
+    """A step budget of 7 tokens: prompts run in chunks over steps, between other rows' decode
+    steps, each chunk reading the keys earlier ones wrote into its blocks."""
+    cfg = comparable(server_config(demo_dir, max_num_batched_tokens=7))
+    srv = ServerThread(cfg)
+    requests = [pb.GenerateRequest(adapter_id=a, prompt=p, max_new_tokens=12)
+                for a, p in (("legal", LONG), ("base", PROMPT), ("medical", LONG + " Why?"), ("support", PROMPTS[1]))]
+    try:
+        with srv.channel() as ch:
+            client = inference_pb2_grpc.InferenceServiceStub(ch)
+            futures = [client.Generate.future(r, timeout=120) for r in requests]
+            assert [f.result().text for f in futures] == [stub.Generate(r, timeout=60).text for r in requests]
+    finally:
+        srv.stop()

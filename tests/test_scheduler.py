@@ -75,7 +75,7 @@ class ScriptedEngine(WeightsRecorder):
         self.cached += [r.cached for r in rows]
         for r in rows:
             assert len(r.blocks) * self.kv_block_size > len(r.context), "no room for the first decode's position"
-            for p in range(r.cached, len(r.context)):
+            for p in range(r.cached, r.upto or len(r.context)):
                 self.owner[r.blocks[p // self.kv_block_size]] = r.seq_id
         return self._step(rows)
 
@@ -541,3 +541,34 @@ def test_blocks_of_a_failed_request_are_zeroed_before_reuse():
 
     assert run(engine, scenario).text == "ok"
     assert engine.scrubbed
+
+
+def test_a_long_prompt_is_prefilled_in_budgeted_chunks_between_decode_steps():
+    class Logged(ScriptedEngine):
+        log: list = []
+
+        async def prefill(self, rows):
+            self.log.append(("prefill", [(r.seq_id, len(r.fed)) for r in rows]))
+            return await super().prefill(rows)
+
+        async def decode(self, rows):
+            self.log.append(("decode", [r.seq_id for r in rows]))
+            return await super().decode(rows)
+
+    engine = Logged()
+
+    async def scenario(s):
+        running = s.submit(req("short", ref("abcdefghijklmno"), max_new=20))
+        while not engine.decodes:
+            await asyncio.sleep(0)
+        long = s.submit(req("long", ref("xyz"), max_new=20, prompt=tuple(range(1, 41))))
+        return await running.result(), await long.result()
+
+    short, long = run(engine, scenario, limits=BatchLimits(max_num_batched_tokens=12, join_delay_s=0))
+    assert (short.text, long.text) == ("abcdefghijklmno", "xyz")
+    chunks = [n for kind, rows in engine.log if kind == "prefill" for seq, n in rows if seq == 2]
+    assert sum(chunks) == 40 and max(chunks) <= 11 and len(chunks) == 4  # one token of each step is the decode row's
+    # Between two chunks of the long prompt the short request decoded a token.
+    steps = [kind for kind, rows in engine.log if (kind == "prefill" and rows[0][0] == 2) or kind == "decode"]
+    first = steps.index("prefill")
+    assert steps[first:first + 7] == ["prefill", "decode"] * 3 + ["prefill"]

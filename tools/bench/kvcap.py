@@ -318,7 +318,8 @@ def prefix_ttft(model: Path, store: Path, out: Path, server_args: list[str], pre
     plan, kept = [], []
     for r in range(rounds):
         prefix, prefix_ids = exact_prefix(tokenizer, prefix_tokens, seed=r + 1)
-        plan.append([f"{prefix}\nQuestion: {q}\nAnswer:" for q in QUESTIONS[:cached + 1]])
+        questions = [QUESTIONS[(r + i) % len(QUESTIONS)] for i in range(cached + 1)]  # each round's cold one differs
+        plan.append([f"{prefix}\nQuestion: {q}\nAnswer:" for q in questions])
         ids = tokenizer.encode(plan[-1][0], add_special_tokens=True)
         kept.append(next((i for i, (a, b) in enumerate(zip(ids, prefix_ids)) if a != b), len(prefix_ids)))
     lengths = [len(tokenizer.encode(p, add_special_tokens=True)) for prompts in plan for p in prompts]
@@ -330,12 +331,14 @@ def prefix_ttft(model: Path, store: Path, out: Path, server_args: list[str], pre
         server = _server(model, store, flags, out / f"kvcap-server-prefix-{'off' if extra else 'on'}.log")
         try:
             # Warm-up with another prefix of the same length: the cold requests pay no first-call costs.
-            asyncio.run(_requests(server.target, [f"{other}\nQuestion: {QUESTIONS[0]}\nAnswer:"], new_tokens, False))
+            warm = [f"{other}\nQuestion: {QUESTIONS[0]}\nAnswer:"]
             before = _cache_stats(server.target)
-            answers = [asyncio.run(_requests(server.target, prompts, new_tokens, together=False)) for prompts in plan]
+            answers = asyncio.run(_requests(server.target, [*warm, *(p for prompts in plan for p in prompts)],
+                                            new_tokens, together=False))[1:]
             after = _cache_stats(server.target)
         finally:
             server.stop()
+        answers = [answers[i:i + cached + 1] for i in range(0, len(answers), cached + 1)]
         cold = [a[0]["server_ttft_ms"] for a in answers]
         later = [x["server_ttft_ms"] for a in answers for x in a[1:]]
         results[mode] = {"server_flags": flags, "cold_ttft_ms": [round(t, 2) for t in cold],
