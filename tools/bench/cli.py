@@ -202,12 +202,12 @@ def run_bench(args) -> int:
 def _print(results: dict, headline: int) -> None:
     base = results["base_only"]
     print(f"{'run':>14} {'tok/s':>9} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'ttft p95':>9} "
-          f"{'cold p95':>9} {'hit':>6} {'errors':>6}")
+          f"{'itl p95':>8} {'cold p95':>9} {'hit':>6} {'errors':>6}")
     rows = [("base only", base)] + [(f"{n} adapters", r) for n, r in results["sweep"].items()]
     for name, r in rows:
         print(f"{name:>14} {r['tok_per_s']:>9.1f} {r['req_per_s']:>7.2f} {r['latency_ms'][50]:>8.1f} "
               f"{r['latency_ms'][95]:>8.1f} {r['latency_ms'][99]:>8.1f} {r['ttft_ms'][95]:>9.1f} "
-              f"{r['cold_load_p95_ms']:>9.1f} {r.get('cache_hit_ratio', 0):>6.2f} {r['errors']:>6}")
+              f"{r['itl_ms'][95]:>8.1f} {r['cold_load_p95_ms']:>9.1f} {r.get('cache_hit_ratio', 0):>6.2f} {r['errors']:>6}")
     if "naive" in results:
         print(f"{'naive':>14} {results['naive']['tok_per_s']:>9.1f} {results['naive']['req_per_s']:>7.2f}")
     print(f"{'engine limit':>14} {results['engine_limit']['tok_per_s']:>9.1f}   (in process, base model, "
