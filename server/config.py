@@ -25,6 +25,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARM_AT = re.compile(r"(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>.+)")
 METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 """A gRPC metadata key that carries text (keys ending in -bin carry bytes)."""
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 RESERVED_KEYS = frozenset({"authorization", ROUTING_HEADER, "user-agent", "content-type", "te", "traceparent"})
 ENV_PREFIX = "LORASERVE_"
 
@@ -86,6 +87,11 @@ class ServerConfig:
                                     "seed 0 for sampled requests that give none). Costs throughput.")
     max_lora_rank: int = _f(64, "Largest adapter rank accepted (every adapter slot has room for it).")
     max_loras: int = _f(64, "Adapters attached at once: slots reserved at start-up, capped by vram_budget_mib.")
+    lora_target_modules: tuple[str, ...] = _f((), "Leaf names of the linear layers LoRA is applied to "
+                                                  "(comma-separated, e.g. q_proj,v_proj): only they get slot stacks, "
+                                                  "and an adapter adapting any other is refused. Empty: the union of "
+                                                  "what the store's servable versions adapt at start-up (every linear "
+                                                  "layer when it has none).")
     auth_tokens_file: Path | None = _f(None, "JSON file of bearer tokens -> clients; unset turns authentication off.")
     max_prompt_tokens: int = _f(1024, "Longest accepted prompt, in tokens.")
     max_new_tokens_limit: int = _f(512, "Largest accepted max_new_tokens.")
@@ -179,6 +185,10 @@ class ServerConfig:
                             "its client)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device {self.device!r} is not auto, cpu, cuda or cuda:N")
+        bad = [m for m in self.lora_target_modules if not MODULE_NAME.fullmatch(m) or m == "lm_head"]
+        if bad:
+            problems.append(f"lora_target_modules takes leaf names of linear layers other than lm_head "
+                            f"(q_proj, v_proj, ...), not {bad[0]!r}")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
 
