@@ -4,8 +4,8 @@ All torch work runs on one dedicated thread (TorchEngine's executor), so the
 event loop never blocks and the model is never touched by two threads. No batch
 lives here: each step gets its rows from the scheduler (their KV pool slots,
 block tables in the paged
-runner/kvpool.py, and their adapters, whose weights runner/lora.py gathers per
-row), so there is neither a cache to reconcile nor a global "active adapter" to
+runner/kvpool.py, and their adapters, whose slots runner/lora.py reads in place
+per row), so there is neither a cache to reconcile nor a global "active adapter" to
 race on.
 """
 
@@ -72,6 +72,10 @@ class EngineConfig:
     """Adapters attached at once (slots in the stacks)."""
     max_lora_rank: int = 64
     """Largest adapter rank; every slot has room for it."""
+    lora_target_modules: tuple[str, ...] = ()
+    """Leaf names of the linear layers LoRA is applied to (wrapped, with slot stacks); an adapter
+    adapting any other is refused (ADAPTER_INCOMPATIBLE). Empty: every linear layer but lm_head.
+    Names that match no linear layer wrap nothing (logged)."""
     vram_budget_bytes: int = 0
     """Caps the slot stacks' bytes (fewer slots than max_loras when it binds); 0 = no cap."""
     prefill_chunk_tokens: int = 512
@@ -146,6 +150,7 @@ class TorchEngine:
         self._slot_bytes = 0
         self._rows = RowSlots()
         self._layers: dict[str, LoRALinear] = {}
+        self._unwrapped: frozenset[str] = frozenset()  # paths of linear layers LoRA is not applied to
         self._module_names: frozenset[str] = frozenset()
         self._dtype = torch.float32
         self._tokenizer = None
@@ -178,8 +183,18 @@ class TorchEngine:
         # A captured step has fixed shapes: only the block mask reads a row's length without a host int.
         capture = self._device.type == "cuda" and self._kernel == "flex"
         graphs = self.cfg.decode_graphs == "buffers" or (self.cfg.decode_graphs == "auto" and capture)
-        self._rows.keep_gathered = self._device.type == "cpu" and not graphs
-        self._layers = wrap_linear_layers(self._model, self._rows)
+        # Each row reads its own adapter's slot in place: Triton's BGMV kernels on cuda (imported
+        # only there), a matmul pair per adapter present elsewhere (runner/lora.py).
+        self._rows = RowSlots("triton" if self._device.type == "cuda" else "grouped")
+        linears = {n for n, m in self._model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"}
+        self._layers = wrap_linear_layers(self._model, self._rows, tuple(self.cfg.lora_target_modules))
+        self._unwrapped = frozenset(linears - set(self._layers))
+        stray = sorted(set(self.cfg.lora_target_modules) - self.lora_modules())
+        if stray:
+            log.warning("lora_target_modules %s name no linear layer of this model", stray)
+        log.info("LoRA applies to %s: %d of %d linear layers", ", ".join(sorted(self.lora_modules())) or "nothing",
+                 len(self._layers), len(linears))
         self._allocate_lora_slots()
         self._pool = self._allocate_pool()
         _refuse_unsupported_attention(self._model.config, self._pool.geometry.max_len)
@@ -189,8 +204,7 @@ class TorchEngine:
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         if graphs:
             self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad, capture=capture,
-                                        max_rank=self.cfg.max_lora_rank, max_rows=self.cfg.max_rows,
-                                        kernel=self._kernel)
+                                        max_rows=self.cfg.max_rows, kernel=self._kernel)
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
@@ -206,7 +220,7 @@ class TorchEngine:
         max_loras allows and the VRAM budget holds. The VRAM tier then budgets whole slots."""
         self._slot_bytes = slot_bytes(self._layers.values(), self.cfg.max_lora_rank, self._dtype)
         slots = self.cfg.max_loras
-        if self.cfg.vram_budget_bytes:
+        if self.cfg.vram_budget_bytes and self._slot_bytes:
             slots = min(slots, self.cfg.vram_budget_bytes // self._slot_bytes)
         if slots < 1:
             raise ValueError(f"the VRAM budget holds no adapter: one slot of rank {self.cfg.max_lora_rank} "
@@ -316,6 +330,14 @@ class TorchEngine:
         """Leaf names of the model's modules (what an adapter's target_modules may name)."""
         return self._module_names
 
+    def linear_modules(self) -> frozenset[str]:
+        """Leaf names of the linear layers LoRA could be applied to (all but lm_head)."""
+        return frozenset(path.rsplit(".", 1)[-1] for path in (*self._layers, *self._unwrapped))
+
+    def lora_modules(self) -> frozenset[str]:
+        """Leaf names of the linear layers LoRA is applied to (an adapter may adapt only these)."""
+        return frozenset(path.rsplit(".", 1)[-1] for path in self._layers)
+
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=True)
 
@@ -369,6 +391,10 @@ class TorchEngine:
                 raise AdapterIncompatible(adapter.id, f"{module} has rank {a_t.shape[1]} in its weights; this "
                                           f"server's slots hold rank {self.cfg.max_lora_rank} at most")
             layer = self._layers.get(module)
+            if layer is None and module in self._unwrapped:
+                leaf = module.rsplit(".", 1)[-1]
+                raise AdapterIncompatible(adapter.id, f"it adapts {leaf} ({module}), which this server does not "
+                                          f"apply LoRA to: restart it with --lora-target-modules including {leaf}")
             if layer is None:
                 raise AdapterIncompatible(adapter.id, f"the base model has no linear layer {module!r}")
             if (a_t.shape[0], b_t.shape[1]) != (layer.in_features, layer.out_features):
@@ -395,12 +421,6 @@ class TorchEngine:
             raise
         del self._ram[adapter]
         self._slots[adapter] = (slot, {path: a_t.shape[1] for path, (a_t, _) in weights.modules.items()})
-        self._set_rank()
-
-    def _set_rank(self) -> None:
-        rank = max((r for _, ranks in self._slots.values() for r in ranks.values()), default=1)
-        if rank != self._rows.rank:
-            self._rows.rank, self._rows.version = rank, self._rows.version + 1
 
     async def demote(self, adapter: AdapterRef) -> None:
         await self._run(self._demote, adapter)
@@ -421,7 +441,6 @@ class TorchEngine:
             for path in ranks:
                 self._layers[path].write(slot, None)
         self._free_slots.append(slot)
-        self._set_rank()
 
     @contextlib.contextmanager
     def _copying(self, slot: int):
@@ -524,8 +543,7 @@ class TorchEngine:
         if self._graphs is not None:
             lora = [self._lora_slot(r) for r in rows]
             try:
-                return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, tables, lora,
-                                                            self._rank(rows)))
+                return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, tables, lora))
             except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: eager from now on
                 log.warning("%s; decode runs eagerly from now on (as with --no-cuda-graphs)", exc)
                 self._graphs = None
@@ -535,19 +553,12 @@ class TorchEngine:
     def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """[B, vocab] float32 logits of each row's next token."""
         lora = tuple(self._lora_slot(r) for r in rows)
-        with self._rows.using(lora, self._device, self._rank(rows)):
+        with self._rows.using(lora, self._device):
             return self._call(ids.to(self._device), positions.to(self._device), ctx).float()
 
-    def _rank(self, rows: list[Row]) -> int:
-        """The LoRA stacks' columns a step reads: the largest rank attached, or, deterministic (a
-        step of one row), its own adapter's, so attaching another cannot change how its sums split."""
-        if not self.cfg.deterministic or rows[0].adapter.is_base:
-            return self._rows.rank
-        return max(self._slots[rows[0].adapter][1].values())
-
-    def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None, rank: int):
+    def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None):
         """A captured decode step: `lora` is the graphs' persistent [B] slot buffer."""
-        with self._rows.installed(lora, rank):
+        with self._rows.installed(lora):
             return self._call(ids, positions, ctx)
 
     def _call(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:

@@ -1,20 +1,20 @@
 """Decode steps over persistent buffers, replayed from CUDA graphs on a GPU.
 
-A graph fixes every shape and address, so one is captured per bucket (rows, LoRA rank), on
+A graph fixes every shape and address, so one is captured per bucket (rows, LoRA on/off), on
 first use; the attended length is no key: the FlexAttention block mask visits each row's own
 blocks, however many its length needs.
 
 * rows are rounded up to a power of two (capped at the batch size); padding rows decode a pad
   token at position 0 of the pool's scratch block with no adapter, and their logits are dropped;
-* the rank is the LoRA stacks' columns the step reads: the largest attached rank rounded up to
-  a power of two (columns past an adapter's rank are zero), 0 when no row has an adapter (the
-  LoRA add is skipped altogether).
+* LoRA is on when a row has an adapter: the LoRA kernels read each row's slot and that slot's
+  rank from device tensors (runner/lora_kernels.py), so no rank is part of the key; off, the
+  LoRA add is skipped altogether.
 
 Each step copies its rows' tokens, lengths and LoRA slots into one [3, rows] buffer and the
 front of their block tables into a [rows, blocks + 1] one (the width FlexAttention's kv_indices
-take), then replays. The KV pool, the LoRA slot stacks and the buffers are allocated once and
-never move, and an adapter is attached by copying into its slot in place, so adapters coming
-and going leave every graph valid.
+take), then replays. The KV pool, the LoRA slot stacks and rank tables and the buffers are
+allocated once and never move, and an adapter is attached by copying into its slot (and its
+rank into the tables) in place, so adapters coming and going leave every graph valid.
 
 Without capture (a CPU, or `capture=False`) the very same function runs eagerly over the same
 buffers: everything but the capture itself is exercised by the CPU test suite, with the
@@ -41,16 +41,16 @@ def _pow2(n: int) -> int:
 
 class DecodeGraphs:
     def __init__(self, model_step: Callable[..., torch.Tensor], pool: KVPool, pad: int, capture: bool,
-                 max_rank: int, max_rows: int, kernel: str):
-        """`model_step(ids [b,1], positions [b,1], ctx, lora_index [b] | None, rank) -> logits [b, vocab]`."""
+                 max_rows: int, kernel: str):
+        """`model_step(ids [b,1], positions [b,1], ctx, lora_index [b] | None) -> logits [b, vocab]`."""
         self._step, self._pool, self._pad = model_step, pool, pad
-        self._capture, self._max_rank, self._kernel = capture, max_rank, kernel
+        self._capture, self._kernel = capture, kernel
         self._device = device = pool.kv.device
         self._rows = max_rows
         self._buf = torch.zeros((3, max_rows), dtype=torch.long, device=device)
         self._tables = torch.full((max_rows, pool.blocks + 1), pool.scratch, dtype=torch.int32, device=device)
         self._read_len = 1  # reference attention only (never captured): the step's longest row + 1
-        self._graphs: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, bool], Callable[[], torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture and torch.cuda.is_available() else None
 
     @property
@@ -62,15 +62,15 @@ class DecodeGraphs:
         """Buckets seen so far (graphs captured, when capturing)."""
         return len(self._graphs)
 
-    def bucket(self, rows: int, rank: int) -> tuple[int, int]:
-        return min(_pow2(rows), self._rows), (min(_pow2(rank), self._max_rank) if rank else 0)
+    def bucket(self, rows: int, lora: bool) -> tuple[int, bool]:
+        return min(_pow2(rows), self._rows), bool(lora)
 
-    def run(self, tokens: list[int], lengths: list[int], tables: list[tuple[int, ...]], lora_slots: list[int],
-            rank: int) -> torch.Tensor:
+    def run(self, tokens: list[int], lengths: list[int], tables: list[tuple[int, ...]],
+            lora_slots: list[int]) -> torch.Tensor:
         """[n, vocab] logits of the rows' next tokens; `lengths`: tokens each row holds, `tables`
-        each row's blocks (covering position `length`)."""
+        each row's blocks (covering position `length`), `lora_slots` each row's adapter slot (0: none)."""
         n = len(tokens)
-        key = self.bucket(n, rank if any(lora_slots) else 0)
+        key = self.bucket(n, any(lora_slots))
         pad = key[0] - n
         width = max(len(t) for t in tables)
         host = torch.tensor([tokens + [self._pad] * pad, lengths + [0] * pad, lora_slots + [0] * pad])
@@ -85,17 +85,17 @@ class DecodeGraphs:
             replay = self._graphs[key] = self._record(key)
         return replay()[:n].to(torch.float32, copy=True)
 
-    def _function(self, key: tuple[int, int]) -> Callable[[], torch.Tensor]:
-        rows, rank = key
+    def _function(self, key: tuple[int, bool]) -> Callable[[], torch.Tensor]:
+        rows, lora = key
         buf, tables = self._buf[:, :rows], self._tables[:rows]
 
         def step() -> torch.Tensor:
             positions = buf[LENGTHS].unsqueeze(1)  # [b, 1]: each row writes at its length
             ctx = decode_view(self._pool, tables, buf[LENGTHS], self._kernel, self._read_len)
-            return self._step(buf[IDS].unsqueeze(1), positions, ctx, buf[LORA] if rank else None, rank)
+            return self._step(buf[IDS].unsqueeze(1), positions, ctx, buf[LORA] if lora else None)
         return step
 
-    def _record(self, key: tuple[int, int, int]) -> Callable[[], torch.Tensor]:
+    def _record(self, key: tuple[int, bool]) -> Callable[[], torch.Tensor]:
         step = self._function(key)
         if not self._capture:
             return step
@@ -104,9 +104,9 @@ class DecodeGraphs:
         except torch.OutOfMemoryError:
             raise  # the scheduler splits the rows: a smaller bucket may fit
         except Exception as exc:
-            raise CaptureFailed(f"capturing the decode step for {key[0]} rows, LoRA rank {key[1]} failed: "
-                                f"{type(exc).__name__}: {exc}") from exc
-        log.info("captured the decode graph for %d rows, LoRA rank %d", *key)
+            raise CaptureFailed(f"capturing the decode step for {key[0]} rows, LoRA {'on' if key[1] else 'off'} "
+                                f"failed: {type(exc).__name__}: {exc}") from exc
+        log.info("captured the decode graph for %d rows, LoRA %s", key[0], "on" if key[1] else "off")
         return replay
 
     def _captured(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:

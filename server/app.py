@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import grpc
@@ -50,6 +51,7 @@ def engine_config(cfg: ServerConfig) -> EngineConfig:
                         gpu_memory_fraction=cfg.gpu_memory_fraction, attention=cfg.attention,
                         max_model_len=cfg.max_model_len,
                         max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,
+                        lora_target_modules=cfg.lora_target_modules,
                         vram_budget_bytes=cfg.budgets_bytes[1], prefill_chunk_tokens=cfg.prefill_chunk_tokens,
                         decode_graphs="off" if cfg.no_cuda_graphs else "auto", deterministic=cfg.deterministic)
 
@@ -111,8 +113,15 @@ class LoraServer:
             await asyncio.to_thread(self._recover_store)
         self.registry.base = await asyncio.to_thread(base_identity, cfg.model_path)
         self.telemetry.model_name = self.registry.base.model_id
+        if not self.engine.cfg.lora_target_modules:
+            self.engine.cfg = dataclasses.replace(self.engine.cfg, lora_target_modules=self.served_targets())
         await self.engine.start()
         self.registry.module_names = self.engine.module_names()
+        self.registry.lora_modules = self.engine.lora_modules()
+        stray = sorted(set(cfg.lora_target_modules) - self.registry.lora_modules)
+        if stray:
+            raise ValueError(f"--lora-target-modules names {', '.join(stray)}, which LoRA cannot apply to in this "
+                             f"model: its linear layers are {', '.join(sorted(self.engine.linear_modules()))}")
         self.scheduler = Scheduler(
             self.engine, BatchLimits(cfg.max_batch_size, cfg.max_batch_tokens, cfg.batch_policy,
                                      cfg.join_delay_ms / 1e3, cfg.max_num_batched_tokens),
@@ -144,6 +153,14 @@ class LoraServer:
         self.admin.ready(self.scheduler, max_context, self.engine.kv_bytes())
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model_path)
+
+    def served_targets(self) -> tuple[str, ...]:
+        """The modules LoRA is applied to when --lora-target-modules is not given: the union of the
+        target modules of every version the registry could serve now (staging or active, trained
+        for this base model). Empty (every linear layer) when there is none."""
+        snap, revision = self.registry.snapshot(), self.registry.base.revision
+        return tuple(sorted({t for p in snap.passports if p.status in ("staging", "active")
+                             and p.base_model_revision == revision for t in p.target_modules}))
 
     async def _open_origin(self) -> None:
         """The disk cache and the first read of the bucket's index (the server does not start
