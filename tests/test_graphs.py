@@ -103,7 +103,7 @@ def test_buffered_decode_matches_each_request_served_alone(demo_dir, eager, buff
     assert drive(buffered, requests) == alone
     assert drive(eager, requests) == alone
     assert buffered.decode_mode == "static buffers" and eager.decode_mode == "eager"
-    # Several buckets were used: rows (1..8) x LoRA rank (0 or the demo's), never the attended length.
+    # Several buckets were used: rows (1..8) x LoRA on/off, never the attended length.
     assert 3 <= buffered._graphs.captured <= 8
 
 
@@ -129,13 +129,38 @@ def test_padding_rows_write_only_the_scratch_block(demo_dir, buffered):
     assert tokens == [drive(buffered, [(BASE, PROMPTS[i], 3, 0)])[0] for i in range(3)]
 
 
-def test_buckets_round_rows_and_ranks_up(buffered):
+def test_buckets_are_rows_rounded_up_and_lora_on_or_off(buffered):
     graphs = buffered._graphs
-    assert graphs.bucket(3, 0) == (4, 0)
-    assert graphs.bucket(8, 16) == (8, 16)
-    assert graphs.bucket(5, 12) == (8, 16)  # ranks round up too: columns past a rank are zero
-    assert graphs.bucket(9, 4) == (8, 4)  # capped at the batch size
-    assert graphs.bucket(1, 100) == (1, buffered.cfg.max_lora_rank)
+    assert graphs.bucket(3, False) == (4, False)
+    assert graphs.bucket(8, True) == (8, True)
+    assert graphs.bucket(5, True) == (8, True)
+    assert graphs.bucket(9, True) == (8, True)  # capped at the batch size
+
+
+def test_one_bucket_serves_adapters_of_every_rank(demo_dir, eager, buffered, tmp_path):
+    """Buckets have no rank: each slot's rank comes from the layers' rank tables (read by the
+    kernels on cuda, by the grouped path here), so a bucket first used by rank-8 adapters serves a
+    rank-16 and a rank-2 adapter attached later, beside them."""
+    wide, narrow = (_random_adapter(demo_dir, tmp_path / name, rank, targets) for name, rank, targets in
+                    (("wide", 16, ["q_proj", "v_proj", "down_proj"]), ("narrow", 2, ["o_proj"])))
+    legal = demo_ref(demo_dir, "legal")
+    assert drive(buffered, [(legal, PROMPT, 6, 0), (BASE, PROMPTS[1], 6, 0)])  # the bucket of two, LoRA on
+    requests = [(legal, PROMPT, 12, 0), (wide, PROMPTS[1], 12, 0), (narrow, PROMPTS[2], 12, 0),
+                (BASE, PROMPTS[3], 12, 0)]
+    alone = [drive(eager, [(ref, prompt, n, 0)])[0] for ref, prompt, n, _ in requests]
+    assert drive(buffered, requests) == alone
+    assert alone[1] != drive(eager, [(BASE, PROMPTS[1], 12, 0)])[0]  # the wide adapter changes the answer
+
+
+def _random_adapter(demo_dir, out, rank: int, targets: list[str]) -> AdapterRef:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(rank)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_dir / "base"),
+                           LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(out)
+    return AdapterRef(out.name, "1", str(out))
 
 
 def test_a_step_that_cannot_be_captured_falls_back_to_eager_decode(demo_dir, eager, caplog):
@@ -146,7 +171,7 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_decode(demo_dir, eag
     engine = _engine(demo_dir, "buffers")
     try:
         engine._graphs = g = Uncapturable(engine._model_step, engine._pool, engine._pad, capture=True,
-                                          max_rank=engine.cfg.max_lora_rank, max_rows=8, kernel="reference")
+                                          max_rows=8, kernel="reference")
         requests = [(BASE, PROMPT, 8, 0), (demo_ref(demo_dir, "legal"), PROMPTS[1], 8, 0)]
         assert drive(engine, requests) == drive(eager, requests)
         assert engine.decode_mode == "eager" and engine._graphs is None and g.captured == 0
