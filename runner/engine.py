@@ -185,7 +185,7 @@ class TorchEngine:
         graphs = self.cfg.decode_graphs == "buffers" or (self.cfg.decode_graphs == "auto" and capture)
         # Each row reads its own adapter's slot in place: Triton's BGMV kernels on cuda (imported
         # only there), a matmul pair per adapter present elsewhere (runner/lora.py).
-        self._rows = RowSlots("triton" if self._device.type == "cuda" else "grouped")
+        self._rows = RowSlots(self._lora_kernel())
         linears = {n for n, m in self._model.named_modules()
                    if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"}
         self._layers = wrap_linear_layers(self._model, self._rows, tuple(self.cfg.lora_target_modules))
@@ -193,8 +193,8 @@ class TorchEngine:
         stray = sorted(set(self.cfg.lora_target_modules) - self.lora_modules())
         if stray:
             log.warning("lora_target_modules %s name no linear layer of this model", stray)
-        log.info("LoRA applies to %s: %d of %d linear layers", ", ".join(sorted(self.lora_modules())) or "nothing",
-                 len(self._layers), len(linears))
+        log.info("LoRA applies to %s: %d of %d linear layers (%s path)",
+                 ", ".join(sorted(self.lora_modules())) or "nothing", len(self._layers), len(linears), self._rows.kernel)
         self._allocate_lora_slots()
         self._pool = self._allocate_pool()
         _refuse_unsupported_attention(self._model.config, self._pool.geometry.max_len)
@@ -214,6 +214,17 @@ class TorchEngine:
                  self.cfg.model_path, self._device, self.cfg.quantization, pool.blocks, g.block_size, pool.tokens,
                  pool.nbytes / 2**20, g.bytes_per_token(self._dtype) // 1024, g.max_len, self._kernel,
                  self.decode_mode, "; deterministic: one row per forward" if self.cfg.deterministic else "")
+
+    def _lora_kernel(self) -> str:
+        if self._device.type != "cuda":
+            return "grouped"
+        try:
+            import triton  # noqa: F401 (torch's CUDA wheels bring it)
+        except ImportError:
+            log.warning("triton is not installed: LoRA takes the grouped path on cuda (a host sync per step, so "
+                        "decode graphs fall back to eager decode)")
+            return "grouped"
+        return "triton"
 
     def _allocate_lora_slots(self) -> None:
         """Every wrapped layer's slot stacks at (slots + 1, max_lora_rank), once: as many slots as
