@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,8 @@ class TorchEngine:
         if graphs:
             self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad, capture=capture,
                                         max_rows=self.cfg.max_rows, kernel=self._kernel)
+            if capture:
+                self._capture_graphs()
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
@@ -214,6 +217,21 @@ class TorchEngine:
                  self.cfg.model_path, self._device, self.cfg.quantization, pool.blocks, g.block_size, pool.tokens,
                  pool.nbytes / 2**20, g.bytes_per_token(self._dtype) // 1024, g.max_len, self._kernel,
                  self.decode_mode, "; deterministic: one row per forward" if self.cfg.deterministic else "")
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        """All decode graphs before traffic, so no request waits for a capture (deterministic
+        engines decode one row at a time: one-row graphs only)."""
+        started = time.perf_counter()
+        rows = 1 if self.cfg.deterministic else self.cfg.max_rows
+        try:
+            count = self._graphs.capture_all(rows)
+        except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured
+            log.warning("%s; decode runs eagerly (as with --no-cuda-graphs)", exc)
+            self._graphs = None
+            return
+        log.info("captured %d decode graphs (up to %d rows, LoRA on and off) in %.1f s", count, rows,
+                 time.perf_counter() - started)
 
     def _lora_kernel(self) -> str:
         if self._device.type != "cuda":

@@ -1,7 +1,7 @@
 """Decode steps over persistent buffers, replayed from CUDA graphs on a GPU.
 
-A graph fixes every shape and address, so one is captured per bucket (rows, LoRA on/off), on
-first use; the attended length is no key: the FlexAttention block mask visits each row's own
+A graph fixes every shape and address, so one is captured per bucket (rows, LoRA on/off), all
+of them at start-up when capturing (capture_all; on first use otherwise); the attended length is no key: the FlexAttention block mask visits each row's own
 blocks, however many its length needs.
 
 * rows are rounded up to a power of two (capped at the batch size); padding rows decode a pad
@@ -64,6 +64,19 @@ class DecodeGraphs:
 
     def bucket(self, rows: int, lora: bool) -> tuple[int, bool]:
         return min(_pow2(rows), self._rows), bool(lora)
+
+    def capture_all(self, max_rows: int) -> int:
+        """Every bucket up to `max_rows` rows, LoRA on and off, before any request: largest first,
+        so the smaller graphs reuse the memory pool the largest took. The buffers hold padding rows
+        (scratch block, position 0, no adapter), so the warm-ups write only the scratch block.
+        Returns the graphs captured."""
+        sizes = sorted({self.bucket(n, False)[0] for n in range(1, max_rows + 1)}, reverse=True)
+        for rows in sizes:
+            for lora in (True, False):
+                key = (rows, lora)
+                if key not in self._graphs:
+                    self._graphs[key] = self._record(key)
+        return len(self._graphs)
 
     def run(self, tokens: list[int], lengths: list[int], tables: list[tuple[int, ...]],
             lora_slots: list[int]) -> torch.Tensor:

@@ -178,3 +178,15 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_decode(demo_dir, eag
         assert "decode runs eagerly from now on" in caplog.text
     finally:
         asyncio.run(engine.close())
+
+
+def test_every_bucket_is_recorded_before_traffic_and_serves_as_on_first_use(demo_dir, eager):
+    engine = _engine(demo_dir, "buffers")
+    try:
+        assert engine._graphs.capture_all(8) == 8  # rows 8, 4, 2, 1 x LoRA on, off
+        assert set(engine._graphs._graphs) == {(r, lora) for r in (8, 4, 2, 1) for lora in (True, False)}
+        requests = _workload(demo_dir)
+        assert drive(engine, requests) == drive(eager, requests)
+        assert engine._graphs.captured == 8  # nothing recorded while serving
+    finally:
+        asyncio.run(engine.close())
