@@ -182,8 +182,9 @@ class TorchEngine:
         self._kernel = self.cfg.attention if self.cfg.attention != "auto" else (
             "flex" if self._device.type == "cuda" else "reference")
         # A captured step has fixed shapes: only the block mask reads a row's length without a host int.
-        capture = self._device.type == "cuda" and self._kernel == "flex"
-        graphs = self.cfg.decode_graphs == "buffers" or (self.cfg.decode_graphs == "auto" and capture)
+        capture = self._device.type == "cuda" and self._kernel == "flex" and self.cfg.decode_graphs == "auto"
+        # FlexAttention is compiled per shape: uncaptured decode takes the graphs' row buckets too.
+        graphs = self.cfg.decode_graphs == "buffers" or capture or self._kernel == "flex"
         # Each row reads its own adapter's slot in place: Triton's BGMV kernels on cuda (imported
         # only there), a matmul pair per adapter present elsewhere (runner/lora.py).
         self._rows = RowSlots(self._lora_kernel())
@@ -218,6 +219,14 @@ class TorchEngine:
                  pool.nbytes / 2**20, g.bytes_per_token(self._dtype) // 1024, g.max_len, self._kernel,
                  self.decode_mode, "; deterministic: one row per forward" if self.cfg.deterministic else "")
 
+    def _uncaptured(self) -> DecodeGraphs | None:
+        """After a failed capture: the graphs' bucketed step without capture for FlexAttention (one
+        compile per bucket, not per batch size), plain eager decode for the reference kernel."""
+        if self._kernel != "flex":
+            return None
+        return DecodeGraphs(self._model_step, self._pool, self._pad, capture=False, max_rows=self.cfg.max_rows,
+                            kernel=self._kernel)
+
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
         """All decode graphs before traffic, so no request waits for a capture (deterministic
@@ -227,8 +236,8 @@ class TorchEngine:
         try:
             count = self._graphs.capture_all(rows)
         except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured
-            log.warning("%s; decode runs eagerly (as with --no-cuda-graphs)", exc)
-            self._graphs = None
+            log.warning("%s; decode runs uncaptured (as with --no-cuda-graphs)", exc)
+            self._graphs = self._uncaptured()
             return
         log.info("captured %d decode graphs (up to %d rows, LoRA on and off) in %.1f s", count, rows,
                  time.perf_counter() - started)
@@ -573,9 +582,11 @@ class TorchEngine:
             lora = [self._lora_slot(r) for r in rows]
             try:
                 return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, tables, lora))
-            except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: eager from now on
+            except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: uncaptured from now on
                 log.warning("%s; decode runs eagerly from now on (as with --no-cuda-graphs)", exc)
-                self._graphs = None
+                self._graphs = self._uncaptured()
+                if self._graphs is not None:
+                    return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, tables, lora))
         ctx = decode_context(self._pool, tables, lengths, self._device, self._kernel)
         return self._results(rows, self._forward(rows, ids, torch.tensor(lengths).unsqueeze(1), ctx))
 

@@ -29,7 +29,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 _ROOT = b""
 
@@ -92,15 +92,14 @@ class BlockManager:
         return self._refs[block]
 
     # -- admission ----------------------------------------------------------
-    def _chain(self, key: str, tokens: Sequence[int]) -> list[tuple[bytes, tuple[int, ...]]]:
-        """(digest, tokens) of each full block of `tokens`; a digest covers the adapter version and
-        every token before the block's end, so equal digests mean equal keys."""
-        out, parent, size = [], key.encode(), self.block_size
+    def _chain(self, key: str, tokens: Sequence[int]) -> Iterator[tuple[bytes, tuple[int, ...]]]:
+        """(digest, tokens) of each full block of `tokens`, lazily; a digest covers the adapter
+        version and every token before the block's end, so equal digests mean equal keys."""
+        parent, size = key.encode(), self.block_size
         for start in range(0, len(tokens) - size + 1, size):
             chunk = tuple(tokens[start:start + size])
             parent = hashlib.blake2b(parent + array("q", chunk).tobytes(), digest_size=16).digest()
-            out.append((parent, chunk))
-        return out
+            yield parent, chunk
 
     def _hits(self, key: str, tokens: Sequence[int]) -> list[tuple[int, bytes]]:
         """Published blocks holding a prefix of `tokens`, leaving at least the last token to compute."""
@@ -114,13 +113,16 @@ class BlockManager:
             hits.append((block, digest))
         return hits
 
-    def admit(self, key: str, tokens: Sequence[int], reserve_tokens: int = 0) -> BlockTable | None:
+    def admit(self, key: str, tokens: Sequence[int], reserve_tokens: int = 0, count: bool = True) -> BlockTable | None:
         """Blocks for a sequence whose prefill writes `tokens` (and whose first decode writes one
         position more), or None when they are not free. `key` is the adapter's id@version: another
         adapter or version never shares a block. `reserve_tokens`: the most tokens it can ever hold
-        (reserve mode only)."""
-        hits = self._hits(key, tokens)
+        (reserve mode only). `count`: whether the lookup counts in the prefix statistics (not when
+        a preempted sequence comes back)."""
         need = self.blocks_for(len(tokens) + 1)
+        if need - (len(tokens) - 1) // self.block_size > self.free:
+            return None  # not even with every full block shared: no need to hash a long prompt
+        hits = self._hits(key, tokens)
         reused_free = sum(1 for block, _ in hits if self._refs[block] == 0)
         fresh = need - len(hits)
         promise = max(self.blocks_for(reserve_tokens) - need, 0) if self.reserve else 0
@@ -137,8 +139,9 @@ class BlockManager:
         table.blocks += [self._take() for _ in range(fresh)]
         table.promised = promise
         self._promised += promise
-        self.prefix.queried_tokens += len(tokens)
-        self.prefix.hit_tokens += table.cached_tokens
+        if count:
+            self.prefix.queried_tokens += len(tokens)
+            self.prefix.hit_tokens += table.cached_tokens
         return table
 
     def _take(self) -> int:
@@ -167,7 +170,7 @@ class BlockManager:
         """After a successful prefill of `tokens`: its full blocks become findable by later prompts."""
         if not self.prefix_caching:
             return
-        chain = self._chain(key, tokens)
+        chain = list(self._chain(key, tokens))
         for i in range(len(table.digests), len(chain)):
             digest, chunk = chain[i]
             block = table.blocks[i]
@@ -200,6 +203,6 @@ class BlockManager:
 
     def scrubbed(self, blocks: Sequence[int]) -> None:
         done = set(blocks)
+        self._dirty = [b for b in self._dirty if b not in done]
         for block in blocks:
             self._free[block] = None
-        self._dirty = [b for b in self._dirty if b not in done]

@@ -70,6 +70,10 @@ class _Seq:
     done: bool = False
     cancelled: bool = False
     completed: bool = False
+    dispatched: bool = False
+    """Admitted once already (a preempted sequence resumes with its first admission's figures)."""
+    suspect: bool = False
+    """A step that raised or failed held it: its blocks may hold non-finite values."""
     cached_tokens: int = 0
     target: int = 0
     """While it prefills: the context positions its prefill fills (0 once it decodes)."""
@@ -120,10 +124,10 @@ def _adapter_of(seqs: list[_Seq]) -> AdapterRef:
 
 def _charge(seqs: list[_Seq], prefill: bool, ms: float) -> None:
     """Share one engine step's duration among the rows it served (the only place cost is
-    counted). A prefill's work grows with the prompt tokens it reads, so it is shared by them;
-    a decode step makes one token per row, so equally. A step that raised is charged to no one:
-    its rows are charged for the retries that served them."""
-    weights = [max(len(s.req.prompt_ids), 1) if prefill else 1 for s in seqs]
+    counted). A prefill's work grows with the tokens it computes (a chunk's), so it is shared by
+    them; a decode step makes one token per row, so equally. A step that raised is charged to no
+    one: its rows are charged for the retries that served them."""
+    weights = [max(s.upto - s.prefilled, 1) if prefill else 1 for s in seqs]
     for s, weight in zip(seqs, weights):
         share = ms * weight / sum(weights)
         if prefill:
@@ -227,7 +231,7 @@ class Scheduler:
     @property
     def kv_tokens_held(self) -> int:
         """Tokens the running sequences' blocks hold."""
-        return sum(len(s.req.prompt_ids) + len(s.generated) for s in self._running if s.table is not None)
+        return sum(s.prefilled if s.target else s.length - 1 for s in self._running if s.table is not None)
 
     @property
     def queue_depth(self) -> int:
@@ -323,7 +327,7 @@ class Scheduler:
                 await self._step()
             elif self._running and not self._live():
                 await self._end_batch()
-            elif not progressed:
+            elif not progressed and not self._kv.dirty():
                 # Everything waiting needs an adapter still loading (or room for it).
                 self._wake.clear()
                 await self._wake.wait()
@@ -373,10 +377,12 @@ class Scheduler:
         those after it wait: a big request is not overtaken forever by small ones)."""
         admitted = []
         for seq in picked:
-            seq.table = self._kv.admit(_prefix_key(seq.req.adapter), seq.context, seq.req.token_budget)
+            seq.table = self._kv.admit(_prefix_key(seq.req.adapter), seq.context, seq.req.token_budget,
+                                       count=not seq.dispatched)
             if seq.table is None:
                 break
-            seq.cached_tokens = seq.cached_tokens or seq.table.cached_tokens
+            if not seq.dispatched:  # a resumed sequence's hits are its own re-published blocks
+                seq.cached_tokens = min(seq.table.cached_tokens, len(seq.req.prompt_ids))
             seq.target, seq.prefilled = len(seq.context), seq.table.cached_tokens
             admitted.append(seq)
         return admitted
@@ -396,12 +402,13 @@ class Scheduler:
         if not picked:
             return False
         started = self._clock()
+        fresh = [s for s in picked if not s.dispatched]  # a preempted sequence keeps its first admission's figures
         for seq in picked:
             self._waiting.remove(seq)
             self._last_admitted[seq.req.client] = started
-            if not seq.generated:  # a preempted sequence keeps its first admission's figures
-                seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
-                seq.timeline.dispatched = started
+        for seq in fresh:
+            seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
+            seq.timeline.dispatched = started
         self._running.extend(picked)  # from here their adapters are protected from eviction
         usable = set()
         for adapter in dict.fromkeys(s.req.adapter for s in picked):
@@ -411,8 +418,12 @@ class Scheduler:
         joiners = [s for s in picked if s in usable and not (s.done or s.cancelled)]
         if not joiners:
             return False
-        self.stats.batches += 1
-        self.stats.prefilled_requests += len(joiners)
+        new = [s for s in joiners if not s.dispatched]
+        for seq in joiners:
+            seq.dispatched = True
+        if new:
+            self.stats.batches += 1
+            self.stats.prefilled_requests += len(new)
         return True
 
     def _decoding(self) -> list[_Seq]:
@@ -481,6 +492,8 @@ class Scheduler:
             _charge(seqs, prefill, (self._clock() - t0) * 1e3)
             return list(zip(seqs, results, strict=True))
         except Exception as exc:
+            for seq in seqs:  # what the failed step wrote into their blocks may not be finite
+                seq.suspect = True
             if len(seqs) == 1:
                 self._fail(seqs, _alone(exc))
                 return []
@@ -515,17 +528,19 @@ class Scheduler:
         fetched = cold[2] if cold is not None else moved.fetched
         source = Tier.REMOTE if fetched is not None else found_in
         entry = self.tiers.cache.entries.get(adapter)
-        for seq in group:
+        fresh = [s for s in group if not s.dispatched]
+        for seq in fresh:
             seq.load_source = source
             seq.timings.load_ms = moved.ms + (cold[1] if cold else 0.0)
-            seq.cost.adapter_load_ms = seq.timings.load_ms / len(group)  # one load, made for all of them
+            seq.cost.adapter_load_ms = seq.timings.load_ms / len(fresh)  # one load, made for all of them
             t = seq.timeline
             t.load_started, t.load_ended = (cold[0] if cold else started), loaded
             t.load_shared = cold is not None and cold[0] < t.enqueued
             t.load_bytes = entry.bytes if entry else 0
             t.fetch_bytes, t.fetch_ms = (fetched.bytes, fetched.ms) if fetched is not None else (0, 0.0)
             self.tiers.record_use(adapter, found_in)
-        self._observer.adapter_ready(adapter, source, group[0].timings.load_ms)
+        if fresh:
+            self._observer.adapter_ready(adapter, source, fresh[0].timings.load_ms)
         return True
 
     def _requeue(self, group: list[_Seq]) -> None:
@@ -583,8 +598,8 @@ class Scheduler:
         if not gone:
             return
         for seq in gone:
-            if seq.table is not None:  # a failed or abandoned row may have left non-finite keys
-                self._kv.release(seq.table, clean=seq.completed)
+            if seq.table is not None:  # a failed row, or one a failed step held, may have left non-finite keys
+                self._kv.release(seq.table, clean=not seq.suspect)
                 seq.table = None
         self._running = [s for s in self._running if not (s.done or s.cancelled)]
         self._deferred.clear()  # rows left: room may have been freed
@@ -609,7 +624,7 @@ class Scheduler:
         """Requests that allow it move to the base model (and say so); the rest fail with `exc`."""
         failing = []
         for seq in seqs:
-            if seq.req.fallback_to_base:
+            if seq.req.fallback_to_base and not seq.generated:  # a stream never changes model half-way
                 seq.req = _to_base(seq.req, exc)
             else:
                 failing.append(seq)
@@ -620,7 +635,7 @@ class Scheduler:
     def _fail(self, batch: list[_Seq], exc: LoraServeError) -> None:
         for seq in batch:
             if not (seq.done or seq.cancelled):
-                seq.done = True
+                seq.done = seq.suspect = True
                 self.stats.failed += 1
                 seq.events.put_nowait(exc)
 

@@ -572,3 +572,56 @@ def test_a_long_prompt_is_prefilled_in_budgeted_chunks_between_decode_steps():
     steps = [kind for kind, rows in engine.log if (kind == "prefill" and rows[0][0] == 2) or kind == "decode"]
     first = steps.index("prefill")
     assert steps[first:first + 7] == ["prefill", "decode"] * 3 + ["prefill"]
+
+
+def test_a_request_waiting_for_blocks_a_failed_step_left_dirty_is_not_forgotten():
+    """Blocks of rows a raising step held are zeroed before reuse; if they turn dirty while the loop
+    has nothing running, it goes on scrubbing instead of sleeping with the request still queued."""
+    class Flaky(ScriptedEngine):
+        def __init__(self):
+            super().__init__()
+            self.scrubbing = asyncio.Event()
+
+        async def scrub(self, blocks):
+            self.scrubbing.set()
+            await asyncio.sleep(0.05)
+            self.scrubbed += blocks
+
+        async def decode(self, rows):
+            await asyncio.sleep(0.002)
+            if any(r.adapter.id.startswith("bad") for r in rows):
+                raise RuntimeError("a kernel fault")  # halves: 'bad' fails alone, the other row goes on
+            return await super().decode(rows)
+
+    engine = Flaky()
+    engine.kv_blocks = 8
+
+    async def scenario(s):
+        held = s.submit(req("C", ref("abcdefghijklmnopqrst"), max_new=20, prompt=tuple(range(1, 7))))
+        s.submit(req("D", ref("bad"), max_new=20, prompt=(1, 2)))
+        while not engine.scrubbing.is_set():
+            await asyncio.sleep(0)
+        waiting = s.submit(req("W", ref("xyz"), max_new=3, prompt=tuple(range(100, 126))))  # 7 of 8 blocks
+        held.cancel()  # it shared the failed step: its blocks turn dirty after this round's scrub began
+        return await asyncio.wait_for(waiting.result(), 5), s.kv_blocks
+
+    result, blocks = run(engine, scenario, limits=BatchLimits(join_delay_s=0))
+    assert result.text == "xyz" and blocks.dirty() == [] and blocks.used == 0
+
+
+def test_a_preempted_request_keeps_its_first_admissions_figures():
+    engine = ScriptedEngine()
+    engine.kv_blocks = 10
+    names = ["abcdefghijklmnop", "qrstuvwxyzabcdef", "ghijklmnopqrstuv"]
+    prompt = tuple(range(1, 10))  # two full blocks: shared by the three
+
+    async def scenario(s):
+        tickets = [s.submit(req(f"r{i}", ref(n), max_new=40, prompt=prompt)) for i, n in enumerate(names)]
+        return [await t.result() for t in tickets], s.stats, s.kv_blocks.prefix
+
+    results, stats, prefix = run(engine, scenario)
+    assert stats.preemptions > 0 and [r.text for r in results] == names
+    assert stats.prefilled_requests == 3
+    assert all(r.cached_tokens <= r.input_tokens for r in results)
+    assert prefix.queried_tokens == 3 * len(prompt)  # a resumed request's lookup is not counted again
+    assert all(r.load_source is Tier.DISK for r in results)
