@@ -29,10 +29,11 @@ from registry.weights import WeightsError, check_against_config, held_bytes, wei
 from runner import determinism
 from runner.detok import decode_new
 from runner.graphs import CaptureFailed, DecodeGraphs
-from runner.kvpool import ATTENTION, KERNELS, KVPool, decode_context, geometry_of, prefill_context
+from runner.kvpool import ATTENTION, KERNELS, KVPool, decode_view, geometry_of, prefill_context
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
 from runner.sampling import sample
+from runner.staging import Staging, decode_rows, decode_views
 from scheduler.engine import Row, StepResult
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, GenerationFailed, LoraServeError, OutOfMemory
 from scheduler.types import AdapterRef
@@ -154,6 +155,7 @@ class TorchEngine:
         self._pool: KVPool | None = None
         self._kernel = "reference"
         self._graphs: DecodeGraphs | None = None
+        self._inputs: Staging | None = None  # eager decode's tokens, lengths, slots and block tables
         self._copy_stream = None  # cuda: adapters are copied into their slots on a side stream
         self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
         self._pad = 0
@@ -187,6 +189,8 @@ class TorchEngine:
         if self._device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self._device)
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        rows = self.cfg.max_rows
+        self._inputs = Staging(rows * (3 + self._pool.geometry.blocks_per_sequence), self._device)
         if graphs:
             self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad, capture=capture,
                                         max_rank=self.cfg.max_lora_rank, max_rows=self.cfg.max_rows,
@@ -518,24 +522,33 @@ class TorchEngine:
 
     @torch.inference_mode()
     def _decode(self, rows: list[Row]) -> list[StepResult]:
-        ids = torch.tensor([[r.generated[-1]] for r in rows])
+        tokens = [r.generated[-1] for r in rows]
         lengths = [r.length for r in rows]
-        tables = [list(r.blocks) for r in rows]
+        tables = [r.blocks for r in rows]
+        lora = [self._lora_slot(r) for r in rows]
         if self._graphs is not None:
-            lora = [self._lora_slot(r) for r in rows]
             try:
-                return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, tables, lora,
-                                                            self._rank(rows)))
+                return self._results(rows, self._graphs.run(tokens, lengths, tables, lora, self._rank(rows)))
             except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: eager from now on
                 log.warning("%s; decode runs eagerly from now on (as with --no-cuda-graphs)", exc)
                 self._graphs = None
-        ctx = decode_context(self._pool, tables, lengths, self._device, self._kernel)
-        return self._results(rows, self._forward(rows, ids, torch.tensor(lengths).unsqueeze(1), ctx))
+        # One copy in (runner/staging.py): every per-row input, then views of it on the device.
+        flat, width = decode_rows(tokens, lengths, lora, tables, 0, self._pad, self._pool.scratch)
+        packed, table_t = decode_views(self._inputs.send(flat), len(rows), width)
+        ids, lengths_t, slots = packed[0].unsqueeze(1), packed[1], packed[2]
+        ctx = decode_view(self._pool, table_t.to(torch.int32), lengths_t, self._kernel, max(lengths) + 1)
+        return self._results(rows, self._forward(rows, ids, lengths_t.unsqueeze(1), ctx, (tuple(lora), slots)))
 
-    def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        """[B, vocab] float32 logits of each row's next token."""
-        lora = tuple(self._lora_slot(r) for r in rows)
-        with self._rows.using(lora, self._device, self._rank(rows)):
+    def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx,
+                 slots: tuple[tuple[int, ...], torch.Tensor] | None = None) -> torch.Tensor:
+        """[B, vocab] float32 logits of each row's next token. `slots`: a decode step's LoRA slot per
+        row, and the same already on the device (from the step's one copy in)."""
+        lora, on_device = slots or (tuple(self._lora_slot(r) for r in rows), None)
+        if on_device is None or self._rows.keep_gathered:  # a kept gather follows the slots through `using`
+            installed = self._rows.using(lora, self._device, self._rank(rows))
+        else:
+            installed = self._rows.installed(on_device if any(lora) else None, self._rank(rows))
+        with installed:
             return self._call(ids.to(self._device), positions.to(self._device), ctx).float()
 
     def _rank(self, rows: list[Row]) -> int:
