@@ -32,7 +32,7 @@ from runner.graphs import CaptureFailed, DecodeGraphs
 from runner.kvpool import ATTENTION, KERNELS, KVPool, decode_view, geometry_of, prefill_context
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
-from runner.sampling import sample
+from runner.sampling import Sampler
 from runner.staging import Staging, decode_rows, decode_views
 from scheduler.engine import Row, StepResult
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, GenerationFailed, LoraServeError, OutOfMemory
@@ -156,6 +156,7 @@ class TorchEngine:
         self._kernel = "reference"
         self._graphs: DecodeGraphs | None = None
         self._inputs: Staging | None = None  # eager decode's tokens, lengths, slots and block tables
+        self._sampler: Sampler | None = None
         self._copy_stream = None  # cuda: adapters are copied into their slots on a side stream
         self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
         self._pad = 0
@@ -191,6 +192,7 @@ class TorchEngine:
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         rows = self.cfg.max_rows
         self._inputs = Staging(rows * (3 + self._pool.geometry.blocks_per_sequence), self._device)
+        self._sampler = Sampler(self._device, rows)
         if graphs:
             self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad, capture=capture,
                                         max_rank=self.cfg.max_lora_rank, max_rows=self.cfg.max_rows,
@@ -595,7 +597,8 @@ class TorchEngine:
         return results
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        return sample(logits, [r.sampling for r in rows], [len(r.generated) for r in rows])
+        """[B] token ids, on the device (runner/sampling.py: no host round trip)."""
+        return self._sampler(logits, [r.sampling for r in rows], [len(r.generated) for r in rows])
 
     def _detokenize(self, row: Row, token: int) -> tuple[str, str, tuple[int, int]]:
         """Only the row's undecoded tail is decoded: O(1) tokens per row and step."""

@@ -4,6 +4,16 @@ Sampled rows need no generator state: a row's noise for its n-th generated token
 (seed, n, token id), computed on the device for all rows together. So a seeded request samples
 the same tokens whatever else is in its batch, on any device, and a retried step repeats itself.
 
+Everything runs on the device with no round trip to the host: the rows' parameters are packed on
+the host into one buffer and copied in once, asynchronously (runner/staging.py), and what depends
+on them is decided from the host's own copy, never from a device value. The step's work follows
+what its rows ask for: greedy rows take the argmax and nothing else; when no sampled row has a
+top_p below 1, no row sorts the vocabulary (top_k takes `topk` of the largest k asked for, and
+the noise is hashed for those candidates only); a step with a top_p row sorts its sampled rows
+as before. A sampled row's choice is the same whichever way its step takes: the largest of
+score / temperature + noise over the tokens its top_k and top_p keep (equal scores at the top_k
+boundary, or at the top of the noise, may resolve to another of the equals).
+
 Normalised rather than refused (validation has already refused non-finite and negative values):
 a temperature below MIN_TEMPERATURE is sampled at MIN_TEMPERATURE (dividing by 1e-38 overflows
 to inf; at 1e-4 the distribution is already one-hot to float precision unless logits tie), and
@@ -16,36 +26,99 @@ from typing import Sequence
 
 import torch
 
+from runner.staging import Staging
 from scheduler.types import SamplingParams
 
 MIN_TEMPERATURE = 1e-4
 _MASK32 = 0xFFFFFFFF
+_PACKED = 8
+"""Values packed per row, at most: a sampled row's index, top_k, seed (low and high 32 bits), step,
+temperature and top_p, and every row's place among the sampled ones."""
+
+
+class Sampler:
+    """`sample` over one preallocated staging buffer (page-locked on cuda) of `rows` rows."""
+
+    def __init__(self, device: torch.device, rows: int = 16):
+        # float64 holds the integers exactly (seeds are packed as 32-bit halves, the rest is smaller).
+        self._staging = Staging(rows * _PACKED, device, torch.float64)
+        self._tokens: dict[int, torch.Tensor] = {}  # vocab -> the token ids' own hash, [1, vocab]
+
+    def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]) -> torch.Tensor:
+        """`logits` [B, V] float32 -> [B] token ids on logits' device. `steps[i]`: tokens row i has
+        generated so far."""
+        chosen = logits.argmax(dim=-1)
+        drawn = [i for i, p in enumerate(params) if not p.greedy]
+        if not drawn:
+            return chosen
+        rows, vocab = logits.shape
+        n = len(drawn)
+        sampled = [params[i] for i in drawn]
+        top_k = [min(p.top_k or vocab, vocab) for p in sampled]
+        seeds = [p.seed or 0 for p in sampled]
+        values = [*drawn, *top_k, *(s & _MASK32 for s in seeds), *((s >> 32) & _MASK32 for s in seeds),
+                  *(steps[i] for i in drawn),
+                  *(max(p.temperature, MIN_TEMPERATURE) for p in sampled), *(p.top_p for p in sampled)]
+        if n < rows:  # each row's place among the sampled ones (-1: greedy), to take their choice back
+            place = [-1] * rows
+            for j, i in enumerate(drawn):
+                place[i] = j
+            values += place
+        packed = self._staging.send(values)
+        idx, k, lo, hi, step = packed[:5 * n].view(5, n).long()
+        temps, top_p = packed[5 * n:7 * n].view(2, n).float()  # rounded to float32 as torch.tensor(floats) is
+        widest_k = max((x for x in top_k if x < vocab), default=0)
+        picked = self._draw(logits if n == rows else logits.index_select(0, idx), temps, k, top_p,
+                            _row_hash(lo, hi, step), nucleus=any(p.top_p < 1.0 for p in sampled),
+                            widest_k=widest_k, unfiltered=not widest_k or vocab in top_k)
+        if n == rows:
+            return picked
+        place = packed[7 * n:].long()
+        return torch.where(place >= 0, picked.gather(0, place.clamp(min=0)), chosen)
+
+    def _draw(self, logits: torch.Tensor, temps: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor,
+              h: torch.Tensor, nucleus: bool, widest_k: int, unfiltered: bool) -> torch.Tensor:
+        """[n] tokens drawn for n sampled rows, `h` their (seed, step) hashes. Known on the host:
+        `nucleus`, some row has top_p < 1; `widest_k`, the largest top_k below the vocabulary (0:
+        none); `unfiltered`, some row keeps the whole vocabulary."""
+        scores = logits / temps.unsqueeze(1)
+        vocab = scores.shape[1]
+        if nucleus:  # the cumulative mass needs every kept token in order: one sort
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            drop = torch.arange(vocab, device=scores.device).unsqueeze(0) >= k.unsqueeze(1)
+            probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
+            # Drop a token once the mass before it already reaches top_p (the first always stays).
+            drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+            perturbed = sorted_scores.masked_fill(drop, float("-inf")) + _noise(h, _token_hash(order))
+            return order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
+        # Gumbel-max needs no order: the largest score + noise among the tokens a row keeps.
+        everything = None
+        if unfiltered:
+            everything = scores + _noise(h, self._vocab_hash(vocab, scores.device))  # [n, V]
+            if not widest_k:
+                return everything.argmax(dim=-1)
+        top, order = scores.topk(widest_k, dim=-1)  # [n, K]: a sort's first K columns, no sort
+        drop = torch.arange(widest_k, device=scores.device).unsqueeze(0) >= k.unsqueeze(1)
+        # Noise for the K candidates alone, unless the unfiltered rows' has been computed already.
+        perturbed = top + _noise(h, _token_hash(order)) if everything is None else everything.gather(1, order)
+        filtered = order.gather(1, perturbed.masked_fill(drop, float("-inf")).argmax(dim=-1, keepdim=True)).squeeze(1)
+        if everything is None:
+            return filtered
+        return torch.where(k < vocab, filtered, everything.argmax(dim=-1))
+
+    def _vocab_hash(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """[1, vocab] every token id's own hash (the same each step: kept per vocabulary size)."""
+        cached = self._tokens.get(vocab)
+        if cached is None:
+            cached = self._tokens[vocab] = _token_hash(torch.arange(vocab, dtype=torch.int64, device=device)
+                                                       ).unsqueeze(0)
+        return cached
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]) -> torch.Tensor:
-    """`logits` [B, V] float32 -> [B] token ids. `steps[i]`: tokens row i has generated so far."""
-    chosen = logits.argmax(dim=-1)
-    drawn = [i for i, p in enumerate(params) if not p.greedy]
-    if not drawn:
-        return chosen
-    device = logits.device
-    idx = torch.tensor(drawn, device=device)
-    temps = torch.tensor([max(params[i].temperature, MIN_TEMPERATURE) for i in drawn], device=device)
-    scores = logits.index_select(0, idx) / temps.unsqueeze(1)
-    vocab = scores.shape[1]
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=device).unsqueeze(0)
-    top_k = torch.tensor([params[i].top_k or vocab for i in drawn], device=device).clamp(max=vocab)
-    drop = rank >= top_k.unsqueeze(1)
-    top_p = torch.tensor([params[i].top_p for i in drawn], device=device)
-    if bool((top_p < 1.0).any()):
-        probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
-        # Drop a token once the mass before it already reaches top_p (the first always stays).
-        drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
-    noise = gumbel([params[i].seed or 0 for i in drawn], [steps[i] for i in drawn], vocab, device)
-    perturbed = sorted_scores.masked_fill(drop, float("-inf")) + noise.gather(1, order)
-    chosen[idx] = order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
-    return chosen
+    """`logits` [B, V] float32 -> [B] token ids. `steps[i]`: tokens row i has generated so far.
+    (A Sampler of its own: the engine keeps one, whose buffers persist.)"""
+    return Sampler(logits.device, len(params))(logits, params, steps)
 
 
 def gumbel(seeds: Sequence[int], steps: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
@@ -53,10 +126,24 @@ def gumbel(seeds: Sequence[int], steps: Sequence[int], vocab: int, device: torch
     lo = torch.tensor([s & _MASK32 for s in seeds], dtype=torch.int64, device=device)
     hi = torch.tensor([(s >> 32) & _MASK32 for s in seeds], dtype=torch.int64, device=device)
     step = torch.tensor(list(steps), dtype=torch.int64, device=device)
-    h = _hash32(lo ^ _hash32(hi ^ 0x5BD1E995))
-    h = _hash32(h ^ _hash32(step + 0x27D4EB2F)).unsqueeze(1)
     tokens = torch.arange(vocab, dtype=torch.int64, device=device).unsqueeze(0)
-    bits = _hash32(h ^ _hash32(tokens + 0x165667B1))
+    return _noise(_row_hash(lo, hi, step), _token_hash(tokens))
+
+
+def _row_hash(lo: torch.Tensor, hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """[n] each row's hash of (seed, step): lo and hi are the seed's 32-bit halves."""
+    h = _hash32(lo ^ _hash32(hi ^ 0x5BD1E995))
+    return _hash32(h ^ _hash32(step + 0x27D4EB2F))
+
+
+def _token_hash(tokens: torch.Tensor) -> torch.Tensor:
+    """A token id's own hash, the noise's third input (any shape)."""
+    return _hash32(tokens + 0x165667B1)
+
+
+def _noise(h: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [n, m] of rows with hash `h` [n] at tokens whose own hash is `token_hash`."""
+    bits = _hash32(h.unsqueeze(1) ^ token_hash)
     u = (bits.to(torch.float64) + 0.5) / 4294967296.0  # in (0, 1), never 0 or 1
     return (-torch.log(-torch.log(u))).to(torch.float32)
 
