@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 CPU_KV_DEFAULT_MIB = 512
 
 
+def _fetch(tensor: torch.Tensor) -> list:
+    """The one device-to-host transfer of a step (a sync on cuda): its [2, B] tokens and finite flags.
+    Nothing else in a step reads a device value on the host (tests/test_syncs.py)."""
+    return tensor.tolist()
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: Path
@@ -584,8 +590,8 @@ class TorchEngine:
         return attached[0]
 
     def _results(self, rows: list[Row], logits: torch.Tensor) -> list[StepResult]:
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        tokens = self._sample(rows, logits).tolist()
+        finite = torch.isfinite(logits).all(dim=-1)
+        tokens, finite = _fetch(torch.stack((self._sample(rows, logits), finite.long())))
         results = []
         for row, token, ok in zip(rows, tokens, finite, strict=True):
             if not ok:
