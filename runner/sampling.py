@@ -6,13 +6,15 @@ the same tokens whatever else is in its batch, on any device, and a retried step
 
 Everything runs on the device with no round trip to the host: the rows' parameters are packed on
 the host into one buffer and copied in once, asynchronously (runner/staging.py), and what depends
-on them is decided from the host's own copy, never from a device value. The step's work follows
-what its rows ask for: greedy rows take the argmax and nothing else; when no sampled row has a
-top_p below 1, no row sorts the vocabulary (top_k takes `topk` of the largest k asked for, and
-the noise is hashed for those candidates only); a step with a top_p row sorts its sampled rows
-as before. A sampled row's choice is the same whichever way its step takes: the largest of
-score / temperature + noise over the tokens its top_k and top_p keep (equal scores at the top_k
-boundary, or at the top of the noise, may resolve to another of the equals).
+on them is decided from the host's own copy, never from a device value (no `.any()` on a
+device tensor). Each row's work follows what it asks for, rows asking alike drawn together:
+greedy rows take the argmax and nothing else; rows with a top_p below 1 sort the vocabulary (the
+cumulative mass needs the order); rows with a top_k alone take `topk` of the widest k among them,
+the noise hashed for those candidates only; rows with neither add noise to every score and take
+the largest. Whichever the way, a row draws the largest of score / temperature + noise over the
+tokens its top_k and top_p keep, the token the full sort drew before (only between equal scores,
+at the top_k boundary or at the top, may another of the equals win: the sort's order among
+equals was arbitrary too), and what its neighbours ask for changes nothing.
 
 Normalised rather than refused (validation has already refused non-finite and negative values):
 a temperature below MIN_TEMPERATURE is sampled at MIN_TEMPERATURE (dividing by 1e-38 overflows
@@ -48,63 +50,46 @@ class Sampler:
         """`logits` [B, V] float32 -> [B] token ids on logits' device. `steps[i]`: tokens row i has
         generated so far."""
         chosen = logits.argmax(dim=-1)
-        drawn = [i for i, p in enumerate(params) if not p.greedy]
+        rows, vocab = logits.shape
+        # Sampled rows in three groups, each drawn its own way: top_p (a sort), top_k alone (topk),
+        # neither (the whole vocabulary). What a row asks for is known here, on the host.
+        nucleus, top_k, plain = [], [], []
+        for i, p in enumerate(params):
+            if not p.greedy:
+                (nucleus if p.top_p < 1.0 else top_k if 0 < p.top_k < vocab else plain).append(i)
+        drawn = nucleus + top_k + plain
         if not drawn:
             return chosen
-        rows, vocab = logits.shape
-        n = len(drawn)
+        n, a, b = len(drawn), len(nucleus), len(nucleus) + len(top_k)
         sampled = [params[i] for i in drawn]
-        top_k = [min(p.top_k or vocab, vocab) for p in sampled]
+        k = [min(p.top_k or vocab, vocab) for p in sampled]
         seeds = [p.seed or 0 for p in sampled]
-        values = [*drawn, *top_k, *(s & _MASK32 for s in seeds), *((s >> 32) & _MASK32 for s in seeds),
+        values = [*drawn, *k, *(s & _MASK32 for s in seeds), *((s >> 32) & _MASK32 for s in seeds),
                   *(steps[i] for i in drawn),
                   *(max(p.temperature, MIN_TEMPERATURE) for p in sampled), *(p.top_p for p in sampled)]
-        if n < rows:  # each row's place among the sampled ones (-1: greedy), to take their choice back
+        aligned = drawn == list(range(rows))  # every row sampled, already in group order
+        if not aligned:  # each row's place among the drawn ones (-1: greedy), to take their choice back
             place = [-1] * rows
             for j, i in enumerate(drawn):
                 place[i] = j
             values += place
         packed = self._staging.send(values)
-        idx, k, lo, hi, step = packed[:5 * n].view(5, n).long()
+        idx, k_t, lo, hi, step = packed[:5 * n].view(5, n).long()
         temps, top_p = packed[5 * n:7 * n].view(2, n).float()  # rounded to float32 as torch.tensor(floats) is
-        widest_k = max((x for x in top_k if x < vocab), default=0)
-        picked = self._draw(logits if n == rows else logits.index_select(0, idx), temps, k, top_p,
-                            _row_hash(lo, hi, step), nucleus=any(p.top_p < 1.0 for p in sampled),
-                            widest_k=widest_k, unfiltered=not widest_k or vocab in top_k)
-        if n == rows:
+        scores = (logits if aligned else logits.index_select(0, idx)) / temps.unsqueeze(1)
+        h = _row_hash(lo, hi, step)
+        parts = []
+        if a:
+            parts.append(_nucleus(scores[:a], k_t[:a], top_p[:a], h[:a]))
+        if b > a:
+            parts.append(_top_k(scores[a:b], k_t[a:b], h[a:b], max(k[a:b])))
+        if n > b:
+            parts.append((scores[b:] + _noise(h[b:], self._vocab_hash(vocab, scores.device))).argmax(dim=-1))
+        picked = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if aligned:
             return picked
         place = packed[7 * n:].long()
         return torch.where(place >= 0, picked.gather(0, place.clamp(min=0)), chosen)
-
-    def _draw(self, logits: torch.Tensor, temps: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor,
-              h: torch.Tensor, nucleus: bool, widest_k: int, unfiltered: bool) -> torch.Tensor:
-        """[n] tokens drawn for n sampled rows, `h` their (seed, step) hashes. Known on the host:
-        `nucleus`, some row has top_p < 1; `widest_k`, the largest top_k below the vocabulary (0:
-        none); `unfiltered`, some row keeps the whole vocabulary."""
-        scores = logits / temps.unsqueeze(1)
-        vocab = scores.shape[1]
-        if nucleus:  # the cumulative mass needs every kept token in order: one sort
-            sorted_scores, order = scores.sort(dim=-1, descending=True)
-            drop = torch.arange(vocab, device=scores.device).unsqueeze(0) >= k.unsqueeze(1)
-            probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
-            # Drop a token once the mass before it already reaches top_p (the first always stays).
-            drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
-            perturbed = sorted_scores.masked_fill(drop, float("-inf")) + _noise(h, _token_hash(order))
-            return order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
-        # Gumbel-max needs no order: the largest score + noise among the tokens a row keeps.
-        everything = None
-        if unfiltered:
-            everything = scores + _noise(h, self._vocab_hash(vocab, scores.device))  # [n, V]
-            if not widest_k:
-                return everything.argmax(dim=-1)
-        top, order = scores.topk(widest_k, dim=-1)  # [n, K]: a sort's first K columns, no sort
-        drop = torch.arange(widest_k, device=scores.device).unsqueeze(0) >= k.unsqueeze(1)
-        # Noise for the K candidates alone, unless the unfiltered rows' has been computed already.
-        perturbed = top + _noise(h, _token_hash(order)) if everything is None else everything.gather(1, order)
-        filtered = order.gather(1, perturbed.masked_fill(drop, float("-inf")).argmax(dim=-1, keepdim=True)).squeeze(1)
-        if everything is None:
-            return filtered
-        return torch.where(k < vocab, filtered, everything.argmax(dim=-1))
 
     def _vocab_hash(self, vocab: int, device: torch.device) -> torch.Tensor:
         """[1, vocab] every token id's own hash (the same each step: kept per vocabulary size)."""
@@ -113,6 +98,27 @@ class Sampler:
             cached = self._tokens[vocab] = _token_hash(torch.arange(vocab, dtype=torch.int64, device=device)
                                                        ).unsqueeze(0)
         return cached
+
+
+def _nucleus(scores: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Rows with a top_p: the cumulative mass needs every kept token in order, so one sort."""
+    vocab = scores.shape[1]
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    drop = torch.arange(vocab, device=scores.device).unsqueeze(0) >= k.unsqueeze(1)
+    probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
+    # Drop a token once the mass before it already reaches top_p (the first always stays).
+    drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+    perturbed = sorted_scores.masked_fill(drop, float("-inf")) + _noise(h, _token_hash(order))
+    return order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+def _top_k(scores: torch.Tensor, k: torch.Tensor, h: torch.Tensor, widest: int) -> torch.Tensor:
+    """Rows with a top_k alone: `topk` of the widest k asked for (a sort's first columns, no sort),
+    the noise hashed for those candidates only."""
+    top, order = scores.topk(widest, dim=-1)
+    drop = torch.arange(widest, device=scores.device).unsqueeze(0) >= k.unsqueeze(1)
+    perturbed = top.masked_fill(drop, float("-inf")) + _noise(h, _token_hash(order))
+    return order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]) -> torch.Tensor:

@@ -114,5 +114,7 @@ def test_no_sort_unless_a_row_asks_for_top_p(monkeypatch):
                      SamplingParams(temperature=0.9, top_k=50, seed=2), SamplingParams(temperature=1.0, top_k=5, seed=3)],
             [0, 1, 2, 3])
     assert sorts == []
-    sampler(logits, [SamplingParams(), SamplingParams(temperature=0.5, top_p=0.9, seed=1)], [0, 1])
-    assert sorts == [(1, 1000)]  # the sampled row alone: a greedy row never sorts
+    sampler(logits, [SamplingParams(), SamplingParams(temperature=0.9, top_k=50, seed=2),
+                     SamplingParams(temperature=0.5, top_p=0.9, seed=1), SamplingParams(temperature=0.5, seed=3)],
+            [0, 1, 2, 3])
+    assert sorts == [(1, 1000)]  # the top_p row alone: its neighbours do not sort for it
