@@ -49,7 +49,6 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]) -> torch.Tensor:
         """`logits` [B, V] float32 -> [B] token ids on logits' device. `steps[i]`: tokens row i has
         generated so far."""
-        chosen = logits.argmax(dim=-1)
         rows, vocab = logits.shape
         # Sampled rows in three groups, each drawn its own way: top_p (a sort), top_k alone (topk),
         # neither (the whole vocabulary). What a row asks for is known here, on the host.
@@ -59,7 +58,7 @@ class Sampler:
                 (nucleus if p.top_p < 1.0 else top_k if 0 < p.top_k < vocab else plain).append(i)
         drawn = nucleus + top_k + plain
         if not drawn:
-            return chosen
+            return logits.argmax(dim=-1)
         n, a, b = len(drawn), len(nucleus), len(nucleus) + len(top_k)
         sampled = [params[i] for i in drawn]
         k = [min(p.top_k or vocab, vocab) for p in sampled]
@@ -77,19 +76,19 @@ class Sampler:
         idx, k_t, lo, hi, step = packed[:5 * n].view(5, n).long()
         temps, top_p = packed[5 * n:7 * n].view(2, n).float()  # rounded to float32 as torch.tensor(floats) is
         scores = (logits if aligned else logits.index_select(0, idx)) / temps.unsqueeze(1)
-        h = _row_hash(lo, hi, step)
+        h, tokens = _row_hash(lo, hi, step), self._vocab_hash(vocab, scores.device)
         parts = []
         if a:
-            parts.append(_nucleus(scores[:a], k_t[:a], top_p[:a], h[:a]))
+            parts.append(_nucleus(scores[:a], k_t[:a], top_p[:a], h[:a], tokens))
         if b > a:
-            parts.append(_top_k(scores[a:b], k_t[a:b], h[a:b], max(k[a:b])))
+            parts.append(_top_k(scores[a:b], k_t[a:b], h[a:b], tokens, max(k[a:b])))
         if n > b:
-            parts.append((scores[b:] + _noise(h[b:], self._vocab_hash(vocab, scores.device))).argmax(dim=-1))
+            parts.append((scores[b:] + _noise(h[b:], tokens)).argmax(dim=-1))
         picked = torch.cat(parts) if len(parts) > 1 else parts[0]
         if aligned:
             return picked
         place = packed[7 * n:].long()
-        return torch.where(place >= 0, picked.gather(0, place.clamp(min=0)), chosen)
+        return torch.where(place >= 0, picked.gather(0, place.clamp(min=0)), logits.argmax(dim=-1))
 
     def _vocab_hash(self, vocab: int, device: torch.device) -> torch.Tensor:
         """[1, vocab] every token id's own hash (the same each step: kept per vocabulary size)."""
@@ -100,24 +99,26 @@ class Sampler:
         return cached
 
 
-def _nucleus(scores: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Rows with a top_p: the cumulative mass needs every kept token in order, so one sort."""
+def _nucleus(scores: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, h: torch.Tensor,
+             tokens: torch.Tensor) -> torch.Tensor:
+    """Rows with a top_p: the cumulative mass needs every kept token in order, so one sort.
+    `tokens`: every token id's own hash, [1, V]."""
     vocab = scores.shape[1]
     sorted_scores, order = scores.sort(dim=-1, descending=True)
     drop = torch.arange(vocab, device=scores.device).unsqueeze(0) >= k.unsqueeze(1)
     probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
     # Drop a token once the mass before it already reaches top_p (the first always stays).
     drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
-    perturbed = sorted_scores.masked_fill(drop, float("-inf")) + _noise(h, _token_hash(order))
+    perturbed = sorted_scores.masked_fill(drop, float("-inf")) + _noise(h, tokens.take(order))
     return order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
-def _top_k(scores: torch.Tensor, k: torch.Tensor, h: torch.Tensor, widest: int) -> torch.Tensor:
+def _top_k(scores: torch.Tensor, k: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor, widest: int) -> torch.Tensor:
     """Rows with a top_k alone: `topk` of the widest k asked for (a sort's first columns, no sort),
     the noise hashed for those candidates only."""
     top, order = scores.topk(widest, dim=-1)
     drop = torch.arange(widest, device=scores.device).unsqueeze(0) >= k.unsqueeze(1)
-    perturbed = top.masked_fill(drop, float("-inf")) + _noise(h, _token_hash(order))
+    perturbed = top.masked_fill(drop, float("-inf")) + _noise(h, tokens.take(order))
     return order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
