@@ -49,6 +49,13 @@ def _fetch(tensor: torch.Tensor) -> list:
     return tensor.tolist()
 
 
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: whether each row's scores are all finite. 0 x a finite score is 0, 0 x inf or NaN
+    is NaN, so a row sums to 0 exactly when all its scores are finite (no [B, vocab] bool tensor:
+    isfinite().all() took 2-4x as long on a CPU)."""
+    return (logits * 0).sum(dim=-1) == 0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: Path
@@ -590,8 +597,7 @@ class TorchEngine:
         return attached[0]
 
     def _results(self, rows: list[Row], logits: torch.Tensor) -> list[StepResult]:
-        finite = torch.isfinite(logits).all(dim=-1)
-        tokens, finite = _fetch(torch.stack((self._sample(rows, logits), finite.long())))
+        tokens, finite = _fetch(torch.stack((self._sample(rows, logits), _finite(logits).long())))
         results = []
         for row, token, ok in zip(rows, tokens, finite, strict=True):
             if not ok:

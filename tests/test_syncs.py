@@ -150,3 +150,13 @@ def test_a_cuda_decode_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch
         assert fetched == ["cuda"]
     finally:
         asyncio.run(engine.close())
+
+
+def test_the_finite_flag_is_isfinite_all():
+    from runner.engine import _finite
+
+    scores = torch.randn(6, 50) * 1e37  # large finite scores: their sum would overflow, not 0 x them
+    for row, bad in ((1, float("nan")), (2, float("inf")), (3, float("-inf")), (4, 3.4e38)):
+        scores[row, 7 * row] = bad
+    assert _finite(scores).tolist() == torch.isfinite(scores).all(dim=-1).tolist() == [True, False, False, False,
+                                                                                       True, True]
