@@ -160,3 +160,11 @@ def test_the_finite_flag_is_isfinite_all():
         scores[row, 7 * row] = bad
     assert _finite(scores).tolist() == torch.isfinite(scores).all(dim=-1).tolist() == [True, False, False, False,
                                                                                        True, True]
+
+
+def test_the_step_host_bench_runs(demo_dir):
+    from tools.bench.step_host import MIXES, step_host
+
+    rows = step_host(demo_dir / "base", batches=(3,), vocab=1000, steps=2)
+    assert [(r["batch"], r["mix"]) for r in rows] == [(3, mix) for mix in MIXES]
+    assert all(r["median_us"] > 0 for r in rows)
