@@ -30,10 +30,11 @@ from registry.weights import WeightsError, check_against_config, held_bytes, wei
 from runner import determinism
 from runner.detok import decode_new
 from runner.graphs import CaptureFailed, DecodeGraphs
-from runner.kvpool import ATTENTION, KERNELS, KVPool, decode_context, geometry_of, prefill_context
+from runner.kvpool import ATTENTION, KERNELS, KVPool, decode_view, geometry_of, prefill_context
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
-from runner.sampling import sample
+from runner.sampling import Sampler
+from runner.staging import Staging, decode_rows, decode_views
 from scheduler.engine import Row, StepResult
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, GenerationFailed, LoraServeError, OutOfMemory
 from scheduler.types import AdapterRef
@@ -41,6 +42,19 @@ from scheduler.types import AdapterRef
 log = logging.getLogger(__name__)
 
 CPU_KV_DEFAULT_MIB = 512
+
+
+def _fetch(tensor: torch.Tensor) -> list:
+    """The one device-to-host transfer of a step (a sync on cuda): its [2, B] tokens and finite flags.
+    Nothing else in a step reads a device value on the host (tests/test_syncs.py)."""
+    return tensor.tolist()
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: whether each row's scores are all finite. 0 x a finite score is 0, 0 x inf or NaN
+    is NaN, so a row sums to 0 exactly when all its scores are finite (no [B, vocab] bool tensor:
+    isfinite().all() took 2-4x as long on a CPU)."""
+    return (logits * 0).sum(dim=-1) == 0
 
 
 @dataclass(frozen=True)
@@ -160,6 +174,8 @@ class TorchEngine:
         self._pool: KVPool | None = None
         self._kernel = "reference"
         self._graphs: DecodeGraphs | None = None
+        self._inputs: Staging | None = None  # eager decode's tokens, lengths, slots and block tables
+        self._sampler: Sampler | None = None
         self._copy_stream = None  # cuda: adapters are copied into their slots on a side stream
         self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
         self._pad = 0
@@ -204,6 +220,9 @@ class TorchEngine:
         if self._device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self._device)
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        rows = self.cfg.max_rows
+        self._inputs = Staging(rows * (3 + self._pool.geometry.blocks_per_sequence), self._device)
+        self._sampler = Sampler(self._device, rows)
         if graphs:
             self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad, capture=capture,
                                         max_rows=self.cfg.max_rows, kernel=self._kernel)
@@ -575,25 +594,35 @@ class TorchEngine:
 
     @torch.inference_mode()
     def _decode(self, rows: list[Row]) -> list[StepResult]:
-        ids = torch.tensor([[r.generated[-1]] for r in rows])
+        tokens = [r.generated[-1] for r in rows]
         lengths = [r.length for r in rows]
-        tables = [list(r.blocks) for r in rows]
+        tables = [r.blocks for r in rows]
+        lora = [self._lora_slot(r) for r in rows]
         if self._graphs is not None:
-            lora = [self._lora_slot(r) for r in rows]
             try:
-                return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, tables, lora))
+                return self._results(rows, self._graphs.run(tokens, lengths, tables, lora))
             except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: uncaptured from now on
                 log.warning("%s; decode runs eagerly from now on (as with --no-cuda-graphs)", exc)
                 self._graphs = self._uncaptured()
                 if self._graphs is not None:
-                    return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, tables, lora))
-        ctx = decode_context(self._pool, tables, lengths, self._device, self._kernel)
-        return self._results(rows, self._forward(rows, ids, torch.tensor(lengths).unsqueeze(1), ctx))
+                    return self._results(rows, self._graphs.run(tokens, lengths, tables, lora))
+        # One copy in (runner/staging.py): every per-row input, then views of it on the device.
+        flat, width = decode_rows(tokens, lengths, lora, tables, 0, self._pad, self._pool.scratch)
+        packed, table_t = decode_views(self._inputs.send(flat), len(rows), width)
+        ids, lengths_t, slots = packed[0].unsqueeze(1), packed[1], packed[2]
+        ctx = decode_view(self._pool, table_t.to(torch.int32), lengths_t, self._kernel, max(lengths) + 1)
+        return self._results(rows, self._forward(rows, ids, lengths_t.unsqueeze(1), ctx, (tuple(lora), slots)))
 
-    def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        """[B, vocab] float32 logits of each row's next token."""
-        lora = tuple(self._lora_slot(r) for r in rows)
-        with self._rows.using(lora, self._device):
+    def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx,
+                 slots: tuple[tuple[int, ...], torch.Tensor] | None = None) -> torch.Tensor:
+        """[B, vocab] float32 logits of each row's next token. `slots`: a decode step's LoRA slot per
+        row, and the same already on the device (from the step's one copy in)."""
+        lora, on_device = slots or (tuple(self._lora_slot(r) for r in rows), None)
+        if on_device is None or self._rows.kernel != "triton":  # the grouped path groups rows from the host tuple
+            installed = self._rows.using(lora, self._device)
+        else:
+            installed = self._rows.installed(on_device if any(lora) else None)
+        with installed:
             return self._call(ids.to(self._device), positions.to(self._device), ctx).float()
 
     def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None):
@@ -620,8 +649,7 @@ class TorchEngine:
         return attached[0]
 
     def _results(self, rows: list[Row], logits: torch.Tensor) -> list[StepResult]:
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        tokens = self._sample(rows, logits).tolist()
+        tokens, finite = _fetch(torch.stack((self._sample(rows, logits), _finite(logits).long())))
         results = []
         for row, token, ok in zip(rows, tokens, finite, strict=True):
             if not ok:
@@ -633,7 +661,8 @@ class TorchEngine:
         return results
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        return sample(logits, [r.sampling for r in rows], [len(r.generated) for r in rows])
+        """[B] token ids, on the device (runner/sampling.py: no host round trip)."""
+        return self._sampler(logits, [r.sampling for r in rows], [len(r.generated) for r in rows])
 
     def _detokenize(self, row: Row, token: int) -> tuple[str, str, tuple[int, int]]:
         """Only the row's undecoded tail is decoded: O(1) tokens per row and step."""

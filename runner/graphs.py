@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from runner.kvpool import KVPool, decode_view
+from runner.staging import Staging, decode_rows, decode_views
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class DecodeGraphs:
         self._rows = max_rows
         self._buf = torch.zeros((3, max_rows), dtype=torch.long, device=device)
         self._tables = torch.full((max_rows, pool.blocks + 1), pool.scratch, dtype=torch.int32, device=device)
+        self._staging = Staging(max_rows * (3 + pool.geometry.blocks_per_sequence), device)  # one copy in per step
         self._read_len = 1  # reference attention only (never captured): the step's longest row + 1
         self._graphs: dict[tuple[int, bool], Callable[[], torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture and torch.cuda.is_available() else None
@@ -86,11 +88,9 @@ class DecodeGraphs:
         key = self.bucket(n, any(lora_slots))
         pad = key[0] - n
         width = max(len(t) for t in tables)
-        host = torch.tensor([tokens + [self._pad] * pad, lengths + [0] * pad, lora_slots + [0] * pad])
-        self._buf[:, :key[0]].copy_(host)
-        front = torch.full((key[0], width), self._pool.scratch, dtype=torch.int32)
-        for i, table in enumerate(tables):
-            front[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
+        flat, _ = decode_rows(tokens, lengths, lora_slots, tables, pad, self._pad, self._pool.scratch)
+        packed, front = decode_views(self._staging.send(flat), key[0], width)
+        self._buf[:, :key[0]].copy_(packed)
         self._tables[:key[0], :width].copy_(front)
         self._read_len = max(lengths) + 1
         replay = self._graphs.get(key)
