@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 timed = @t=$$(date +%s); printf '\n== %s\n' "$(1)"; $(2) && echo "   done in $$(( $$(date +%s) - t )) s"
 EXTRAS := .[test,ray]
 
-.PHONY: serve test test-gpu install demo bench stubs lint clean
+.PHONY: serve test test-gpu gpu-check install demo bench stubs lint clean
 
 # torch first and pinned: that exact CPU wheel is on local disk; anything looser pulls GBs of CUDA.
 # The client distribution (pyclient/) before loraserve, which depends on it by name.
@@ -38,6 +38,17 @@ test: $(STAMP)
 # has no venv: there, `make test-gpu PY=python3`.
 test-gpu:
 	$(PY) -m pytest -q -m gpu
+
+# On the offline CUDA machine, one command of under 9 minutes (README "Running the suite on CUDA";
+# tools/gpu_check.py): the gpu tests, the decode kernel (FlexAttention, CUDA graphs), kvcap and the
+# 1b preset at batch 1/32/128; writes $(OUT) (default var/gpu-check). Without a venv it uses python3
+# and sources .gpu/env.sh when the carried wheels are not importable yet. Never part of `make test`.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	@if [ ! -x $(PY) ] && [ -f .gpu/env.sh ] && ! python3 -c 'import grpc_health.v1, bitsandbytes' 2>/dev/null; \
+	then . .gpu/env.sh; fi; \
+	PYTHONPATH=$(CURDIR)/pyclient:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+	$(GPU_PY) -m tools.gpu_check --out $(or $(OUT),var/gpu-check) $(GPU_CHECK_ARGS)
 
 # The performance benchmark (README "Performance"); writes var/bench/bench.json and bench.png.
 bench: $(STAMP)

@@ -3,8 +3,9 @@
 All torch work runs on one dedicated thread (TorchEngine's executor), so the
 event loop never blocks and the model is never touched by two threads. No batch
 lives here: each step gets its rows from the scheduler (their KV pool slots,
-runner/kvpool.py, and their adapters, whose weights runner/lora.py gathers per
-row), so there is neither a cache to reconcile nor a global "active adapter" to
+block tables in the paged
+runner/kvpool.py, and their adapters, whose slots runner/lora.py reads in place
+per row), so there is neither a cache to reconcile nor a global "active adapter" to
 race on.
 """
 
@@ -16,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +30,31 @@ from registry.weights import WeightsError, check_against_config, held_bytes, wei
 from runner import determinism
 from runner.detok import decode_new
 from runner.graphs import CaptureFailed, DecodeGraphs
-from runner.kvpool import ATTENTION, KVPool, decode_context, geometry_of, prefill_context
+from runner.kvpool import ATTENTION, KERNELS, KVPool, decode_view, geometry_of, prefill_context
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
-from runner.sampling import sample
+from runner.sampling import Sampler
+from runner.staging import Staging, decode_rows, decode_views
 from scheduler.engine import Row, StepResult
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, GenerationFailed, LoraServeError, OutOfMemory
 from scheduler.types import AdapterRef
 
 log = logging.getLogger(__name__)
 
+CPU_KV_DEFAULT_MIB = 512
+
+
+def _fetch(tensor: torch.Tensor) -> list:
+    """The one device-to-host transfer of a step (a sync on cuda): its [2, B] tokens and finite flags.
+    Nothing else in a step reads a device value on the host (tests/test_syncs.py)."""
+    return tensor.tolist()
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: whether each row's scores are all finite. 0 x a finite score is 0, 0 x inf or NaN
+    is NaN, so a row sums to 0 exactly when all its scores are finite (no [B, vocab] bool tensor:
+    isfinite().all() took 2-4x as long on a CPU)."""
+    return (logits * 0).sum(dim=-1) == 0
 
 
 @dataclass(frozen=True)
@@ -52,15 +69,28 @@ class EngineConfig:
     load_threads: int = 2
     """Threads reading adapters from disk (the scheduler's limiter caps concurrent loads)."""
     max_rows: int = 16
-    """Sequences the KV pool should hold at once (the scheduler's max_batch_size)."""
-    kv_cache_mib: int = 0
-    """KV pool budget; 0 = room for max_rows sequences of max_model_len tokens."""
+    """Most sequences one decode step runs (the scheduler's max_batch_size)."""
+    kv_cache_mib: float = 0
+    """KV pool budget; 0 = the default: on cuda, gpu_memory_fraction of the device less what is
+    already allocated and a workspace estimate; elsewhere CPU_KV_DEFAULT_MIB; either way no more
+    than max_rows sequences of max_model_len tokens can use."""
+    kv_block_size: int = 16
+    """Token positions per KV block."""
+    gpu_memory_fraction: float = 0.90
+    """cuda: the share of the device's memory this process may fill (weights, adapters, KV pool)."""
+    attention: str = "auto"
+    """Decode attention: flex (FlexAttention over the block tables; auto on cuda) or reference
+    (a gather of each row's positions and SDPA; auto elsewhere)."""
     max_model_len: int = 0
     """Most tokens (prompt + generated) per sequence; 0 = the model's max_position_embeddings."""
     max_loras: int = 64
     """Adapters attached at once (slots in the stacks)."""
     max_lora_rank: int = 64
     """Largest adapter rank; every slot has room for it."""
+    lora_target_modules: tuple[str, ...] = ()
+    """Leaf names of the linear layers LoRA is applied to (wrapped, with slot stacks); an adapter
+    adapting any other is refused (ADAPTER_INCOMPATIBLE). Empty: every linear layer but lm_head.
+    Names that match no linear layer wrap nothing (logged)."""
     vram_budget_bytes: int = 0
     """Caps the slot stacks' bytes (fewer slots than max_loras when it binds); 0 = no cap."""
     prefill_chunk_tokens: int = 512
@@ -135,13 +165,17 @@ class TorchEngine:
         self._slot_bytes = 0
         self._rows = RowSlots()
         self._layers: dict[str, LoRALinear] = {}
+        self._unwrapped: frozenset[str] = frozenset()  # paths of linear layers LoRA is not applied to
         self._module_names: frozenset[str] = frozenset()
         self._dtype = torch.float32
         self._tokenizer = None
         self._model = None
         self._device = torch.device("cpu")
         self._pool: KVPool | None = None
+        self._kernel = "reference"
         self._graphs: DecodeGraphs | None = None
+        self._inputs: Staging | None = None  # eager decode's tokens, lengths, slots and block tables
+        self._sampler: Sampler | None = None
         self._copy_stream = None  # cuda: adapters are copied into their slots on a side stream
         self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
         self._pad = 0
@@ -159,34 +193,91 @@ class TorchEngine:
         self._tokenizer, self._model, self._device = load_model(self.cfg)
         self._dtype = resolve_dtype(self.cfg.dtype, self._device)
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
-        graphs = self.cfg.decode_graphs == "buffers" or (self.cfg.decode_graphs == "auto"
-                                                         and self._device.type == "cuda")
-        self._rows.keep_gathered = self._device.type == "cpu" and not graphs
-        self._layers = wrap_linear_layers(self._model, self._rows)
-        self._pool = self._allocate_pool(scratch=graphs)
+        if self.cfg.attention not in KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(KERNELS)}, not {self.cfg.attention!r}")
+        self._kernel = self.cfg.attention if self.cfg.attention != "auto" else (
+            "flex" if self._device.type == "cuda" else "reference")
+        # A captured step has fixed shapes: only the block mask reads a row's length without a host int.
+        capture = self._device.type == "cuda" and self._kernel == "flex" and self.cfg.decode_graphs == "auto"
+        # FlexAttention is compiled per shape: uncaptured decode takes the graphs' row buckets too.
+        graphs = self.cfg.decode_graphs == "buffers" or capture or self._kernel == "flex"
+        # Each row reads its own adapter's slot in place: Triton's BGMV kernels on cuda (imported
+        # only there), a matmul pair per adapter present elsewhere (runner/lora.py).
+        self._rows = RowSlots(self._lora_kernel())
+        linears = {n for n, m in self._model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"}
+        self._layers = wrap_linear_layers(self._model, self._rows, tuple(self.cfg.lora_target_modules))
+        self._unwrapped = frozenset(linears - set(self._layers))
+        stray = sorted(set(self.cfg.lora_target_modules) - self.lora_modules())
+        if stray:
+            log.warning("lora_target_modules %s name no linear layer of this model", stray)
+        log.info("LoRA applies to %s: %d of %d linear layers (%s path)",
+                 ", ".join(sorted(self.lora_modules())) or "nothing", len(self._layers), len(linears), self._rows.kernel)
+        self._allocate_lora_slots()
+        self._pool = self._allocate_pool()
         _refuse_unsupported_attention(self._model.config, self._pool.geometry.max_len)
         self._model.set_attn_implementation(ATTENTION)
-        self._allocate_lora_slots()
         if self._device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self._device)
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        rows = self.cfg.max_rows
+        self._inputs = Staging(rows * (3 + self._pool.geometry.blocks_per_sequence), self._device)
+        self._sampler = Sampler(self._device, rows)
         if graphs:
-            self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad,
-                                        capture=self._device.type == "cuda", max_rank=self.cfg.max_lora_rank)
+            self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad, capture=capture,
+                                        max_rows=self.cfg.max_rows, kernel=self._kernel)
+            if capture:
+                self._capture_graphs()
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
-        log.info("loaded base model %s on %s (quantization=%s); KV pool: %d sequences x %d tokens, %.1f MiB; "
-                 "decode: %s%s", self.cfg.model_path, self._device, self.cfg.quantization, self._pool.slots,
-                 self._pool.geometry.max_len, self._pool.nbytes / 2**20, self.decode_mode,
-                 "; deterministic: one row per forward" if self.cfg.deterministic else "")
+        pool, g = self._pool, self._pool.geometry
+        log.info("loaded base model %s on %s (quantization=%s); KV pool: %d blocks of %d tokens = %d tokens, "
+                 "%.1f MiB (%d KiB per token; %d tokens per sequence at most); attention: %s; decode: %s%s",
+                 self.cfg.model_path, self._device, self.cfg.quantization, pool.blocks, g.block_size, pool.tokens,
+                 pool.nbytes / 2**20, g.bytes_per_token(self._dtype) // 1024, g.max_len, self._kernel,
+                 self.decode_mode, "; deterministic: one row per forward" if self.cfg.deterministic else "")
+
+    def _uncaptured(self) -> DecodeGraphs | None:
+        """After a failed capture: the graphs' bucketed step without capture for FlexAttention (one
+        compile per bucket, not per batch size), plain eager decode for the reference kernel."""
+        if self._kernel != "flex":
+            return None
+        return DecodeGraphs(self._model_step, self._pool, self._pad, capture=False, max_rows=self.cfg.max_rows,
+                            kernel=self._kernel)
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        """All decode graphs before traffic, so no request waits for a capture (deterministic
+        engines decode one row at a time: one-row graphs only)."""
+        started = time.perf_counter()
+        rows = 1 if self.cfg.deterministic else self.cfg.max_rows
+        try:
+            count = self._graphs.capture_all(rows)
+        except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured
+            log.warning("%s; decode runs uncaptured (as with --no-cuda-graphs)", exc)
+            self._graphs = self._uncaptured()
+            return
+        log.info("captured %d decode graphs (up to %d rows, LoRA on and off) in %.1f s", count, rows,
+                 time.perf_counter() - started)
+
+    def _lora_kernel(self) -> str:
+        if self._device.type != "cuda":
+            return "grouped"
+        try:
+            import triton  # noqa: F401 (torch's CUDA wheels bring it)
+        except ImportError:
+            log.warning("triton is not installed: LoRA takes the grouped path on cuda (a host sync per step, so "
+                        "decode graphs fall back to eager decode)")
+            return "grouped"
+        return "triton"
 
     def _allocate_lora_slots(self) -> None:
         """Every wrapped layer's slot stacks at (slots + 1, max_lora_rank), once: as many slots as
         max_loras allows and the VRAM budget holds. The VRAM tier then budgets whole slots."""
         self._slot_bytes = slot_bytes(self._layers.values(), self.cfg.max_lora_rank, self._dtype)
         slots = self.cfg.max_loras
-        if self.cfg.vram_budget_bytes:
+        if self.cfg.vram_budget_bytes and self._slot_bytes:
             slots = min(slots, self.cfg.vram_budget_bytes // self._slot_bytes)
         if slots < 1:
             raise ValueError(f"the VRAM budget holds no adapter: one slot of rank {self.cfg.max_lora_rank} "
@@ -195,19 +286,46 @@ class TorchEngine:
             layer.allocate(slots + 1, self.cfg.max_lora_rank, self._device, self._dtype)
         self._free_slots = list(range(slots, 0, -1))
 
-    def _allocate_pool(self, scratch: bool) -> KVPool:
+    def _allocate_pool(self) -> KVPool:
+        """As many blocks as the budget holds (runner/kvpool.py). max_model_len bounds one sequence
+        only; a pool that cannot hold even one such sequence is refused with the figures."""
         config = self._model.config
         limit = int(config.max_position_embeddings)
         max_len = min(self.cfg.max_model_len, limit) if self.cfg.max_model_len else limit
-        geometry = geometry_of(config, max_len)
-        per_slot = geometry.bytes_per_slot(self._dtype)
-        slots = self.cfg.max_rows
+        if self.cfg.kv_block_size < 1:
+            raise ValueError("kv_block_size must be at least 1")
+        geometry = geometry_of(config, max_len, self.cfg.kv_block_size)
+        per_block = geometry.bytes_per_block(self._dtype)
         if self.cfg.kv_cache_mib:
-            slots = min(slots, self.cfg.kv_cache_mib * 2**20 // per_slot)
-            if slots < 1:
-                raise ValueError(f"kv_cache_mib {self.cfg.kv_cache_mib} holds no sequence: one of {max_len} "
-                                 f"tokens needs {per_slot / 2**20:.1f} MiB (lower max_model_len or raise it)")
-        return KVPool(geometry, slots, self._device, self._dtype, scratch)
+            budget, source = int(self.cfg.kv_cache_mib * 2**20), f"kv_cache_mib {self.cfg.kv_cache_mib:g}"
+        else:
+            budget, source = self._default_kv_budget(geometry)
+            # More blocks than max_rows sequences of max_model_len tokens can ever hold would sit idle.
+            budget = min(budget, (self.cfg.max_rows * geometry.blocks_per_sequence + 1) * per_block)
+        blocks = budget // per_block - 1  # less the scratch block
+        if blocks < geometry.blocks_per_sequence:
+            raise ValueError(
+                f"the KV pool ({source}: {budget / 2**20:.1f} MiB, {max(blocks, 0)} blocks of "
+                f"{geometry.block_size} tokens at {geometry.bytes_per_token(self._dtype) // 1024} KiB per token) "
+                f"holds no sequence of max_model_len {max_len} tokens, which needs {geometry.blocks_per_sequence} "
+                f"blocks ({geometry.blocks_per_sequence * per_block / 2**20:.1f} MiB): lower --max-model-len "
+                f"or raise --kv-cache-mib")
+        return KVPool(geometry, blocks, self._device, self._dtype)
+
+    def _default_kv_budget(self, geometry) -> tuple[int, str]:
+        if self._device.type != "cuda":
+            return CPU_KV_DEFAULT_MIB * 2**20, f"the default {CPU_KV_DEFAULT_MIB} MiB off cuda"
+        free, total = torch.cuda.mem_get_info(self._device)
+        config = self._model.config
+        # Activations of the largest forward (a prefill chunk or a full decode batch), its fp32
+        # logits, and CUDA graphs' and cuBLAS's workspace: an estimate, not a profile.
+        tokens = max(self.cfg.prefill_chunk_tokens or 512, self.cfg.max_rows)
+        width = 4 * config.hidden_size + 2 * getattr(config, "intermediate_size", 4 * config.hidden_size)
+        workspace = tokens * (width * self._dtype.itemsize + config.vocab_size * 4) + 512 * 2**20
+        budget = int(total * self.cfg.gpu_memory_fraction) - (total - free) - workspace
+        return max(budget, 0), (f"gpu_memory_fraction {self.cfg.gpu_memory_fraction:g} of {total / 2**30:.1f} GiB "
+                                f"less {(total - free) / 2**30:.1f} GiB in use and {workspace / 2**20:.0f} MiB "
+                                f"of workspace")
 
     async def close(self) -> None:
         self._loaders.shutdown(wait=True)
@@ -234,8 +352,18 @@ class TorchEngine:
         return self._pool.geometry.max_len
 
     @property
-    def kv_slots(self) -> int:
-        return self._pool.slots
+    def kv_blocks(self) -> int:
+        """Blocks in the KV pool (0 .. kv_blocks-1; the scratch block is not among them)."""
+        return self._pool.blocks
+
+    @property
+    def kv_block_size(self) -> int:
+        return self._pool.geometry.block_size
+
+    @property
+    def attention_kernel(self) -> str:
+        """What decode attention runs: "flex" or "reference"."""
+        return self._kernel
 
     def kv_bytes(self) -> int:
         return self._pool.nbytes
@@ -258,6 +386,14 @@ class TorchEngine:
     def module_names(self) -> frozenset[str]:
         """Leaf names of the model's modules (what an adapter's target_modules may name)."""
         return self._module_names
+
+    def linear_modules(self) -> frozenset[str]:
+        """Leaf names of the linear layers LoRA could be applied to (all but lm_head)."""
+        return frozenset(path.rsplit(".", 1)[-1] for path in (*self._layers, *self._unwrapped))
+
+    def lora_modules(self) -> frozenset[str]:
+        """Leaf names of the linear layers LoRA is applied to (an adapter may adapt only these)."""
+        return frozenset(path.rsplit(".", 1)[-1] for path in self._layers)
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=True)
@@ -312,6 +448,10 @@ class TorchEngine:
                 raise AdapterIncompatible(adapter.id, f"{module} has rank {a_t.shape[1]} in its weights; this "
                                           f"server's slots hold rank {self.cfg.max_lora_rank} at most")
             layer = self._layers.get(module)
+            if layer is None and module in self._unwrapped:
+                leaf = module.rsplit(".", 1)[-1]
+                raise AdapterIncompatible(adapter.id, f"it adapts {leaf} ({module}), which this server does not "
+                                          f"apply LoRA to: restart it with --lora-target-modules including {leaf}")
             if layer is None:
                 raise AdapterIncompatible(adapter.id, f"the base model has no linear layer {module!r}")
             if (a_t.shape[0], b_t.shape[1]) != (layer.in_features, layer.out_features):
@@ -338,12 +478,6 @@ class TorchEngine:
             raise
         del self._ram[adapter]
         self._slots[adapter] = (slot, {path: a_t.shape[1] for path, (a_t, _) in weights.modules.items()})
-        self._set_rank()
-
-    def _set_rank(self) -> None:
-        rank = max((r for _, ranks in self._slots.values() for r in ranks.values()), default=1)
-        if rank != self._rows.rank:
-            self._rows.rank, self._rows.version = rank, self._rows.version + 1
 
     async def demote(self, adapter: AdapterRef) -> None:
         await self._run(self._demote, adapter)
@@ -364,7 +498,6 @@ class TorchEngine:
             for path in ranks:
                 self._layers[path].write(slot, None)
         self._free_slots.append(slot)
-        self._set_rank()
 
     @contextlib.contextmanager
     def _copying(self, slot: int):
@@ -404,10 +537,17 @@ class TorchEngine:
         return (len(self._free_slots) + len(self._slots)) * self._slot_bytes
 
     # -- steps ---------------------------------------------------------------
-    # A step is a function of the rows it is given: it writes only into those rows' KV slots
+    # A step is a function of the rows it is given: it writes only into those rows' KV blocks
     # (positions their lengths do not cover yet) and returns one result per row, or raises
     # having changed nothing another row reads. The scheduler retries subsets on failure, so
     # every stage below may raise; none leaves anything behind.
+    async def scrub(self, blocks: Sequence[int]) -> None:
+        await self._run(self._scrub, list(blocks))
+
+    @torch.inference_mode()
+    def _scrub(self, blocks: list[int]) -> None:
+        self._pool.scrub(blocks)
+
     async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
         return await self._run(self._typed, self._prefill, list(rows))
 
@@ -430,58 +570,64 @@ class TorchEngine:
 
     @torch.inference_mode()
     def _prefill(self, rows: list[Row]) -> list[StepResult]:
-        lengths = [len(r.prompt_ids) for r in rows]
+        """Each row computes its context (prompt, and what it generated before a preemption) past the
+        positions a shared prefix already holds; its next token comes from the last one."""
+        fed = [r.fed for r in rows]
+        lengths = [len(f) for f in fed]
         width = max(lengths)
-        # Left padding puts every row's last prompt token in the last column (logits_to_keep=1).
+        # Left padding puts every row's last token in the last column (logits_to_keep=1).
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - lengths[i]:] = torch.tensor(r.prompt_ids)
+        for i, tokens in enumerate(fed):
+            ids[i, width - lengths[i]:] = torch.tensor(tokens)
         start = torch.tensor([width - n for n in lengths]).unsqueeze(1)
-        positions = (torch.arange(width).unsqueeze(0) - start).clamp(min=0)
-        slots = [r.kv_slot for r in rows]
+        cached = [r.cached for r in rows]
+        positions = (torch.arange(width).unsqueeze(0) - start).clamp(min=0) + torch.tensor(cached).unsqueeze(1)
+        tables = [list(r.blocks) for r in rows]
         # Long prompts run in chunks of columns, so activations and masks stay bounded whatever the
         # prompt's length; each chunk writes its keys into the pool, where the next reads them.
         chunk = self.cfg.prefill_chunk_tokens or width
-        self._pool.claim(slots, lengths, whole=width > chunk)  # nothing a previous occupant left is ever read
         for begin in range(0, width, chunk):
             end = min(begin + chunk, width)
-            ctx = prefill_context(self._pool, slots, lengths, self._device, begin, end)
+            ctx = prefill_context(self._pool, tables, cached, lengths, self._device, begin, end)
             logits = self._forward(rows, ids[:, begin:end], positions[:, begin:end], ctx)
         return self._results(rows, logits)
 
     @torch.inference_mode()
     def _decode(self, rows: list[Row]) -> list[StepResult]:
-        ids = torch.tensor([[r.generated[-1]] for r in rows])
+        tokens = [r.generated[-1] for r in rows]
         lengths = [r.length for r in rows]
-        slots = [r.kv_slot for r in rows]
-        self._pool.wrote(slots, lengths)  # before the forward: a failed step may have written too
+        tables = [r.blocks for r in rows]
+        lora = [self._lora_slot(r) for r in rows]
         if self._graphs is not None:
-            lora = [self._lora_slot(r) for r in rows]
             try:
-                return self._results(rows, self._graphs.run(ids[:, 0].tolist(), lengths, slots, lora,
-                                                            self._rank(rows)))
-            except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: eager from now on
+                return self._results(rows, self._graphs.run(tokens, lengths, tables, lora))
+            except CaptureFailed as exc:  # e.g. quantized kernels that cannot be captured: uncaptured from now on
                 log.warning("%s; decode runs eagerly from now on (as with --no-cuda-graphs)", exc)
-                self._graphs = None
-        ctx = decode_context(self._pool, slots, lengths, self._device)
-        return self._results(rows, self._forward(rows, ids, torch.tensor(lengths).unsqueeze(1), ctx))
+                self._graphs = self._uncaptured()
+                if self._graphs is not None:
+                    return self._results(rows, self._graphs.run(tokens, lengths, tables, lora))
+        # One copy in (runner/staging.py): every per-row input, then views of it on the device.
+        flat, width = decode_rows(tokens, lengths, lora, tables, 0, self._pad, self._pool.scratch)
+        packed, table_t = decode_views(self._inputs.send(flat), len(rows), width)
+        ids, lengths_t, slots = packed[0].unsqueeze(1), packed[1], packed[2]
+        ctx = decode_view(self._pool, table_t.to(torch.int32), lengths_t, self._kernel, max(lengths) + 1)
+        return self._results(rows, self._forward(rows, ids, lengths_t.unsqueeze(1), ctx, (tuple(lora), slots)))
 
-    def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        """[B, vocab] float32 logits of each row's next token."""
-        lora = tuple(self._lora_slot(r) for r in rows)
-        with self._rows.using(lora, self._device, self._rank(rows)):
+    def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx,
+                 slots: tuple[tuple[int, ...], torch.Tensor] | None = None) -> torch.Tensor:
+        """[B, vocab] float32 logits of each row's next token. `slots`: a decode step's LoRA slot per
+        row, and the same already on the device (from the step's one copy in)."""
+        lora, on_device = slots or (tuple(self._lora_slot(r) for r in rows), None)
+        if on_device is None or self._rows.kernel != "triton":  # the grouped path groups rows from the host tuple
+            installed = self._rows.using(lora, self._device)
+        else:
+            installed = self._rows.installed(on_device if any(lora) else None)
+        with installed:
             return self._call(ids.to(self._device), positions.to(self._device), ctx).float()
 
-    def _rank(self, rows: list[Row]) -> int:
-        """The LoRA stacks' columns a step reads: the largest rank attached, or, deterministic (a
-        step of one row), its own adapter's, so attaching another cannot change how its sums split."""
-        if not self.cfg.deterministic or rows[0].adapter.is_base:
-            return self._rows.rank
-        return max(self._slots[rows[0].adapter][1].values())
-
-    def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None, rank: int):
+    def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None):
         """A captured decode step: `lora` is the graphs' persistent [B] slot buffer."""
-        with self._rows.installed(lora, rank):
+        with self._rows.installed(lora):
             return self._call(ids, positions, ctx)
 
     def _call(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
@@ -503,8 +649,7 @@ class TorchEngine:
         return attached[0]
 
     def _results(self, rows: list[Row], logits: torch.Tensor) -> list[StepResult]:
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        tokens = self._sample(rows, logits).tolist()
+        tokens, finite = _fetch(torch.stack((self._sample(rows, logits), _finite(logits).long())))
         results = []
         for row, token, ok in zip(rows, tokens, finite, strict=True):
             if not ok:
@@ -516,7 +661,8 @@ class TorchEngine:
         return results
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        return sample(logits, [r.sampling for r in rows], [len(r.generated) for r in rows])
+        """[B] token ids, on the device (runner/sampling.py: no host round trip)."""
+        return self._sampler(logits, [r.sampling for r in rows], [len(r.generated) for r in rows])
 
     def _detokenize(self, row: Row, token: int) -> tuple[str, str, tuple[int, int]]:
         """Only the row's undecoded tail is decoded: O(1) tokens per row and step."""

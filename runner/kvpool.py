@@ -1,21 +1,25 @@
-"""One preallocated KV cache, one fixed slot per running sequence, and the attention that uses it.
+"""The paged KV pool and the attention that reads it (vLLM's PagedAttention, over torch ops).
 
-Per layer, keys and values are [slots, kv_heads, max_len, head_dim], allocated once at start-up.
-The scheduler gives each admitted sequence a slot for its whole life, so joining and leaving
-never copy another row's cache. A step hands the model its rows' slots and lengths (StepContext,
-passed through the HF forward as the `kv_step` keyword); the attention registered here writes the
-step's new keys/values into those slots and reads each row's own prefix only:
+One tensor holds every layer's keys and values: [layers, 2, blocks + 1, block_size, kv_heads,
+head_dim], allocated once at start-up; the extra block is scratch, written only by the padding
+rows of a captured decode step and read by no sequence. The scheduler's BlockManager decides
+which blocks each sequence holds; a step hands the model its rows' block tables (StepContext,
+passed through the HF forward as the `kv_step` keyword) and the attention registered here:
 
-* prefill: rows are left-padded to one width T; the fresh [B, Hkv, T, D] keys/values are
-  attended with a causal + padding mask and their valid columns scattered into the pool.
-* decode: each row writes one column at its own length, then attends over its slot's first
-  `length + 1` positions (a view when the rows' slots are consecutive, else one gather).
+* writes the step's new keys/values at their positions (block table[p // block_size] at offset
+  p % block_size): nothing else is written, so a step that raises leaves only positions its rows'
+  lengths do not cover yet, which the retry overwrites;
+* reads, for each row, its own blocks only. Decode: on CUDA, FlexAttention over a block mask
+  built from the block tables (each row visits the blocks its table lists, the last one up to its
+  length), with no copy; elsewhere (or `attention="reference"`), a gather of the row's positions
+  and SDPA with a length mask, which the tests compare the kernel with. Prefill: the first chunk
+  of prompts with nothing cached attends its fresh keys; a later chunk, or a prompt whose prefix
+  sits in shared blocks, gathers its rows' positions up to the chunk's end.
 
-A row never reads another row's slot, and reads of its own slot past its length see zeros
-(what a previous occupant wrote past the new prompt is cleared when a sequence is prefilled
-into the slot), so a NaN left by a failed neighbour or a previous occupant cannot reach it. GQA is handled by SDPA's enable_gqa, with
-no repeat_kv copies. Nothing here outlives a step: a step that raises has only written into
-its own rows' slots at positions their lengths do not yet cover, which the retry overwrites.
+Positions past a row's length are masked; what sits there is finite (the pool starts zeroed and
+blocks a failed sequence held are zeroed before reuse, runner.engine.scrub), because a masked
+NaN still poisons both SDPA and FlexAttention (0 x NaN in the value sum). GQA is handled by the
+kernels' enable_gqa, with no repeat_kv copies.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-ATTENTION = "loraserve_pool"
+ATTENTION = "loraserve_paged"
+KERNELS = ("auto", "flex", "reference")
 
 
 @dataclass(frozen=True)
@@ -36,133 +41,191 @@ class PoolGeometry:
     head_dim: int
     max_len: int
     """Most tokens one sequence holds (prompt + generated)."""
+    block_size: int = 16
 
-    def bytes_per_slot(self, dtype: torch.dtype) -> int:
-        return 2 * self.layers * self.kv_heads * self.max_len * self.head_dim * dtype.itemsize
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype.itemsize
+
+    def bytes_per_block(self, dtype: torch.dtype) -> int:
+        return self.block_size * self.bytes_per_token(dtype)
+
+    @property
+    def blocks_per_sequence(self) -> int:
+        return -(-self.max_len // self.block_size)
 
 
 class KVPool:
-    def __init__(self, geometry: PoolGeometry, slots: int, device: torch.device, dtype: torch.dtype,
-                 scratch: bool = False):
-        self.geometry, self.slots = geometry, slots
-        self.scratch = slots if scratch else None
-        """One extra slot no sequence owns: padding rows of a captured decode step write there."""
-        shape = (slots + scratch, geometry.kv_heads, geometry.max_len, geometry.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(geometry.layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(geometry.layers)]
-        self.written = [0] * slots
-        """Per slot, how far any step has written (pool hygiene, not batch state): a new occupant
-        needs only [its prompt, written) cleared, not the whole slot."""
+    def __init__(self, geometry: PoolGeometry, blocks: int, device: torch.device, dtype: torch.dtype):
+        self.geometry, self.blocks = geometry, blocks
+        self.scratch = blocks
+        g = geometry
+        self.kv = torch.zeros((g.layers, 2, blocks + 1, g.block_size, g.kv_heads, g.head_dim),
+                              device=device, dtype=dtype)
+        # Per layer, [positions, kv_heads, head_dim] views: position p of block b is row b*block_size + p.
+        self.keys = [self.kv[i, 0].view(-1, g.kv_heads, g.head_dim) for i in range(g.layers)]
+        self.values = [self.kv[i, 1].view(-1, g.kv_heads, g.head_dim) for i in range(g.layers)]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.keys, *self.values))
+        return self.kv.nbytes
 
-    def claim(self, slots: list[int], lengths: list[int], whole: bool = False) -> None:
-        """Prefill of `lengths`-token prompts into `slots`: clear what earlier occupants left beyond
-        them, or everything they left when `whole` (a chunked prefill reads positions of its own
-        slot that later chunks have not written yet, masked, and a masked NaN still poisons)."""
-        for slot, length in zip(slots, lengths, strict=True):
-            start = 0 if whole else length
-            if self.written[slot] > start:
-                for t in (*self.keys, *self.values):
-                    t[slot, :, start:self.written[slot]] = 0
-            self.written[slot] = length
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.geometry.block_size
 
-    def wrote(self, slots: list[int], lengths: list[int]) -> None:
-        """A decode step writes position `length` of each slot."""
-        for slot, length in zip(slots, lengths, strict=True):
-            if length >= self.written[slot]:
-                self.written[slot] = length + 1
+    def scrub(self, blocks: list[int]) -> None:
+        """Zero `blocks` in every layer (one kernel): they may hold a failed sequence's NaN."""
+        self.kv[:, :, torch.tensor(blocks, device=self.kv.device)] = 0
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """One step's view of the pool. B rows; for prefill T is the padded prompt width."""
+    """One step's view of the pool. B rows; a prefill chunk has C columns (left-padded)."""
 
     pool: KVPool
-    slots: torch.Tensor
-    """[B] long: each row's pool slot."""
+    write: torch.Tensor
+    """[N] long: pool positions (block * block_size + offset) the step's N valid tokens go to."""
     prefill: bool
-    mask: torch.Tensor
-    """prefill: [B, 1, C, C] bool (causal and not padding) for a first chunk of C columns,
-    [B, 1, C, L] (key position <= query position) for a later one; decode: [B, 1, 1, L] bool
-    (position < length + 1)."""
-    write_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor
-    """prefill: (rows, columns in the chunk, positions) of the valid tokens, each [N]; decode: [B] positions."""
-    span: slice | None = None
-    """decode, when the slots are consecutive: the pool rows to read as a view, no gather."""
+    tables: torch.Tensor
+    """[B, W] int32 block tables (W: at least the blocks read; padded with the scratch block)."""
     read_len: int = 0
-    """Positions read from the rows' slots (decode, and prefill chunks after the first; 0: none)."""
+    """Reference reads: positions gathered per row (0: a first prefill chunk, its fresh keys)."""
+    mask: torch.Tensor | None = None
+    """Reference reads: [B, 1, C, L] bool, key position visible to query (decode: C = 1)."""
+    picked: tuple[torch.Tensor, torch.Tensor] | None = None
+    """prefill: (rows, columns) of the N valid tokens in the chunk's [B, C] grid."""
+    block_mask: object | None = None
+    """FlexAttention decode: the BlockMask over the rows' own blocks (None: reference read)."""
 
 
-def prefill_context(pool: KVPool, slots: list[int], lengths: list[int], device: torch.device,
-                    begin: int = 0, end: int | None = None) -> StepContext:
-    """Columns [begin, end) of the prompts left-padded to one width T (a chunk; all of it by
-    default). The first chunk attends its own fresh keys; a later chunk reads its rows' slots,
-    where the earlier chunks wrote theirs."""
-    width = max(lengths)
+def _gather_index(tables: torch.Tensor, read_len: int, block_size: int) -> torch.Tensor:
+    """[B, read_len] pool positions of each row's first read_len tokens."""
+    blocks = -(-read_len // block_size)
+    offsets = torch.arange(block_size, device=tables.device)
+    return (tables[:, :blocks, None] * block_size + offsets).flatten(1)[:, :read_len]
+
+
+def prefill_context(pool: KVPool, tables: list[list[int]], cached: list[int], fed: list[int],
+                    device: torch.device, begin: int = 0, end: int | None = None) -> StepContext:
+    """Columns [begin, end) of the rows' fed tokens left-padded to one width T. Row i feeds `fed[i]`
+    tokens at positions cached[i] .. cached[i] + fed[i] - 1 (its first cached[i] positions sit in
+    shared blocks already)."""
+    bs = pool.geometry.block_size
+    width = max(fed)
     end = width if end is None else end
     col = torch.arange(begin, end)
-    start = torch.tensor([width - n for n in lengths]).unsqueeze(1)  # [B, 1] first real column
+    start = torch.tensor([width - n for n in fed]).unsqueeze(1)  # [B, 1] first real column
     valid = col.unsqueeze(0) >= start  # [B, C]
-    positions = (col.unsqueeze(0) - start).clamp(min=0)  # [B, C]
-    if begin == 0:
+    positions = (col.unsqueeze(0) - start).clamp(min=0) + torch.tensor(cached).unsqueeze(1)  # [B, C]
+    table_t = _tables(pool, tables)
+    rows, cols = valid.nonzero(as_tuple=True)
+    pos = positions[rows, cols]
+    write = table_t[rows, pos // bs] * bs + pos % bs
+    if begin == 0 and not any(cached):
         causal = col.unsqueeze(0) <= col.unsqueeze(1)  # [C(query), C(key)]
         # Padding queries may see only themselves: a fully masked row would make SDPA produce NaN.
         mask = (causal.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(len(col), dtype=torch.bool).unsqueeze(0)
         read_len = 0
     else:
-        read_len = end - int(start.min())
+        read_len = int(positions.max()) + 1
         key = torch.arange(read_len)
-        # Each query sees its own slot's positions up to its own; padding queries see position 0.
+        # Each query sees its own row's positions up to its own; padding queries see position 0.
         mask = torch.where(valid.unsqueeze(2), key <= positions.unsqueeze(2), key == 0)  # [B, C, L]
-    rows, cols = valid.nonzero(as_tuple=True)
-    slot_t = torch.tensor(slots, device=device)
-    return StepContext(pool, slot_t, True, mask.unsqueeze(1).to(device),
-                       (rows.to(device), cols.to(device), positions[rows, cols].to(device)), read_len=read_len)
+    return StepContext(pool, write.to(device), True, table_t.to(device), read_len, mask.unsqueeze(1).to(device),
+                       (rows.to(device), cols.to(device)))
 
 
-def decode_context(pool: KVPool, slots: list[int], lengths: list[int], device: torch.device) -> StepContext:
+def _tables(pool: KVPool, tables: list[list[int]]) -> torch.Tensor:
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [pool.scratch] * (width - len(t)) for t in tables], dtype=torch.int32)
+
+
+def decode_context(pool: KVPool, tables: list[list[int]], lengths: list[int], device: torch.device,
+                   kernel: str) -> StepContext:
     """`lengths`: tokens each row already holds; this step writes position `length`."""
-    read_len = max(lengths) + 1
-    positions = torch.tensor(lengths)
-    mask = torch.arange(read_len).unsqueeze(0) <= positions.unsqueeze(1)  # [B, L]
-    consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-    return StepContext(pool, torch.tensor(slots, device=device), False, mask[:, None, None, :].to(device),
-                       positions.to(device), slice(slots[0], slots[0] + len(slots)) if consecutive else None,
-                       read_len)
+    table_t = _tables(pool, tables).to(device)
+    return decode_view(pool, table_t, torch.tensor(lengths, device=device), kernel, max(lengths) + 1)
 
 
-def pool_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_step=None,
-                   **_):
+def decode_view(pool: KVPool, tables: torch.Tensor, lengths: torch.Tensor, kernel: str,
+                read_len: int) -> StepContext:
+    """The decode context from device tensors alone (what a captured step can build): `tables`
+    [B, W] int32, `lengths` [B] long. `read_len` sizes the reference gather only."""
+    bs = pool.geometry.block_size
+    last = tables.gather(1, (lengths // bs).unsqueeze(1)).squeeze(1)  # [B] the block being written
+    write = last * bs + lengths % bs
+    if kernel == "flex":
+        return StepContext(pool, write, False, tables, block_mask=_block_mask(pool, tables, lengths, last))
+    mask = torch.arange(read_len, device=tables.device) <= lengths.unsqueeze(1)  # [B, L]
+    return StepContext(pool, write, False, tables, read_len, mask[:, None, None, :])
+
+
+def _block_mask(pool: KVPool, tables: torch.Tensor, lengths: torch.Tensor, last: torch.Tensor):
+    """Each row visits its table's first length // block_size + 1 blocks; all but the last are full,
+    the last is visible up to offset length % block_size. FlexAttention wants kv_indices as wide as
+    the pool's blocks: the rows' tables fill the front, the rest is never visited."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bs, rows = pool.geometry.block_size, tables.shape[0]
+    indices = tables
+    if tables.shape[1] < pool.blocks + 1:  # a captured step's buffer is that wide already
+        indices = torch.zeros((rows, pool.blocks + 1), dtype=torch.int32, device=tables.device)
+        indices[:, :tables.shape[1]] = tables
+    last_offset = lengths % bs
+
+    def visible(b, h, q_idx, kv_idx):
+        return (kv_idx // bs != last[b]) | (kv_idx % bs <= last_offset[b])
+
+    return BlockMask.from_kv_blocks((lengths // bs + 1).to(torch.int32).view(rows, 1, 1), indices.view(rows, 1, 1, -1),
+                                    BLOCK_SIZE=(128, bs), mask_mod=visible, seq_lengths=(1, pool.tokens + bs),
+                                    compute_q_blocks=False)
+
+
+_compiled_flex = None
+
+
+def _flex(query, key, value, block_mask, scale):
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one per batch bucket
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_step=None, **_):
     """HF attention interface: query [B, H, T, D], key/value [B, Hkv, T, D] (rotary applied)."""
     ctx: StepContext = kv_step
     k_pool, v_pool = ctx.pool.keys[module.layer_idx], ctx.pool.values[module.layer_idx]
     if ctx.prefill:
-        rows, cols, positions = ctx.write_at
-        slots = ctx.slots[rows]
-        k_pool[slots, :, positions] = key[rows, :, cols]
-        v_pool[slots, :, positions] = value[rows, :, cols]
-        k, v = key, value
-        if ctx.read_len:
-            k, v = k_pool[ctx.slots, :, :ctx.read_len], v_pool[ctx.slots, :, :ctx.read_len]
+        rows, cols = ctx.picked
+        k_pool[ctx.write] = key.transpose(1, 2)[rows, cols]
+        v_pool[ctx.write] = value.transpose(1, 2)[rows, cols]
     else:
-        k_pool[ctx.slots, :, ctx.write_at] = key[:, :, 0]
-        v_pool[ctx.slots, :, ctx.write_at] = value[:, :, 0]
-        if ctx.span is not None:
-            k, v = k_pool[ctx.span, :, :ctx.read_len], v_pool[ctx.span, :, :ctx.read_len]
-        else:
-            k, v = k_pool[ctx.slots, :, :ctx.read_len], v_pool[ctx.slots, :, :ctx.read_len]
+        k_pool[ctx.write] = key[:, :, 0]
+        v_pool[ctx.write] = value[:, :, 0]
+    if ctx.block_mask is not None:
+        out = _flex(query, k_pool.unsqueeze(0).transpose(1, 2), v_pool.unsqueeze(0).transpose(1, 2),
+                    ctx.block_mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    k, v = key, value
+    if ctx.read_len:
+        index = _gather_index(ctx.tables, ctx.read_len, ctx.pool.geometry.block_size)  # [B, L]
+        # Positions no query of the row sees (past its length, or in the scratch block that pads a
+        # short table) are zeroed in the copy: masking alone would let a NaN there through.
+        seen = ctx.mask.any(dim=2).unsqueeze(-1)  # [B, 1, L, 1]
+        k = torch.where(seen, k_pool[index].transpose(1, 2), 0)  # [B, Hkv, L, D]
+        v = torch.where(seen, v_pool[index].transpose(1, 2), 0)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=ctx.mask, scale=scaling,
                                          enable_gqa=query.shape[1] != k.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION, pool_attention)
+AttentionInterface.register(ATTENTION, paged_attention)
 
 
-def geometry_of(config, max_len: int) -> PoolGeometry:
+def geometry_of(config, max_len: int, block_size: int) -> PoolGeometry:
     heads = config.num_attention_heads
     return PoolGeometry(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
-                        getattr(config, "head_dim", None) or config.hidden_size // heads, max_len)
+                        getattr(config, "head_dim", None) or config.hidden_size // heads, max_len, block_size)

@@ -4,6 +4,18 @@ Sampled rows need no generator state: a row's noise for its n-th generated token
 (seed, n, token id), computed on the device for all rows together. So a seeded request samples
 the same tokens whatever else is in its batch, on any device, and a retried step repeats itself.
 
+Everything runs on the device with no round trip to the host: the rows' parameters are packed on
+the host into one buffer and copied in once, asynchronously (runner/staging.py), and what depends
+on them is decided from the host's own copy, never from a device value (no `.any()` on a
+device tensor). Each row's work follows what it asks for, rows asking alike drawn together:
+greedy rows take the argmax and nothing else; rows with a top_p below 1 sort the vocabulary (the
+cumulative mass needs the order); rows with a top_k alone take `topk` of the widest k among them,
+the noise hashed for those candidates only; rows with neither add noise to every score and take
+the largest. Whichever the way, a row draws the largest of score / temperature + noise over the
+tokens its top_k and top_p keep, the token the full sort drew before (only between equal scores,
+at the top_k boundary or at the top, may another of the equals win: the sort's order among
+equals was arbitrary too), and what its neighbours ask for changes nothing.
+
 Normalised rather than refused (validation has already refused non-finite and negative values):
 a temperature below MIN_TEMPERATURE is sampled at MIN_TEMPERATURE (dividing by 1e-38 overflows
 to inf; at 1e-4 the distribution is already one-hot to float precision unless logits tie), and
@@ -16,36 +28,104 @@ from typing import Sequence
 
 import torch
 
+from runner.staging import Staging
 from scheduler.types import SamplingParams
 
 MIN_TEMPERATURE = 1e-4
 _MASK32 = 0xFFFFFFFF
+_PACKED = 8
+"""Values packed per row, at most: a sampled row's index, top_k, seed (low and high 32 bits), step,
+temperature and top_p, and every row's place among the sampled ones."""
+
+
+class Sampler:
+    """`sample` over one preallocated staging buffer (page-locked on cuda) of `rows` rows."""
+
+    def __init__(self, device: torch.device, rows: int = 16):
+        # float64 holds the integers exactly (seeds are packed as 32-bit halves, the rest is smaller).
+        self._staging = Staging(rows * _PACKED, device, torch.float64)
+        self._tokens: dict[int, torch.Tensor] = {}  # vocab -> the token ids' own hash, [1, vocab]
+
+    def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]) -> torch.Tensor:
+        """`logits` [B, V] float32 -> [B] token ids on logits' device. `steps[i]`: tokens row i has
+        generated so far."""
+        rows, vocab = logits.shape
+        # Sampled rows in three groups, each drawn its own way: top_p (a sort), top_k alone (topk),
+        # neither (the whole vocabulary). What a row asks for is known here, on the host.
+        nucleus, top_k, plain = [], [], []
+        for i, p in enumerate(params):
+            if not p.greedy:
+                (nucleus if p.top_p < 1.0 else top_k if 0 < p.top_k < vocab else plain).append(i)
+        drawn = nucleus + top_k + plain
+        if not drawn:
+            return logits.argmax(dim=-1)
+        n, a, b = len(drawn), len(nucleus), len(nucleus) + len(top_k)
+        sampled = [params[i] for i in drawn]
+        k = [min(p.top_k or vocab, vocab) for p in sampled]
+        seeds = [p.seed or 0 for p in sampled]
+        values = [*drawn, *k, *(s & _MASK32 for s in seeds), *((s >> 32) & _MASK32 for s in seeds),
+                  *(steps[i] for i in drawn),
+                  *(max(p.temperature, MIN_TEMPERATURE) for p in sampled), *(p.top_p for p in sampled)]
+        aligned = drawn == list(range(rows))  # every row sampled, already in group order
+        if not aligned:  # each row's place among the drawn ones (-1: greedy), to take their choice back
+            place = [-1] * rows
+            for j, i in enumerate(drawn):
+                place[i] = j
+            values += place
+        packed = self._staging.send(values)
+        idx, k_t, lo, hi, step = packed[:5 * n].view(5, n).long()
+        temps, top_p = packed[5 * n:7 * n].view(2, n).float()  # rounded to float32 as torch.tensor(floats) is
+        scores = (logits if aligned else logits.index_select(0, idx)) / temps.unsqueeze(1)
+        h, tokens = _row_hash(lo, hi, step), self._vocab_hash(vocab, scores.device)
+        parts = []
+        if a:
+            parts.append(_nucleus(scores[:a], k_t[:a], top_p[:a], h[:a], tokens))
+        if b > a:
+            parts.append(_top_k(scores[a:b], k_t[a:b], h[a:b], tokens, max(k[a:b])))
+        if n > b:
+            parts.append((scores[b:] + _noise(h[b:], tokens)).argmax(dim=-1))
+        picked = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if aligned:
+            return picked
+        place = packed[7 * n:].long()
+        return torch.where(place >= 0, picked.gather(0, place.clamp(min=0)), logits.argmax(dim=-1))
+
+    def _vocab_hash(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """[1, vocab] every token id's own hash (the same each step: kept per vocabulary size)."""
+        cached = self._tokens.get(vocab)
+        if cached is None:
+            cached = self._tokens[vocab] = _token_hash(torch.arange(vocab, dtype=torch.int64, device=device)
+                                                       ).unsqueeze(0)
+        return cached
+
+
+def _nucleus(scores: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, h: torch.Tensor,
+             tokens: torch.Tensor) -> torch.Tensor:
+    """Rows with a top_p: the cumulative mass needs every kept token in order, so one sort.
+    `tokens`: every token id's own hash, [1, V]."""
+    vocab = scores.shape[1]
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    drop = torch.arange(vocab, device=scores.device).unsqueeze(0) >= k.unsqueeze(1)
+    probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
+    # Drop a token once the mass before it already reaches top_p (the first always stays).
+    drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+    perturbed = sorted_scores.masked_fill(drop, float("-inf")) + _noise(h, tokens.take(order))
+    return order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+def _top_k(scores: torch.Tensor, k: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor, widest: int) -> torch.Tensor:
+    """Rows with a top_k alone: `topk` of the widest k asked for (a sort's first columns, no sort),
+    the noise hashed for those candidates only."""
+    top, order = scores.topk(widest, dim=-1)
+    drop = torch.arange(widest, device=scores.device).unsqueeze(0) >= k.unsqueeze(1)
+    perturbed = top.masked_fill(drop, float("-inf")) + _noise(h, tokens.take(order))
+    return order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]) -> torch.Tensor:
-    """`logits` [B, V] float32 -> [B] token ids. `steps[i]`: tokens row i has generated so far."""
-    chosen = logits.argmax(dim=-1)
-    drawn = [i for i, p in enumerate(params) if not p.greedy]
-    if not drawn:
-        return chosen
-    device = logits.device
-    idx = torch.tensor(drawn, device=device)
-    temps = torch.tensor([max(params[i].temperature, MIN_TEMPERATURE) for i in drawn], device=device)
-    scores = logits.index_select(0, idx) / temps.unsqueeze(1)
-    vocab = scores.shape[1]
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=device).unsqueeze(0)
-    top_k = torch.tensor([params[i].top_k or vocab for i in drawn], device=device).clamp(max=vocab)
-    drop = rank >= top_k.unsqueeze(1)
-    top_p = torch.tensor([params[i].top_p for i in drawn], device=device)
-    if bool((top_p < 1.0).any()):
-        probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
-        # Drop a token once the mass before it already reaches top_p (the first always stays).
-        drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
-    noise = gumbel([params[i].seed or 0 for i in drawn], [steps[i] for i in drawn], vocab, device)
-    perturbed = sorted_scores.masked_fill(drop, float("-inf")) + noise.gather(1, order)
-    chosen[idx] = order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
-    return chosen
+    """`logits` [B, V] float32 -> [B] token ids. `steps[i]`: tokens row i has generated so far.
+    (A Sampler of its own: the engine keeps one, whose buffers persist.)"""
+    return Sampler(logits.device, len(params))(logits, params, steps)
 
 
 def gumbel(seeds: Sequence[int], steps: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
@@ -53,10 +133,24 @@ def gumbel(seeds: Sequence[int], steps: Sequence[int], vocab: int, device: torch
     lo = torch.tensor([s & _MASK32 for s in seeds], dtype=torch.int64, device=device)
     hi = torch.tensor([(s >> 32) & _MASK32 for s in seeds], dtype=torch.int64, device=device)
     step = torch.tensor(list(steps), dtype=torch.int64, device=device)
-    h = _hash32(lo ^ _hash32(hi ^ 0x5BD1E995))
-    h = _hash32(h ^ _hash32(step + 0x27D4EB2F)).unsqueeze(1)
     tokens = torch.arange(vocab, dtype=torch.int64, device=device).unsqueeze(0)
-    bits = _hash32(h ^ _hash32(tokens + 0x165667B1))
+    return _noise(_row_hash(lo, hi, step), _token_hash(tokens))
+
+
+def _row_hash(lo: torch.Tensor, hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """[n] each row's hash of (seed, step): lo and hi are the seed's 32-bit halves."""
+    h = _hash32(lo ^ _hash32(hi ^ 0x5BD1E995))
+    return _hash32(h ^ _hash32(step + 0x27D4EB2F))
+
+
+def _token_hash(tokens: torch.Tensor) -> torch.Tensor:
+    """A token id's own hash, the noise's third input (any shape)."""
+    return _hash32(tokens + 0x165667B1)
+
+
+def _noise(h: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [n, m] of rows with hash `h` [n] at tokens whose own hash is `token_hash`."""
+    bits = _hash32(h.unsqueeze(1) ^ token_hash)
     u = (bits.to(torch.float64) + 0.5) / 4294967296.0  # in (0, 1), never 0 or 1
     return (-torch.log(-torch.log(u))).to(torch.float32)
 

@@ -3,7 +3,8 @@
 The engine keeps no batch: every step receives its rows, whole, from the scheduler, whose row
 list is the only truth about what runs. A step either returns one result per row or raises,
 having changed nothing another row depends on (it writes only into its own rows' KV slots, at
-positions their lengths do not cover yet), so the scheduler may retry any subset of the rows.
+positions their lengths do not cover yet, in the KV blocks its rows' tables list), so the
+scheduler may retry any subset of the rows.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from scheduler.types import AdapterRef, SamplingParams
 
 @dataclass(frozen=True, eq=False)
 class Row:
-    """One sequence in one step. Prefill feeds `prompt_ids`; decode feeds `generated[-1]`."""
+    """One sequence in one step. Prefill feeds `context[cached:]`; decode feeds `generated[-1]`."""
 
     seq_id: int
     adapter: AdapterRef
-    kv_slot: int
+    blocks: tuple[int, ...]
+    """The row's KV block table: position p sits in blocks[p // block_size] (scheduler.blocks)."""
     prompt_ids: tuple[int, ...]
     generated: Sequence[int]
     """Tokens produced so far (the scheduler's own list: read, never changed, by the engine)."""
@@ -30,10 +32,26 @@ class Row:
     """Sampled rows always carry a seed (the scheduler draws one when the caller gave none)."""
     detok: tuple[int, int] = (0, 0)
     """Incremental detokenisation offsets into `generated`: (context start, text returned up to)."""
+    cached: int = 0
+    """Prefill: leading context positions whose keys the blocks already hold (a shared prefix, or
+    earlier chunks): not computed again."""
+    upto: int = 0
+    """Prefill: the end of the context chunk this step computes (0: the whole context). A step
+    that stops short of the context's end still returns a token, which the scheduler ignores."""
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        """What a prefill computes: the prompt, and the tokens generated before a preemption."""
+        return (*self.prompt_ids, *self.generated)
+
+    @property
+    def fed(self) -> tuple[int, ...]:
+        """What this prefill step computes."""
+        return self.context[self.cached:self.upto or None]
 
     @property
     def length(self) -> int:
-        """Tokens already in this row's KV slot."""
+        """Decode: tokens already in this row's KV blocks."""
         return len(self.prompt_ids) + len(self.generated) - 1 if self.generated else 0
 
 
@@ -57,11 +75,18 @@ class Engine(TierEngine, Protocol):
     def eos_token_ids(self) -> frozenset[int]: ...
 
     @property
-    def kv_slots(self) -> int:
-        """Sequences the KV pool holds at once (slots 0 .. kv_slots-1)."""
+    def kv_blocks(self) -> int:
+        """Blocks in the KV pool (0 .. kv_blocks-1)."""
+
+    @property
+    def kv_block_size(self) -> int:
+        """Token positions per block."""
+
+    async def scrub(self, blocks: Sequence[int]) -> None:
+        """Zero `blocks` (a failed sequence held them) before they are handed out again."""
 
     async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
-        """Fill each row's KV slot with its prompt; returns each row's first token."""
+        """Fill each row's KV blocks with its context; returns each row's next token."""
 
     async def decode(self, rows: Sequence[Row]) -> list[StepResult]:
         """One token per row."""

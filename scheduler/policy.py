@@ -21,6 +21,9 @@ class BatchLimits:
     grouped: one adapter per batch, the oldest request choosing it."""
     join_delay_s: float = 0.02
     """While rows decode, newcomers may wait this long to join together (see should_join)."""
+    max_num_batched_tokens: int = 1024
+    """Tokens one step computes at most: a decoding row counts one, and prefills take chunks of
+    what is left (long prompts run over several steps, between decode steps)."""
 
 
 def select_batch(waiting: Sequence[GenerationRequest], limits: BatchLimits,

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Callable
 from scheduler.engine import Engine, Row, StepResult
 from scheduler.cache import Budgets, NoRoom, Tier
 from scheduler.errors import DeadlineTooShort, GenerationFailed, LoraServeError, OutOfMemory, QueueFull, ShuttingDown
-from scheduler.kvslots import KVSlots
+from scheduler.blocks import BlockManager, BlockTable
 from scheduler.observer import NullObserver, Observer
 from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
@@ -47,6 +47,8 @@ class SchedulerStats:
     """Steps that ran out of memory and were retried as two halves."""
     failed_splits: int = 0
     """Steps that failed otherwise and were retried as two halves, to find whose data failed them."""
+    preemptions: int = 0
+    """Running sequences sent back to wait (their KV blocks freed) so that others could grow."""
 
 
 @dataclass(eq=False)
@@ -59,21 +61,44 @@ class _Seq:
     timeline: Timeline = field(default_factory=Timeline)
     cost: Cost = field(default_factory=Cost)
     load_source: Tier = Tier.VRAM
-    kv_slot: int = -1
+    table: BlockTable | None = None
+    """Its KV blocks while it runs (None while it waits)."""
     generated: list[int] = field(default_factory=list)
     detok: tuple[int, int] = (0, 0)
     text: str = ""
     emitted: int = 0
     done: bool = False
     cancelled: bool = False
+    completed: bool = False
+    dispatched: bool = False
+    """Admitted once already (a preempted sequence resumes with its first admission's figures)."""
+    suspect: bool = False
+    """A step that raised or failed held it: its blocks may hold non-finite values."""
+    cached_tokens: int = 0
+    target: int = 0
+    """While it prefills: the context positions its prefill fills (0 once it decodes)."""
+    prefilled: int = 0
+    """Context positions whose keys its blocks hold (shared prefix included)."""
+    upto: int = 0
+    """The end of the context chunk its current prefill step computes."""
 
     @property
     def output_tokens(self) -> int:
         return len(self.generated)
 
+    @property
+    def context(self) -> tuple[int, ...]:
+        """What a prefill computes now: the prompt, and what it generated before a preemption."""
+        return (*self.req.prompt_ids, *self.generated)
+
+    @property
+    def length(self) -> int:
+        """Positions a decode step has filled after its next write (Row.length + 1)."""
+        return len(self.req.prompt_ids) + len(self.generated)
+
     def row(self) -> Row:
-        return Row(self.seq_id, self.req.adapter, self.kv_slot, self.req.prompt_ids, self.generated,
-                   self.req.sampling, self.detok)
+        return Row(self.seq_id, self.req.adapter, tuple(self.table.blocks), self.req.prompt_ids, self.generated,
+                   self.req.sampling, self.detok, self.prefilled, self.upto if self.target else 0)
 
     def emit(self, text: str, upto: int) -> None:
         if upto > self.emitted:
@@ -99,10 +124,10 @@ def _adapter_of(seqs: list[_Seq]) -> AdapterRef:
 
 def _charge(seqs: list[_Seq], prefill: bool, ms: float) -> None:
     """Share one engine step's duration among the rows it served (the only place cost is
-    counted). A prefill's work grows with the prompt tokens it reads, so it is shared by them;
-    a decode step makes one token per row, so equally. A step that raised is charged to no one:
-    its rows are charged for the retries that served them."""
-    weights = [max(len(s.req.prompt_ids), 1) if prefill else 1 for s in seqs]
+    counted). A prefill's work grows with the tokens it computes (a chunk's), so it is shared by
+    them; a decode step makes one token per row, so equally. A step that raised is charged to no
+    one: its rows are charged for the retries that served them."""
+    weights = [max(s.upto - s.prefilled, 1) if prefill else 1 for s in seqs]
     for s, weight in zip(seqs, weights):
         share = ms * weight / sum(weights)
         if prefill:
@@ -119,6 +144,11 @@ def _alone(exc: Exception) -> LoraServeError:
         return exc
     log.error("a step failed for one request alone", exc_info=exc)
     return GenerationFailed(f"generation failed: {type(exc).__name__}", error_type=type(exc).__name__)
+
+
+def _prefix_key(adapter: AdapterRef) -> str:
+    """Keys computed under one adapter version's weights are shared only with the same weights."""
+    return f"{adapter.key}#{adapter.sha256}"
 
 
 def _to_base(req: GenerationRequest, exc: LoraServeError) -> GenerationRequest:
@@ -161,7 +191,10 @@ class Scheduler:
     def __init__(self, engine: Engine, limits: BatchLimits = BatchLimits(), *, max_queue: int = 1024,
                  batch_wait_s: float = 0.002, budgets: Budgets = Budgets(2 << 30, 1 << 30), max_loads: int = 2,
                  failed_load_backoff_s: float = 30.0, observer: Observer = NullObserver(),
-                 clock: Callable[[], float] = time.perf_counter, origin: Origin | None = None):
+                 clock: Callable[[], float] = time.perf_counter, origin: Origin | None = None,
+                 prefix_caching: bool = True, reserve_kv: bool = False):
+        """`reserve_kv`: admit a request only with blocks for its prompt and max_new_tokens, so it is
+        never preempted (scheduler/blocks.py); deterministic engines need it, and no prefix sharing."""
         self._engine = engine
         self._observer = observer
         self._limits = limits
@@ -171,7 +204,8 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._waiting: list[_Seq] = []
         self._running: list[_Seq] = []
-        self._kv = KVSlots(engine.kv_slots)
+        self._kv = BlockManager(engine.kv_blocks, engine.kv_block_size, prefix_caching and not reserve_kv,
+                                reserve=reserve_kv)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -190,9 +224,14 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     @property
-    def kv_slots(self) -> KVSlots:
-        """The KV pool's slots (read-only use: total and free)."""
+    def kv_blocks(self) -> BlockManager:
+        """The KV pool's blocks (read-only use: total, used, cached, prefix hits)."""
         return self._kv
+
+    @property
+    def kv_tokens_held(self) -> int:
+        """Tokens the running sequences' blocks hold."""
+        return sum(s.prefilled if s.target else s.length - 1 for s in self._running if s.table is not None)
 
     @property
     def queue_depth(self) -> int:
@@ -220,7 +259,7 @@ class Scheduler:
         """How long a request submitted now should wait for a batch row: none while rows are
         free; otherwise rows free up at about max_batch_size per average service time, and it
         needs the one after every request already waiting."""
-        rows = min(self._limits.max_batch_size, self._kv.total)  # a smaller KV pool binds first
+        rows = self._limits.max_batch_size
         ahead = len(self._waiting) + len(self._live()) - rows
         if ahead < 0 or self._service_s is None:
             return 0.0
@@ -279,12 +318,16 @@ class Scheduler:
                     # From idle, let requests that arrive together start together.
                     await asyncio.sleep(self._batch_wait_s)
             self._start_fetches()
-            joined = await self._admit()
-            if self._live():
+            await self._scrub()
+            progressed = await self._admit()
+            if any(s.target for s in self._live()):
+                await self._prefill_chunks()
+                progressed = True
+            if self._decoding():
                 await self._step()
-            elif self._running:
+            elif self._running and not self._live():
                 await self._end_batch()
-            elif not joined:
+            elif not progressed and not self._kv.dirty():
                 # Everything waiting needs an adapter still loading (or room for it).
                 self._wake.clear()
                 await self._wake.wait()
@@ -317,23 +360,53 @@ class Scheduler:
         if not self._waiting and not self._running:
             self._idle.set()
 
+    async def _scrub(self) -> None:
+        """Blocks failed sequences held are zeroed before anyone is given them (scheduler/blocks.py)."""
+        dirty = self._kv.dirty()
+        if not dirty:
+            return
+        try:
+            await self._engine.scrub(dirty)
+        except Exception:  # they stay out of the free list; the next round tries again
+            log.exception("zeroing %d KV blocks failed", len(dirty))
+            return
+        self._kv.scrubbed(dirty)
+
+    def _take_blocks(self, picked: list[_Seq]) -> list[_Seq]:
+        """KV blocks for the picked requests, in order, up to the first that does not fit (it and
+        those after it wait: a big request is not overtaken forever by small ones)."""
+        admitted = []
+        for seq in picked:
+            seq.table = self._kv.admit(_prefix_key(seq.req.adapter), seq.context, seq.req.token_budget,
+                                       count=not seq.dispatched)
+            if seq.table is None:
+                break
+            if not seq.dispatched:  # a resumed sequence's hits are its own re-published blocks
+                seq.cached_tokens = min(seq.table.cached_tokens, len(seq.req.prompt_ids))
+            seq.target, seq.prefilled = len(seq.context), seq.table.cached_tokens
+            admitted.append(seq)
+        return admitted
+
     async def _admit(self) -> bool:
         """Let ready waiting requests join the batch; returns whether any did."""
         self._reap()
         live = self._live()
         ready = [s for s in self._waiting if self._ready(s.req.adapter) and s.req.adapter not in self._deferred]
         oldest_wait = self._clock() - ready[0].enqueued_at if ready else 0.0
-        room = min(self._limits.max_batch_size - len(live), self._kv.free)
+        room = self._limits.max_batch_size - len(live)
         if not should_join(len(ready), room, len(live), oldest_wait, self._limits):
             return False
         ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live], self._last_admitted)]
         picked = [ready[i] for i in select_batch([s.req for s in ready], self._limits, [s.req for s in live])][:room]
+        picked = self._take_blocks(picked)
         if not picked:
             return False
         started = self._clock()
+        fresh = [s for s in picked if not s.dispatched]  # a preempted sequence keeps its first admission's figures
         for seq in picked:
             self._waiting.remove(seq)
             self._last_admitted[seq.req.client] = started
+        for seq in fresh:
             seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
             seq.timeline.dispatched = started
         self._running.extend(picked)  # from here their adapters are protected from eviction
@@ -345,23 +418,64 @@ class Scheduler:
         joiners = [s for s in picked if s in usable and not (s.done or s.cancelled)]
         if not joiners:
             return False
+        new = [s for s in joiners if not s.dispatched]
         for seq in joiners:
-            seq.kv_slot = self._kv.take()
-        self.stats.batches += 1
-        self.stats.prefilled_requests += len(joiners)
+            seq.dispatched = True
+        if new:
+            self.stats.batches += 1
+            self.stats.prefilled_requests += len(new)
+        return True
+
+    def _decoding(self) -> list[_Seq]:
+        return [s for s in self._live() if not s.target]
+
+    def _chunks(self) -> list[_Seq]:
+        """Prefilling rows and the chunk each computes this step, oldest first, within what the
+        step's token budget leaves after one token per decoding row; the oldest always gets at
+        least one block's worth, so prefills progress under any decode load."""
+        budget = self._limits.max_num_batched_tokens - len(self._decoding())
+        budget = max(budget, self._kv.block_size)
+        chosen = []
+        for seq in (s for s in self._live() if s.target):
+            n = min(seq.target - seq.prefilled, budget)
+            if n <= 0:
+                break
+            seq.upto = seq.prefilled + n
+            budget -= n
+            chosen.append(seq)
+        return chosen
+
+    async def _prefill_chunks(self) -> None:
+        """One prefill step: every prefilling row computes its next chunk. A row whose chunk ends its
+        context gets its first token (or, resumed after a preemption, its next one) and decodes
+        from the next step; the others go on with their next chunk after the decode step, so a
+        long prompt never stalls the running rows for more than one budgeted step."""
+        rows = self._chunks()
         self._close_epoch()
         t0 = self._clock()
-        results = await self._run_step(True, joiners)
+        results = await self._run_step(True, rows)
         t1 = self._clock()
-        for seq in joiners:
-            seq.timings.prefill_ms = (t1 - t0) * 1e3
-            seq.timeline.first_token = t1
+        for seq in rows:
+            seq.timings.prefill_ms += (t1 - t0) * 1e3
         served = [s for s, _ in results]
         if served:
             self._observer.batch_phase("prefill", t0, t1, _adapter_of(served), [s.req.request_id for s in served], 1)
-        self._apply(results)
+        finished = []
+        for seq, res in results:
+            if res.error is not None or seq.done or seq.cancelled:
+                finished.append((seq, res))
+                continue
+            seq.prefilled = seq.upto
+            if seq.upto < seq.target:
+                continue  # a chunk: its token is not the next one yet
+            # Its full blocks hold good keys now: shareable.
+            self._kv.publish(seq.table, _prefix_key(seq.req.adapter), seq.context[:seq.target])
+            seq.target = 0
+            if not seq.generated:
+                seq.timeline.first_token = t1
+            finished.append((seq, res))
+        self._apply(finished)
         self._reap()
-        return True
 
     async def _run_step(self, prefill: bool, seqs: list[_Seq]) -> list[tuple[_Seq, StepResult]]:
         """One step over `seqs`. The engine keeps no batch and a failed step leaves no trace, so
@@ -378,6 +492,8 @@ class Scheduler:
             _charge(seqs, prefill, (self._clock() - t0) * 1e3)
             return list(zip(seqs, results, strict=True))
         except Exception as exc:
+            for seq in seqs:  # what the failed step wrote into their blocks may not be finite
+                seq.suspect = True
             if len(seqs) == 1:
                 self._fail(seqs, _alone(exc))
                 return []
@@ -412,26 +528,56 @@ class Scheduler:
         fetched = cold[2] if cold is not None else moved.fetched
         source = Tier.REMOTE if fetched is not None else found_in
         entry = self.tiers.cache.entries.get(adapter)
-        for seq in group:
+        fresh = [s for s in group if not s.dispatched]
+        for seq in fresh:
             seq.load_source = source
             seq.timings.load_ms = moved.ms + (cold[1] if cold else 0.0)
-            seq.cost.adapter_load_ms = seq.timings.load_ms / len(group)  # one load, made for all of them
+            seq.cost.adapter_load_ms = seq.timings.load_ms / len(fresh)  # one load, made for all of them
             t = seq.timeline
             t.load_started, t.load_ended = (cold[0] if cold else started), loaded
             t.load_shared = cold is not None and cold[0] < t.enqueued
             t.load_bytes = entry.bytes if entry else 0
             t.fetch_bytes, t.fetch_ms = (fetched.bytes, fetched.ms) if fetched is not None else (0, 0.0)
             self.tiers.record_use(adapter, found_in)
-        self._observer.adapter_ready(adapter, source, group[0].timings.load_ms)
+        if fresh:
+            self._observer.adapter_ready(adapter, source, fresh[0].timings.load_ms)
         return True
 
     def _requeue(self, group: list[_Seq]) -> None:
         for seq in group:
             self._running.remove(seq)
+            self._kv.release(seq.table)
+            seq.table = None
         self._waiting[:0] = group
 
+    def _make_room(self) -> None:
+        """Every live row gets the block its next position needs; when none is free, the most
+        recently admitted row is preempted (blocks freed, back to the queue's front, prefilled
+        again later with what it generated), as vLLM does, until the older rows fit."""
+        live = self._live()
+        for seq in list(live):
+            if seq not in live:
+                continue
+            while not self._kv.grow(seq.table, seq.length):
+                victim = live.pop()
+                self._preempt(victim)
+                if victim is seq:
+                    break
+
+    def _preempt(self, seq: _Seq) -> None:
+        self._running.remove(seq)
+        self._kv.release(seq.table)
+        seq.table = None
+        self._waiting.insert(0, seq)
+        self.stats.preemptions += 1
+        log.info("request %s preempted after %d tokens: the KV pool is full; it resumes when blocks free up",
+                 seq.req.request_id, len(seq.generated))
+
     async def _step(self) -> None:
-        live = sorted(self._live(), key=lambda s: s.kv_slot)  # consecutive slots are read without a gather
+        self._make_room()
+        live = self._decoding()
+        if not live:
+            return
         ids = [s.seq_id for s in live]
         if self._epoch is None or self._epoch[2] != ids:
             self._close_epoch()
@@ -452,9 +598,9 @@ class Scheduler:
         if not gone:
             return
         for seq in gone:
-            if seq.kv_slot >= 0:
-                self._kv.give_back(seq.kv_slot)
-                seq.kv_slot = -1
+            if seq.table is not None:  # a failed row, or one a failed step held, may have left non-finite keys
+                self._kv.release(seq.table, clean=not seq.suspect)
+                seq.table = None
         self._running = [s for s in self._running if not (s.done or s.cancelled)]
         self._deferred.clear()  # rows left: room may have been freed
 
@@ -478,7 +624,7 @@ class Scheduler:
         """Requests that allow it move to the base model (and say so); the rest fail with `exc`."""
         failing = []
         for seq in seqs:
-            if seq.req.fallback_to_base:
+            if seq.req.fallback_to_base and not seq.generated:  # a stream never changes model half-way
                 seq.req = _to_base(seq.req, exc)
             else:
                 failing.append(seq)
@@ -489,7 +635,7 @@ class Scheduler:
     def _fail(self, batch: list[_Seq], exc: LoraServeError) -> None:
         for seq in batch:
             if not (seq.done or seq.cancelled):
-                seq.done = True
+                seq.done = seq.suspect = True
                 self.stats.failed += 1
                 seq.events.put_nowait(exc)
 
@@ -520,7 +666,7 @@ class Scheduler:
 
     def _finish(self, seq: _Seq, text: str, reason: FinishReason) -> None:
         seq.emit(text, len(text))
-        seq.done = True
+        seq.done = seq.completed = True
         seq.timeline.finished = self._clock()
         self.stats.completed += 1
         took = seq.timeline.finished - seq.timeline.dispatched
@@ -530,5 +676,5 @@ class Scheduler:
             input_tokens=len(seq.req.prompt_ids), output_tokens=seq.output_tokens,
             adapter=seq.req.adapter, load_source=seq.load_source, timings=seq.timings,
             fallback_reason=seq.req.fallback_reason, fallback_from=seq.req.requested, timeline=seq.timeline,
-            cost=seq.cost,
+            cost=seq.cost, cached_tokens=seq.cached_tokens,
         ))

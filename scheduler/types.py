@@ -153,3 +153,5 @@ class Completion:
     fallback_from: str = ""
     timeline: Timeline = field(default_factory=Timeline)
     cost: Cost = field(default_factory=Cost)
+    cached_tokens: int = 0
+    """Prompt tokens whose keys came from shared prefix blocks instead of being computed."""

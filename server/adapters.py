@@ -49,6 +49,8 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.module_names: frozenset[str] = frozenset()
         """Leaf module names of the served model (set once it is loaded)."""
+        self.lora_modules: frozenset[str] | None = None
+        """Leaf names of the linear layers the engine applies LoRA to (set once it is loaded)."""
         self._stamp = -1
         self._snapshot = Snapshot(())
 
@@ -129,6 +131,11 @@ class AdapterRegistry:
         missing = [t for t in p.target_modules if self.module_names and t not in self.module_names]
         if missing:
             return AdapterIncompatible(adapter_id, f"target modules {missing} do not exist in the base model")
+        unapplied = [t for t in p.target_modules if self.lora_modules is not None and t not in self.lora_modules]
+        if unapplied:
+            names = ", ".join(unapplied)
+            return AdapterIncompatible(adapter_id, f"it adapts {names}, which this server does not apply LoRA to: "
+                                       f"restart it with --lora-target-modules including {names}")
         if not p.weights_sha256:
             return AdapterIncompatible(adapter_id, "its passport records no weights_sha256")
         try:

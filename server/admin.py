@@ -97,10 +97,15 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
     async def GetCacheStats(self, request, context):
         sched = self._sched()
         tiers = sched.tiers
+        kv = sched.kv_blocks  # kv_slots and kv_slots_in_use are deprecated: left 0
         out = pb.GetCacheStatsResponse(loads_in_flight=tiers.loads.running, peak_loads_in_flight=tiers.loads.peak,
-                                       max_context_tokens=self._max_context, kv_slots=sched.kv_slots.total,
-                                       kv_slots_in_use=sched.kv_slots.total - sched.kv_slots.free,
-                                       kv_pool_bytes=self._kv_pool_bytes)
+                                       max_context_tokens=self._max_context, kv_pool_bytes=self._kv_pool_bytes,
+                                       kv_block_size=kv.block_size, kv_blocks_total=kv.total, kv_blocks_used=kv.used,
+                                       kv_blocks_cached=kv.cached, kv_tokens_held=sched.kv_tokens_held,
+                                       kv_pool_tokens=kv.total * kv.block_size,
+                                       prefix_cache_queried_tokens=kv.prefix.queried_tokens,
+                                       prefix_cache_hit_tokens=kv.prefix.hit_tokens,
+                                       preemptions=sched.stats.preemptions)
         states = tiers.tier_states()
         for tier in (Tier.VRAM, Tier.RAM):
             st = states[tier]

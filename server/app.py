@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import grpc
@@ -46,8 +47,11 @@ _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Heal
 def engine_config(cfg: ServerConfig) -> EngineConfig:
     """The engine's part of the server's configuration."""
     return EngineConfig(cfg.model_path, cfg.quantization, cfg.device, cfg.dtype, cfg.max_concurrent_loads,
-                        max_rows=cfg.max_batch_size, kv_cache_mib=cfg.kv_cache_mib, max_model_len=cfg.max_model_len,
+                        max_rows=cfg.max_batch_size, kv_cache_mib=cfg.kv_cache_mib, kv_block_size=cfg.kv_block_size,
+                        gpu_memory_fraction=cfg.gpu_memory_fraction, attention=cfg.attention,
+                        max_model_len=cfg.max_model_len,
                         max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,
+                        lora_target_modules=cfg.lora_target_modules,
                         vram_budget_bytes=cfg.budgets_bytes[1], prefill_chunk_tokens=cfg.prefill_chunk_tokens,
                         decode_graphs="off" if cfg.no_cuda_graphs else "auto", deterministic=cfg.deterministic)
 
@@ -109,14 +113,22 @@ class LoraServer:
             await asyncio.to_thread(self._recover_store)
         self.registry.base = await asyncio.to_thread(base_identity, cfg.model_path)
         self.telemetry.model_name = self.registry.base.model_id
+        if not self.engine.cfg.lora_target_modules:
+            self.engine.cfg = dataclasses.replace(self.engine.cfg, lora_target_modules=self.served_targets())
         await self.engine.start()
         self.registry.module_names = self.engine.module_names()
+        self.registry.lora_modules = self.engine.lora_modules()
+        stray = sorted(set(cfg.lora_target_modules) - self.registry.lora_modules)
+        if stray:
+            raise ValueError(f"--lora-target-modules names {', '.join(stray)}, which LoRA cannot apply to in this "
+                             f"model: its linear layers are {', '.join(sorted(self.engine.linear_modules()))}")
         self.scheduler = Scheduler(
             self.engine, BatchLimits(cfg.max_batch_size, cfg.max_batch_tokens, cfg.batch_policy,
-                                     cfg.join_delay_ms / 1e3),
+                                     cfg.join_delay_ms / 1e3, cfg.max_num_batched_tokens),
             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1e3, budgets=Budgets(cfg.budgets_bytes[0], self.engine.lora_budget_bytes),
             max_loads=cfg.max_concurrent_loads, failed_load_backoff_s=cfg.failed_load_backoff_s,
-            observer=self.telemetry, origin=self.origin)
+            observer=self.telemetry, origin=self.origin, prefix_caching=not cfg.no_prefix_caching,
+            reserve_kv=cfg.deterministic)
         self.metrics.watch(self.scheduler, EngineMemory(self.engine.weights_bytes(), self.engine.kv_bytes,
                                                         self.engine.stack_bytes))
         if cfg.metrics_port >= 0:
@@ -141,6 +153,14 @@ class LoraServer:
         self.admin.ready(self.scheduler, max_context, self.engine.kv_bytes())
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model_path)
+
+    def served_targets(self) -> tuple[str, ...]:
+        """The modules LoRA is applied to when --lora-target-modules is not given: the union of the
+        target modules of every version the registry could serve now (staging or active, trained
+        for this base model). Empty (every linear layer) when there is none."""
+        snap, revision = self.registry.snapshot(), self.registry.base.revision
+        return tuple(sorted({t for p in snap.passports if p.status in ("staging", "active")
+                             and p.base_model_revision == revision for t in p.target_modules}))
 
     async def _open_origin(self) -> None:
         """The disk cache and the first read of the bucket's index (the server does not start

@@ -20,10 +20,12 @@ from server.auth import Authenticator
 from registry.origin import S3Location, is_remote
 
 QUANTIZATIONS = ("none", "nf4", "int8")
+KERNELS = ("auto", "flex", "reference")  # runner.kvpool.KERNELS, without importing torch here
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WARM_AT = re.compile(r"(?P<hour>[01][0-9]|2[0-3]):(?P<minute>[0-5][0-9])=(?P<adapter>.+)")
 METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 """A gRPC metadata key that carries text (keys ending in -bin carry bytes)."""
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 RESERVED_KEYS = frozenset({"authorization", ROUTING_HEADER, "user-agent", "content-type", "te", "traceparent"})
 ENV_PREFIX = "LORASERVE_"
 
@@ -50,7 +52,19 @@ class ServerConfig:
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16.")
     max_batch_size: int = _f(16, "Most sequences decoded together in one batch.")
     max_batch_tokens: int = _f(8192, "Most prompt+max_new_tokens summed over one batch.")
-    kv_cache_mib: int = _f(0, "KV pool budget, MiB; 0 = room for max_batch_size sequences of max_model_len tokens.")
+    max_num_batched_tokens: int = _f(1024, "Most tokens one step computes: each decoding row counts one, prefills "
+                                           "take chunks of the rest (a long prompt runs over several steps, "
+                                           "between decode steps, so running streams keep their pace).")
+    kv_cache_mib: float = _f(0.0, "KV pool budget, MiB; 0 = on cuda gpu_memory_fraction of the device less weights, "
+                                  "adapter slots and a workspace estimate, elsewhere 512 MiB; a default budget is "
+                                  "capped at what max_batch_size sequences of max_model_len tokens can use.")
+    kv_block_size: int = _f(16, "Token positions per KV cache block (the unit sequences take as they grow).")
+    gpu_memory_fraction: float = _f(0.90, "cuda: the share of device memory the process may fill when kv_cache_mib "
+                                          "is 0.")
+    attention: str = _f("auto", "Decode attention: auto (flex on cuda, reference elsewhere), flex (FlexAttention "
+                                "over the block tables) or reference (a gather of each row's positions, and SDPA).")
+    no_prefix_caching: bool = _f(False, "Do not share the KV blocks of identical prompt prefixes between requests for "
+                                        "the same adapter version (off anyway with deterministic).")
     max_model_len: int = _f(0, "Most tokens (prompt + generated) per sequence; 0 = the model's position limit.")
     batch_policy: str = _f("mixed", "mixed: any adapters share a batch; grouped: one adapter per batch.")
     join_delay_ms: float = _f(20.0, "How long newcomers may wait to join a running batch together.")
@@ -73,6 +87,11 @@ class ServerConfig:
                                     "seed 0 for sampled requests that give none). Costs throughput.")
     max_lora_rank: int = _f(64, "Largest adapter rank accepted (every adapter slot has room for it).")
     max_loras: int = _f(64, "Adapters attached at once: slots reserved at start-up, capped by vram_budget_mib.")
+    lora_target_modules: tuple[str, ...] = _f((), "Leaf names of the linear layers LoRA is applied to "
+                                                  "(comma-separated, e.g. q_proj,v_proj): only they get slot stacks, "
+                                                  "and an adapter adapting any other is refused. Empty: the union of "
+                                                  "what the store's servable versions adapt at start-up (every linear "
+                                                  "layer when it has none).")
     auth_tokens_file: Path | None = _f(None, "JSON file of bearer tokens -> clients; unset turns authentication off.")
     max_prompt_tokens: int = _f(1024, "Longest accepted prompt, in tokens.")
     max_new_tokens_limit: int = _f(512, "Largest accepted max_new_tokens.")
@@ -109,7 +128,7 @@ class ServerConfig:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
-        for name in ("max_loras", "max_batch_size", "max_batch_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",
+        for name in ("max_loras", "max_batch_size", "max_batch_tokens", "max_num_batched_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",
                      "max_new_tokens_limit", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -122,6 +141,12 @@ class ServerConfig:
                             "be negative")
         if min(self.kv_cache_mib, self.max_model_len, self.prefill_chunk_tokens) < 0:
             problems.append("kv_cache_mib, max_model_len and prefill_chunk_tokens must not be negative")
+        if self.kv_block_size < 1:
+            problems.append("kv_block_size must be at least 1")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            problems.append("gpu_memory_fraction must be in (0, 1]")
+        if self.attention not in KERNELS:
+            problems.append(f"attention must be one of {', '.join(KERNELS)}, not {self.attention!r}")
         if min(self.ram_budget_mib, self.vram_budget_mib, self.idle_ttl_s) < 0:
             problems.append("ram_budget_mib, vram_budget_mib and idle_ttl_s must not be negative")
         if min(self.disk_cache_mib, self.origin_timeout_s, self.index_poll_s) <= 0 or self.origin_retries < 0:
@@ -160,6 +185,10 @@ class ServerConfig:
                             "its client)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device {self.device!r} is not auto, cpu, cuda or cuda:N")
+        bad = [m for m in self.lora_target_modules if not MODULE_NAME.fullmatch(m) or m == "lm_head"]
+        if bad:
+            problems.append(f"lora_target_modules takes leaf names of linear layers other than lm_head "
+                            f"(q_proj, v_proj, ...), not {bad[0]!r}")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
 

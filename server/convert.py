@@ -104,7 +104,7 @@ def _summary(c: Completion) -> dict:
         finish_reason=_FINISH[c.finish_reason],
         usage=pb.Usage(input_tokens=c.input_tokens, output_tokens=c.output_tokens,
                        prefill_device_ms=cost.prefill_device_ms, decode_device_ms=cost.decode_device_ms,
-                       adapter_load_ms=cost.adapter_load_ms),
+                       adapter_load_ms=cost.adapter_load_ms, cached_input_tokens=c.cached_tokens),
         adapter=pb.AdapterInfo(id=c.adapter.id, version=c.adapter.version, load_source=_SOURCE[c.load_source],
                                fallback_from=c.fallback_from, fallback_reason=c.fallback_reason),
         timings=pb.Timings(queue_ms=t.queue_ms, load_ms=t.load_ms, prefill_ms=t.prefill_ms, decode_ms=t.decode_ms),

@@ -146,11 +146,24 @@ class _SchedulerCollector(Collector):
         yield GaugeMetricFamily("loraserve_queue_limit", "Most requests waiting (--max-queue)",
                                 value=sched.queue_limit)
         yield GaugeMetricFamily("loraserve_running_requests", "Requests in the running batch", value=sched.running)
-        slots, in_use = sched.kv_slots.total, sched.kv_slots.total - sched.kv_slots.free
-        yield GaugeMetricFamily("loraserve_kv_slots", "Sequences the KV pool holds at once", value=slots)
-        yield GaugeMetricFamily("loraserve_kv_slots_in_use", "KV pool slots held by running requests", value=in_use)
+        kv = sched.kv_blocks
+        total, used = kv.total, kv.used
+        yield GaugeMetricFamily("loraserve_kv_blocks", "Blocks in the KV pool (--kv-block-size token positions "
+                                "each)", value=total)
+        yield GaugeMetricFamily("loraserve_kv_blocks_used", "KV pool blocks held by running requests",
+                                value=used)
+        yield GaugeMetricFamily("loraserve_kv_blocks_cached", "Free KV pool blocks still holding a shareable "
+                                "prompt prefix", value=kv.cached)
+        yield GaugeMetricFamily("loraserve_kv_tokens_held", "Tokens (prompt plus generated) the running requests "
+                                "hold in the KV pool", value=sched.kv_tokens_held)
+        yield CounterMetricFamily("loraserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the "
+                                  "prefix cache at admission", value=kv.prefix.queried_tokens)
+        yield CounterMetricFamily("loraserve_prefix_cache_hit_tokens", "Prompt tokens whose keys were taken "
+                                  "from shared prefix blocks instead of computed", value=kv.prefix.hit_tokens)
+        yield CounterMetricFamily("loraserve_preemptions", "Running requests sent back to the queue (their KV "
+                                  "blocks freed) so that others could grow", value=sched.stats.preemptions)
         if self._memory is not None:
-            yield from _memory(self._memory, states[Tier.RAM].bytes_used, in_use / slots if slots else 0.0)
+            yield from _memory(self._memory, states[Tier.RAM].bytes_used, used / total if total else 0.0)
 
 
 def _memory(memory: EngineMemory, ram_tier: int, kv_used: float) -> Iterator:
@@ -164,7 +177,7 @@ def _memory(memory: EngineMemory, ram_tier: int, kv_used: float) -> Iterator:
     parts.add_metric([device, "adapter_slots"], memory.stack_bytes())
     parts.add_metric(["cpu", "adapter_ram"], ram_tier)
     yield parts
-    used = GaugeMetricFamily("loraserve_kv_pool_used_bytes", "KV pool bytes in slots held by running requests",
+    used = GaugeMetricFamily("loraserve_kv_pool_used_bytes", "KV pool bytes in blocks held by running requests",
                              labels=["device"])
     used.add_metric([device], kv * kv_used)
     yield used

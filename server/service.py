@@ -159,7 +159,7 @@ def _log_request(request: pb.GenerateRequest, call: _Call, base_model: str, star
         line.update(adapter=c.adapter.id, version=c.adapter.version, load_source=c.load_source.label,
                     queue_ms=round(t.queue_ms, 2), load_ms=round(t.load_ms, 2),
                     generation_ms=round(t.prefill_ms + t.decode_ms, 2), input_tokens=c.input_tokens,
-                    output_tokens=c.output_tokens, prefill_device_ms=round(cost.prefill_device_ms, 3),
+                    output_tokens=c.output_tokens, cached_input_tokens=c.cached_tokens, prefill_device_ms=round(cost.prefill_device_ms, 3),
                     decode_device_ms=round(cost.decode_device_ms, 3), adapter_load_ms=round(cost.adapter_load_ms, 3))
         if c.fallback_reason:
             line.update(fallback_from=c.fallback_from, fallback_reason=c.fallback_reason)

@@ -122,6 +122,7 @@ class Telemetry:
             "gen_ai.request.top_p": req.sampling.top_p,
             "gen_ai.usage.input_tokens": c.input_tokens,
             "gen_ai.usage.output_tokens": c.output_tokens,
+            "loraserve.usage.cached_input_tokens": c.cached_tokens,
             "gen_ai.response.finish_reasons": [c.finish_reason.value],
             "loraserve.adapter.load_source": c.load_source.label,
         })

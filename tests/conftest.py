@@ -16,6 +16,12 @@ import grpc
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels (runner/lora_kernels.py) run on CPU tensors only under Triton's interpreter,
+    # which must be chosen before triton is first imported (peft imports it, where installed):
+    # tests/test_lora_kernels.py. Nothing else on a CPU runs Triton code.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from runner.demo import DemoSpec, build_demo
 from scheduler.types import BASE, AdapterRef
 

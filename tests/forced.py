@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from runner.engine import TorchEngine
+from scheduler.blocks import BlockManager
 from scheduler.engine import Row
 from scheduler.types import AdapterRef, SamplingParams
 
@@ -46,10 +47,16 @@ def forced_scores(engine: LogitsEngine, requests: list[Forced]) -> list[torch.Te
                 await engine.fetch(r.adapter)
                 await engine.attach(r.adapter)
         engine.scores.clear()
-        rows = [Row(i, r.adapter, i, r.prompt, (), SamplingParams()) for i, r in enumerate(requests)]
+        manager = BlockManager(engine.kv_blocks, engine.kv_block_size, prefix_caching=False)
+        tables = []
+        for r in requests:  # each row's whole length up front: no step waits for a block
+            tables.append(manager.admit("forced", r.prompt))
+            assert tables[-1] is not None and manager.grow(tables[-1], len(r.prompt) + len(r.tokens))
+        rows = [Row(i, r.adapter, tuple(tables[i].blocks), r.prompt, (), SamplingParams())
+                for i, r in enumerate(requests)]
         await engine.prefill(rows)
         for k in range(1, max(len(r.tokens) for r in requests)):
-            live = [Row(i, r.adapter, i, r.prompt, r.tokens[:k], SamplingParams())
+            live = [Row(i, r.adapter, tuple(tables[i].blocks), r.prompt, r.tokens[:k], SamplingParams())
                     for i, r in enumerate(requests) if k < len(r.tokens)]
             await engine.decode(live)
         return [torch.stack(engine.scores[i]) for i in range(len(requests))]

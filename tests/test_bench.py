@@ -73,3 +73,16 @@ def test_gpu_matrix_preset_runs_every_part_and_resumes(tmp_path):
     # A second run finds every part measured and keeps it.
     assert args.func(args) == 0
     assert json.loads(path.read_text())["server"] == report["server"]
+
+
+def test_paged_capacity_counts_what_the_block_manager_holds():
+    """`loraserve bench --kvcap capacity`: the 1b preset's geometry at 2048 positions held 16
+    whole-context slots per GiB; 200-token sequences in 16-token blocks take 13 blocks each."""
+    from tools.bench.kvcap import capacity, paged_sequences
+
+    rows = {(r["model"], r["max_model_len"]): r for r in capacity(max_lens=(2048,))}
+    preset = next(r for (model, _), r in rows.items() if "1b" in model)
+    assert preset["old_sequences"] == 16
+    assert preset["paged_sequences"] == preset["blocks"] // 13 >= 150
+    assert preset["paged_shared_prefix_sequences"] > preset["paged_sequences"]
+    assert paged_sequences(26, 16, 100, 100) == 2 and paged_sequences(25, 16, 100, 100) == 1

@@ -57,3 +57,22 @@ def test_switches_are_flags_and_true_or_false_in_the_environment():
     assert parse([], {"LORASERVE_NO_CUDA_GRAPHS": "0"}).no_cuda_graphs is False
     with pytest.raises(ValueError, match="no_cuda_graphs='maybe'"):
         parse([], {"LORASERVE_NO_CUDA_GRAPHS": "maybe"})
+
+
+def test_every_setting_has_a_row_in_the_readme_configuration_table():
+    import dataclasses
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## Serving your own model")]
+    missing = [f.name for f in dataclasses.fields(ServerConfig)
+               if f"`--{f.name.replace('_', '-')}`" not in table or f"LORASERVE_{f.name.upper()}" not in table]
+    assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_lora_target_modules_are_leaf_names_of_linear_layers():
+    assert parse(["--lora-target-modules", "q_proj, v_proj"], {}).lora_target_modules == ("q_proj", "v_proj")
+    assert parse([], {"LORASERVE_LORA_TARGET_MODULES": "o_proj"}).lora_target_modules == ("o_proj",)
+    assert parse([], {}).lora_target_modules == ()
+    for bad in ("model.layers.0.q_proj", "lm_head", "q-proj"):
+        with pytest.raises(ValueError, match="lora_target_modules"):
+            parse(["--lora-target-modules", bad], {})

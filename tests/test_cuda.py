@@ -48,6 +48,8 @@ def test_captured_decode_scores_a_mixed_batch_as_eager_decode_scores_each_row_al
         alone = [forced_scores(eager, [r])[0] for r in requests]
         # bitsandbytes' 4-bit kernels may refuse capture: then decode falls back to eager, and says so.
         assert captured.decode_mode == "cuda graphs" or (quantization == "nf4" and captured.decode_mode == "eager")
+        # Captured at start-up, every bucket up to max_rows 8 with LoRA on and off: none while serving.
+        assert captured._graphs is None or captured._graphs.captured == 8
         assert captured._graphs is None or captured._graphs.captured >= 2
     finally:
         asyncio.run(captured.close())

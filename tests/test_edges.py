@@ -57,8 +57,13 @@ def test_prompt_and_new_tokens_must_fit_the_model_context(server):
                                                                                timeout=10)
     assert stats.max_context_tokens == context == 512  # the demo model's max_position_embeddings
     engine = server.server.engine
-    assert (stats.kv_slots, stats.kv_pool_bytes) == (engine.kv_slots, engine.kv_bytes()) and stats.kv_pool_bytes > 0
-    assert stats.kv_slots_in_use == 0
+    assert stats.kv_pool_bytes == engine.kv_bytes() > 0
+    assert (stats.kv_blocks_total, stats.kv_block_size) == (engine.kv_blocks, engine.kv_block_size)
+    assert stats.kv_pool_tokens == engine.kv_blocks * engine.kv_block_size > 0
+    assert stats.kv_blocks_used == stats.kv_tokens_held == 0  # nothing running
+    assert stats.kv_blocks_cached <= stats.kv_blocks_total
+    assert stats.prefix_cache_hit_tokens <= stats.prefix_cache_queried_tokens
+    assert stats.kv_slots == stats.kv_slots_in_use == 0  # deprecated
     with LoraServeClient(server.target, timeout=60) as client:
         # The case: within max_prompt_tokens (1024) and max_new_tokens_limit (512), over the context.
         err = refused(lambda: client.generate("legal", prompt_of(server, 1020), max_new_tokens=512))

@@ -13,6 +13,7 @@ import torch
 from conftest import ADAPTERS, PROMPT, demo_ref
 from runner.engine import EngineConfig, TorchEngine
 from runner.graphs import DecodeGraphs
+from scheduler.blocks import BlockManager
 from scheduler.engine import Row
 from scheduler.types import BASE, AdapterRef, SamplingParams
 
@@ -21,7 +22,7 @@ PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there", "Questio
 
 def _engine(demo_dir, mode: str, device: str = "cpu", dtype: str = "float32", **cfg) -> TorchEngine:
     engine = TorchEngine(EngineConfig(demo_dir / "base", device=device, dtype=dtype, max_rows=8, max_model_len=160,
-                                      decode_graphs=mode, **cfg))
+                                      kv_block_size=8, decode_graphs=mode, **cfg))
     asyncio.run(engine.start())
     return engine
 
@@ -35,14 +36,16 @@ async def _attach(engine: TorchEngine, ref: AdapterRef) -> None:
 def drive(engine: TorchEngine, requests: list[tuple[AdapterRef, str, int, int]],
           attach_late: AdapterRef | None = None) -> list[list[int]]:
     """Requests (adapter, prompt, new tokens, step it joins at) through prefill and decode steps
-    as the scheduler runs them: joiners are prefilled on their own, then decode with the rest;
-    a row leaves (freeing its KV slot) when it has its tokens. `attach_late` is attached half-way."""
+    as the scheduler runs them: joiners are prefilled on their own, then decode with the rest,
+    their block tables growing a block at a time; a row leaves (freeing its blocks) when it has its
+    tokens. `attach_late` is attached half-way."""
     async def run():
         for ref, *_ in requests:
             if ref != attach_late:
                 await _attach(engine, ref)
         out: list[list[int]] = [[] for _ in requests]
-        free, running = list(range(engine.kv_slots)), {}
+        blocks, running = BlockManager(engine.kv_blocks, engine.kv_block_size, prefix_caching=False), {}
+        prompts = [tuple(engine.encode(r[1])) for r in requests]
         step = 0
         while step == 0 or running or any(len(out[i]) == 0 for i in range(len(requests))):
             if step == 6 and attach_late is not None:
@@ -51,20 +54,20 @@ def drive(engine: TorchEngine, requests: list[tuple[AdapterRef, str, int, int]],
             if joining:
                 rows = []
                 for i in joining:
-                    running[i] = free.pop(0)
-                    ref, prompt, _, _ = requests[i]
-                    rows.append(Row(i, ref, running[i], tuple(engine.encode(prompt)), out[i], SamplingParams()))
+                    running[i] = blocks.admit("k", prompts[i])
+                    rows.append(Row(i, requests[i][0], tuple(running[i].blocks), prompts[i], out[i], SamplingParams()))
                 for r in await engine.prefill(rows):
                     out[r.seq_id].append(r.token_id)
             decoding = [i for i in sorted(running) if i not in joining and len(out[i]) < requests[i][2]]
             if decoding:
-                rows = [Row(i, requests[i][0], running[i], tuple(engine.encode(requests[i][1])), out[i],
-                            SamplingParams()) for i in decoding]
+                for i in decoding:
+                    assert blocks.grow(running[i], len(prompts[i]) + len(out[i]))
+                rows = [Row(i, requests[i][0], tuple(running[i].blocks), prompts[i], out[i], SamplingParams())
+                        for i in decoding]
                 for r in await engine.decode(rows):
                     out[r.seq_id].append(r.token_id)
             for i in [i for i in running if len(out[i]) >= requests[i][2]]:
-                free.append(running.pop(i))
-                free.sort()
+                blocks.release(running.pop(i))
             step += 1
             if step > 500:
                 raise AssertionError("the drive did not finish")
@@ -89,7 +92,7 @@ def buffered(demo_dir):
 def _workload(demo_dir) -> list[tuple[AdapterRef, str, int, int]]:
     names = ["base", *ADAPTERS]
     # Staggered joins and lengths: batches of 1..7 rows (buckets 1, 2, 4, 8 with padding rows),
-    # rows leaving mid-batch, and lengths crossing the 64-position read bucket.
+    # rows leaving mid-batch, tables growing across blocks and blocks reused by later rows.
     return [(demo_ref(demo_dir, names[i % 4]), PROMPTS[i % len(PROMPTS)], 6 + (i * 11) % 60, (i * 5) % 23)
             for i in range(7)]
 
@@ -100,8 +103,8 @@ def test_buffered_decode_matches_each_request_served_alone(demo_dir, eager, buff
     assert drive(buffered, requests) == alone
     assert drive(eager, requests) == alone
     assert buffered.decode_mode == "static buffers" and eager.decode_mode == "eager"
-    # Several buckets were used: rows (1..8) x read lengths (64, 128) x LoRA rank (0 or the demo's).
-    assert buffered._graphs.captured >= 5
+    # Several buckets were used: rows (1..8) x LoRA on/off, never the attended length.
+    assert 3 <= buffered._graphs.captured <= 8
 
 
 def test_an_adapter_attached_after_its_bucket_was_first_used_is_applied(demo_dir, eager, buffered):
@@ -113,28 +116,51 @@ def test_an_adapter_attached_after_its_bucket_was_first_used_is_applied(demo_dir
     assert drive(buffered, requests, attach_late=late) == alone
 
 
-def test_padding_rows_write_only_the_scratch_slot(demo_dir, buffered):
+def test_padding_rows_write_only_the_scratch_block(demo_dir, buffered):
     pool = buffered._pool
-    assert pool.scratch == pool.slots == buffered.kv_slots
-    for t in (*pool.keys, *pool.values):
-        t[pool.scratch] = 7.0  # a sentinel: whatever padding rows leave there, no row reads it
-    before = [t[:pool.slots].clone() for t in pool.keys]
-    # Three rows in slots 0-2 decode in a bucket of four: one padding row.
+    assert pool.scratch == pool.blocks == buffered.kv_blocks
+    pool.kv[:, :, pool.scratch] = 7.0  # a sentinel: whatever padding rows leave there, no row reads it
+    pool.kv[:, :, 8:pool.blocks] = float("nan")  # the three rows below take blocks 0-5 only
+    # Three rows decode in a bucket of four: one padding row.
     tokens = drive(buffered, [(BASE, PROMPTS[i], 3, 0) for i in range(3)])
+    assert torch.isnan(pool.kv[:, :, 8:pool.blocks]).all()  # blocks no row owned are untouched
+    assert not (pool.kv[:, :, pool.scratch, 0] == 7.0).all()  # the padding row wrote there
+    pool.kv.zero_()
     assert tokens == [drive(buffered, [(BASE, PROMPTS[i], 3, 0)])[0] for i in range(3)]
-    for old, new in zip(before, pool.keys, strict=True):
-        assert torch.equal(old[3:pool.slots], new[3:pool.slots])  # slots no row owned are untouched
-    assert all(not (t[pool.scratch, :, 0] == 7.0).all() for t in pool.keys)  # the padding row wrote there
 
 
-def test_buckets_round_rows_and_lengths_up(buffered):
+def test_buckets_are_rows_rounded_up_and_lora_on_or_off(buffered):
     graphs = buffered._graphs
-    max_len = buffered.max_context
-    assert graphs.bucket(3, 10, 0) == (4, 64, 0)
-    assert graphs.bucket(8, 65, 16) == (8, 128, 16)
-    assert graphs.bucket(5, 65, 12) == (8, 128, 16)  # ranks round up too: columns past a rank are zero
-    assert graphs.bucket(1, max_len, 4) == (1, max_len, 4)  # capped at the pool's length (160, not 256)
-    assert graphs.bucket(1, 1, 100) == (1, 64, buffered.cfg.max_lora_rank)
+    assert graphs.bucket(3, False) == (4, False)
+    assert graphs.bucket(8, True) == (8, True)
+    assert graphs.bucket(5, True) == (8, True)
+    assert graphs.bucket(9, True) == (8, True)  # capped at the batch size
+
+
+def test_one_bucket_serves_adapters_of_every_rank(demo_dir, eager, buffered, tmp_path):
+    """Buckets have no rank: each slot's rank comes from the layers' rank tables (read by the
+    kernels on cuda, by the grouped path here), so a bucket first used by rank-8 adapters serves a
+    rank-16 and a rank-2 adapter attached later, beside them."""
+    wide, narrow = (_random_adapter(demo_dir, tmp_path / name, rank, targets) for name, rank, targets in
+                    (("wide", 16, ["q_proj", "v_proj", "down_proj"]), ("narrow", 2, ["o_proj"])))
+    legal = demo_ref(demo_dir, "legal")
+    assert drive(buffered, [(legal, PROMPT, 6, 0), (BASE, PROMPTS[1], 6, 0)])  # the bucket of two, LoRA on
+    requests = [(legal, PROMPT, 12, 0), (wide, PROMPTS[1], 12, 0), (narrow, PROMPTS[2], 12, 0),
+                (BASE, PROMPTS[3], 12, 0)]
+    alone = [drive(eager, [(ref, prompt, n, 0)])[0] for ref, prompt, n, _ in requests]
+    assert drive(buffered, requests) == alone
+    assert alone[1] != drive(eager, [(BASE, PROMPTS[1], 12, 0)])[0]  # the wide adapter changes the answer
+
+
+def _random_adapter(demo_dir, out, rank: int, targets: list[str]) -> AdapterRef:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(rank)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_dir / "base"),
+                           LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(out)
+    return AdapterRef(out.name, "1", str(out))
 
 
 def test_a_step_that_cannot_be_captured_falls_back_to_eager_decode(demo_dir, eager, caplog):
@@ -145,10 +171,22 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_decode(demo_dir, eag
     engine = _engine(demo_dir, "buffers")
     try:
         engine._graphs = g = Uncapturable(engine._model_step, engine._pool, engine._pad, capture=True,
-                                          max_rank=engine.cfg.max_lora_rank)
+                                          max_rows=8, kernel="reference")
         requests = [(BASE, PROMPT, 8, 0), (demo_ref(demo_dir, "legal"), PROMPTS[1], 8, 0)]
         assert drive(engine, requests) == drive(eager, requests)
         assert engine.decode_mode == "eager" and engine._graphs is None and g.captured == 0
         assert "decode runs eagerly from now on" in caplog.text
+    finally:
+        asyncio.run(engine.close())
+
+
+def test_every_bucket_is_recorded_before_traffic_and_serves_as_on_first_use(demo_dir, eager):
+    engine = _engine(demo_dir, "buffers")
+    try:
+        assert engine._graphs.capture_all(8) == 8  # rows 8, 4, 2, 1 x LoRA on, off
+        assert set(engine._graphs._graphs) == {(r, lora) for r in (8, 4, 2, 1) for lora in (True, False)}
+        requests = _workload(demo_dir)
+        assert drive(engine, requests) == drive(eager, requests)
+        assert engine._graphs.captured == 8  # nothing recorded while serving
     finally:
         asyncio.run(engine.close())

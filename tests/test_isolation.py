@@ -2,8 +2,8 @@
 token sequence (teacher forcing) alone and inside a mixed batch (three adapters and the base,
 prompts of different lengths), and the scores it gets at every position are compared.
 
-Batching changes the shapes a row's sums are computed in (rows per matmul, padded prompt width,
-attended length, the LoRA rank read, bitsandbytes' kernel per row count), so by default scores
+Batching changes the shapes a row's sums are computed in (rows per matmul, rows sharing its adapter,
+padded prompt width, attended length, bitsandbytes' kernel per row count), so by default scores
 agree within a stated tolerance, not bit for bit, in every dtype; greedy text can then differ
 after a near-tie. With `deterministic` every row runs alone and its scores are the same bits in
 any batch, beside any other adapter."""
@@ -53,8 +53,8 @@ def start(demo_dir, **cfg) -> LogitsEngine:
 
 @pytest.fixture(scope="module")
 def wide(demo_dir, tmp_path_factory) -> AdapterRef:
-    """A rank-32 adapter for the demo base (the demo's are rank 8): attaching it widens the
-    LoRA columns a batched step reads."""
+    """A rank-32 adapter for the demo base (the demo's are rank 8): attached, it makes the stacks'
+    widest adapter, which each row's LoRA must not read past its own rank for."""
     from tools.bench.synth import make_store
 
     store = make_store(demo_dir / "base", tmp_path_factory.mktemp("wide"), 1, rank=32)

@@ -59,7 +59,6 @@ def test_mixed_batch_logits_match_peft(demo_dir, adapters, quantized):
     layers = wrap_linear_layers(model, row_slots)
     for layer in layers.values():
         layer.allocate(len(RANKS) + 1, max(RANKS.values()), "cpu", torch.float32)
-    row_slots.rank = max(RANKS.values())
     slot_of = {"__base__": 0}
     for slot, name in enumerate(RANKS, start=1):
         weights = parse_peft(json.loads((adapters / name / "adapter_config.json").read_text()),

@@ -16,6 +16,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import generate_latest
 
 from conftest import PROMPT, ServerThread, room_for_one_in_ram, server_config
+from loraserve.v1 import admin_pb2, admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from scheduler.thrash import ThrashDetector
@@ -72,6 +73,7 @@ def test_span_tree_for_a_cold_then_a_warm_request(traced):
         assert gen.attributes["gen_ai.request.model"] == "base"
         assert gen.attributes["gen_ai.request.max_tokens"] == 6
         assert gen.attributes["gen_ai.usage.output_tokens"] == 6 and gen.attributes["gen_ai.usage.input_tokens"] > 0
+        assert 0 <= gen.attributes["loraserve.usage.cached_input_tokens"] < gen.attributes["gen_ai.usage.input_tokens"]
         assert list(gen.attributes["gen_ai.response.finish_reasons"]) == ["length"]
         assert children["queue.wait"].start_time <= load.end_time <= gen.start_time + 1 <= gen.end_time + 1
         # Batch spans are their own traces, linked to every request they served.
@@ -140,8 +142,10 @@ def test_metrics_endpoint_counters_move(traced):
         sum(a.usage.adapter_load_ms for a in answers) / 1e3)
     for gauge in ("loraserve_queue_depth", "loraserve_running_requests", 'loraserve_cache_bytes{tier="vram"}',
                   'loraserve_cache_budget_bytes{tier="ram"}', 'loraserve_resident_adapters{tier="vram"}',
-                  "loraserve_queue_limit", "loraserve_kv_slots", "loraserve_kv_slots_in_use",
-                  "loraserve_adapters_thrashing"):
+                  "loraserve_queue_limit", "loraserve_kv_blocks", "loraserve_kv_blocks_used",
+                  "loraserve_kv_blocks_cached", "loraserve_kv_tokens_held", "loraserve_adapters_thrashing",
+                  "loraserve_prefix_cache_queried_tokens_total", "loraserve_prefix_cache_hit_tokens_total",
+                  "loraserve_preemptions_total"):
         assert gauge in after
     assert after['loraserve_cache_bytes{tier="vram"}'] <= after['loraserve_cache_budget_bytes{tier="vram"}']
 
@@ -160,8 +164,9 @@ def test_memory_breakdown_by_device_and_part(traced):
     # The real footprint of the attached adapters is at least what the tier counts.
     assert parts["adapter_slots"] == engine.stack_bytes() >= sample['loraserve_cache_bytes{tier="vram"}'] > 0
     assert parts["adapter_ram"] == sample['loraserve_cache_bytes{tier="ram"}']
-    assert sample['loraserve_kv_pool_used_bytes{device="cpu"}'] == (
-        parts["kv_pool"] * sample["loraserve_kv_slots_in_use"] / sample["loraserve_kv_slots"])
+    assert sample["loraserve_kv_blocks"] == engine.kv_blocks > 0
+    assert sample['loraserve_kv_pool_used_bytes{device="cpu"}'] == pytest.approx(
+        parts["kv_pool"] * sample["loraserve_kv_blocks_used"] / sample["loraserve_kv_blocks"])
 
 
 def test_each_response_carries_its_usage_streamed_or_not(traced):
@@ -172,6 +177,44 @@ def test_each_response_carries_its_usage_streamed_or_not(traced):
     for usage in (unary.usage, last.usage):
         assert usage.input_tokens > 0 and usage.output_tokens == 6
         assert usage.prefill_device_ms > 0 and usage.decode_device_ms > 0
+
+
+def test_a_repeated_prompt_takes_its_prefix_blocks_from_the_cache_for_the_same_adapter_only(traced):
+    srv, _, stub = traced
+    engine = srv.server.engine
+    block = engine.kv_block_size
+    prompt = "Prefix cache probe. " + " ".join(f"Clause {i} applies." for i in range(30)) + "\nAnswer:"
+    assert len(engine.encode(prompt)) >= 3 * block  # at least two whole blocks to share
+
+    def generate(adapter):
+        return stub.Generate(pb.GenerateRequest(adapter_id=adapter, prompt=prompt, max_new_tokens=4), timeout=60)
+
+    def cache_stats():
+        with srv.channel() as ch:
+            return admin_pb2_grpc.AdapterAdminServiceStub(ch).GetCacheStats(admin_pb2.GetCacheStatsRequest(),
+                                                                             timeout=10)
+
+    before, stats_before = scrape(srv), cache_stats()
+    first = generate("legal")
+    second = generate("legal")
+    other = generate("medical")  # same tokens, another adapter: its keys differ, nothing is shared
+    after, stats_after = scrape(srv), cache_stats()
+
+    cached = second.usage.cached_input_tokens
+    assert first.usage.cached_input_tokens == 0
+    assert 2 * block <= cached < second.usage.input_tokens and cached % block == 0
+    assert other.usage.cached_input_tokens == 0
+    queried = sum(r.usage.input_tokens for r in (first, second, other))
+    assert stats_after.prefix_cache_hit_tokens - stats_before.prefix_cache_hit_tokens == cached > 0
+    assert stats_after.prefix_cache_queried_tokens - stats_before.prefix_cache_queried_tokens == queried
+    assert stats_after.kv_blocks_used == stats_after.kv_tokens_held == 0  # all finished
+    assert 2 <= stats_after.kv_blocks_cached <= stats_after.kv_blocks_total
+    assert (after["loraserve_prefix_cache_hit_tokens_total"]
+            - before["loraserve_prefix_cache_hit_tokens_total"]) == cached
+    assert (after["loraserve_prefix_cache_queried_tokens_total"]
+            - before["loraserve_prefix_cache_queried_tokens_total"]) == queried
+    assert after["loraserve_kv_blocks_cached"] == stats_after.kv_blocks_cached
+    assert after["loraserve_preemptions_total"] == stats_after.preemptions
 
 
 def test_reloading_one_adapter_again_and_again_raises_a_thrash_warning(traced):

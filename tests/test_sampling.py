@@ -52,3 +52,69 @@ def test_text_still_incomplete_when_a_row_ends_is_not_lost(demo_dir):
         new, held, prefix, read = decode_new(tok, ids[:n], prefix, read)
         text += new
     assert text + held == tok.decode(ids) == "ok \ufffd"
+
+
+def _as_before(logits, params, steps):
+    """The sampler as it was before it ran on the device without host round trips (one full sort
+    per step, a host sync on top_p): the reference the device path must agree with."""
+    from runner.sampling import MIN_TEMPERATURE, gumbel
+
+    chosen = logits.argmax(dim=-1)
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if not drawn:
+        return chosen
+    idx = torch.tensor(drawn)
+    temps = torch.tensor([max(params[i].temperature, MIN_TEMPERATURE) for i in drawn])
+    scores = logits.index_select(0, idx) / temps.unsqueeze(1)
+    vocab = scores.shape[1]
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    top_k = torch.tensor([params[i].top_k or vocab for i in drawn]).clamp(max=vocab)
+    drop = torch.arange(vocab).unsqueeze(0) >= top_k.unsqueeze(1)
+    top_p = torch.tensor([params[i].top_p for i in drawn])
+    if bool((top_p < 1.0).any()):
+        probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=-1)
+        drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+    noise = gumbel([params[i].seed or 0 for i in drawn], [steps[i] for i in drawn], vocab, logits.device)
+    perturbed = sorted_scores.masked_fill(drop, float("-inf")) + noise.gather(1, order)
+    chosen[idx] = order.gather(1, perturbed.argmax(dim=-1, keepdim=True)).squeeze(1)
+    return chosen
+
+
+def test_every_path_draws_what_the_full_sort_drew():
+    """Greedy, temperature alone, top_k alone (topk, noise at its candidates only), top_k beside
+    unfiltered rows, top_p (the sort): mixed in batches of every kind, one Sampler reused (its
+    staging buffer grows past the rows it was sized for), the same tokens as the full sort. Scores
+    are distinct: between equal scores at the top_k boundary the sort's choice was arbitrary."""
+    import random
+
+    from runner.sampling import Sampler
+
+    rng, sampler = random.Random(0), Sampler(torch.device("cpu"), rows=2)
+    torch.manual_seed(0)
+    kinds = [dict(temperature=0.0), dict(temperature=0.7), dict(temperature=1.3, top_k=5),
+             dict(temperature=1e-38, top_k=1), dict(temperature=0.9, top_k=10**9), dict(temperature=1.0, top_p=0.8),
+             dict(temperature=0.8, top_k=40, top_p=0.95)]
+    for trial in range(300):
+        rows, vocab = rng.randint(1, 9), rng.choice([7, 600, 4000])
+        pool = kinds[:5] if trial % 2 else kinds  # half the batches have no top_p row: no sort at all
+        params = [SamplingParams(**rng.choice(pool), seed=rng.randrange(2**64)) for _ in range(rows)]
+        steps = [rng.randrange(1000) for _ in range(rows)]
+        logits = torch.randn(rows, vocab) * 4
+        assert torch.equal(sampler(logits, params, steps), _as_before(logits, params, steps)), (trial, params)
+
+
+def test_no_sort_unless_a_row_asks_for_top_p(monkeypatch):
+    from runner.sampling import Sampler
+
+    sorts = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorts.append(self.shape) or real_sort(self, *a, **k))
+    sampler, logits = Sampler(torch.device("cpu"), 4), torch.randn(4, 1000)
+    sampler(logits, [SamplingParams(), SamplingParams(temperature=0.5, seed=1),
+                     SamplingParams(temperature=0.9, top_k=50, seed=2), SamplingParams(temperature=1.0, top_k=5, seed=3)],
+            [0, 1, 2, 3])
+    assert sorts == []
+    sampler(logits, [SamplingParams(), SamplingParams(temperature=0.9, top_k=50, seed=2),
+                     SamplingParams(temperature=0.5, top_p=0.9, seed=1), SamplingParams(temperature=0.5, seed=3)],
+            [0, 1, 2, 3])
+    assert sorts == [(1, 1000)]  # the top_p row alone: its neighbours do not sort for it

@@ -32,12 +32,13 @@ class ScriptedEngine(WeightsRecorder):
 
     Stateless like the real engine: a row's next letter follows from the tokens it carries.
     It checks what the scheduler promises: a step only runs rows whose adapter is attached, and
-    a KV slot belongs to one live sequence at a time (from its prefill until it leaves).
+    a KV block a sequence writes belongs to it alone until it leaves (no other row writes there).
     `gate`, when set, holds every decode step until the test releases it.
     """
 
     eos_token_ids = frozenset({EOS})
-    kv_slots = 64
+    kv_blocks = 256
+    kv_block_size = 4
 
     def __init__(self, fail_adapters=(), fetch_s: float = 0.0, slow: dict[str, float] | None = None,
                  size: int = 100):
@@ -49,7 +50,9 @@ class ScriptedEngine(WeightsRecorder):
         self.fetching = self.peak_fetching = 0
         self._fetch_s, self._slow, self._size = fetch_s, slow or {}, size
         self._fail = set(fail_adapters)
-        self.owner: dict[int, int] = {}  # KV slot -> the sequence last prefilled into it
+        self.owner: dict[int, int] = {}  # KV block -> the sequence that last wrote into it
+        self.scrubbed: list[int] = []
+        self.cached: list[int] = []  # per prefilled row, positions shared prefix blocks held
 
     def bytes_once_read(self, adapter):
         return self._size
@@ -69,20 +72,32 @@ class ScriptedEngine(WeightsRecorder):
 
     async def prefill(self, rows):
         self.prefills.append([r.seq_id for r in rows])
+        self.cached += [r.cached for r in rows]
         for r in rows:
-            self.owner[r.kv_slot] = r.seq_id
+            assert len(r.blocks) * self.kv_block_size > len(r.context), "no room for the first decode's position"
+            for p in range(r.cached, r.upto or len(r.context)):
+                self.owner[r.blocks[p // self.kv_block_size]] = r.seq_id
         return self._step(rows)
+
+    async def scrub(self, blocks):
+        self.scrubbed += blocks
 
     async def decode(self, rows):
         self.decodes.append([r.seq_id for r in rows])
         if self.gate is not None:
             await self.gate.wait()
         await asyncio.sleep(0)  # like the real engine's executor hop, a step lets other tasks run
-        assert all(self.owner[r.kv_slot] == r.seq_id for r in rows), "a KV slot was handed to two sequences"
+        size = self.kv_block_size
+        for r in rows:
+            assert len(r.blocks) > r.length // size, "a row decoded without a block for its position"
+            self.owner[r.blocks[r.length // size]] = r.seq_id
+            assert all(self.owner[b] == r.seq_id for b in r.blocks[r.cached // size:r.length // size + 1]), \
+                "a KV block was handed to two sequences"
         return self._step(rows)
 
     def _step(self, rows):
-        assert len({r.kv_slot for r in rows}) == len(rows)
+        written = [b for r in rows for b in r.blocks[r.cached // self.kv_block_size:]]
+        assert len(set(written)) == len(written), "two rows of one step write one block"
         assert all(r.adapter.is_base or r.adapter in self.vram for r in rows), "batch ran without its adapter"
         out = []
         for r in rows:
@@ -463,3 +478,150 @@ def test_an_adapter_load_is_shared_by_the_requests_it_was_made_for():
     results = run(engine, scenario)
     assert all(r.load_source is Tier.DISK and r.timings.load_ms >= 10 for r in results)
     assert [r.cost.adapter_load_ms for r in results] == [r.timings.load_ms / 2 for r in results]
+
+
+def test_rows_that_cannot_grow_are_preempted_and_resume_where_they_were():
+    engine = ScriptedEngine()
+    engine.kv_blocks = 10  # 40 positions; each request grows to 2 + 16 letters + EOS: 5 blocks
+    names = ["abcdefghijklmnop", "qrstuvwxyzabcdef", "ghijklmnopqrstuv"]
+
+    async def scenario(s):
+        tickets = [s.submit(req(f"r{i}", ref(n), max_new=40)) for i, n in enumerate(names)]
+        return [await t.result() for t in tickets], s.stats, s.kv_blocks
+
+    results, stats, blocks = run(engine, scenario)
+    assert [r.text for r in results] == names
+    assert stats.preemptions > 0 and stats.failed == 0
+    assert blocks.used == 0 and blocks.free == 10
+    assert max(len(p) for p in engine.prefills) >= 1 and len(engine.prefills) > 1
+
+
+def test_a_reserving_scheduler_makes_requests_wait_instead_of_preempting():
+    engine = ScriptedEngine()
+    engine.kv_blocks = 10
+    names = ["abcdefghijklmnop", "qrstuvwxyzabcdef", "ghijklmnopqrstuv"]
+
+    async def scenario(s):
+        tickets = [s.submit(req(f"r{i}", ref(n), max_new=17)) for i, n in enumerate(names)]
+        return [await t.result() for t in tickets], s.stats
+
+    results, stats = run(engine, scenario, reserve_kv=True)
+    assert [r.text for r in results] == names and stats.preemptions == 0
+
+
+def test_a_repeated_prompt_prefix_is_computed_once_per_adapter_version():
+    engine = ScriptedEngine()
+    prompt = tuple(range(10, 19))  # 9 tokens: two full blocks of 4
+
+    async def scenario(s):
+        first = await s.submit(req("a", ref("ab"), prompt=prompt)).result()
+        second = await s.submit(req("b", ref("ab"), prompt=prompt)).result()
+        other = await s.submit(req("c", ref("xy"), prompt=prompt)).result()
+        return first, second, other, s.kv_blocks.prefix
+
+    first, second, other, prefix = run(engine, scenario)
+    assert (first.cached_tokens, second.cached_tokens, other.cached_tokens) == (0, 8, 0)
+    assert engine.cached == [0, 8, 0] and second.text == first.text == "ab"
+    assert (prefix.queried_tokens, prefix.hit_tokens) == (27, 8)
+
+
+def test_blocks_of_a_failed_request_are_zeroed_before_reuse():
+    class Poisoning(ScriptedEngine):
+        def _step(self, rows):
+            out = super()._step(rows)
+            return [replace(r, error=OutOfMemory("boom")) if rows[i].adapter.id == "bad" else r
+                    for i, r in enumerate(out)]
+
+    engine = Poisoning()
+
+    async def scenario(s):
+        with pytest.raises(OutOfMemory):
+            await s.submit(req("a", ref("bad"))).result()
+        return await s.submit(req("b", ref("ok"))).result()
+
+    assert run(engine, scenario).text == "ok"
+    assert engine.scrubbed
+
+
+def test_a_long_prompt_is_prefilled_in_budgeted_chunks_between_decode_steps():
+    class Logged(ScriptedEngine):
+        log: list = []
+
+        async def prefill(self, rows):
+            self.log.append(("prefill", [(r.seq_id, len(r.fed)) for r in rows]))
+            return await super().prefill(rows)
+
+        async def decode(self, rows):
+            self.log.append(("decode", [r.seq_id for r in rows]))
+            return await super().decode(rows)
+
+    engine = Logged()
+
+    async def scenario(s):
+        running = s.submit(req("short", ref("abcdefghijklmno"), max_new=20))
+        while not engine.decodes:
+            await asyncio.sleep(0)
+        long = s.submit(req("long", ref("xyz"), max_new=20, prompt=tuple(range(1, 41))))
+        return await running.result(), await long.result()
+
+    short, long = run(engine, scenario, limits=BatchLimits(max_num_batched_tokens=12, join_delay_s=0))
+    assert (short.text, long.text) == ("abcdefghijklmno", "xyz")
+    chunks = [n for kind, rows in engine.log if kind == "prefill" for seq, n in rows if seq == 2]
+    assert sum(chunks) == 40 and max(chunks) <= 11 and len(chunks) == 4  # one token of each step is the decode row's
+    # Between two chunks of the long prompt the short request decoded a token.
+    steps = [kind for kind, rows in engine.log if (kind == "prefill" and rows[0][0] == 2) or kind == "decode"]
+    first = steps.index("prefill")
+    assert steps[first:first + 7] == ["prefill", "decode"] * 3 + ["prefill"]
+
+
+def test_a_request_waiting_for_blocks_a_failed_step_left_dirty_is_not_forgotten():
+    """Blocks of rows a raising step held are zeroed before reuse; if they turn dirty while the loop
+    has nothing running, it goes on scrubbing instead of sleeping with the request still queued."""
+    class Flaky(ScriptedEngine):
+        def __init__(self):
+            super().__init__()
+            self.scrubbing = asyncio.Event()
+
+        async def scrub(self, blocks):
+            self.scrubbing.set()
+            await asyncio.sleep(0.05)
+            self.scrubbed += blocks
+
+        async def decode(self, rows):
+            await asyncio.sleep(0.002)
+            if any(r.adapter.id.startswith("bad") for r in rows):
+                raise RuntimeError("a kernel fault")  # halves: 'bad' fails alone, the other row goes on
+            return await super().decode(rows)
+
+    engine = Flaky()
+    engine.kv_blocks = 8
+
+    async def scenario(s):
+        held = s.submit(req("C", ref("abcdefghijklmnopqrst"), max_new=20, prompt=tuple(range(1, 7))))
+        s.submit(req("D", ref("bad"), max_new=20, prompt=(1, 2)))
+        while not engine.scrubbing.is_set():
+            await asyncio.sleep(0)
+        waiting = s.submit(req("W", ref("xyz"), max_new=3, prompt=tuple(range(100, 126))))  # 7 of 8 blocks
+        held.cancel()  # it shared the failed step: its blocks turn dirty after this round's scrub began
+        return await asyncio.wait_for(waiting.result(), 5), s.kv_blocks
+
+    result, blocks = run(engine, scenario, limits=BatchLimits(join_delay_s=0))
+    assert result.text == "xyz" and blocks.dirty() == [] and blocks.used == 0
+
+
+def test_a_preempted_request_keeps_its_first_admissions_figures():
+    engine = ScriptedEngine()
+    engine.kv_blocks = 10
+    names = ["abcdefghijklmnop", "qrstuvwxyzabcdef", "ghijklmnopqrstuv"]
+    prompt = tuple(range(1, 10))  # two full blocks: shared by the three
+
+    async def scenario(s):
+        tickets = [s.submit(req(f"r{i}", ref(n), max_new=40, prompt=prompt)) for i, n in enumerate(names)]
+        return [await t.result() for t in tickets], s.stats, s.kv_blocks.prefix
+
+    results, stats, prefix = run(engine, scenario)
+    assert stats.preemptions > 0 and [r.text for r in results] == names
+    assert stats.prefilled_requests == 3
+    assert all(r.cached_tokens <= r.input_tokens for r in results)
+    assert prefix.queried_tokens == 3 * len(prompt)  # a resumed request's lookup is not counted again
+    assert all(r.load_source is Tier.DISK for r in results)

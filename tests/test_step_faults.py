@@ -53,7 +53,7 @@ class FaultyEngine(TorchEngine):
             raise ValueError("cannot build this step's inputs")
         return super()._decode(rows)
 
-    def _forward(self, rows, ids, positions, ctx):
+    def _forward(self, rows, ids, positions, ctx, *slots):
         if self._armed(rows, "oom"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if self._armed(rows, "forward"):
@@ -62,10 +62,10 @@ class FaultyEngine(TorchEngine):
                 raise RuntimeError("kernel failed in the last layer")
             hook = self._model.model.layers[-1].register_forward_pre_hook(explode)
             try:
-                return super()._forward(rows, ids, positions, ctx)
+                return super()._forward(rows, ids, positions, ctx, *slots)
             finally:
                 hook.remove()
-        logits = super()._forward(rows, ids, positions, ctx)
+        logits = super()._forward(rows, ids, positions, ctx, *slots)
         if self._armed(rows, "nonfinite"):
             logits[[i for i, r in enumerate(rows) if r.prompt_ids == self.poison]] = float("nan")
         return logits

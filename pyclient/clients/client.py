@@ -36,6 +36,8 @@ class GenerateResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     cost_ms: dict[str, float] = field(default_factory=dict)
     """The request's share of the engine's prefill and decode steps and of its adapter's load."""
+    cached_input_tokens: int = 0
+    """Of input_tokens, those served from KV blocks shared with an earlier prompt (the prefix cache)."""
 
     @classmethod
     def from_pb(cls, msg: pb.GenerateResponse | pb.GenerateStreamResponse, text: str) -> GenerateResult:
@@ -49,6 +51,7 @@ class GenerateResult:
                         "prefill": msg.timings.prefill_ms, "decode": msg.timings.decode_ms},
             cost_ms={"prefill_device": msg.usage.prefill_device_ms, "decode_device": msg.usage.decode_device_ms,
                      "adapter_load": msg.usage.adapter_load_ms},
+            cached_input_tokens=msg.usage.cached_input_tokens,
         )
 
 

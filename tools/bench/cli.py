@@ -96,8 +96,18 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="the GPU matrix instead of the sweep: builds the "
                    "preset's random-weight model and measures HF (compiled static cache, eager), peft and this "
                    "server at every batch size (tools/bench/matrix.py); the other workload flags do not apply")
-    p.add_argument("--device", default="auto", help="with --preset: auto, cpu, cuda or cuda:N [auto]")
+    p.add_argument("--device", default="auto", help="with --preset or --kvcap: auto, cpu, cuda or cuda:N [auto]")
     p.add_argument("--fresh", action="store_true", help="with --preset: measure again what the JSON already has")
+    p.add_argument("--batches", help="with --preset: batch sizes to run, comma-separated [the preset's]")
+    p.add_argument("--adapter-counts", help="with --preset: the server's adapter counts, comma-separated, 0 = "
+                                            "base only [0 and the preset's]")
+    p.add_argument("--references", help="with --preset: the reference parts to run, comma-separated from "
+                                        "hf_static, hf_eager, peft; empty for none [all three]")
+    p.add_argument("--kvcap", nargs="?", const="capacity,concurrency,prefix", metavar="PARTS",
+                   help="the paged KV cache's capacity instead of the sweep (tools/bench/kvcap.py): sequences "
+                        "per GiB against one slot per sequence, 48 streams on the demo model at --kv-cache-mib 4, "
+                        "TTFT with a cached 400-token prefix; writes kvcap.json. PARTS: some of capacity, "
+                        "concurrency, prefix [all]; --model-path: the demo base [built under --out]")
     p.set_defaults(func=run_bench)
 
 
@@ -115,9 +125,21 @@ def _range(raw: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
+def _ints(raw: str | None) -> tuple[int, ...] | None:
+    return None if raw is None else tuple(int(n) for n in raw.split(",") if n.strip())
+
+
 def run_bench(args) -> int:
+    if args.kvcap:
+        from tools.bench.kvcap import run_kvcap
+
+        extra = ["--device", args.device, "--dtype", args.dtype, *args.server_arg]
+        return run_kvcap(args.out, tuple(p.strip() for p in args.kvcap.split(",") if p.strip()), args.model_path,
+                         extra)
     if args.preset:
-        results = run_matrix(args.preset, args.out, args.device, args.fresh, args.server_arg)
+        references = None if args.references is None else tuple(p for p in args.references.split(",") if p)
+        results = run_matrix(args.preset, args.out, args.device, args.fresh, args.server_arg,
+                             batches=_ints(args.batches), counts=_ints(args.adapter_counts), references=references)
         try:
             plot_matrix(results, args.out / f"preset-{args.preset}.png")
         except ImportError:
@@ -180,12 +202,12 @@ def run_bench(args) -> int:
 def _print(results: dict, headline: int) -> None:
     base = results["base_only"]
     print(f"{'run':>14} {'tok/s':>9} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'ttft p95':>9} "
-          f"{'cold p95':>9} {'hit':>6} {'errors':>6}")
+          f"{'itl p95':>8} {'cold p95':>9} {'hit':>6} {'errors':>6}")
     rows = [("base only", base)] + [(f"{n} adapters", r) for n, r in results["sweep"].items()]
     for name, r in rows:
         print(f"{name:>14} {r['tok_per_s']:>9.1f} {r['req_per_s']:>7.2f} {r['latency_ms'][50]:>8.1f} "
               f"{r['latency_ms'][95]:>8.1f} {r['latency_ms'][99]:>8.1f} {r['ttft_ms'][95]:>9.1f} "
-              f"{r['cold_load_p95_ms']:>9.1f} {r.get('cache_hit_ratio', 0):>6.2f} {r['errors']:>6}")
+              f"{r['itl_ms'][95]:>8.1f} {r['cold_load_p95_ms']:>9.1f} {r.get('cache_hit_ratio', 0):>6.2f} {r['errors']:>6}")
     if "naive" in results:
         print(f"{'naive':>14} {results['naive']['tok_per_s']:>9.1f} {results['naive']['req_per_s']:>7.2f}")
     print(f"{'engine limit':>14} {results['engine_limit']['tok_per_s']:>9.1f}   (in process, base model, "

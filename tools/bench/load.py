@@ -60,6 +60,9 @@ class Record:
     output_tokens: int = 0
     load_source: str = ""
     load_ms: float = 0.0
+    gaps_s: list[float] = field(default_factory=list)
+    """Between consecutive stream messages with text (inter-token latency, as a client sees it:
+    deltas a slow reader did not take yet arrive merged)."""
 
 
 @dataclass
@@ -70,13 +73,18 @@ class RunResult:
 
 async def _one(stub, adapter: str, prompt: str, max_new: int) -> Record:
     rec = Record(adapter)
-    started = time.perf_counter()
+    started = last = time.perf_counter()
     try:
         async for msg in stub.GenerateStream(pb.GenerateRequest(adapter_id=adapter, prompt=prompt,
                                                                 max_new_tokens=max_new, ignore_eos=True),
                                              timeout=600):
+            now = time.perf_counter()
             if not rec.ttft_s and (msg.text or msg.finish_reason):
-                rec.ttft_s = time.perf_counter() - started
+                rec.ttft_s = now - started
+            elif msg.text:
+                rec.gaps_s.append(now - last)
+            if msg.text:
+                last = now
             if msg.finish_reason:
                 rec.ok, rec.output_tokens = True, msg.usage.output_tokens
                 rec.load_source = pb.LoadSource.Name(msg.adapter.load_source).removeprefix("LOAD_SOURCE_").lower()

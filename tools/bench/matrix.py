@@ -54,12 +54,31 @@ PRESETS = {
 }
 
 
-def run_matrix(preset_name: str, out: Path, device: str, fresh: bool, extra_args: list[str]) -> dict:
+REFERENCES = ("hf_static", "hf_eager", "peft")
+
+
+def run_matrix(preset_name: str, out: Path, device: str, fresh: bool, extra_args: list[str],
+               batches: tuple[int, ...] | None = None, counts: tuple[int, ...] | None = None,
+               references: tuple[str, ...] | None = None) -> dict:
+    """`batches`, `counts` (the server's adapter counts, 0 = base only) and `references` (some of
+    REFERENCES) restrict or change the preset's; None keeps them."""
     from tools.bench.cli import ServerProcess
     from tools.bench.models import SHAPES, build_random_llama
     from tools.bench.synth import make_store
 
     preset = PRESETS[preset_name]
+    if batches:
+        preset = replace(preset, batches=tuple(batches))
+    server_counts = (0, *preset.adapter_counts) if counts is None else tuple(dict.fromkeys(counts))
+    if counts is not None:
+        adapter_counts = tuple(c for c in server_counts if c > 0)
+        if not adapter_counts:
+            raise SystemExit("--adapter-counts needs a count above 0: the ratios compare it with base-only")
+        headline = preset.headline if preset.headline in adapter_counts else max(adapter_counts)
+        preset = replace(preset, adapter_counts=adapter_counts, headline=headline)
+    references = REFERENCES if references is None else references
+    if set(references) - set(REFERENCES):
+        raise SystemExit(f"--references are some of {', '.join(REFERENCES)}, not {', '.join(references)}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"preset-{preset_name}.json"
     results = {} if fresh or not path.exists() else json.loads(path.read_text())
@@ -70,7 +89,7 @@ def run_matrix(preset_name: str, out: Path, device: str, fresh: bool, extra_args
     model = build_random_llama(out / f"model-{preset.shape}", SHAPES[preset.shape],
                                "cuda" if device != "cpu" and _cuda() else "cpu")
     store = out / f"store-{preset.shape}-r{preset.rank}"
-    if not (store / "registry.json").exists():
+    if not (store / "registry.json").exists() or not (store / f"bench{max(preset.adapter_counts) - 1}").is_dir():
         make_store(model, store, max(preset.adapter_counts), preset.rank)
     names = [f"bench{i}" for i in range(max(preset.adapter_counts))]
     dtype = "auto"
@@ -89,7 +108,7 @@ def run_matrix(preset_name: str, out: Path, device: str, fresh: bool, extra_args
             "plan": workload(headline, 1, max(preset.naive_requests, max(preset.peft_batches))).plan(),
             "naive_requests": preset.naive_requests}
     reference = results.setdefault("reference", {})
-    for part in ("hf_static", "hf_eager", "peft"):
+    for part in references:
         if part in reference or (part == "peft" and "peft_mixed" in reference):
             continue
         done = subprocess.run([sys.executable, "-m", "tools.bench.ceiling", json.dumps({**spec, "part": part})],
@@ -107,7 +126,7 @@ def run_matrix(preset_name: str, out: Path, device: str, fresh: bool, extra_args
                    "--max-model-len", "512", "--quantization", preset.quantization, "--dtype", dtype,
                    "--device", device, *preset.server_args, *extra_args]
     results.setdefault("server", {})
-    for count in (0, *preset.adapter_counts):
+    for count in server_counts:
         label = "base" if count == 0 else str(count)
         runs = results["server"].setdefault(label, {})
         todo = [b for b in preset.batches if str(b) not in runs]

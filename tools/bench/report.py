@@ -27,6 +27,7 @@ def summarize(result: RunResult, cache: dict | None = None) -> dict:
         "warm_latency_p95_ms": round(percentile(warm, 95), 1),
         "ttft_ms": {p: round(percentile([r.ttft_s * 1e3 for r in ok], p), 1) for p in (50, 95)},
         "server_ttft_ms": {p: round(percentile([r.server_ttft_s * 1e3 for r in ok], p), 1) for p in (50, 95)},
+        "itl_ms": {p: round(percentile([g * 1e3 for r in ok for g in r.gaps_s], p), 1) for p in (50, 95)},
         "cold_load_p95_ms": round(percentile([r.load_ms for r in ok if r.load_source == "disk"], 95), 1),
         "cold_loads": sum(1 for r in ok if r.load_source == "disk"),
     }

@@ -22,8 +22,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def make_store(model_path: Path, out: Path, count: int, rank: int = 16,
-               dtype: torch.dtype = torch.float32) -> Store:
-    """Adapters bench0 .. bench{count-1} (active, version 1) in a fresh store at `out`."""
+               dtype: torch.dtype = torch.float32, targets: list[str] = TARGETS, prefix: str = "bench") -> Store:
+    """Adapters {prefix}0 .. {prefix}{count-1} (active, version 1, adapting `targets`) in a fresh
+    store at `out`."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -32,21 +33,21 @@ def make_store(model_path: Path, out: Path, count: int, rank: int = 16,
     # costs nothing to template.
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
     shapes = {k: v.shape for k, v in get_peft_model_state_dict(get_peft_model(base, lora)).items()}
     config = lora.to_dict()
     config["base_model_name_or_path"] = str(model_path)
     identity = base_identity(model_path)
     store = Store(out)
     for i in range(count):
-        target = store.version_dir(f"bench{i}", "1")
+        target = store.version_dir(f"{prefix}{i}", "1")
         target.mkdir(parents=True)
         g = torch.Generator().manual_seed(i)
         save_file({k: (torch.randn(s, generator=g) * 0.05).to(dtype) for k, s in shapes.items()}, target / WEIGHTS)
         (target / CONFIG).write_text(json.dumps(config, default=sorted))
-        Passport(name=f"bench{i}", version="1", base_model=identity.model_id,
+        Passport(name=f"{prefix}{i}", version="1", base_model=identity.model_id,
                  base_model_revision=identity.revision, weights_sha256=sha256_file(target / WEIGHTS),
-                 created=now_iso(), status="active", task="bench", rank=rank, target_modules=TARGETS,
+                 created=now_iso(), status="active", task="bench", rank=rank, target_modules=list(targets),
                  smoke_test=SmokeTest(True, now_iso(), [], "synthetic")).write(target)
     store.reindex()
     return store

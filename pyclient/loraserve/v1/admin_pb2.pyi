@@ -126,7 +126,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_budget: _Optional[int] = ..., adapters: _Optional[int] = ...) -> None: ...
 
 class GetCacheStatsResponse(_message.Message):
-    __slots__ = ("tiers", "loads_in_flight", "peak_loads_in_flight", "max_context_tokens", "kv_slots", "kv_slots_in_use", "kv_pool_bytes")
+    __slots__ = ("tiers", "loads_in_flight", "peak_loads_in_flight", "max_context_tokens", "kv_slots", "kv_slots_in_use", "kv_pool_bytes", "kv_block_size", "kv_blocks_total", "kv_blocks_used", "kv_blocks_cached", "kv_tokens_held", "kv_pool_tokens", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "preemptions")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     LOADS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     PEAK_LOADS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,15 @@ class GetCacheStatsResponse(_message.Message):
     KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
     KV_SLOTS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     KV_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_HELD_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     loads_in_flight: int
     peak_loads_in_flight: int
@@ -141,4 +150,13 @@ class GetCacheStatsResponse(_message.Message):
     kv_slots: int
     kv_slots_in_use: int
     kv_pool_bytes: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., loads_in_flight: _Optional[int] = ..., peak_loads_in_flight: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_in_use: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ...) -> None: ...
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    kv_tokens_held: int
+    kv_pool_tokens: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    preemptions: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., loads_in_flight: _Optional[int] = ..., peak_loads_in_flight: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_in_use: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_tokens_held: _Optional[int] = ..., kv_pool_tokens: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...

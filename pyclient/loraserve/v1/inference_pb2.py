@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\"\xb9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12(\n\x08\x66\x61llback\x18\x0b \x01(\x0e\x32\x16.loraserve.v1.FallbackB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x82\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x19\n\x11prefill_device_ms\x18\x03 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_device_ms\x18\x04 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_load_ms\x18\x05 \x01(\x01\"\x89\x01\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x0bload_source\x18\x03 \x01(\x0e\x32\x18.loraserve.v1.LoadSource\x12\x15\n\rfallback_from\x18\x04 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\x05 \x01(\t\"S\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\"\xdf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12*\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.loraserve.v1.Timings\"\xe5\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12*\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.loraserve.v1.Timings*J\n\x08\x46\x61llback\x12\x18\n\x14\x46\x41LLBACK_UNSPECIFIED\x10\x00\x12\x11\n\rFALLBACK_FAIL\x10\x01\x12\x11\n\rFALLBACK_BASE\x10\x02*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03*\x82\x01\n\nLoadSource\x12\x1b\n\x17LOAD_SOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10LOAD_SOURCE_VRAM\x10\x01\x12\x13\n\x0fLOAD_SOURCE_RAM\x10\x02\x12\x14\n\x10LOAD_SOURCE_DISK\x10\x03\x12\x16\n\x12LOAD_SOURCE_REMOTE\x10\x04\x32\xb6\x01\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\"\xb9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12(\n\x08\x66\x61llback\x18\x0b \x01(\x0e\x32\x16.loraserve.v1.FallbackB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x9f\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x19\n\x11prefill_device_ms\x18\x03 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_device_ms\x18\x04 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_load_ms\x18\x05 \x01(\x01\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x06 \x01(\r\"\x89\x01\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x0bload_source\x18\x03 \x01(\x0e\x32\x18.loraserve.v1.LoadSource\x12\x15\n\rfallback_from\x18\x04 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\x05 \x01(\t\"S\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\"\xdf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12*\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.loraserve.v1.Timings\"\xe5\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12*\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.loraserve.v1.Timings*J\n\x08\x46\x61llback\x12\x18\n\x14\x46\x41LLBACK_UNSPECIFIED\x10\x00\x12\x11\n\rFALLBACK_FAIL\x10\x01\x12\x11\n\rFALLBACK_BASE\x10\x02*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03*\x82\x01\n\nLoadSource\x12\x1b\n\x17LOAD_SOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10LOAD_SOURCE_VRAM\x10\x01\x12\x13\n\x0fLOAD_SOURCE_RAM\x10\x02\x12\x14\n\x10LOAD_SOURCE_DISK\x10\x03\x12\x16\n\x12LOAD_SOURCE_REMOTE\x10\x04\x32\xb6\x01\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FALLBACK']._serialized_start=1178
-  _globals['_FALLBACK']._serialized_end=1252
-  _globals['_FINISHREASON']._serialized_start=1254
-  _globals['_FINISHREASON']._serialized_end=1381
-  _globals['_LOADSOURCE']._serialized_start=1384
-  _globals['_LOADSOURCE']._serialized_end=1514
+  _globals['_FALLBACK']._serialized_start=1207
+  _globals['_FALLBACK']._serialized_end=1281
+  _globals['_FINISHREASON']._serialized_start=1283
+  _globals['_FINISHREASON']._serialized_end=1410
+  _globals['_LOADSOURCE']._serialized_start=1413
+  _globals['_LOADSOURCE']._serialized_end=1543
   _globals['_GENERATEREQUEST']._serialized_start=47
   _globals['_GENERATEREQUEST']._serialized_end=360
   _globals['_USAGE']._serialized_start=363
-  _globals['_USAGE']._serialized_end=493
-  _globals['_ADAPTERINFO']._serialized_start=496
-  _globals['_ADAPTERINFO']._serialized_end=633
-  _globals['_TIMINGS']._serialized_start=635
-  _globals['_TIMINGS']._serialized_end=718
-  _globals['_GENERATERESPONSE']._serialized_start=721
-  _globals['_GENERATERESPONSE']._serialized_end=944
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=947
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1176
-  _globals['_INFERENCESERVICE']._serialized_start=1517
-  _globals['_INFERENCESERVICE']._serialized_end=1699
+  _globals['_USAGE']._serialized_end=522
+  _globals['_ADAPTERINFO']._serialized_start=525
+  _globals['_ADAPTERINFO']._serialized_end=662
+  _globals['_TIMINGS']._serialized_start=664
+  _globals['_TIMINGS']._serialized_end=747
+  _globals['_GENERATERESPONSE']._serialized_start=750
+  _globals['_GENERATERESPONSE']._serialized_end=973
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=976
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1205
+  _globals['_INFERENCESERVICE']._serialized_start=1546
+  _globals['_INFERENCESERVICE']._serialized_end=1728
 # @@protoc_insertion_point(module_scope)

@@ -67,18 +67,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., fallback: _Optional[_Union[Fallback, str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("input_tokens", "output_tokens", "prefill_device_ms", "decode_device_ms", "adapter_load_ms")
+    __slots__ = ("input_tokens", "output_tokens", "prefill_device_ms", "decode_device_ms", "adapter_load_ms", "cached_input_tokens")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_DEVICE_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_DEVICE_MS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     output_tokens: int
     prefill_device_ms: float
     decode_device_ms: float
     adapter_load_ms: float
-    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., prefill_device_ms: _Optional[float] = ..., decode_device_ms: _Optional[float] = ..., adapter_load_ms: _Optional[float] = ...) -> None: ...
+    cached_input_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., prefill_device_ms: _Optional[float] = ..., decode_device_ms: _Optional[float] = ..., adapter_load_ms: _Optional[float] = ..., cached_input_tokens: _Optional[int] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
     __slots__ = ("id", "version", "load_source", "fallback_from", "fallback_reason")

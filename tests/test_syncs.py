@@ -1,0 +1,170 @@
+"""One device-to-host transfer per decode step: the step's tokens and finite flags, through
+runner.engine._fetch, and no other read of a device value on the host.
+
+On a CPU no transfer is observable, so the CPU test counts what would be one on cuda: calls of
+`_fetch`, and every Python-level read of a tensor's values (`.tolist()`, `.item()`, `.cpu()`,
+`.numpy()`, `bool()`, `int()`, `float()`, use as an index) anywhere in the step outside the model's
+own forward. On cuda each of those is a synchronisation when the tensor lives on the device
+(torch.cuda.set_sync_debug_mode flags it); on a CPU they are all counted, host tensors too, so the
+step reads none at all. (A copy *to* the host with `.to("cpu")` is not counted: on a CPU it cannot
+be told from the copies in; the gpu test below catches it.) The model's forward is left out: it is
+the same forward a CUDA graph captures, which could not hold a sync.
+
+The `gpu` test runs the same step on cuda under set_sync_debug_mode("error"), which raises on any
+synchronising call (a pageable copy in, a read of a device value) except inside `_fetch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+import torch
+
+import runner.engine as engine_module
+from conftest import ADAPTERS, PROMPT, demo_ref
+from runner.engine import EngineConfig, TorchEngine
+from scheduler.blocks import BlockManager
+from scheduler.engine import Row
+from scheduler.types import SamplingParams
+
+PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there", "Question: Why?\nAnswer:")
+SAMPLING = (SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=1),
+            SamplingParams(temperature=0.9, top_p=0.9, seed=2), SamplingParams(temperature=0.7, top_k=40, top_p=0.8, seed=3),
+            SamplingParams(temperature=1.2, seed=4), SamplingParams(), SamplingParams(temperature=0.5, top_k=3, seed=5))
+READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _engine(demo_dir, mode: str, device: str = "cpu") -> TorchEngine:
+    engine = TorchEngine(EngineConfig(demo_dir / "base", device=device, max_rows=8, max_model_len=160,
+                                      kv_block_size=8, decode_graphs=mode))
+    asyncio.run(engine.start())
+    return engine
+
+
+def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING):
+    """A prefilled batch of greedy and sampled rows (top_k, top_p, both, temperature alone) over the
+    base model and three adapters; -> a function giving the rows of its next decode step."""
+    refs = [demo_ref(demo_dir, n) for n in ("base", *ADAPTERS)]
+    manager = BlockManager(engine.kv_blocks, engine.kv_block_size, prefix_caching=False)
+    prompts = [tuple(engine.encode(PROMPTS[i % len(PROMPTS)])) for i in range(len(sampling))]
+    tables = [manager.admit("s", p) for p in prompts]
+    generated: list[list[int]] = [[] for _ in prompts]
+
+    def rows() -> list[Row]:
+        for i, p in enumerate(prompts):
+            assert manager.grow(tables[i], len(p) + len(generated[i]))
+        return [Row(i, refs[i % len(refs)], tuple(tables[i].blocks), prompts[i], generated[i], sampling[i])
+                for i in range(len(prompts))]
+
+    async def prefill():
+        for ref in refs[1:]:
+            if ref not in engine._slots:
+                await engine.fetch(ref)
+                await engine.attach(ref)
+        for r in await engine.prefill(rows()):
+            generated[r.seq_id].append(r.token_id)
+    asyncio.run(prefill())
+
+    def step() -> list:
+        results = engine._decode(rows())
+        for r in results:
+            assert r.error is None
+            generated[r.seq_id].append(r.token_id)
+        return results
+    return step
+
+
+@pytest.mark.parametrize("mode", ["off", "buffers"])
+def test_a_decode_step_reads_the_device_once(demo_dir, monkeypatch, mode):
+    engine = _engine(demo_dir, mode)
+    try:
+        step = _mixed_batch(engine, demo_dir)
+        step()  # a first step (the buffers' bucket) as a warm-up, then one counted
+        fetched, reads, forward = [], [], [0]
+        real_fetch, real_call = engine_module._fetch, engine._call
+
+        def fetch(tensor):
+            fetched.append(tuple(tensor.shape))
+            forward[0] += 1  # what _fetch itself reads is the one transfer
+            try:
+                return real_fetch(tensor)
+            finally:
+                forward[0] -= 1
+
+        def call(*args, **kwargs):
+            forward[0] += 1
+            try:
+                return real_call(*args, **kwargs)
+            finally:
+                forward[0] -= 1
+
+        def counted(name):
+            real = getattr(torch.Tensor, name)
+
+            def read(self, *args, **kwargs):
+                if not forward[0]:
+                    reads.append(name)
+                return real(self, *args, **kwargs)
+            return read
+
+        monkeypatch.setattr(engine_module, "_fetch", fetch)
+        monkeypatch.setattr(engine, "_call", call)
+        for name in READS:
+            monkeypatch.setattr(torch.Tensor, name, counted(name))
+        results = step()
+        monkeypatch.undo()
+        assert fetched == [(2, len(SAMPLING))]
+        assert reads == []
+        assert len(results) == len(SAMPLING)
+    finally:
+        asyncio.run(engine.close())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_a_cuda_decode_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch, mode):
+    """Captured ("auto") and eager decode on cuda: no implicit sync anywhere in the step (pageable
+    copies in, reads of device values) but the one transfer."""
+    engine = _engine(demo_dir, mode, device="cuda")
+    try:
+        step = _mixed_batch(engine, demo_dir)
+        step()  # captures the bucket's graph, compiles FlexAttention: both synchronise, once
+        torch.cuda.synchronize()
+        real_fetch, fetched = engine_module._fetch, []
+
+        def fetch(tensor):
+            fetched.append(tensor.device.type)
+            torch.cuda.set_sync_debug_mode("default")
+            try:
+                return real_fetch(tensor)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+
+        monkeypatch.setattr(engine_module, "_fetch", fetch)
+        torch.cuda.set_sync_debug_mode("error")
+        with contextlib.ExitStack() as undo:
+            undo.callback(torch.cuda.set_sync_debug_mode, "default")
+            step()
+        assert fetched == ["cuda"]
+    finally:
+        asyncio.run(engine.close())
+
+
+def test_the_finite_flag_is_isfinite_all():
+    from runner.engine import _finite
+
+    scores = torch.randn(6, 50) * 1e37  # large finite scores: their sum would overflow, not 0 x them
+    for row, bad in ((1, float("nan")), (2, float("inf")), (3, float("-inf")), (4, 3.4e38)):
+        scores[row, 7 * row] = bad
+    assert _finite(scores).tolist() == torch.isfinite(scores).all(dim=-1).tolist() == [True, False, False, False,
+                                                                                       True, True]
+
+
+def test_the_step_host_bench_runs(demo_dir):
+    from tools.bench.step_host import MIXES, step_host
+
+    rows = step_host(demo_dir / "base", batches=(3,), vocab=1000, steps=2)
+    assert [(r["batch"], r["mix"]) for r in rows] == [(3, mix) for mix in MIXES]
+    assert all(r["median_us"] > 0 for r in rows)
