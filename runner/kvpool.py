@@ -140,13 +140,6 @@ def _tables(pool: KVPool, tables: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t + [pool.scratch] * (width - len(t)) for t in tables], dtype=torch.int32)
 
 
-def decode_context(pool: KVPool, tables: list[list[int]], lengths: list[int], device: torch.device,
-                   kernel: str) -> StepContext:
-    """`lengths`: tokens each row already holds; this step writes position `length`."""
-    table_t = _tables(pool, tables).to(device)
-    return decode_view(pool, table_t, torch.tensor(lengths, device=device), kernel, max(lengths) + 1)
-
-
 def decode_view(pool: KVPool, tables: torch.Tensor, lengths: torch.Tensor, kernel: str,
                 read_len: int) -> StepContext:
     """The decode context from device tensors alone (what a captured step can build): `tables`

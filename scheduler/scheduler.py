@@ -69,7 +69,6 @@ class _Seq:
     emitted: int = 0
     done: bool = False
     cancelled: bool = False
-    completed: bool = False
     dispatched: bool = False
     """Admitted once already (a preempted sequence resumes with its first admission's figures)."""
     suspect: bool = False
@@ -543,11 +542,17 @@ class Scheduler:
             self._observer.adapter_ready(adapter, source, fresh[0].timings.load_ms)
         return True
 
+    def _release(self, seq: _Seq) -> None:
+        """Its KV blocks go back; a failed row, or one a failed step held, may have left non-finite
+        keys in them, so those wait to be zeroed."""
+        if seq.table is not None:
+            self._kv.release(seq.table, clean=not seq.suspect)
+            seq.table = None
+
     def _requeue(self, group: list[_Seq]) -> None:
         for seq in group:
             self._running.remove(seq)
-            self._kv.release(seq.table)
-            seq.table = None
+            self._release(seq)
         self._waiting[:0] = group
 
     def _make_room(self) -> None:
@@ -566,8 +571,7 @@ class Scheduler:
 
     def _preempt(self, seq: _Seq) -> None:
         self._running.remove(seq)
-        self._kv.release(seq.table)
-        seq.table = None
+        self._release(seq)
         self._waiting.insert(0, seq)
         self.stats.preemptions += 1
         log.info("request %s preempted after %d tokens: the KV pool is full; it resumes when blocks free up",
@@ -598,9 +602,7 @@ class Scheduler:
         if not gone:
             return
         for seq in gone:
-            if seq.table is not None:  # a failed row, or one a failed step held, may have left non-finite keys
-                self._kv.release(seq.table, clean=not seq.suspect)
-                seq.table = None
+            self._release(seq)
         self._running = [s for s in self._running if not (s.done or s.cancelled)]
         self._deferred.clear()  # rows left: room may have been freed
 
@@ -666,7 +668,7 @@ class Scheduler:
 
     def _finish(self, seq: _Seq, text: str, reason: FinishReason) -> None:
         seq.emit(text, len(text))
-        seq.done = seq.completed = True
+        seq.done = True
         seq.timeline.finished = self._clock()
         self.stats.completed += 1
         took = seq.timeline.finished - seq.timeline.dispatched

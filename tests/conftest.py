@@ -63,6 +63,17 @@ def demo_dir() -> Path:
     return out
 
 
+def fetch_on(engine, ref: AdapterRef) -> int:
+    """Start `engine`, read `ref` (into its RAM tier) and close it: what loading that adapter raises."""
+    async def run() -> int:
+        await engine.start()
+        try:
+            return await engine.fetch(ref)
+        finally:
+            await engine.close()
+    return asyncio.run(run())
+
+
 def demo_ref(demo_dir: Path, name: str) -> AdapterRef:
     """The engine's reference to demo adapter `name`@1 ("base": the base model alone)."""
     if name == "base":

@@ -11,7 +11,7 @@ import shutil
 import grpc
 import pytest
 
-from conftest import PROMPT, ServerThread, clone_adapter, server_config
+from conftest import PROMPT, ServerThread, clone_adapter, fetch_on, server_config
 from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
@@ -103,15 +103,8 @@ def test_the_engine_refuses_weights_for_a_layer_it_does_not_wrap(demo_dir):
     engine = TorchEngine(EngineConfig(demo_dir / "base", lora_target_modules=("q_proj", "k_proj", "v_proj")))
     ref = AdapterRef("legal", "1", str(demo_dir / "adapters" / "legal" / "1"))
 
-    async def scenario():
-        await engine.start()
-        try:
-            await engine.fetch(ref)
-        finally:
-            await engine.close()
-
     with pytest.raises(AdapterIncompatible, match=r"(o|gate|up|down)_proj .*restart it with --lora-target-modules"):
-        asyncio.run(scenario())
+        fetch_on(engine, ref)
     assert engine.lora_modules() == {"q_proj", "k_proj", "v_proj"}
 
 

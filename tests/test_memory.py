@@ -8,7 +8,7 @@ import gc
 import pytest
 import torch
 
-from conftest import ADAPTERS, TEST_DTYPE
+from conftest import ADAPTERS, TEST_DTYPE, fetch_on
 from runner.engine import EngineConfig, TorchEngine
 from scheduler.cache import Budgets, Tier
 from scheduler.errors import AdapterIncompatible
@@ -78,15 +78,8 @@ def test_an_adapter_above_the_slots_rank_is_refused_at_load(demo_dir):
     engine = TorchEngine(EngineConfig(demo_dir / "base", max_lora_rank=4))  # the demo adapters are rank 8
     ref = AdapterRef("legal", "1", str(demo_dir / "adapters" / "legal" / "1"))
 
-    async def scenario():
-        await engine.start()
-        try:
-            await engine.fetch(ref)
-        finally:
-            await engine.close()
-
     with pytest.raises(AdapterIncompatible, match="rank 8"):
-        asyncio.run(scenario())
+        fetch_on(engine, ref)
 
 
 def test_a_verified_file_rewritten_after_its_check_is_hashed_again(demo_dir, tmp_path):
