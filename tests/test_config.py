@@ -37,6 +37,12 @@ def test_flags_beat_env_beat_defaults():
     (["--client-id-metadata-key", "authorization"], "client_id_metadata_key"),
     (["--client-id-metadata-key", "grpc-client"], "client_id_metadata_key"),
     (["--client-id-metadata-key", "x-client-id", "--auth-tokens-file", "t.json"], "only without auth_tokens_file"),
+    (["--kv-block-size", "0"], "kv_block_size"),
+    (["--kv-cache-mib", "-1"], "kv_cache_mib"),
+    (["--gpu-memory-fraction", "1.5"], "gpu_memory_fraction"),
+    (["--gpu-memory-fraction", "0"], "gpu_memory_fraction"),
+    (["--attention", "paged"], "attention must be one of auto, flex, reference"),
+    (["--max-num-batched-tokens", "0"], "max_num_batched_tokens"),
 ])
 def test_nonsense_fails_fast(argv, message):
     with pytest.raises(ValueError, match=message):
