@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -30,7 +31,8 @@ from registry.weights import WeightsError, check_against_config, held_bytes, wei
 from runner import determinism
 from runner.detok import decode_new
 from runner.graphs import CaptureFailed, DecodeGraphs
-from runner.kvpool import ATTENTION, KERNELS, KVPool, decode_view, geometry_of, prefill_context
+from runner.kvpool import (ATTENTION, KERNELS, KVPool, MixedContext, decode_view, geometry_of, plan_prefill,
+                           prefill_context)
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
 from runner.sampling import Sampler
@@ -175,6 +177,7 @@ class TorchEngine:
         self._kernel = "reference"
         self._graphs: DecodeGraphs | None = None
         self._inputs: Staging | None = None  # eager decode's tokens, lengths, slots and block tables
+        self._prefill_inputs: Staging | None = None  # a prefill's or mixed step's (PrefillPlan.values and more)
         self._sampler: Sampler | None = None
         self._copy_stream = None  # cuda: adapters are copied into their slots on a side stream
         self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
@@ -222,6 +225,7 @@ class TorchEngine:
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         rows = self.cfg.max_rows
         self._inputs = Staging(rows * (3 + self._pool.geometry.blocks_per_sequence), self._device)
+        self._prefill_inputs = Staging(8 * max(self.cfg.prefill_chunk_tokens, rows), self._device)
         self._sampler = Sampler(self._device, rows)
         if graphs:
             self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad, capture=capture,
@@ -554,6 +558,9 @@ class TorchEngine:
     async def decode(self, rows: Sequence[Row]) -> list[StepResult]:
         return await self._run(self._typed, self._decode, list(rows))
 
+    async def step(self, rows: Sequence[Row]) -> list[StepResult]:
+        return await self._run(self._typed, self._step, list(rows))
+
     def _typed(self, step, rows):
         """torch's CUDA and CPU out-of-memory errors become OutOfMemory (the scheduler splits the
         rows and retries); what was allocated for the failed step is released."""
@@ -568,29 +575,61 @@ class TorchEngine:
                 torch.cuda.empty_cache()
             raise OutOfMemory(f"not enough {self._device.type} memory for this batch step") from exc
 
+    def _step(self, rows: list[Row]) -> list[StepResult]:
+        """Rows that prefill a chunk (Row.prefill) and rows that decode: one forward when both are
+        there; decode alone goes through the decode graphs."""
+        chunks = sum(r.prefill for r in rows)
+        if not chunks:
+            return self._decode(rows)
+        return self._prefill(rows) if chunks == len(rows) else self._mixed(rows)
+
     @torch.inference_mode()
     def _prefill(self, rows: list[Row]) -> list[StepResult]:
         """Each row computes its context (prompt, and what it generated before a preemption) past the
         positions a shared prefix already holds; its next token comes from the last one."""
-        fed = [r.fed for r in rows]
-        lengths = [len(f) for f in fed]
-        width = max(lengths)
-        # Left padding puts every row's last token in the last column (logits_to_keep=1).
-        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        for i, tokens in enumerate(fed):
-            ids[i, width - lengths[i]:] = torch.tensor(tokens)
-        start = torch.tensor([width - n for n in lengths]).unsqueeze(1)
-        cached = [r.cached for r in rows]
-        positions = (torch.arange(width).unsqueeze(0) - start).clamp(min=0) + torch.tensor(cached).unsqueeze(1)
-        tables = [list(r.blocks) for r in rows]
+        fed, tables, cached = [list(r.fed) for r in rows], [list(r.blocks) for r in rows], [r.cached for r in rows]
+        width = max(map(len, fed))
         # Long prompts run in chunks of columns, so activations and masks stay bounded whatever the
         # prompt's length; each chunk writes its keys into the pool, where the next reads them.
+        # Left padding puts every row's last token in the last column (logits_to_keep=1).
         chunk = self.cfg.prefill_chunk_tokens or width
         for begin in range(0, width, chunk):
-            end = min(begin + chunk, width)
-            ctx = prefill_context(self._pool, tables, cached, lengths, self._device, begin, end)
-            logits = self._forward(rows, ids[:, begin:end], positions[:, begin:end], ctx)
+            plan = plan_prefill(tables, cached, fed, self._pool.scratch, begin, min(begin + chunk, width))
+            ctx, ids, positions = prefill_context(self._pool, plan, self._prefill_inputs.send(plan.values))
+            logits = self._forward(rows, ids, positions, ctx)
         return self._results(rows, logits)
+
+    @torch.inference_mode()
+    def _mixed(self, rows: list[Row]) -> list[StepResult]:
+        """Decode rows and prefill chunks in one forward (kvpool.MixedContext): the step's tokens
+        packed into one sequence, its inputs sent in one copy; the logits kept are each decode
+        row's and each chunk's last token's."""
+        decoding, chunks = [r for r in rows if not r.prefill], [r for r in rows if r.prefill]
+        n, fed = len(decoding), [list(r.fed) for r in chunks]
+        plan = plan_prefill([list(r.blocks) for r in chunks], [r.cached for r in chunks], fed, self._pool.scratch)
+        lengths = [r.length for r in decoding]
+        slots = [self._lora_slot(r) for r in decoding]
+        for row, tokens in zip(chunks, fed):
+            slots += [self._lora_slot(row)] * len(tokens)
+        ends = list(itertools.accumulate(map(len, fed), initial=n))[1:]
+        flat, width = decode_rows([r.generated[-1] for r in decoding], lengths, [0] * n,
+                                  [r.blocks for r in decoding], 0, self._pad, self._pool.scratch)
+        packed = [*flat, *plan.values, *slots, *range(n), *(e - 1 for e in ends)]
+        dev = self._prefill_inputs.send(packed)
+        inputs, table_t = decode_views(dev[:len(flat)], n, width)
+        dev = dev[len(flat):]
+        ctx, _, _ = prefill_context(self._pool, plan, dev[:len(plan.values)])
+        slots_t, keep = dev[len(plan.values):].split([len(slots), n + len(chunks)])
+        ids = torch.cat((inputs[0], dev[:plan.tokens])).unsqueeze(0)  # [1, N]
+        positions = torch.cat((inputs[1], dev[3 * plan.tokens:4 * plan.tokens])).unsqueeze(0)
+        # The decode rows' keys are gathered (the reference read), as a prefill's are: FlexAttention
+        # compiles per row count, which the graphs' buckets bound for decode steps but not here.
+        ctx = MixedContext(decode_view(self._pool, table_t.to(torch.int32), inputs[1], "reference", max(lengths) + 1),
+                           ctx, n)
+        logits = self._forward([*decoding, *chunks], ids, positions, ctx, (tuple(slots), slots_t), keep)
+        results = dict(zip((r.seq_id for r in (*decoding, *chunks)),
+                           self._results([*decoding, *chunks], logits)))
+        return [results[r.seq_id] for r in rows]
 
     @torch.inference_mode()
     def _decode(self, rows: list[Row]) -> list[StepResult]:
@@ -614,26 +653,28 @@ class TorchEngine:
         return self._results(rows, self._forward(rows, ids, lengths_t.unsqueeze(1), ctx, (tuple(lora), slots)))
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx,
-                 slots: tuple[tuple[int, ...], torch.Tensor] | None = None) -> torch.Tensor:
-        """[B, vocab] float32 logits of each row's next token. `slots`: a decode step's LoRA slot per
-        row, and the same already on the device (from the step's one copy in)."""
+                 slots: tuple[tuple[int, ...], torch.Tensor] | None = None, keep: torch.Tensor | None = None):
+        """[B, vocab] float32 logits of each row's next token. `slots`: the step's LoRA slot per row
+        (per token, packed), and the same already on the device (from the step's one copy in).
+        `keep`: a packed step's columns whose logits are kept (else each row's last)."""
         lora, on_device = slots or (tuple(self._lora_slot(r) for r in rows), None)
         if on_device is None or self._rows.kernel != "triton":  # the grouped path groups rows from the host tuple
             installed = self._rows.using(lora, self._device)
         else:
             installed = self._rows.installed(on_device if any(lora) else None)
         with installed:
-            return self._call(ids.to(self._device), positions.to(self._device), ctx).float()
+            return self._call(ids.to(self._device), positions.to(self._device), ctx, keep).float()
 
     def _model_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx, lora: torch.Tensor | None):
         """A captured decode step: `lora` is the graphs' persistent [B] slot buffer."""
         with self._rows.installed(lora):
             return self._call(ids, positions, ctx)
 
-    def _call(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+    def _call(self, ids: torch.Tensor, positions: torch.Tensor, ctx, keep: torch.Tensor | None = None) -> torch.Tensor:
         """[B, vocab] logits of each row's next token (the attention takes its mask from ctx)."""
-        out = self._model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, kv_step=ctx)
-        return out.logits[:, -1, :]
+        out = self._model(input_ids=ids, position_ids=positions, use_cache=False,
+                          logits_to_keep=1 if keep is None else keep, kv_step=ctx)
+        return out.logits[:, -1, :] if keep is None else out.logits[0]
 
     def _lora_slot(self, row: Row) -> int:
         if row.adapter.is_base:

@@ -105,39 +105,76 @@ def _gather_index(tables: torch.Tensor, read_len: int, block_size: int) -> torch
     return (tables[:, :blocks, None] * block_size + offsets).flatten(1)[:, :read_len]
 
 
-def prefill_context(pool: KVPool, tables: list[list[int]], cached: list[int], fed: list[int],
-                    device: torch.device, begin: int = 0, end: int | None = None) -> StepContext:
-    """Columns [begin, end) of the rows' fed tokens left-padded to one width T. Row i feeds `fed[i]`
-    tokens at positions cached[i] .. cached[i] + fed[i] - 1 (its first cached[i] positions sit in
-    shared blocks already)."""
-    bs = pool.geometry.block_size
-    width = max(fed)
+@dataclass(frozen=True)
+class PrefillPlan:
+    """The host side of one prefill chunk: columns [begin, end) of B rows' fed tokens, left-padded
+    to one width T (row i feeds fed[i] tokens at positions cached[i] .. cached[i] + fed[i] - 1; its
+    first cached[i] positions sit in blocks already). Everything the device needs is in `values`,
+    sent with the step's one copy in (runner/staging.py); `prefill_context` reads it there."""
+
+    rows: int
+    columns: int
+    """C, the chunk's columns."""
+    tokens: int
+    """N, the chunk's real (unpadded) tokens."""
+    table_width: int
+    read_len: int
+    """Positions gathered per row; 0 for a first chunk with nothing cached (its fresh keys only)."""
+    values: list[int]
+    """ids, grid rows, grid columns, positions (N each, row-major: the rows' tokens in order),
+    each row's first real column (in chunk columns, may be negative) and cached count (B each),
+    block tables [B, table_width]."""
+
+    @property
+    def positions(self) -> list[int]:
+        return self.values[3 * self.tokens:4 * self.tokens]
+
+
+def plan_prefill(tables: list[list[int]], cached: list[int], fed: list[list[int]], scratch: int,
+                 begin: int = 0, end: int | None = None) -> PrefillPlan:
+    width = max(map(len, fed))
     end = width if end is None else end
-    col = torch.arange(begin, end)
-    start = torch.tensor([width - n for n in fed]).unsqueeze(1)  # [B, 1] first real column
-    valid = col.unsqueeze(0) >= start  # [B, C]
-    positions = (col.unsqueeze(0) - start).clamp(min=0) + torch.tensor(cached).unsqueeze(1)  # [B, C]
-    table_t = _tables(pool, tables)
-    rows, cols = valid.nonzero(as_tuple=True)
-    pos = positions[rows, cols]
-    write = table_t[rows, pos // bs] * bs + pos % bs
-    if begin == 0 and not any(cached):
+    ids, rows, cols, positions, starts = [], [], [], [], []
+    for i, tokens in enumerate(fed):
+        start = width - len(tokens)  # first real column
+        starts.append(start - begin)
+        lo = max(begin, start)
+        if lo >= end:  # all padding in these columns
+            continue
+        ids += tokens[lo - start:end - start]
+        rows += [i] * (end - lo)
+        cols += range(lo - begin, end - begin)
+        positions += range(cached[i] + lo - start, cached[i] + end - start)
+    table_width = max(map(len, tables))
+    flat = [t for table in tables for t in (*table, *[scratch] * (table_width - len(table)))]
+    read_len = 0 if begin == 0 and not any(cached) else max(positions) + 1
+    return PrefillPlan(len(fed), end - begin, len(ids), table_width, read_len,
+                       [*ids, *rows, *cols, *positions, *starts, *cached, *flat])
+
+
+def prefill_context(pool: KVPool, plan: PrefillPlan, dev: torch.Tensor) -> tuple[StepContext, torch.Tensor,
+                                                                                torch.Tensor]:
+    """`plan`'s values already on the device (`dev`) -> (context, ids [B, C], positions [B, C]),
+    built there with no further copy or sync."""
+    bs, n, b, c = pool.geometry.block_size, plan.tokens, plan.rows, plan.columns
+    ids, rows, cols, pos = dev[:4 * n].view(4, n)
+    start, cached = dev[4 * n:4 * n + 2 * b].view(2, b, 1)
+    tables = dev[4 * n + 2 * b:].view(b, plan.table_width).to(torch.int32)
+    write = tables[rows, pos // bs].long() * bs + pos % bs
+    col = torch.arange(c, device=dev.device)
+    valid = col >= start  # [B, C]
+    positions = (col - start).clamp(min=0) + cached  # [B, C]; padding columns repeat the first position
+    grid = torch.zeros((b, c), dtype=torch.long, device=dev.device)
+    grid[rows, cols] = ids
+    if not plan.read_len:
         causal = col.unsqueeze(0) <= col.unsqueeze(1)  # [C(query), C(key)]
         # Padding queries may see only themselves: a fully masked row would make SDPA produce NaN.
-        mask = (causal.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(len(col), dtype=torch.bool).unsqueeze(0)
-        read_len = 0
+        mask = (causal & valid.unsqueeze(1)) | torch.eye(c, dtype=torch.bool, device=dev.device)
     else:
-        read_len = int(positions.max()) + 1
-        key = torch.arange(read_len)
+        key = torch.arange(plan.read_len, device=dev.device)
         # Each query sees its own row's positions up to its own; padding queries see position 0.
         mask = torch.where(valid.unsqueeze(2), key <= positions.unsqueeze(2), key == 0)  # [B, C, L]
-    return StepContext(pool, write.to(device), True, table_t.to(device), read_len, mask.unsqueeze(1).to(device),
-                       (rows.to(device), cols.to(device)))
-
-
-def _tables(pool: KVPool, tables: list[list[int]]) -> torch.Tensor:
-    width = max(len(t) for t in tables)
-    return torch.tensor([t + [pool.scratch] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return StepContext(pool, write, True, tables, plan.read_len, mask.unsqueeze(1), (rows, cols)), grid, positions
 
 
 def decode_view(pool: KVPool, tables: torch.Tensor, lengths: torch.Tensor, kernel: str,
@@ -187,10 +224,48 @@ def _flex(query, key, value, block_mask, scale):
     return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
+@dataclass(frozen=True)
+class MixedContext:
+    """A step that decodes some rows and prefills chunks of others in one forward: its tokens are
+    packed into one sequence [1, N], the `decoding` rows' tokens first (one each), then each
+    chunk's tokens in order (the prefill grid's row-major real tokens). Every layer but the
+    attention runs once over all of them; the attention splits them by kind."""
+
+    decode: StepContext
+    prefill: StepContext
+    decoding: int
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_step=None, **_):
     """HF attention interface: query [B, H, T, D], key/value [B, Hkv, T, D] (rotary applied)."""
-    ctx: StepContext = kv_step
-    k_pool, v_pool = ctx.pool.keys[module.layer_idx], ctx.pool.values[module.layer_idx]
+    if isinstance(kv_step, MixedContext):
+        return _mixed(module.layer_idx, kv_step, query, key, value, scaling), None
+    return _attend(module.layer_idx, kv_step, query, key, value, scaling), None
+
+
+def _mixed(layer: int, ctx: MixedContext, query, key, value, scaling) -> torch.Tensor:
+    """[1, N, H, D]: the decode rows' part as a decode step ([n, H, 1, D] per tensor), the chunks'
+    part scattered into their [B, C] grid as a prefill step and gathered back."""
+    n = ctx.decoding
+    rows, cols = ctx.prefill.picked
+    b, c = ctx.prefill.mask.shape[0], ctx.prefill.mask.shape[2]
+
+    def decoding(t: torch.Tensor) -> torch.Tensor:
+        return t[0, :, :n].transpose(0, 1).unsqueeze(2)
+
+    def grid(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros((b, t.shape[1], c, t.shape[3]))
+        out[rows, :, cols] = t[0, :, n:].transpose(0, 1)
+        return out
+
+    decoded = _attend(layer, ctx.decode, decoding(query), decoding(key), decoding(value), scaling)  # [n, 1, H, D]
+    prefilled = _attend(layer, ctx.prefill, grid(query), grid(key), grid(value), scaling)  # [B, C, H, D]
+    return torch.cat((decoded[:, 0], prefilled[rows, cols])).unsqueeze(0)
+
+
+def _attend(layer: int, ctx: StepContext, query, key, value, scaling) -> torch.Tensor:
+    """[B, T, H, D] contiguous."""
+    k_pool, v_pool = ctx.pool.keys[layer], ctx.pool.values[layer]
     if ctx.prefill:
         rows, cols = ctx.picked
         k_pool[ctx.write] = key.transpose(1, 2)[rows, cols]
@@ -201,7 +276,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if ctx.block_mask is not None:
         out = _flex(query, k_pool.unsqueeze(0).transpose(1, 2), v_pool.unsqueeze(0).transpose(1, 2),
                     ctx.block_mask, scaling)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
     k, v = key, value
     if ctx.read_len:
         index = _gather_index(ctx.tables, ctx.read_len, ctx.pool.geometry.block_size)  # [B, L]
@@ -212,7 +287,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         v = torch.where(seen, v_pool[index].transpose(1, 2), 0)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=ctx.mask, scale=scaling,
                                          enable_gqa=query.shape[1] != k.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(ATTENTION, paged_attention)

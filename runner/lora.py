@@ -11,9 +11,10 @@ the stacks in place (no per-row copy of the weights):
 * on CUDA, two Triton kernels over the rows' slot indices and the rank table
   (runner/lora_kernels.py; BGMV: each row reads its own adapter's weights, at its own rank; rows
   of slot 0 return at once), with fixed shapes and no host syncs, so CUDA graphs capture them;
-* elsewhere, grouped by slot (SGMV-like): the adapter rows sorted by slot (a copy of their
-  activations, none when they are in order already), one pair of matmuls per adapter present on
-  views of its slot at its own rank, and one scatter-add into the rows; rows of slot 0 cost
+* elsewhere, grouped by slot (SGMV-like): each adapter's rows packed into chunks (a copy of
+  their activations, worked out once per forward), each chunk's A and B read once, and one pair
+  of batched matmuls over every adapter present, then one index-add into the rows: a fixed
+  handful of operations per layer however many adapters the batch mixes; rows of slot 0 cost
   nothing here, and a layer no present adapter adapts costs nothing at all.
 
 A batch without any adapter row skips LoRA altogether. Weights are read from ordinary PEFT
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -98,26 +98,70 @@ def slot_bytes(layers, rank: int, dtype: torch.dtype) -> int:
     return sum((m.in_features + m.out_features) * rank for m in layers) * dtype.itemsize
 
 
+_COPY_ROWS = 2
+"""What copying one chunk's A and B costs, in rows of LoRA compute (both move in x r + r x out
+elements): the price of one more chunk against that of a padded row."""
+
+
+def _chunk_rows(sizes: tuple[int, ...]) -> int:
+    """Rows per chunk: a group of s rows takes ceil(s / m) chunks of m rows (the last one padded);
+    the m that costs least in padded rows plus weight copies, over powers of two."""
+    largest, best = max(sizes), (math.inf, 1)
+    m = 1
+    while True:
+        cost = sum(-(-s // m) for s in sizes) * (m + _COPY_ROWS)
+        best = min(best, (cost, m))
+        if m >= largest:
+            return best[1]
+        m *= 2
+
+
 @dataclass(frozen=True)
 class Groups:
-    """One forward's adapter rows, grouped by slot for the grouped path; worked out once per
-    forward, on the host, for every layer."""
+    """One forward's adapter rows packed for the grouped path, worked out once per forward on the
+    host for every layer: each adapter's rows (slot 0 left out) cut into chunks of `chunk` rows,
+    the last padded with its first row (whose padded output is never read back), so every layer
+    computes all adapters present in one pair of batched matmuls, reading each adapter's weights
+    once per chunk, never once per row of a shared adapter."""
 
+    count: int
+    """Rows in the forward (a packed step's rows are its tokens)."""
     slots: tuple[int, ...]
-    """Each group's slot, ascending."""
+    """The slots present, ascending."""
     sizes: tuple[int, ...]
-    """Each group's rows."""
-    order: torch.Tensor | None
-    """The adapter rows (slot 0 left out) sorted by slot; None when that is every row as it is."""
+    """Each present slot's rows."""
+    chunk: int
+    chunk_slots: torch.Tensor
+    """[P] each chunk's slot."""
+    gather: torch.Tensor
+    """[P x chunk] the row at each packed position."""
+    rows: torch.Tensor
+    """[n] the adapter rows, in packed order."""
+    back: torch.Tensor
+    """[n] each of those rows' packed position."""
 
 
 def group_rows(slots: tuple[int, ...] | list[int], device: torch.device) -> Groups:
-    """The rows of each adapter slot present in `slots` (slot 0, no adapter, is left out)."""
-    order = sorted((i for i, slot in enumerate(slots) if slot), key=lambda i: slots[i])
-    counts = Counter(slots[i] for i in order)
-    present = tuple(sorted(counts))
-    as_is = order == list(range(len(slots)))
-    return Groups(present, tuple(counts[s] for s in present), None if as_is else torch.tensor(order, device=device))
+    """The rows of each adapter slot present in `slots` (slot 0, no adapter, is left out), packed."""
+    members: dict[int, list[int]] = {}
+    for i, slot in enumerate(slots):
+        if slot:
+            members.setdefault(slot, []).append(i)
+    present = tuple(sorted(members))
+    sizes = tuple(len(members[s]) for s in present)
+    m = _chunk_rows(sizes)
+    chunk_slots, gather, rows, back = [], [], [], []
+    for slot in present:
+        for at in range(0, len(members[slot]), m):
+            part = members[slot][at:at + m]
+            chunk_slots.append(slot)
+            back.extend(range(len(gather), len(gather) + len(part)))
+            rows.extend(part)
+            gather.extend(part + [part[0]] * (m - len(part)))
+    # One copy to the device, then views.
+    flat = torch.tensor(chunk_slots + gather + rows + back, device=device)
+    cut = flat.split([len(chunk_slots), len(gather), len(rows), len(back)])
+    return Groups(len(slots), present, sizes, m, *cut)
 
 
 class RowSlots:
@@ -196,14 +240,12 @@ class LoRALinear(nn.Module):
         """Per slot, on the host (the grouped path)."""
         self.rank_table: torch.Tensor | None = None
         """The same per slot, [S] int32 on the device (the kernels)."""
-        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (a, b) at its rank
 
     def allocate(self, slots: int, rank: int, device, dtype) -> None:
         self.a = torch.zeros(slots, self.in_features, rank, device=device, dtype=dtype)
         self.b = torch.zeros(slots, rank, self.out_features, device=device, dtype=dtype)
         self.ranks = [0] * slots
         self.rank_table = torch.zeros(slots, dtype=torch.int32, device=device)
-        self._views = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -219,38 +261,23 @@ class LoRALinear(nn.Module):
 
     def _grouped(self, x: torch.Tensor, y: torch.Tensor, groups: Groups) -> torch.Tensor:
         """y += each present adapter's delta on its own rows, x [B, in] or [B, T, in] (every
-        column of a row uses the row's slot): the adapter rows sorted by slot (one copy of their
-        activations, unless they are every row in order already), then per adapter one matmul
-        pair on views of its slot at its rank, and one scatter-add back."""
-        ranks = self.ranks
-        on = [ranks[slot] > 0 for slot in groups.slots]
-        if not any(on):  # no adapter present adapts this layer
+        column of a row uses the row's slot): the rows' activations gathered into chunks (a copy
+        of activations, not of weights), each chunk's A and B taken once at the largest rank
+        present here (columns past a slot's rank are zero), two batched matmuls for all adapters
+        at once, and one index-add of the real rows' deltas back."""
+        r = max(self.ranks[slot] for slot in groups.slots)
+        if not r:  # no adapter present adapts this layer
             return y
-        rows = x.shape[0]
+        rows = groups.count
         width = x.numel() // (rows * self.in_features)  # columns per row
-        sizes = [n * width for n in groups.sizes]
-        views, same = self._views, x.dtype == self.a.dtype == y.dtype
-        if groups.order is None:  # the rows are their groups, in order: add in place, no copies
-            ys = y.view(-1, self.out_features).split(sizes)
-            for slot, part, out, applies in zip(groups.slots, x.reshape(-1, self.in_features).split(sizes), ys, on):
-                if applies:
-                    a, b = views[slot]
-                    if same:
-                        out.addmm_(part @ a, b)
-                    else:
-                        out.add_((part.to(a.dtype) @ a @ b).to(y.dtype))
-            return y
-        xs = x.index_select(0, groups.order).view(-1, self.in_features)
-        if xs.dtype != self.a.dtype:
-            xs = xs.to(self.a.dtype)
-        delta = (torch.empty if all(on) else torch.zeros)((xs.shape[0], self.out_features), dtype=xs.dtype,
-                                                         device=xs.device)
-        for slot, part, out, applies in zip(groups.slots, xs.split(sizes), delta.split(sizes), on):
-            if applies:
-                a, b = views[slot]
-                torch.mm(part @ a, b, out=out)
+        chunks, m = groups.chunk_slots.shape[0], groups.chunk
+        a = self.a[:, :, :r].index_select(0, groups.chunk_slots)  # [P, in, r]
+        b = self.b[:, :r, :].index_select(0, groups.chunk_slots)  # [P, r, out]
+        xs = x.reshape(rows, width, self.in_features).index_select(0, groups.gather)
+        xs = xs.view(chunks, m * width, self.in_features).to(a.dtype)
+        delta = torch.bmm(torch.bmm(xs, a), b).view(chunks * m, width, self.out_features)
         y.view(rows, width, self.out_features).index_add_(
-            0, groups.order, delta.view(-1, width, self.out_features).to(y.dtype))
+            0, groups.rows, delta.index_select(0, groups.back).to(y.dtype))
         return y
 
     def write(self, slot: int, entry: tuple[torch.Tensor, torch.Tensor] | None) -> None:
@@ -264,10 +291,6 @@ class LoRALinear(nn.Module):
         self.b[slot, r:, :].zero_()
         self.ranks[slot] = r
         self.rank_table[slot] = r  # on the same stream as the weights it describes
-        if r:
-            self._views[slot] = (self.a[slot, :, :r], self.b[slot, :r, :])
-        else:
-            self._views.pop(slot, None)
 
     def read(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (A^T, scale x B^T) held in `slot`, copied to the CPU."""

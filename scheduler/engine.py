@@ -38,6 +38,8 @@ class Row:
     upto: int = 0
     """Prefill: the end of the context chunk this step computes (0: the whole context). A step
     that stops short of the context's end still returns a token, which the scheduler ignores."""
+    prefill: bool = False
+    """Engine.step: this row computes the chunk [cached, upto) of its context; else it decodes."""
 
     @property
     def context(self) -> tuple[int, ...]:
@@ -87,6 +89,10 @@ class Engine(TierEngine, Protocol):
 
     async def prefill(self, rows: Sequence[Row]) -> list[StepResult]:
         """Fill each row's KV blocks with its context; returns each row's next token."""
+
+    async def step(self, rows: Sequence[Row]) -> list[StepResult]:
+        """Rows that prefill a chunk (Row.prefill) and rows that decode, in one step; one result
+        per row, in order. Like prefill and decode, it changes only its own rows' blocks."""
 
     async def decode(self, rows: Sequence[Row]) -> list[StepResult]:
         """One token per row."""

@@ -97,7 +97,8 @@ class _Seq:
 
     def row(self) -> Row:
         return Row(self.seq_id, self.req.adapter, tuple(self.table.blocks), self.req.prompt_ids, self.generated,
-                   self.req.sampling, self.detok, self.prefilled, self.upto if self.target else 0)
+                   self.req.sampling, self.detok, self.prefilled, self.upto if self.target else 0,
+                   bool(self.target))
 
     def emit(self, text: str, upto: int) -> None:
         if upto > self.emitted:
@@ -121,15 +122,15 @@ def _adapter_of(seqs: list[_Seq]) -> AdapterRef:
     return adapters.pop() if len(adapters) == 1 else replace(BASE, id="mixed")
 
 
-def _charge(seqs: list[_Seq], prefill: bool, ms: float) -> None:
+def _charge(seqs: list[_Seq], ms: float) -> None:
     """Share one engine step's duration among the rows it served (the only place cost is
-    counted). A prefill's work grows with the tokens it computes (a chunk's), so it is shared by
-    them; a decode step makes one token per row, so equally. A step that raised is charged to no
-    one: its rows are charged for the retries that served them."""
-    weights = [max(s.upto - s.prefilled, 1) if prefill else 1 for s in seqs]
+    counted). A prefill chunk's work grows with the tokens it computes, a decode row makes one
+    token: each row weighs its tokens. A step that raised is charged to no one: its rows are
+    charged for the retries that served them."""
+    weights = [max(s.upto - s.prefilled, 1) if s.target else 1 for s in seqs]
     for s, weight in zip(seqs, weights):
         share = ms * weight / sum(weights)
-        if prefill:
+        if s.target:
             s.cost.prefill_device_ms += share
         else:
             s.cost.decode_device_ms += share
@@ -307,8 +308,8 @@ class Scheduler:
         await self._idle.wait()
 
     async def run(self) -> None:
-        """Iteration-level loop: between decode steps, ready requests join the batch (their
-        prefill runs, then they decode with the rest) and finished ones have already left."""
+        """Iteration-level loop: between steps, ready requests join the batch (their prefill runs
+        in chunks within the steps that decode the rest) and finished ones have already left."""
         while True:
             if not self._waiting and not self._running:
                 self._wake.clear()
@@ -319,12 +320,9 @@ class Scheduler:
             self._start_fetches()
             await self._scrub()
             progressed = await self._admit()
-            if any(s.target for s in self._live()):
-                await self._prefill_chunks()
-                progressed = True
-            if self._decoding():
+            if self._live():
                 await self._step()
-            elif self._running and not self._live():
+            elif self._running:
                 await self._end_batch()
             elif not progressed and not self._kv.dirty():
                 # Everything waiting needs an adapter still loading (or room for it).
@@ -444,39 +442,7 @@ class Scheduler:
             chosen.append(seq)
         return chosen
 
-    async def _prefill_chunks(self) -> None:
-        """One prefill step: every prefilling row computes its next chunk. A row whose chunk ends its
-        context gets its first token (or, resumed after a preemption, its next one) and decodes
-        from the next step; the others go on with their next chunk after the decode step, so a
-        long prompt never stalls the running rows for more than one budgeted step."""
-        rows = self._chunks()
-        self._close_epoch()
-        t0 = self._clock()
-        results = await self._run_step(True, rows)
-        t1 = self._clock()
-        for seq in rows:
-            seq.timings.prefill_ms += (t1 - t0) * 1e3
-        served = [s for s, _ in results]
-        if served:
-            self._observer.batch_phase("prefill", t0, t1, _adapter_of(served), [s.req.request_id for s in served], 1)
-        finished = []
-        for seq, res in results:
-            if res.error is not None or seq.done or seq.cancelled:
-                finished.append((seq, res))
-                continue
-            seq.prefilled = seq.upto
-            if seq.upto < seq.target:
-                continue  # a chunk: its token is not the next one yet
-            # Its full blocks hold good keys now: shareable.
-            self._kv.publish(seq.table, _prefix_key(seq.req.adapter), seq.context[:seq.target])
-            seq.target = 0
-            if not seq.generated:
-                seq.timeline.first_token = t1
-            finished.append((seq, res))
-        self._apply(finished)
-        self._reap()
-
-    async def _run_step(self, prefill: bool, seqs: list[_Seq]) -> list[tuple[_Seq, StepResult]]:
+    async def _run_step(self, seqs: list[_Seq]) -> list[tuple[_Seq, StepResult]]:
         """One step over `seqs`. The engine keeps no batch and a failed step leaves no trace, so
         a step that raises is retried as two halves until the rows whose data fail it are alone:
         they fail (out of memory: the request does not fit even alone), every other row goes on
@@ -487,8 +453,8 @@ class Scheduler:
         rows = [s.row() for s in seqs]
         try:
             t0 = self._clock()
-            results = await (self._engine.prefill(rows) if prefill else self._engine.decode(rows))
-            _charge(seqs, prefill, (self._clock() - t0) * 1e3)
+            results = await self._engine.step(rows)
+            _charge(seqs, (self._clock() - t0) * 1e3)
             return list(zip(seqs, results, strict=True))
         except Exception as exc:
             for seq in seqs:  # what the failed step wrote into their blocks may not be finite
@@ -500,10 +466,10 @@ class Scheduler:
                 self.stats.oom_splits += 1
             else:
                 self.stats.failed_splits += 1
-                log.warning("a %s step of %d rows failed (%s: %s); retrying its halves", "prefill" if prefill
-                            else "decode", len(seqs), type(exc).__name__, exc)
+                log.warning("a step of %d rows failed (%s: %s); retrying its halves", len(seqs),
+                            type(exc).__name__, exc)
             half = len(seqs) // 2
-            return await self._run_step(prefill, seqs[:half]) + await self._run_step(prefill, seqs[half:])
+            return await self._run_step(seqs[:half]) + await self._run_step(seqs[half:])
 
     async def _make_usable(self, adapter: AdapterRef, group: list[_Seq]) -> bool:
         """Attach `adapter` for `group`; on failure they go back to waiting, fall back or fail."""
@@ -578,23 +544,52 @@ class Scheduler:
                  seq.req.request_id, len(seq.generated))
 
     async def _step(self) -> None:
+        """One engine step (vLLM's chunked prefill, SARATHI): every decoding row makes a token, and
+        prefilling rows compute their next chunks within what the token budget leaves (_chunks),
+        in the same forward. A row whose chunk ends its context gets its first token (or,
+        resumed after a preemption, its next one) and decodes from the next step; the others
+        go on with their next chunk then, so a long prompt never stalls the running rows for
+        more than one budgeted step."""
         self._make_room()
-        live = self._decoding()
-        if not live:
+        decoding = self._decoding()
+        chunks = self._chunks()
+        if not decoding + chunks:
             return
-        ids = [s.seq_id for s in live]
+        ids = [s.seq_id for s in decoding]
         if self._epoch is None or self._epoch[2] != ids:
             self._close_epoch()
-            self._epoch = [self._clock(), 0, ids, live]
+            if decoding:
+                self._epoch = [self._clock(), 0, ids, decoding]
         t0 = self._clock()
-        results = await self._run_step(False, live)
-        self._epoch[1] += 1
-        for seq in live:
-            seq.timings.decode_ms += (self._clock() - t0) * 1e3
-        self._apply(results)
+        results = await self._run_step(decoding + chunks)
+        t1 = self._clock()
+        if self._epoch is not None:
+            self._epoch[1] += 1
+        for seq in decoding:
+            seq.timings.decode_ms += (t1 - t0) * 1e3
+        for seq in chunks:
+            seq.timings.prefill_ms += (t1 - t0) * 1e3
+        served = [s for s, _ in results if s.target]
+        if served:
+            self._observer.batch_phase("prefill", t0, t1, _adapter_of(served), [s.req.request_id for s in served], 1)
+        self._apply([(seq, res) for seq, res in results if self._chunk_done(seq, res, t1)])
         self._reap()
         if not self._running:
             await self._end_batch()
+
+    def _chunk_done(self, seq: _Seq, res: StepResult, now: float) -> bool:
+        """Whether this step's result is the row's next token: a decoding row's always; a prefill
+        chunk's once the chunk ends its context (its blocks then hold good keys: shareable)."""
+        if not seq.target or res.error is not None or seq.done or seq.cancelled:
+            return True
+        seq.prefilled = seq.upto
+        if seq.upto < seq.target:
+            return False  # a chunk: its token is not the next one yet
+        self._kv.publish(seq.table, _prefix_key(seq.req.adapter), seq.context[:seq.target])
+        seq.target = 0
+        if not seq.generated:
+            seq.timeline.first_token = now
+        return True
 
     def _reap(self) -> None:
         """Rows that finished, failed or were cancelled leave: their KV slots are free again."""

@@ -145,6 +145,58 @@ def test_long_prompts_prefilled_in_chunks_answer_as_in_one_piece(engine, demo_di
         asyncio.run(chunked.close())
 
 
+def test_prefill_chunks_in_the_same_forward_as_decode_rows_answer_as_apart(engine, demo_dir):
+    """Two rows decode (two adapters) while a long prompt (a third) prefills in chunks of 5 tokens
+    within the same steps, each step one forward; then all three decode together. Every answer
+    equals its prompt's answer alone, including the LoRA per packed token."""
+    refs = [demo_ref(demo_dir, name) for name in ("legal", "medical", "legal")]
+    for ref in dict.fromkeys(refs):
+        if ref not in engine._slots:
+            asyncio.run(engine.fetch(ref))
+            asyncio.run(engine.attach(ref))
+    prompts = (PROMPTS[0], PROMPTS[1], LONG)
+    alone = [_generate(engine, 10, prompts=(p,), refs=[r])[0] for p, r in zip(prompts, refs)]
+    forwards = []
+    hook = engine._model.register_forward_pre_hook(lambda *_: forwards.append(1))
+
+    async def run():
+        manager = BlockManager(engine.kv_blocks, engine.kv_block_size, prefix_caching=False)
+        tokens = [tuple(engine.encode(p)) for p in prompts]
+        tables = [manager.admit("k", t) for t in tokens]
+        for t, table in zip(tokens, tables):
+            assert manager.grow(table, len(t) + 40)  # the decoding rows go on while the long one prefills
+        generated = [[] for _ in tokens]
+        row = lambda i, **kw: Row(i, refs[i], tuple(tables[i].blocks), tokens[i], generated[i],  # noqa: E731
+                                  SamplingParams(), **kw)
+        for i, result in enumerate(await engine.prefill([row(0), row(1)])):
+            generated[i].append(result.token_id)
+        done, mixed = 0, 0
+        while len(generated[2]) < 10:
+            rows = [row(0), row(1)]
+            if done < len(tokens[2]):
+                upto = min(done + 5, len(tokens[2]))
+                rows.insert(1, row(2, cached=done, upto=upto, prefill=True))
+                mixed += 1
+            else:
+                rows.append(row(2))
+            before = len(forwards)
+            results = await engine.step(rows)
+            assert len(forwards) == before + 1  # one forward, whatever the step mixes
+            for r, result in zip(rows, results, strict=True):
+                assert r.seq_id == result.seq_id and result.error is None
+                if not r.prefill or r.upto == len(tokens[2]):
+                    generated[r.seq_id].append(result.token_id)
+            if done < len(tokens[2]):
+                done = upto
+        return [g[:10] for g in generated], mixed
+
+    try:
+        answers, mixed = asyncio.run(run())
+    finally:
+        hook.remove()
+    assert mixed >= 3 and answers == alone
+
+
 def test_pool_size_follows_its_budget_and_refuses_one_that_holds_no_sequence(demo_dir):
     probe = TorchEngine(EngineConfig(demo_dir / "base", max_rows=64, kv_cache_mib=1, kv_block_size=16,
                                       max_model_len=256))

@@ -1,5 +1,5 @@
 """The two ways runner/lora.py adds each row's adapter, against references: the grouped path
-(CPU: one matmul pair per adapter present, on views of its slot at its own rank) against the
+(CPU: each adapter's rows packed in chunks, one pair of batched matmuls for all of them) against the
 per-row gather it replaced (index_select of every row's A and B at the largest attached rank,
 two bmm), and the Triton BGMV kernels (CUDA) against the grouped path. Mixed batches: several
 slots of ranks 4, 8 and 16, base rows (slot 0), a cleared slot, rows of one adapter apart and
@@ -94,17 +94,25 @@ def test_a_batch_without_adapter_rows_and_a_layer_no_present_adapter_adapts_cost
     assert torch.equal(forward(wrapped, x, [1, 0, 3, 2]), wrapped.base(x))
 
 
-def test_rows_are_grouped_by_slot_once_per_forward():
+def test_rows_are_packed_by_slot_once_per_forward():
+    """Each adapter's rows in chunks of one size (the last padded with its first row); every
+    adapter row read back from its own packed position, base rows nowhere."""
     from runner.lora import group_rows
 
     groups = group_rows([2, 2, 0, 1, 3, 1, 3, 3], torch.device("cpu"))
-    assert (groups.slots, groups.sizes, groups.order.tolist()) == ((1, 2, 3), (2, 2, 3), [3, 5, 0, 1, 4, 6, 7])
-    # Rows that are their groups already, in order (one adapter, say): no reordering, no copy.
-    groups = group_rows([1, 1, 4], torch.device("cpu"))
-    assert (groups.slots, groups.sizes, groups.order) == ((1, 4), (2, 1), None)
+    assert (groups.slots, groups.sizes, groups.chunk) == ((1, 2, 3), (2, 2, 3), 2)
+    assert groups.chunk_slots.tolist() == [1, 2, 3, 3]
+    assert groups.gather.tolist() == [3, 5, 0, 1, 4, 6, 7, 7]
+    assert groups.gather[groups.back].tolist() == groups.rows.tolist() == [3, 5, 0, 1, 4, 6, 7]
+    # Every row its own adapter: chunks of one row, nothing padded.
+    groups = group_rows([1, 4, 2], torch.device("cpu"))
+    assert (groups.chunk, groups.chunk_slots.tolist(), groups.gather.tolist()) == (1, [1, 2, 4], [0, 2, 1])
+    # One adapter's 8 rows beside one of 1: chunks of 4, so that adapter's weights are read twice, not 8 times.
+    groups = group_rows([5] * 8 + [6], torch.device("cpu"))
+    assert (groups.chunk, groups.chunk_slots.tolist()) == (4, [5, 5, 6])
 
 
-@pytest.mark.parametrize("slots", [[3, 3, 3, 3], [1, 1, 2, 3], [0, 0, 2, 0], [2, 0, 2, 0]])
+@pytest.mark.parametrize("slots", [[3, 3, 3, 3], [1, 1, 2, 3], [0, 0, 2, 0], [2, 0, 2, 0], [1] * 9 + [2, 3]])
 def test_the_grouped_path_in_every_shape_of_batch(slots):
     """One adapter, rows already in slot order (added in place), base rows only but one, and
     one adapter's rows apart: the same as the gather."""

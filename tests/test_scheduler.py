@@ -44,6 +44,7 @@ class ScriptedEngine(WeightsRecorder):
                  size: int = 100):
         self.prefills: list[list[int]] = []
         self.decodes: list[list[int]] = []
+        self.steps: list[tuple[list[int], list[int]]] = []  # per step: (prefilling, decoding) sequences
         self.loads: list[str] = []
         self.gate: asyncio.Event | None = None
         super().__init__()
@@ -94,6 +95,15 @@ class ScriptedEngine(WeightsRecorder):
             assert all(self.owner[b] == r.seq_id for b in r.blocks[r.cached // size:r.length // size + 1]), \
                 "a KV block was handed to two sequences"
         return self._step(rows)
+
+    async def step(self, rows):
+        """Each row checked as its kind (prefill chunk or decode), then the whole step as one."""
+        chunks, decoding = [r for r in rows if r.prefill], [r for r in rows if not r.prefill]
+        self.steps.append(([r.seq_id for r in chunks], [r.seq_id for r in decoding]))
+        results = [*(await self.prefill(chunks) if chunks else []), *(await self.decode(decoding) if decoding else [])]
+        self._step(rows)
+        by_id = {r.seq_id: r for r in results}
+        return [by_id[r.seq_id] for r in rows]
 
     def _step(self, rows):
         written = [b for r in rows for b in r.blocks[r.cached // self.kv_block_size:]]
@@ -315,9 +325,10 @@ def test_a_request_arriving_mid_batch_joins_it_between_decode_steps():
 
     long, late = run(engine, scenario, limits=BatchLimits(join_delay_s=0.02))
     assert (long.text, late.text) == ("abcdefgh", "xy")
-    # "late" was prefilled on its own, then decoded in the same steps as "long", and left when done.
+    # "late" was prefilled on its own, in the same step (one forward) as a decode of "long", then
+    # decoded in the same steps as "long" until both were done.
     assert list(map(len, engine.prefills)) == [1, 1]
-    assert [1, 2] in engine.decodes and engine.decodes[-1] == [1]
+    assert ([2], [1]) in engine.steps and engine.decodes[-1] == [1, 2]
 
 
 def test_fair_order_lets_clients_take_turns():

@@ -43,15 +43,10 @@ class FaultyEngine(TorchEngine):
                 self.hits += 1
         return hit
 
-    def _prefill(self, rows):
+    def _step(self, rows):  # prefill, decode or both in one forward
         if self._armed(rows, "inputs"):
             raise ValueError("cannot build this step's inputs")
-        return super()._prefill(rows)
-
-    def _decode(self, rows):
-        if self._armed(rows, "inputs"):
-            raise ValueError("cannot build this step's inputs")
-        return super()._decode(rows)
+        return super()._step(rows)
 
     def _forward(self, rows, ids, positions, ctx, *slots):
         if self._armed(rows, "oom"):

@@ -1,4 +1,5 @@
-"""One device-to-host transfer per decode step: the step's tokens and finite flags, through
+"""One device-to-host transfer per step (decode, or decode with a prefill in the same forward): the
+step's tokens and finite flags, through
 runner.engine._fetch, and no other read of a device value on the host.
 
 On a CPU no transfer is observable, so the CPU test counts what would be one on cuda: calls of
@@ -43,9 +44,10 @@ def _engine(demo_dir, mode: str, device: str = "cpu") -> TorchEngine:
     return engine
 
 
-def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING):
+def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING, joining: bool = False):
     """A prefilled batch of greedy and sampled rows (top_k, top_p, both, temperature alone) over the
-    base model and three adapters; -> a function giving the rows of its next decode step."""
+    base model and three adapters; -> a function running its next decode step (`joining`: with a
+    newcomer's prompt prefilled in the same step, one forward, as the scheduler mixes them)."""
     refs = [demo_ref(demo_dir, n) for n in ("base", *ADAPTERS)]
     manager = BlockManager(engine.kv_blocks, engine.kv_block_size, prefix_caching=False)
     prompts = [tuple(engine.encode(PROMPTS[i % len(PROMPTS)])) for i in range(len(sampling))]
@@ -67,20 +69,27 @@ def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING):
             generated[r.seq_id].append(r.token_id)
     asyncio.run(prefill())
 
+    newcomer = tuple(engine.encode(PROMPTS[1]))
+    table = manager.admit("n", newcomer)
+    joiner = Row(len(prompts), refs[1], tuple(table.blocks), newcomer, [], sampling[1], upto=len(newcomer),
+                 prefill=True)
+
     def step() -> list:
-        results = engine._decode(rows())
+        results = engine._step([*rows(), joiner] if joining else rows())
         for r in results:
             assert r.error is None
-            generated[r.seq_id].append(r.token_id)
+            if r.seq_id < len(prompts):
+                generated[r.seq_id].append(r.token_id)
         return results
     return step
 
 
-@pytest.mark.parametrize("mode", ["off", "buffers"])
-def test_a_decode_step_reads_the_device_once(demo_dir, monkeypatch, mode):
+@pytest.mark.parametrize("mode,joining", [("off", False), ("buffers", False), ("off", True)],
+                         ids=["decode", "decode-buffers", "decode-and-prefill"])
+def test_a_step_reads_the_device_once(demo_dir, monkeypatch, mode, joining):
     engine = _engine(demo_dir, mode)
     try:
-        step = _mixed_batch(engine, demo_dir)
+        step = _mixed_batch(engine, demo_dir, joining=joining)
         step()  # a first step (the buffers' bucket) as a warm-up, then one counted
         fetched, reads, forward = [], [], [0]
         real_fetch, real_call = engine_module._fetch, engine._call
@@ -115,21 +124,22 @@ def test_a_decode_step_reads_the_device_once(demo_dir, monkeypatch, mode):
             monkeypatch.setattr(torch.Tensor, name, counted(name))
         results = step()
         monkeypatch.undo()
-        assert fetched == [(2, len(SAMPLING))]
+        assert fetched == [(2, len(SAMPLING) + joining)]
         assert reads == []
-        assert len(results) == len(SAMPLING)
+        assert len(results) == len(SAMPLING) + joining
     finally:
         asyncio.run(engine.close())
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["auto", "off"])
-def test_a_cuda_decode_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch, mode):
-    """Captured ("auto") and eager decode on cuda: no implicit sync anywhere in the step (pageable
-    copies in, reads of device values) but the one transfer."""
+@pytest.mark.parametrize("mode,joining", [("auto", False), ("off", False), ("auto", True)])
+def test_a_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch, mode, joining):
+    """Captured ("auto") and eager decode on cuda, and a decode step with a prefill in its forward:
+    no implicit sync anywhere in the step (pageable copies in, reads of device values) but the one
+    transfer."""
     engine = _engine(demo_dir, mode, device="cuda")
     try:
-        step = _mixed_batch(engine, demo_dir)
+        step = _mixed_batch(engine, demo_dir, joining=joining)
         step()  # captures the bucket's graph, compiles FlexAttention: both synchronise, once
         torch.cuda.synchronize()
         real_fetch, fetched = engine_module._fetch, []

@@ -50,6 +50,9 @@ class InstantEngine:
     async def decode(self, rows):
         return [StepResult(r.seq_id, 7, "x") for r in rows]
 
+    async def step(self, rows):
+        return [StepResult(r.seq_id, 7, "x") for r in rows]
+
 
 def scheduler_overhead(requests: int = 2000, adapters: int = 100, new_tokens: int = 32,
                        concurrency: int = 32) -> dict:

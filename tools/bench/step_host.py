@@ -51,7 +51,7 @@ def step_host(model_path: Path, batches: tuple[int, ...] = (32, 128), vocab: int
         logits = torch.randn(max(batches), vocab, generator=gen)
         logits[:, :min(known, vocab)] += 12.0  # sampled ids stay among the tokenizer's own
 
-        def forward(ids, positions, ctx):  # the stand-in for the model, and nothing else
+        def forward(ids, positions, ctx, keep=None):  # the stand-in for the model, and nothing else
             return logits[:ids.shape[0]]
 
         engine._call = forward
