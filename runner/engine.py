@@ -37,7 +37,7 @@ from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, 
                          wrap_linear_layers)
 from runner.sampling import Sampler
 from runner.staging import Staging, decode_rows, decode_views
-from scheduler.engine import Row, StepResult
+from scheduler.engine import Row, StepResult, Text, TextJob
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, GenerationFailed, LoraServeError, OutOfMemory
 from scheduler.types import AdapterRef
 
@@ -159,6 +159,8 @@ class TorchEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # Text is decoded here while the engine thread runs the next step (Engine.detokenize).
+        self._detokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detokenize")
         self._loaders = ThreadPoolExecutor(max_workers=cfg.load_threads, thread_name_prefix="adapter-load")
         self._ram: dict[AdapterRef, LoraWeights] = {}
         self._verified: dict[Path, tuple] = {}  # weights file -> the stat it had when its sha256 matched
@@ -334,6 +336,7 @@ class TorchEngine:
     async def close(self) -> None:
         self._loaders.shutdown(wait=True)
         self._executor.shutdown(wait=True)
+        self._detokenizer.shutdown(wait=True)
         if self._holds_determinism:
             self._holds_determinism = False
             determinism.release()
@@ -691,23 +694,27 @@ class TorchEngine:
 
     def _results(self, rows: list[Row], logits: torch.Tensor) -> list[StepResult]:
         tokens, finite = _fetch(torch.stack((self._sample(rows, logits), _finite(logits).long())))
-        results = []
-        for row, token, ok in zip(rows, tokens, finite, strict=True):
-            if not ok:
-                results.append(StepResult(row.seq_id, error=GenerationFailed(
-                    "the model produced non-finite scores for this request", reason="NON_FINITE_LOGITS")))
-                continue
-            text, held, detok = self._detokenize(row, token)
-            results.append(StepResult(row.seq_id, token, text, detok, held=held))
-        return results
+        return [StepResult(row.seq_id, token) if ok else StepResult(row.seq_id, error=GenerationFailed(
+                    "the model produced non-finite scores for this request", reason="NON_FINITE_LOGITS"))
+                for row, token, ok in zip(rows, tokens, finite, strict=True)]
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         """[B] token ids, on the device (runner/sampling.py: no host round trip)."""
         return self._sampler(logits, [r.sampling for r in rows], [len(r.generated) for r in rows])
 
-    def _detokenize(self, row: Row, token: int) -> tuple[str, str, tuple[int, int]]:
+    async def detokenize(self, jobs: Sequence[TextJob]) -> list[Text | LoraServeError]:
+        return await asyncio.get_running_loop().run_in_executor(self._detokenizer, self._texts, list(jobs))
+
+    def _texts(self, jobs: list[TextJob]) -> list[Text | LoraServeError]:
+        out: list[Text | LoraServeError] = []
+        for job in jobs:
+            try:
+                out.append(self._detokenize(job))
+            except Exception as exc:  # this row's tokens only: the others' texts go on
+                log.warning("decoding the text of sequence %d failed: %s: %s", job.seq_id, type(exc).__name__, exc)
+                out.append(GenerationFailed(f"decoding this request's text failed ({type(exc).__name__})"))
+        return out
+
+    def _detokenize(self, job: TextJob) -> Text:
         """Only the row's undecoded tail is decoded: O(1) tokens per row and step."""
-        prefix, read = row.detok
-        window = [*row.generated[prefix:], token]
-        text, held, new_prefix, new_read = decode_new(self._tokenizer, window, 0, read - prefix)
-        return text, held, (prefix + new_prefix, prefix + new_read)
+        return Text(*decode_new(self._tokenizer, job.ids, 0, job.read))

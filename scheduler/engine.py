@@ -30,8 +30,6 @@ class Row:
     """Tokens produced so far (the scheduler's own list: read, never changed, by the engine)."""
     sampling: SamplingParams
     """Sampled rows always carry a seed (the scheduler draws one when the caller gave none)."""
-    detok: tuple[int, int] = (0, 0)
-    """Incremental detokenisation offsets into `generated`: (context start, text returned up to)."""
     cached: int = 0
     """Prefill: leading context positions whose keys the blocks already hold (a shared prefix, or
     earlier chunks): not computed again."""
@@ -59,15 +57,35 @@ class Row:
 
 @dataclass(frozen=True)
 class StepResult:
-    """The token a row produced this step and the text it made final, or the row's own error."""
+    """The token a row produced this step, or the row's own error."""
 
     seq_id: int
     token_id: int = -1
-    text: str = ""
-    detok: tuple[int, int] = (0, 0)
     error: LoraServeError | None = None
-    held: str = ""
-    """Text decoded but not yet final (an incomplete character): added if the row ends here."""
+
+
+@dataclass(frozen=True)
+class TextJob:
+    """A row's newest token to turn into text (Engine.detokenize, after its step). `ids` is the
+    row's generated tail from where its text's context starts, the new token last; `ids[:read]`
+    is text already returned."""
+
+    seq_id: int
+    ids: tuple[int, ...]
+    read: int
+    position: int
+    """The new token's index among the row's generated tokens."""
+
+
+@dataclass(frozen=True)
+class Text:
+    """A TextJob's result: `text` is final; `held` is decoded but may still change (an incomplete
+    character), added only if the row ends here; ids[prefix:read] is the text's context now."""
+
+    text: str
+    held: str
+    prefix: int
+    read: int
 
 
 class Engine(TierEngine, Protocol):
@@ -96,3 +114,7 @@ class Engine(TierEngine, Protocol):
 
     async def decode(self, rows: Sequence[Row]) -> list[StepResult]:
         """One token per row."""
+
+    async def detokenize(self, jobs: Sequence[TextJob]) -> list[Text | LoraServeError]:
+        """Each job's text, or its own error; off the thread that runs the steps, so the
+        scheduler overlaps it with the next step."""

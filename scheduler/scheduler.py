@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
-from scheduler.engine import Engine, Row, StepResult
+from scheduler.engine import Engine, Row, StepResult, TextJob
 from scheduler.cache import Budgets, NoRoom, Tier
 from scheduler.errors import DeadlineTooShort, GenerationFailed, LoraServeError, OutOfMemory, QueueFull, ShuttingDown
 from scheduler.blocks import BlockManager, BlockTable
@@ -65,6 +65,9 @@ class _Seq:
     """Its KV blocks while it runs (None while it waits)."""
     generated: list[int] = field(default_factory=list)
     detok: tuple[int, int] = (0, 0)
+    """Incremental detokenisation offsets into `generated`: (text context start, text returned up to)."""
+    ending: FinishReason | None = None
+    """Its last token ended it (EOS, length): it steps no more; it finishes once that token's text is in."""
     text: str = ""
     emitted: int = 0
     done: bool = False
@@ -97,7 +100,7 @@ class _Seq:
 
     def row(self) -> Row:
         return Row(self.seq_id, self.req.adapter, tuple(self.table.blocks), self.req.prompt_ids, self.generated,
-                   self.req.sampling, self.detok, self.prefilled, self.upto if self.target else 0,
+                   self.req.sampling, self.prefilled, self.upto if self.target else 0,
                    bool(self.target))
 
     def emit(self, text: str, upto: int) -> None:
@@ -221,6 +224,7 @@ class Scheduler:
         self._failed_backoff_s = failed_load_backoff_s
         self._service_s: float | None = None  # moving average, dispatch to finish
         self._last_admitted: dict[str, float] = {}  # client -> when one of its requests last got a row
+        self._text: asyncio.Task | None = None  # the last step's tokens being decoded into text
         self.stats = SchedulerStats()
 
     @property
@@ -244,10 +248,10 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(1 for s in self._running if not (s.done or s.cancelled))
+        return len(self._live())
 
     def _running_adapters(self) -> frozenset[AdapterRef]:
-        return frozenset(s.req.adapter for s in self._running if not (s.done or s.cancelled))
+        return frozenset(s.req.adapter for s in self._live())
 
     def _waiting_adapters(self) -> frozenset[AdapterRef]:
         return frozenset(s.req.adapter for s in self._waiting)
@@ -312,6 +316,8 @@ class Scheduler:
         in chunks within the steps that decode the rest) and finished ones have already left."""
         while True:
             if not self._waiting and not self._running:
+                await self._settle_text()
+                self._update_idle()
                 self._wake.clear()
                 await self._wake.wait()
                 if self._batch_wait_s:
@@ -322,7 +328,7 @@ class Scheduler:
             progressed = await self._admit()
             if self._live():
                 await self._step()
-            elif self._running:
+            elif self._running or self._text is not None:
                 await self._end_batch()
             elif not progressed and not self._kv.dirty():
                 # Everything waiting needs an adapter still loading (or room for it).
@@ -354,7 +360,7 @@ class Scheduler:
             self._wake.set()
 
     def _update_idle(self) -> None:
-        if not self._waiting and not self._running:
+        if not self._waiting and not self._running and self._text is None:
             self._idle.set()
 
     async def _scrub(self) -> None:
@@ -561,7 +567,9 @@ class Scheduler:
             if decoding:
                 self._epoch = [self._clock(), 0, ids, decoding]
         t0 = self._clock()
-        results = await self._run_step(decoding + chunks)
+        step = asyncio.ensure_future(self._run_step(decoding + chunks))
+        await self._settle_text()  # the previous step's text, decoded while this step runs
+        results = await step
         t1 = self._clock()
         if self._epoch is not None:
             self._epoch[1] += 1
@@ -593,12 +601,12 @@ class Scheduler:
 
     def _reap(self) -> None:
         """Rows that finished, failed or were cancelled leave: their KV slots are free again."""
-        gone = [s for s in self._running if s.done or s.cancelled]
+        gone = [s for s in self._running if s.done or s.cancelled or s.ending]
         if not gone:
             return
         for seq in gone:
             self._release(seq)
-        self._running = [s for s in self._running if not (s.done or s.cancelled)]
+        self._running = self._live()
         self._deferred.clear()  # rows left: room may have been freed
 
     def _close_epoch(self) -> None:
@@ -610,12 +618,13 @@ class Scheduler:
         self._epoch = None
 
     async def _end_batch(self) -> None:
+        await self._settle_text()
         self._close_epoch()
         self._reap()
         self._deferred.clear()
 
     def _live(self) -> list[_Seq]:
-        return [s for s in self._running if not (s.done or s.cancelled)]
+        return [s for s in self._running if not (s.done or s.cancelled or s.ending)]
 
     def _fail_or_fallback(self, seqs: list[_Seq], exc: LoraServeError) -> None:
         """Requests that allow it move to the base model (and say so); the rest fail with `exc`."""
@@ -637,7 +646,11 @@ class Scheduler:
                 seq.events.put_nowait(exc)
 
     def _apply(self, results: list[tuple[_Seq, StepResult]]) -> None:
+        """Each row's token: appended, and the row ends on EOS or its length (it steps no more);
+        the tokens' text is decoded off the step's thread (Engine.detokenize) while the next step
+        runs, and applied before that step's tokens (_settle_text)."""
         eos = self._engine.eos_token_ids
+        jobs = []
         for seq, res in results:
             if seq.done or seq.cancelled:
                 continue
@@ -645,19 +658,44 @@ class Scheduler:
                 self._fail([seq], res.error)
                 continue
             seq.generated.append(res.token_id)
-            seq.detok = res.detok
+            seq.ending = (FinishReason.EOS if res.token_id in eos and not seq.req.ignore_eos else
+                          FinishReason.LENGTH if seq.output_tokens >= seq.req.max_new_tokens else None)
+            prefix, read = seq.detok
+            jobs.append((seq, TextJob(seq.seq_id, tuple(seq.generated[prefix:]), read - prefix, len(seq.generated) - 1)))
+        if jobs:
+            self._text = asyncio.ensure_future(self._apply_text(jobs))
+
+    async def _settle_text(self) -> None:
+        if self._text is not None:
+            await self._text
+            self._text = None  # only now: until its rows have finished, the scheduler is not idle
+
+    async def _apply_text(self, jobs: list[tuple[_Seq, TextJob]]) -> None:
+        """Stop sequences are found in the text, so a row that meets one may have run one step
+        past it: that step's token is dropped (the row is done by then) and its blocks freed."""
+        try:
+            texts = await self._engine.detokenize([job for _, job in jobs])
+        except Exception as exc:  # the engine's own failure: these rows fail, the loop goes on
+            log.exception("decoding the text of %d rows failed", len(jobs))
+            texts = [_alone(exc)] * len(jobs)
+        for (seq, _), out in zip(jobs, texts, strict=True):
+            if seq.done or seq.cancelled:
+                continue
+            if isinstance(out, LoraServeError):
+                self._fail([seq], out)
+                continue
+            prefix = seq.detok[0]
+            seq.detok = (prefix + out.prefix, prefix + out.read)
             stops, searched = seq.req.stop_sequences, len(seq.text)
-            seq.text = text = seq.text + res.text
-            ending = (FinishReason.EOS if res.token_id in eos and not seq.req.ignore_eos else
-                      FinishReason.LENGTH if seq.output_tokens >= seq.req.max_new_tokens else None)
-            if ending is not None:
-                text += res.held  # nothing more will complete it: the decoder's text as it is
+            seq.text = text = seq.text + out.text
+            if seq.ending is not None:
+                text += out.held  # nothing more will complete it: the decoder's text as it is
             # Only the new text (and a stop's length before it) can hold a new match.
             cut = find_stop(text, stops, max(0, searched - max(map(len, stops)) + 1)) if stops else -1
             if cut >= 0:
                 self._finish(seq, text[:cut], FinishReason.STOP_SEQUENCE)
-            elif ending is not None:
-                self._finish(seq, text, ending)
+            elif seq.ending is not None:
+                self._finish(seq, text, seq.ending)
             else:
                 seq.emit(text, stable_length(text, stops))
 

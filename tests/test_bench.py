@@ -86,3 +86,14 @@ def test_paged_capacity_counts_what_the_block_manager_holds():
     assert preset["paged_sequences"] == preset["blocks"] // 13 >= 150
     assert preset["paged_shared_prefix_sequences"] > preset["paged_sequences"]
     assert paged_sequences(26, 16, 100, 100) == 2 and paged_sequences(25, 16, 100, 100) == 1
+
+
+def test_the_lora_step_bench_alternates_base_and_adapter_steps(demo_dir, tmp_path):
+    """`python -m tools.bench.lora_step`: the same batch's decode steps base-only and over adapters."""
+    from tools.bench.lora_step import lora_step
+    from tools.bench.synth import make_store
+
+    make_store(demo_dir / "base", tmp_path / "store", 4, rank=4)
+    out = lora_step(demo_dir / "base", tmp_path / "store", batch=6, adapters=4, rounds=2, steps=3)
+    assert out["steps_each"] == 6 and 1 <= out["adapters_in_batch"] <= 4
+    assert out["base_step_ms"] > 0 and abs(out["lora_over_base"] - out["lora_step_ms"] / out["base_step_ms"]) < 0.01

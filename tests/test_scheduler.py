@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from fakes import WeightsRecorder
 
-from scheduler.engine import StepResult
+from scheduler.engine import StepResult, Text
 from dataclasses import replace
 
 from scheduler.errors import AdapterLoadFailed, DeadlineTooShort, OutOfMemory, QueueFull, ShuttingDown
@@ -113,8 +113,12 @@ class ScriptedEngine(WeightsRecorder):
         for r in rows:
             done = len(r.generated)
             token = ord(r.adapter.id[done]) if done < len(r.adapter.id) else EOS
-            out.append(StepResult(r.seq_id, token, chr(token) if token != EOS else ""))
+            out.append(StepResult(r.seq_id, token))
         return out
+
+    async def detokenize(self, jobs):
+        """Each new token's letter (the whole generated list is the text's context: detok stays (0, 0))."""
+        return [Text(chr(j.ids[-1]) if j.ids[-1] != EOS else "", "", 0, 0) for j in jobs]
 
 
 async def _with_scheduler(engine, fn, **kwargs):
@@ -328,7 +332,7 @@ def test_a_request_arriving_mid_batch_joins_it_between_decode_steps():
     # "late" was prefilled on its own, in the same step (one forward) as a decode of "long", then
     # decoded in the same steps as "long" until both were done.
     assert list(map(len, engine.prefills)) == [1, 1]
-    assert ([2], [1]) in engine.steps and engine.decodes[-1] == [1, 2]
+    assert ([2], [1]) in engine.steps and [1, 2] in engine.decodes
 
 
 def test_fair_order_lets_clients_take_turns():
@@ -636,3 +640,33 @@ def test_a_preempted_request_keeps_its_first_admissions_figures():
     assert all(r.cached_tokens <= r.input_tokens for r in results)
     assert prefix.queried_tokens == 3 * len(prompt)  # a resumed request's lookup is not counted again
     assert all(r.load_source is Tier.DISK for r in results)
+
+
+def test_text_still_being_decoded_keeps_the_scheduler_busy_until_its_request_finishes():
+    """A row's last token is in, its text not yet: a drain (SIGTERM) must wait for its Completion,
+    whatever else makes the scheduler look at its idleness meanwhile (here a queued request cancelled)."""
+    class SlowText(ScriptedEngine):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.decoding = asyncio.Event(), asyncio.Event()
+
+        async def detokenize(self, jobs):
+            self.decoding.set()
+            await self.gate.wait()
+            return await super().detokenize(jobs)
+
+    engine = SlowText()
+
+    async def scenario(s):
+        first = s.submit(req("a", ref("ab"), max_new=1))
+        await engine.decoding.wait()
+        s.submit(req("b", ref("cd"))).cancel()
+        drained = asyncio.create_task(s.drain())
+        await asyncio.sleep(0.02)
+        assert not drained.done()
+        engine.gate.set()
+        done = await first.result()
+        await drained
+        return done
+
+    assert run(engine, scenario).text == "a"

@@ -31,6 +31,7 @@ class FaultyEngine(TorchEngine):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.poison: tuple[int, ...] = ()
+        self.poisoned: set[int] = set()  # sequences seen with the poisoned prompt
         self.hits = 0
         self._lock = threading.Lock()
 
@@ -44,6 +45,7 @@ class FaultyEngine(TorchEngine):
         return hit
 
     def _step(self, rows):  # prefill, decode or both in one forward
+        self.poisoned |= {r.seq_id for r in rows if r.prompt_ids == self.poison}
         if self._armed(rows, "inputs"):
             raise ValueError("cannot build this step's inputs")
         return super()._step(rows)
@@ -70,10 +72,15 @@ class FaultyEngine(TorchEngine):
             raise RuntimeError("probability tensor contains inf, nan or element < 0")
         return super()._sample(rows, logits)
 
-    def _detokenize(self, row, token):
-        if self._armed([row], "detokenize"):
+    def _detokenize(self, job):
+        # The text of a poisoned row's token: its first in "prefill", its fourth on in "decode".
+        first = job.position == 0
+        if (self.stage == "detokenize" and job.seq_id in self.poisoned and (self.phase == "prefill") == first
+                and (first or job.position >= 3)):
+            with self._lock:
+                self.hits += 1
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-        return super()._detokenize(row, token)
+        return super()._detokenize(job)
 
 
 @pytest.fixture(scope="module")

@@ -102,13 +102,12 @@ def engine_check(model: Path, device: str, out: Path, expect: bool) -> int:
             prompts = [tuple(engine.encode(t)) for t in texts]
             tables = [blocks.admit("base", p) for p in prompts]
             generated: list[list[int]] = [[] for _ in prompts]
-            detok = [(0, 0)] * len(prompts)
             step_s = []
             for step in range(41):
                 if step:
                     for i, p in enumerate(prompts):  # the position this step writes, as the scheduler grows it
                         assert blocks.grow(tables[i], len(p) + len(generated[i])), "the KV pool ran out"
-                rows = [Row(i, BASE, tuple(tables[i].blocks), p, generated[i], SamplingParams(), detok[i])
+                rows = [Row(i, BASE, tuple(tables[i].blocks), p, generated[i], SamplingParams())
                         for i, p in enumerate(prompts)]
                 t0 = time.perf_counter()
                 results = await (engine.decode(rows) if step else engine.prefill(rows))
@@ -117,7 +116,6 @@ def engine_check(model: Path, device: str, out: Path, expect: bool) -> int:
                 for i, res in enumerate(results):
                     assert res.error is None, res.error
                     generated[i].append(res.token_id)
-                    detok[i] = res.detok
             return {"attention_kernel": engine.attention_kernel, "decode_mode": engine.decode_mode,
                     "kv_blocks": engine.kv_blocks, "kv_block_size": engine.kv_block_size,
                     "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else device,

@@ -40,19 +40,17 @@ def engine_limit(model_path: Path, plan: list[tuple[str, str, int]], batch_size:
                     if any(t is None for t in tables.values()):
                         raise RuntimeError(f"the KV pool ({engine.kv_blocks} blocks) cannot hold a batch of "
                                            f"{len(batch)}")
-                    detok = {i: (0, 0) for i in batch}
                     for _ in range(max(steps[i] for i in batch)):
                         decode = bool(generated[batch[0]])
                         for i in batch if decode else ():
                             # The step writes position len(prompt) + len(generated) - 1, as the scheduler grows it.
                             if not blocks.grow(tables[i], len(prompts[i]) + len(generated[i])):
                                 raise RuntimeError(f"the KV pool ({engine.kv_blocks} blocks) ran out")
-                        rows = [Row(i, BASE, tuple(tables[i].blocks), prompts[i], generated[i], SamplingParams(),
-                                    detok[i]) for i in batch]
+                        rows = [Row(i, BASE, tuple(tables[i].blocks), prompts[i], generated[i], SamplingParams())
+                                for i in batch]
                         results = await (engine.decode(rows) if decode else engine.prefill(rows))
                         for row, res in zip(rows, results, strict=True):
                             generated[row.seq_id].append(res.token_id)
-                            detok[row.seq_id] = res.detok
                 finally:
                     for table in tables.values():
                         if table is not None:

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from scheduler.cache import Budgets
-from scheduler.engine import StepResult
+from scheduler.engine import StepResult, Text
 from scheduler.policy import BatchLimits
 from scheduler.scheduler import Scheduler
 from scheduler.types import AdapterRef, GenerationRequest
@@ -45,13 +45,16 @@ class InstantEngine:
         pass
 
     async def prefill(self, rows):
-        return [StepResult(r.seq_id, 7, "x") for r in rows]
+        return [StepResult(r.seq_id, 7) for r in rows]
 
     async def decode(self, rows):
-        return [StepResult(r.seq_id, 7, "x") for r in rows]
+        return [StepResult(r.seq_id, 7) for r in rows]
 
     async def step(self, rows):
-        return [StepResult(r.seq_id, 7, "x") for r in rows]
+        return [StepResult(r.seq_id, 7) for r in rows]
+
+    async def detokenize(self, jobs):
+        return [Text("x", "", 0, 0) for _ in jobs]
 
 
 def scheduler_overhead(requests: int = 2000, adapters: int = 100, new_tokens: int = 32,

@@ -1,8 +1,9 @@
 """Host work of one decode step, the model's forward excluded.
 
-The real engine's `_decode` (building the step's inputs, sampling, the transfer back, detokenising)
-runs on a batch of rows whose forward is replaced, and only it, by a stand-in returning fixed
-logits: what is timed is everything a step does around the model. On a CPU "host work" is all of
+The real engine's `_decode` (building the step's inputs, sampling, the transfer back) runs on a
+batch of rows whose forward is replaced, and only it, by a stand-in returning fixed logits: what
+is timed is everything a step does around the model. Detokenising the step's tokens, which runs on
+its own thread while the next step runs (Engine.detokenize), is timed apart. On a CPU "host work" is all of
 it, the copies and the sampling kernels included; on cuda the same code would only launch them.
 
 The logits are random, with the tokenizer's own ids raised above the rest so the sampled tokens
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from scheduler.blocks import BlockManager
-from scheduler.engine import Row
+from scheduler.engine import Row, TextJob
 from scheduler.types import BASE, SamplingParams
 
 MIXES = {
@@ -67,19 +68,25 @@ def step_host(model_path: Path, batches: tuple[int, ...] = (32, 128), vocab: int
                     table = blocks.admit(f"r{i}", prompt)
                     done = [tail[j % len(tail)] for j in range(generated)]
                     assert table is not None and blocks.grow(table, len(prompt) + generated)
-                    rows.append(Row(i, BASE, tuple(table.blocks), prompt, done, sampling[i % len(sampling)],
-                                    (generated - 2, generated)))
+                    rows.append(Row(i, BASE, tuple(table.blocks), prompt, done, sampling[i % len(sampling)]))
                 for _ in range(10):  # warm-up
                     engine._decode(rows)
-                times = []
+                times, texts = [], []
                 for _ in range(steps):
                     started = time.perf_counter()
-                    engine._decode(rows)
+                    results = engine._decode(rows)
                     times.append(time.perf_counter() - started)
+                    # Each row's text context: its last two tokens, then the new one.
+                    jobs = [TextJob(r.seq_id, (*row.generated[-2:], r.token_id), 2, generated)
+                            for row, r in zip(rows, results)]
+                    started = time.perf_counter()
+                    engine._texts(jobs)
+                    texts.append(time.perf_counter() - started)
                 out.append({"batch": batch, "mix": mix, "vocab": vocab, "steps": steps,
                             "median_us": round(statistics.median(times) * 1e6),
                             "p90_us": round(sorted(times)[int(0.9 * len(times))] * 1e6),
-                            "median_us_per_row": round(statistics.median(times) * 1e6 / batch, 1)})
+                            "median_us_per_row": round(statistics.median(times) * 1e6 / batch, 1),
+                            "detokenize_median_us": round(statistics.median(texts) * 1e6)})
         return out
     finally:
         asyncio.run(engine.close())
