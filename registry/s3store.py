@@ -43,9 +43,9 @@ from registry.diskcache import DiskCache
 from registry.identity import BaseIdentity
 from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
 from registry.s3 import S3, Conflict, NotFound, OriginError
-from loraserve.contract import versioned
-from registry.store import (CONFIG, INDEX, WEIGHTS, Snapshot, StoreError, check_lineage, index_text, new_draft,
-                            plan_archive, plan_promote, plan_rollback, prepare, reconcile, with_changes)
+from registry.store import (CONFIG, INDEX, WEIGHTS, IndexInvalid, Snapshot, StoreError, check_lineage, index_text,
+                            new_draft, parse_index, plan_archive, plan_promote, plan_rollback, prepare, reconcile,
+                            with_changes)
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +86,15 @@ class S3Store:
 
     # -- reading -----------------------------------------------------------------
     def read_index(self) -> tuple[Snapshot, str | None]:
-        """The index and its ETag (None: no index yet, an empty store)."""
+        """The index, validated, and its ETag (None: no index yet, an empty store); IndexInvalid
+        (run `adapters reindex`) when it does not validate."""
         try:
             raw, etag = self.s3.get(self.s3.key(INDEX))
         except NotFound as exc:
             if exc.code == "NoSuchBucket":
                 raise
             return Snapshot(()), None
-        try:
-            return Snapshot(tuple(Passport.from_dict(d) for d in json.loads(raw)["adapters"])), etag
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"{self.url}/{INDEX} is unreadable ({exc}); run `adapters reindex`") from exc
+        return parse_index(raw, f"{self.url}/{INDEX}"), etag
 
     def snapshot(self) -> Snapshot:
         return self.read_index()[0]
@@ -231,11 +229,11 @@ class S3Store:
         for _ in range(_MAX_TRIES):
             try:
                 raw, etag = self.s3.get(self.s3.key(INDEX))
-                indexed = {versioned(d['name'], d['version']): d for d in json.loads(raw)["adapters"]}
+                indexed = {p.key: p.to_dict() for p in parse_index(raw, f"{self.url}/{INDEX}").passports}
             except NotFound:
                 indexed, etag = None, None
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("registry.json is unreadable (%s); rebuilding it from the passports", exc)
+            except IndexInvalid as exc:
+                log.warning("%s; rebuilding it from the passports", exc)
                 indexed, etag = None, self.s3.etag(self.s3.key(INDEX))
             passports, stale = reconcile(indexed, found)
             passports = sorted(passports, key=lambda p: (p.name, int(p.version)))

@@ -26,7 +26,9 @@ at server start) removes staging leftovers and version directories without a pas
 each version's facts from its passport and its lifecycle (status, promoted_at) from the index,
 adopts versions missing from the index, drops index entries whose directory is gone, keeps at
 most one active version per name, and logs every decision. Deleting registry.json loses only
-what passports have not yet mirrored.
+what passports have not yet mirrored. An index that does not validate (parse_index) is no crash's
+doing, since every write of it is atomic: recovery refuses it and only `reindex` rebuilds it from
+the passports, so nobody (server or writer) decides anything from a damaged index.
 
 Names and aliases share one namespace: an id names at most one adapter, and every operation
 that would make one ambiguous is refused. Every path read resolves inside the root.
@@ -35,9 +37,12 @@ that would make one ambiguous is refused. Every path read resolves inside the ro
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
+import os
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -46,7 +51,7 @@ from typing import Callable, Iterator
 
 from registry.durable import flocked, fsync_dir, fsync_file, write_atomic
 from registry.identity import BaseIdentity, sha256_file
-from loraserve.contract import NAME, versioned
+from loraserve.contract import NAME, name_problem, versioned
 from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
 from registry.weights import WeightsError, check_against_config, weight_facts
 
@@ -60,6 +65,10 @@ WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 LIFECYCLE = ("status", "promoted_at")
 """The passport fields registry.json decides; every other field comes from the passport."""
+RACY_S = 2.0
+"""Timestamps can be this coarse (FAT 2 s; ext3, HFS+ and some network filesystems 1 s): a rewrite
+of the same size within one tick keeps inode, size, mtime and ctime. While the index is younger
+than this its stamp also hashes its bytes (git's "racily clean" rule)."""
 
 
 class StoreError(Exception):
@@ -68,6 +77,10 @@ class StoreError(Exception):
 
 class AmbiguousId(StoreError):
     """An id names more than one adapter (possible only in a store edited by hand)."""
+
+
+class IndexInvalid(StoreError):
+    """registry.json is not an index anything may be served or decided from; the message says why."""
 
 
 def now_iso() -> str:
@@ -91,6 +104,19 @@ class Snapshot:
 
     def names(self) -> list[str]:
         return sorted({p.name for p in self.passports})
+
+    def problems(self) -> list[str]:
+        """What makes this set of versions no index at all (each passport is valid on its own)."""
+        out, seen, active = [], set(), {}
+        for p in self.passports:
+            if p.key in seen:
+                out.append(f"{p.key} is listed twice")
+            seen.add(p.key)
+            if p.status == "active":
+                active.setdefault(p.name, []).append(p.version)
+        out += [f"{name} has {len(vs)} active versions ({', '.join(vs)}); at most one may be"
+                for name, vs in active.items() if len(vs) > 1]
+        return out
 
     def claims(self) -> dict[str, set[str]]:
         """id -> the adapters claiming it: as their name, or as an alias of any version that
@@ -147,6 +173,35 @@ def _adapter_config(version_dir: Path) -> dict:
     if not isinstance(config, dict):
         raise WeightsError(f"{CONFIG} is not a JSON object")
     return config
+
+
+def parse_index(raw: bytes | str, where: str) -> Snapshot:
+    """The index in `raw`, validated whole: every entry a valid passport (types, names, reserved
+    ids), no version listed twice, at most one active version per name. Raises IndexInvalid
+    naming what is wrong (`where`: the index's path or URL) rather than serve part of it."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise IndexInvalid(f"{where} is not JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("adapters"), list):
+        raise IndexInvalid(f"{where} is not an object with an 'adapters' list")
+    passports, problems = [], []
+    for i, entry in enumerate(data["adapters"]):
+        label = f"entry {i}"
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("version"), str):
+            label = versioned(entry["name"], entry["version"])
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError("not an object")
+            passports.append(Passport.from_dict(entry))
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{label}: {exc}")
+    snap = Snapshot(tuple(passports))
+    problems += snap.problems()
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise IndexInvalid(f"{where} is invalid: {'; '.join(problems[:3])}{more}")
+    return snap
 
 
 def reconcile(indexed: dict[str, dict] | None, found: list[Passport]) -> tuple[list[Passport], list[Passport]]:
@@ -214,22 +269,32 @@ class Store:
 
     # -- reading -----------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        """The store as registry.json says (cheap; what servers use), else as its passports say."""
+        """The store as registry.json says (cheap; what servers use), else as its passports say;
+        IndexInvalid when the index does not validate."""
+        return self.read_index()[0]
+
+    def read_index(self) -> tuple[Snapshot, tuple | None]:
+        """The index, validated, and the stamp of the very bytes read (None: there is no index and
+        the passports say); IndexInvalid when it does not validate."""
+        path = self.confined(self.root / INDEX)
         try:
-            data = json.loads(self.confined(self.root / INDEX).read_text())
+            with open(path, "rb") as f:
+                raw, st = f.read(), os.fstat(f.fileno())
         except FileNotFoundError:
-            return self.scan()
-        return Snapshot(tuple(Passport.from_dict(d) for d in data["adapters"]))
+            return self.scan(), None
+        return parse_index(raw, str(path)), file_stamp(st, lambda: raw)
 
     def scan(self) -> Snapshot:
         """The passports on disk (lifecycle fields possibly behind the index after a crash)."""
         return Snapshot(tuple(p for p, _ in self._on_disk(clean=False)))
 
-    def index_stamp(self) -> int:
+    def index_stamp(self) -> tuple | None:
+        """What tells one index from another without parsing it (None: there is none)."""
+        path = self.root / INDEX
         try:
-            return (self.root / INDEX).stat().st_mtime_ns
+            return file_stamp(os.stat(path), path.read_bytes)
         except FileNotFoundError:
-            return 0
+            return None
 
     def _on_disk(self, clean: bool) -> Iterator[tuple[Passport, Path]]:
         """Readable passports in NAME/VERSION directories. With `clean`, directories without
@@ -270,30 +335,37 @@ class Store:
 
     # -- writing -----------------------------------------------------------------
     @contextmanager
-    def _writing(self) -> Iterator[Snapshot]:
+    def _writing(self, rebuild: bool = False) -> Iterator[Snapshot]:
         """The store lock, and the recovered state to change."""
         self.root.mkdir(parents=True, exist_ok=True)
         with flocked(self.root / LOCK):
-            yield self._recover()
+            yield self._recover(rebuild)
 
     def recover(self) -> Snapshot:
         with self._writing() as snap:
             return snap
 
     def reindex(self) -> Snapshot:
-        """Rebuild registry.json from the passports (after editing the store by hand); lifecycle
-        fields stay as the index has them (use promote/rollback/archive to change those)."""
-        return self.recover()
+        """Rebuild registry.json from the passports (after editing the store by hand, or when the
+        index does not validate); lifecycle fields stay as a valid index has them (use
+        promote/rollback/archive to change those)."""
+        with self._writing(rebuild=True) as snap:
+            return snap
 
-    def _recover(self) -> Snapshot:
+    def _recover(self, rebuild: bool) -> Snapshot:
+        """An index that does not validate was not left by a crash (every write of it is atomic):
+        someone edited or damaged it. Only an explicit `reindex` (`rebuild`) replaces it."""
         self._clean_staging()
         try:
-            indexed = {versioned(d['name'], d['version']): d
-                       for d in json.loads(self.confined(self.root / INDEX).read_text())["adapters"]}
+            raw = self.confined(self.root / INDEX).read_bytes()
+            indexed = {p.key: p.to_dict() for p in parse_index(raw, str(self.root / INDEX)).passports}
         except FileNotFoundError:
             indexed = None
-        except (ValueError, KeyError, TypeError, StoreError) as exc:
-            log.warning("registry.json is unreadable (%s); rebuilding it from the passports", exc)
+        except StoreError as exc:
+            if not rebuild:
+                raise IndexInvalid(f"{exc}; fix it, or run `loraserve adapters reindex` to rebuild it from the "
+                                   "passports") from exc
+            log.warning("%s; rebuilding it from the passports", exc)
             indexed = None
         passports, stale = reconcile(indexed, [p for p, _ in self._on_disk(clean=True)])
         return self._commit(passports, [(p, self.version_dir(p.name, p.version)) for p in stale],
@@ -403,8 +475,9 @@ class Store:
 # -- lifecycle decisions: pure functions of a snapshot, shared by every kind of store ---------
 def new_draft(source: Path, name: str, base: BaseIdentity, evaluation: Evaluation | None, fields: dict) -> Passport:
     """The passport a registration starts from, once `source` looks like a safetensors PEFT adapter."""
-    if not NAME.fullmatch(name):
-        raise StoreError(f"name {name!r} must be letters, digits, '-' or '_'")
+    for kind, ident in (("name", name), *(("alias", a) for a in fields.get("aliases") or ())):
+        if (why := name_problem(ident)) is not None:
+            raise StoreError(f"{kind} {why}")
     if not (source / CONFIG).is_file():
         raise StoreError(f"{source} has no {CONFIG}: not a PEFT adapter directory")
     if not (source / WEIGHTS).is_file():
@@ -486,6 +559,13 @@ def with_changes(snap: Snapshot, changed: list[Passport]) -> list[Passport]:
     """Every version, `changed` replacing the versions they name, in index order."""
     keys = {p.key for p in changed}
     return sorted([p for p in snap.passports if p.key not in keys] + changed, key=lambda p: (p.name, int(p.version)))
+
+
+def file_stamp(st: os.stat_result, content: Callable[[], bytes]) -> tuple:
+    """inode, size, mtime and ctime (os.utime cannot set ctime), and the bytes' hash while racy."""
+    racy = time.time() - max(st.st_mtime, st.st_ctime) < RACY_S
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+            hashlib.sha256(content()).hexdigest() if racy else "")
 
 
 def index_text(passports) -> str:
