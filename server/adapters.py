@@ -5,7 +5,9 @@ Ids are validated names (never paths): `name`, `alias` or `name@VERSION`, or
 registry index is re-read whenever it changes on disk (a local store: checked
 on every look-up) or its ETag moves (a remote store: `poll`, every
 --index-poll-s), so a promotion or rollback takes effect without a restart;
-requests already resolved keep the version they got.
+requests already resolved keep the version they got. An index that does not
+validate is refused, counted and reported, and the last valid one keeps
+serving: no request ever sees a half-understood index.
 
 Every way into the engine passes `AdapterRegistry.gate` (through `resolve`):
 requests, which may then fall back to the base model where allowed, and
@@ -15,16 +17,21 @@ requests, which may then fall back to the base model where allowed, and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from loraserve.contract import ADAPTER_ID, BASE_ADAPTER_ID
 from registry.identity import BaseIdentity
 from registry.passport import Passport
-from registry.store import PICKLE_WEIGHTS, WEIGHTS, AmbiguousId, Snapshot, Store, StoreError
+from registry.store import PICKLE_WEIGHTS, WEIGHTS, AmbiguousId, IndexInvalid, Snapshot, Store, StoreError
 from scheduler.errors import (AdapterAmbiguous, AdapterIncompatible, AdapterNotActive, AdapterNotFound,
                               InvalidArgument, LoraServeError, PermissionDenied)
 from scheduler.types import BASE, AdapterRef
 from server.convert import check_adapter_id
+
+log = logging.getLogger(__name__)
+_UNREADABLE = "unreadable"
+"""The stamp of a local index whose stat or read failed (an OSError)."""
 
 
 @dataclass(frozen=True)
@@ -51,25 +58,79 @@ class AdapterRegistry:
         """Leaf module names of the served model (set once it is loaded)."""
         self.lora_modules: frozenset[str] | None = None
         """Leaf names of the linear layers the engine applies LoRA to (set once it is loaded)."""
-        self._stamp = -1
-        self._snapshot = Snapshot(())
+        self.reload_errors = 0
+        """Indexes refused since start (each distinct one once): loraserve_registry_reload_errors_total."""
+        self.index_error = ""
+        """Why the store's current index is refused ('' when the index served is the current one)."""
+        self._stamp: object = ()
+        self._snapshot: Snapshot | None = None
+        """The last index that validated: what is served while a newer one is refused."""
+
+    def open(self) -> None:
+        """The first read of the index; StoreError when there is no valid one to serve. Blocking."""
+        if self.polled:
+            self.poll()
+        else:
+            self.refresh()
+        if self._snapshot is None:
+            raise StoreError(f"the adapter store {self.store_name} has no valid index to serve: {self.index_error}")
+
+    @property
+    def store_name(self) -> str:
+        return getattr(self.store, "url", None) or str(self.store.root)
 
     def snapshot(self) -> Snapshot:
-        if self.polled:
-            return self._snapshot
-        stamp = self.store.index_stamp()
-        if stamp != self._stamp:
-            self._snapshot, self._stamp = self.store.snapshot(), stamp
-        return self._snapshot
+        if not self.polled:
+            self.refresh()
+        return self._snapshot or Snapshot(())
+
+    def refresh(self) -> bool:
+        """Re-read a local index if it changed on disk (by its stamp: inode, size, times, and the
+        bytes' hash while it is young); whether a new one was applied."""
+        stamp: object = _UNREADABLE
+        try:
+            stamp = self.store.index_stamp()
+            if stamp == self._stamp:
+                return False
+            snap, stamp = self.store.read_index()
+        except (StoreError, OSError) as exc:
+            self._refuse(stamp, exc)  # the stamp from before the read: a newer index is read again
+            return False
+        return self._apply(snap, stamp)
 
     def poll(self) -> bool:
-        """Re-read a remote index if its ETag moved (one HEAD; the GET only then); whether it had.
-        Blocking: run it on a thread."""
-        if self.store.index_stamp() == self._stamp:
+        """Re-read a remote index if its ETag moved (one HEAD; the GET only then); whether a new
+        one was applied. Blocking: run it on a thread. Origin errors propagate (a failed poll)."""
+        etag = self.store.index_stamp()
+        if etag == self._stamp:
             return False
-        snap, etag = self.store.read_index()
-        self._snapshot, self._stamp = snap, etag or ""
+        try:
+            snap, etag = self.store.read_index()
+        except IndexInvalid as exc:
+            self._refuse(etag, exc)
+            return False
+        if etag is None and self._snapshot is not None:
+            self._refuse("", IndexInvalid(f"{self.store_name}/registry.json is gone"))
+            return False
+        return self._apply(snap, etag or "")
+
+    def _apply(self, snap: Snapshot, stamp: object) -> bool:
+        if self.index_error:
+            log.warning("registry index of %s is valid again; serving it", self.store_name)
+        self._snapshot, self._stamp, self.index_error = snap, stamp, ""
         return True
+
+    def _refuse(self, stamp: object, exc: Exception) -> None:
+        """Keep serving the last valid index. `stamp` is the refused one's, so it is not read again
+        on every look-up; the same refusal seen again (its stamp changes as it ages out of the
+        racy window, or a stat keeps failing) is counted and logged once."""
+        again = self.index_error == str(exc)
+        self._stamp, self.index_error = stamp, str(exc)
+        if again:
+            return
+        self.reload_errors += 1
+        kept = "no earlier valid index" if self._snapshot is None else "serving the last valid index"
+        log.error("registry index refused (%s): %s", kept, exc)
 
     def example_id(self) -> str:
         """An id worth trying: the first active adapter's name, else the base model's."""

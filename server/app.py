@@ -29,7 +29,7 @@ from server.config import WARM_AT, ServerConfig
 from server.convert import RequestLimits
 from server.memory import EngineMemory
 from server.metrics import Metrics
-from server.remote import OriginMetrics, RemoteOrigin, follow_index
+from server.remote import OriginMetrics, RemoteOrigin, poll_index
 from server.service import InferenceServicer
 from server.telemetry import Telemetry, provider_from_env
 
@@ -41,6 +41,9 @@ SERVICE_NAMES = (
     health.SERVICE_NAME,
     reflection.SERVICE_NAME,
 )
+REGISTRY_HEALTH = "loraserve.registry"
+"""A health service name of its own for the adapter index: NOT_SERVING while the store's current
+index is refused (the server serves the last valid one; GetCacheStats says why)."""
 _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -111,6 +114,8 @@ class LoraServer:
             await self._open_origin()
         else:
             await asyncio.to_thread(self._recover_store)
+            await asyncio.to_thread(self.registry.open)
+        self.metrics.watch_index(lambda: self.registry.reload_errors)
         self.registry.base = await asyncio.to_thread(base_identity, cfg.model_path)
         self.telemetry.model_name = self.registry.base.model_id
         if not self.engine.cfg.lora_target_modules:
@@ -151,6 +156,7 @@ class LoraServer:
             cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens,
             max_context, default_seed=0 if cfg.deterministic else None))
         self.admin.ready(self.scheduler, max_context, self.engine.kv_bytes())
+        self._tasks.append(asyncio.create_task(self._follow_index(), name="index"))
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model_path)
 
@@ -168,14 +174,24 @@ class LoraServer:
         cfg, store = self.cfg, self.registry.store
         cache = await asyncio.to_thread(DiskCache, store.cache_dir, int(cfg.disk_cache_mib * 2**20))
         self.origin = RemoteOrigin(store, cache, self.origin_metrics, cfg.origin_timeout_s)
-        await asyncio.to_thread(self.registry.poll)
+        await asyncio.to_thread(self.registry.open)
         log.info("adapters from %s (%d versions in its index), disk cache %s (%d of %d bytes used)", store.url,
                  len(self.registry.snapshot().passports), cache.root, cache.used, cache.budget)
-        self._tasks.append(asyncio.create_task(follow_index(self.registry, cfg.index_poll_s, self.origin_metrics),
-                                               name="index-poll"))
+
+    async def _follow_index(self) -> None:
+        """Every --index-poll-s: pick up a changed index (a remote one only this way; a local one
+        is also checked on every look-up) and say in REGISTRY_HEALTH whether it is served."""
+        while True:
+            await self.health.set(REGISTRY_HEALTH, _NOT_SERVING if self.registry.index_error else _SERVING)
+            await asyncio.sleep(self.cfg.index_poll_s)
+            if self.origin is not None:
+                await poll_index(self.registry, self.origin_metrics)
+            else:
+                self.registry.refresh()
 
     def _recover_store(self) -> None:
-        """Finish or undo whatever a crashed writer left; a read-only store is served as it is."""
+        """Finish or undo whatever a crashed writer left; a read-only store is served as it is, and
+        an index that does not validate is left for `registry.open` to refuse."""
         try:
             self.registry.store.recover()
         except (OSError, StoreError) as exc:

@@ -46,7 +46,8 @@ class ServerConfig:
     disk_cache_mib: float = _f(10240.0, "With an s3:// store: byte budget of the disk cache, MiB (LRU eviction).")
     origin_timeout_s: float = _f(30.0, "With an s3:// store: limit for one try of a fetch or index read, seconds.")
     origin_retries: int = _f(3, "With an s3:// store: retries of a failed fetch (exponential backoff, jitter).")
-    index_poll_s: float = _f(5.0, "With an s3:// store: how often the index's ETag is checked for changes.")
+    index_poll_s: float = _f(5.0, "How often the registry index is checked for changes: an s3:// store's ETag (the "
+                                  "only check there), a local store's file (also checked on every look-up).")
     quantization: str = _f("none", "Base model weights: none | nf4 | int8 (bitsandbytes).")
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16.")

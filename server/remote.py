@@ -120,16 +120,14 @@ class RemoteOrigin:
         self.metrics.errors.labels(exc.code).inc()
 
 
-async def follow_index(registry: AdapterRegistry, interval_s: float, metrics: OriginMetrics) -> None:
-    """Poll the remote index's ETag; apply a changed index (promotions, rollbacks, new versions).
-    A failed poll keeps serving the last index read and tries again next interval."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            if await asyncio.to_thread(registry.poll):
-                metrics.index_reloads.inc()
-                log.info("registry index changed in %s; applied", registry.store.url)
-        except Exception as exc:  # noqa: BLE001 - an outage must not stop the poll
-            metrics.index_poll_failures.inc()
-            log.warning("polling the registry index in %s failed (serving the last one read): %s",
-                        registry.store.url, exc)
+async def poll_index(registry: AdapterRegistry, metrics: OriginMetrics) -> None:
+    """One poll of the remote index's ETag; a changed index that validates is applied (promotions,
+    rollbacks, new versions). A failed poll keeps serving the last index read."""
+    try:
+        if await asyncio.to_thread(registry.poll):
+            metrics.index_reloads.inc()
+            log.info("registry index changed in %s; applied", registry.store.url)
+    except Exception as exc:  # noqa: BLE001 - an outage must not stop the poll
+        metrics.index_poll_failures.inc()
+        log.warning("polling the registry index in %s failed (serving the last one read): %s",
+                    registry.store.url, exc)
