@@ -120,11 +120,16 @@ class Passport:
     dtype: str = ""
     """safetensors dtype of the tensors."""
     allowed_clients: list[str] = field(default_factory=list)
-    """Clients (bearer-token identities) allowed to use it; empty means every client."""
+    """The adapter's (registry.policy): clients (bearer-token identities) allowed to use it; empty
+    means every client."""
     fallback: str = "fail"
-    """When it cannot be served: "fail" the request, or allow "base" (the bare model, flagged in the response)."""
+    """The adapter's: when it cannot be served, "fail" the request, or allow "base" (the bare model,
+    flagged in the response)."""
     aliases: list[str] = field(default_factory=list)
-    """Other names that resolve to this adapter's active version."""
+    """The adapter's: other names that resolve to its active version."""
+    policy_history: list[dict] = field(default_factory=list)
+    """The adapter's policy changes, oldest first: {at, change, allowed_clients, aliases, fallback,
+    version (a registration's), reason (if given)}."""
     promoted_at: str = ""
     smoke_test: SmokeTest | None = None
     failure: str = ""
@@ -157,6 +162,8 @@ class Passport:
         for name in ("target_modules", "allowed_clients", "aliases"):
             if not _texts(getattr(self, name)):
                 problems.append(f"{name} must be a list of text")
+        if not (isinstance(self.policy_history, list) and all(isinstance(e, dict) for e in self.policy_history)):
+            problems.append("policy_history must be a list of objects")
         for name in ("created", "promoted_at"):
             try:
                 (getattr(self, name) or name == "created") and _iso(getattr(self, name))

@@ -18,7 +18,7 @@ requests, which may then fall back to the base model where allowed, and
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loraserve.contract import ADAPTER_ID, BASE_ADAPTER_ID
 from registry.identity import BaseIdentity
@@ -161,6 +161,8 @@ class AdapterRegistry:
             if version:
                 raise AdapterNotFound(adapter_id)
             raise AdapterNotActive(adapter_id, "no version is active (promote one)")
+        # Access, aliases and fallback are the adapter's, whichever version was named (registry.policy).
+        passport = replace(passport, **snap.policy(name).fields())
         if check_access and passport.allowed_clients and client not in passport.allowed_clients:
             raise PermissionDenied(f"client {client or 'anonymous'!r} may not use adapter {adapter_id!r}",
                                    adapter_id=adapter_id, client=client or "")
