@@ -7,7 +7,9 @@ interleave. The books never claim more residency than the engine has: an
 upward move is recorded after the engine did it, a downward one before the
 engine starts it. So "VRAM in the books" always means attached (a request may
 use it at once), and the recorded bytes of a tier never exceed its budget:
-room is made (and a read's bytes reserved) before anything grows.
+room is made (and a read's bytes reserved) before anything grows, and an
+attach's demotions are given RAM beside the adapter being attached, which holds
+its RAM copy until the attach is done.
 """
 
 from __future__ import annotations
@@ -142,10 +144,11 @@ class AdapterTiers:
         return [self._state(a, busy, now) for a in self.cache.entries]
 
     def tier_states(self) -> dict[Tier, TierState]:
-        """RAM and VRAM."""
-        cache = self.cache
-        return {t: TierState(t, replace(cache.stats[t]), cache.used(t), cache.budgets.of(t),
-                             sum(1 for e in cache.entries.values() if e.tier is t)) for t in (Tier.RAM, Tier.VRAM)}
+        """RAM and VRAM; safe from another thread (the metrics endpoint reads the occupancy the
+        books last published whole, never an entry half-moved)."""
+        cache, occupancy = self.cache, self.cache.occupancy
+        return {t: TierState(t, replace(cache.stats[t]), occupancy[t][0], cache.budgets.of(t), occupancy[t][1])
+                for t in (Tier.RAM, Tier.VRAM)}
 
     def _state(self, adapter: AdapterRef, busy: frozenset[AdapterRef], now: float) -> AdapterState:
         if adapter.is_base:
@@ -193,7 +196,7 @@ class AdapterTiers:
             async with self._moves:
                 self.cache.forget(adapter)
             raise
-        self.cache.entries[adapter].bytes = min(held, size)
+        self.cache.resize(adapter, min(held, size))
         return (time.perf_counter() - started) * 1e3
 
     async def to_vram(self, adapter: AdapterRef) -> Moved:
