@@ -22,6 +22,7 @@ from registry.identity import BaseIdentity, base_identity
 from registry.diskcache import DiskCache
 from registry.origin import open_store
 from registry.store import StoreError
+from scheduler.errors import ShuttingDown
 from server.adapters import AdapterRegistry
 from server.auth import Authenticator
 from server.interceptors import AccessInterceptor
@@ -41,6 +42,10 @@ SERVICE_NAMES = (
     health.SERVICE_NAME,
     reflection.SERVICE_NAME,
 )
+UNREQUESTED_S = 30
+"""How long gRPC holds a call no handler has picked up before cancelling it (its default)."""
+SEND_S = 5.0
+"""At shutdown, once every request has its answer: how long handlers get to send it."""
 REGISTRY_HEALTH = "loraserve.registry"
 """A health service name of its own for the adapter index: NOT_SERVING while the store's current
 index is refused (the server serves the last valid one; GetCacheStats says why)."""
@@ -78,14 +83,23 @@ class LoraServer:
         # The base model's identity is known once load() has fingerprinted it.
         self.registry = AdapterRegistry(store, BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
         self.access = AccessInterceptor(Authenticator.from_file(cfg.auth_tokens_file), self.metrics,
-                                        cfg.max_streams_per_client, cfg.client_id_metadata_key)
+                                        cfg.max_streams_per_client, cfg.client_id_metadata_key,
+                                        lambda: self.registry.base.model_id)
         self.telemetry = Telemetry(tracer_provider or provider_from_env(), self.metrics)
         self.metrics_port: int | None = None
         self.servicer = InferenceServicer(self.registry, self.telemetry)
         self.admin = admin.AdminServicer(self.registry)
         self._server = grpc.aio.server(interceptors=[self.access], options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes)])
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            # gRPC's own queue of calls no handler has picked up yet (the event loop takes them one
+            # at a time): past its soft limit (default 1,000) it drops calls at random, past the hard
+            # one (3,000) all, and after 30 s waiting too, each as a bare CANCELLED that nobody logs
+            # or counts. Both limits at --max-pending-calls, so a burst reaches the admission that
+            # answers with ErrorInfo; the wait limit stays 30 s, said here rather than assumed.
+            ("grpc.server.max_pending_requests", cfg.max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", cfg.max_pending_calls),
+            ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_S)])
         self._tasks: list[asyncio.Task] = []
         self.port = 0
 
@@ -205,15 +219,20 @@ class LoraServer:
             await self.health.set(name, status)
 
     async def stop(self) -> None:
-        """Health NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace period)."""
+        """Health NOT_SERVING and new inference calls refused (UNAVAILABLE SHUTTING_DOWN); queued and
+        running requests finish, up to the grace period, and those that cannot are answered
+        SHUTTING_DOWN too: every call accepted ends with a status of ours, counted and logged."""
         await self.health.enter_graceful_shutdown()
         if self.scheduler is not None:
             try:
                 await asyncio.wait_for(self.scheduler.drain(), self.cfg.grace_period_s)
             except asyncio.TimeoutError:
-                log.warning("grace period over with requests still in flight")
+                left = self.scheduler.abandon(ShuttingDown(
+                    f"the server is shutting down and its grace period ({self.cfg.grace_period_s:g} s) ended "
+                    "before this request finished; retry on another replica"))
+                log.warning("grace period over: %d requests still queued or running answered SHUTTING_DOWN", left)
         # Handlers have their answers; give them a moment to send them, then close.
-        await self._server.stop(grace=min(5.0, self.cfg.grace_period_s))
+        await self._server.stop(grace=SEND_S)
         for task in self._tasks:
             task.cancel()
         self.metrics.close()
