@@ -66,7 +66,7 @@ class NoRoom(NoCacheRoom):
 
     def __init__(self, tier: Tier, needed: int, budget: int, adapter: AdapterRef):
         super().__init__(f"{tier.name} budget of {budget} bytes cannot make room for {needed} more bytes: "
-                         "the rest is pinned or in use", adapter_id=adapter.id)
+                         "the rest is pinned or in use", adapter_id=adapter.key)
         self.tier, self.needed, self.budget = tier, needed, budget
 
 

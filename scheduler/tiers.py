@@ -181,7 +181,7 @@ class AdapterTiers:
         try:
             size = self._engine.bytes_once_read(adapter)
         except Exception as exc:
-            raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
+            raise AdapterLoadFailed(adapter.key, f"{type(exc).__name__}: {exc}") from exc
         self._check_fits(adapter, size, Tier.RAM)
         async with self._moves:
             if self.tier_of(adapter) >= Tier.RAM:
@@ -238,7 +238,7 @@ class AdapterTiers:
     def _check_fits(self, adapter: AdapterRef, size: int, tier: Tier) -> None:
         budget = self.cache.budgets.of(tier)
         if size > budget:
-            raise AdapterLoadFailed(adapter.id, f"it needs {size} bytes; the whole {tier.name} budget is {budget}")
+            raise AdapterLoadFailed(adapter.key, f"it needs {size} bytes; the whole {tier.name} budget is {budget}")
 
     # -- down ------------------------------------------------------------------
     async def _execute(self, actions: list[Action]) -> None:
@@ -266,9 +266,9 @@ class AdapterTiers:
         if entry is None or entry.tier <= to:
             return
         if entry.pinned:
-            raise AdapterBusy(adapter.id, "it is pinned; unpin it first")
+            raise AdapterBusy(adapter.key, "it is pinned; unpin it first")
         if adapter in self._running() | self._waiting() | self._loading():
-            raise AdapterBusy(adapter.id, "requests are using it")
+            raise AdapterBusy(adapter.key, "requests are using it")
         if to is Tier.RAM:
             others = self._running() | self._waiting() | self._loading()
             actions = [a for a in self.cache.plan(adapter, entry.host_bytes or entry.bytes, Tier.RAM, others)]

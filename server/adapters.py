@@ -166,7 +166,7 @@ class AdapterRegistry:
         if check_access and passport.allowed_clients and client not in passport.allowed_clients:
             raise PermissionDenied(f"client {client or 'anonymous'!r} may not use adapter {adapter_id!r}",
                                    adapter_id=adapter_id, client=client or "")
-        return Resolution(self._ref(passport), passport, self.gate(adapter_id, passport))
+        return Resolution(self._ref(passport), passport, self.gate(passport))
 
     def attachable(self, adapter_id: str) -> AdapterRef:
         """The version `adapter_id` names, if it may be attached now; else the typed reason."""
@@ -177,34 +177,35 @@ class AdapterRegistry:
             raise found.problem
         return found.adapter
 
-    def gate(self, adapter_id: str, p: Passport) -> LoraServeError | None:
+    def gate(self, p: Passport) -> LoraServeError | None:
         """Why version `p` may not be attached here, or None: its status, its fit with the served
         base model, and files that are inside the store and hashed (the runner checks the hash,
-        and the weights against their config, when it reads them)."""
+        and the weights against their config, when it reads them). Its errors name the version
+        (name@VERSION), as every error about a version does; those about the id asked for name that."""
         if p.status in ("archived", "failed"):
-            return AdapterNotActive(adapter_id, f"version {p.version} is {p.status}")
+            return AdapterNotActive(p.key, f"it is {p.status}")
         if p.base_model_revision != self.base.revision:
-            return AdapterIncompatible(adapter_id, f"it was trained for base model {p.base_model!r} revision "
+            return AdapterIncompatible(p.key, f"it was trained for base model {p.base_model!r} revision "
                                        f"{p.base_model_revision[:12]}, but this server runs {self.base.model_id!r} "
                                        f"revision {self.base.revision[:12]}")
         if p.rank < 1:
-            return AdapterIncompatible(adapter_id, "its passport records no rank read from its weights")
+            return AdapterIncompatible(p.key, "its passport records no rank read from its weights")
         if p.rank > self.max_rank:
-            return AdapterIncompatible(adapter_id, f"rank {p.rank} exceeds the server's max_lora_rank {self.max_rank}")
+            return AdapterIncompatible(p.key, f"rank {p.rank} exceeds the server's max_lora_rank {self.max_rank}")
         missing = [t for t in p.target_modules if self.module_names and t not in self.module_names]
         if missing:
-            return AdapterIncompatible(adapter_id, f"target modules {missing} do not exist in the base model")
+            return AdapterIncompatible(p.key, f"target modules {missing} do not exist in the base model")
         unapplied = [t for t in p.target_modules if self.lora_modules is not None and t not in self.lora_modules]
         if unapplied:
             names = ", ".join(unapplied)
-            return AdapterIncompatible(adapter_id, f"it adapts {names}, which this server does not apply LoRA to: "
+            return AdapterIncompatible(p.key, f"it adapts {names}, which this server does not apply LoRA to: "
                                        f"restart it with --lora-target-modules including {names}")
         if not p.weights_sha256:
-            return AdapterIncompatible(adapter_id, "its passport records no weights_sha256")
+            return AdapterIncompatible(p.key, "its passport records no weights_sha256")
         try:
             path = self.store.served_dir(p.name, p.version)
         except StoreError as exc:
-            return AdapterIncompatible(adapter_id, str(exc))
+            return AdapterIncompatible(p.key, str(exc))
         if not (path / WEIGHTS).is_file() and (path / PICKLE_WEIGHTS).is_file():
-            return AdapterIncompatible(adapter_id, "only pickle weights are present; they are refused")
+            return AdapterIncompatible(p.key, "only pickle weights are present; they are refused")
         return None  # a missing or unreadable weights file fails at load: ADAPTER_LOAD_FAILED
