@@ -1,4 +1,4 @@
-"""`loraserve adapters ...`: list, show, register, promote, rollback, archive, stale, reindex.
+"""`loraserve adapters ...`: list, show, register, set-policy, promote, rollback, archive, stale, reindex.
 
 Also runnable alone, without torch or the server's imports: `python -m registry.cli --store DIR ...`;
 `register` then needs --no-smoke, since the smoke test runs the model: the `loraserve` command
@@ -95,7 +95,7 @@ def _register(args, store: Store) -> int:
     p = store.register(
         Path(args.path), args.name, base_identity(args.model_path), tester, evaluation=evaluation, task=args.task,
         client=args.client, language=args.language, description=args.description, constraints=args.constraints,
-        allowed_clients=_split(args.allowed_clients), fallback=args.fallback, aliases=_split(args.aliases))
+        change_policy=args.change_policy, **_policy(args))
     _emit(args, [p])
     if p.failure:
         print(f"{p.failure}; {p.key} is recorded as failed and cannot be promoted", file=sys.stderr)
@@ -103,8 +103,24 @@ def _register(args, store: Store) -> int:
     return 0
 
 
-def _split(raw: str | None) -> list[str]:
-    return [x.strip() for x in (raw or "").split(",") if x.strip()]
+def _split(raw: str | None) -> list[str] | None:
+    """A comma-separated flag; None when it was not given (the adapter's policy is kept)."""
+    return None if raw is None else [x.strip() for x in raw.split(",") if x.strip()]
+
+
+def _policy(args) -> dict:
+    """The policy fields the command line gives (None: not given)."""
+    return {"allowed_clients": [] if getattr(args, "all_clients", False) else _split(args.allowed_clients),
+            "aliases": [] if getattr(args, "no_aliases", False) else _split(args.aliases),
+            "fallback": args.fallback}
+
+
+def _set_policy(args, store: Store) -> int:
+    requested = _policy(args)
+    if all(v is None for v in requested.values()):
+        raise StoreError("say what to change: --allowed-clients/--all-clients, --aliases/--no-aliases or --fallback")
+    _emit(args, store.set_policy(args.name, reason=args.reason, **requested))
+    return 0
 
 
 def _promote(args, store: Store) -> int:
@@ -163,9 +179,15 @@ def add_adapters_parser(sub, smoke: SmokeFactory | None = None) -> None:
                      help="the base model it must fit [env LORASERVE_MODEL_PATH; var/demo/base]")
     for field in ("task", "client", "language", "description", "constraints"):
         reg.add_argument(f"--{field}", default="")
-    reg.add_argument("--allowed-clients", help="comma-separated; default: every client")
-    reg.add_argument("--fallback", choices=("fail", "base"), default="fail")
-    reg.add_argument("--aliases", help="comma-separated names that follow the active version")
+    reg.add_argument("--allowed-clients", help="comma-separated; a new adapter's default: every client; a new "
+                                               "version inherits its adapter's")
+    reg.add_argument("--fallback", choices=("fail", "base"), help="a new adapter's default: fail; a new version "
+                                                                  "inherits its adapter's")
+    reg.add_argument("--aliases", help="comma-separated names that follow the active version (a new version "
+                                       "inherits its adapter's)")
+    reg.add_argument("--change-policy", action="store_true",
+                     help="let --allowed-clients/--aliases/--fallback change an existing adapter's policy, for "
+                          "every version (otherwise a difference is refused)")
     reg.add_argument("--smoke-prompt", action="append", help="prompt for the smoke test (repeatable)")
     reg.add_argument("--no-smoke", action="store_true",
                      help="skip the smoke test (no torch; the version stays staging and cannot be promoted)")
@@ -173,6 +195,19 @@ def add_adapters_parser(sub, smoke: SmokeFactory | None = None) -> None:
                      help="file with the passport's evaluation block: metrics, eval_set_size, evaluated_at, "
                           "dataset_sha256, training_config, trained_at, previous_version")
     reg.set_defaults(run=_register)
+
+    policy = cmds.add_parser("set-policy", help="change an adapter's access, aliases or fallback, for every "
+                                                "version (recorded in its passports' policy_history)")
+    policy.add_argument("name")
+    access = policy.add_mutually_exclusive_group()
+    access.add_argument("--allowed-clients", help="comma-separated: only these clients may use it")
+    access.add_argument("--all-clients", action="store_true", help="every client may use it")
+    names = policy.add_mutually_exclusive_group()
+    names.add_argument("--aliases", help="comma-separated: its aliases from now on (replacing the old ones)")
+    names.add_argument("--no-aliases", action="store_true", help="no aliases")
+    policy.add_argument("--fallback", choices=("fail", "base"))
+    policy.add_argument("--reason", default="", help="why, for the history")
+    policy.set_defaults(run=_set_policy)
 
     promote = cmds.add_parser("promote", help="make a version active (the previous one is archived)")
     promote.add_argument("name")

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraserve.contract import NAME, versioned
+from loraserve.contract import NAME, name_problem, versioned
 from registry.durable import write_atomic
 
 STATUSES = ("staging", "active", "archived", "failed")
@@ -29,6 +29,15 @@ class SmokeTest:
     results: list[dict] = field(default_factory=list)
     """[{"prompt": ..., "output": ...}]"""
     error: str = ""
+
+
+def _texts(items) -> bool:
+    """A list (or a dict's keys) of text only."""
+    return isinstance(items, (list, dict)) and all(isinstance(x, str) for x in items)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _iso(value: str) -> dt.datetime:
@@ -111,11 +120,16 @@ class Passport:
     dtype: str = ""
     """safetensors dtype of the tensors."""
     allowed_clients: list[str] = field(default_factory=list)
-    """Clients (bearer-token identities) allowed to use it; empty means every client."""
+    """The adapter's (registry.policy): clients (bearer-token identities) allowed to use it; empty
+    means every client."""
     fallback: str = "fail"
-    """When it cannot be served: "fail" the request, or allow "base" (the bare model, flagged in the response)."""
+    """The adapter's: when it cannot be served, "fail" the request, or allow "base" (the bare model,
+    flagged in the response)."""
     aliases: list[str] = field(default_factory=list)
-    """Other names that resolve to this adapter's active version."""
+    """The adapter's: other names that resolve to its active version."""
+    policy_history: list[dict] = field(default_factory=list)
+    """The adapter's policy changes, oldest first: {at, change, allowed_clients, aliases, fallback,
+    version (a registration's), reason (if given)}."""
     promoted_at: str = ""
     smoke_test: SmokeTest | None = None
     failure: str = ""
@@ -127,18 +141,37 @@ class Passport:
             self.smoke_test = SmokeTest(**self.smoke_test)
         if isinstance(self.evaluation, dict):
             self.evaluation = Evaluation.from_dict(self.evaluation)
-        problems = []
-        if not NAME.fullmatch(self.name):
-            problems.append(f"name {self.name!r} must be letters, digits, '-' or '_'")
+        problems = [f"{f.name} must be text" for f in dataclasses.fields(self)
+                    if f.type == "str" and not isinstance(getattr(self, f.name), str)]
+        if problems:  # the checks below assume text where text belongs
+            raise ValueError("; ".join(problems))
+        ids = [("name", self.name), *(("alias", a) for a in (self.aliases if _texts(self.aliases) else ()))]
+        problems += [f"{kind} {why}" for kind, ident in ids if (why := name_problem(ident)) is not None]
         if not self.version.isdigit():
             problems.append(f"version {self.version!r} must be a number")
         if self.status not in STATUSES:
             problems.append(f"status must be one of {STATUSES}")
         if self.fallback not in FALLBACKS:
             problems.append(f"fallback must be one of {FALLBACKS}")
-        bad = [a for a in self.aliases if not NAME.fullmatch(a)]
-        if bad:
-            problems.append(f"alias {bad[0]!r} is not a valid name")
+        if self.weights_sha256 and not SHA256.fullmatch(self.weights_sha256):
+            problems.append("weights_sha256 must be 64 lowercase hex digits")
+        if not _count(self.rank):
+            problems.append("rank must be a whole number >= 0")
+        if not (isinstance(self.ranks, dict) and _texts(self.ranks) and all(map(_count, self.ranks.values()))):
+            problems.append("ranks must map module names to whole numbers")
+        for name in ("target_modules", "allowed_clients", "aliases"):
+            if not _texts(getattr(self, name)):
+                problems.append(f"{name} must be a list of text")
+        if not (isinstance(self.policy_history, list) and all(isinstance(e, dict) for e in self.policy_history)):
+            problems.append("policy_history must be a list of objects")
+        for name in ("created", "promoted_at"):
+            try:
+                (getattr(self, name) or name == "created") and _iso(getattr(self, name))
+            except ValueError:
+                problems.append(f"{name} must be an ISO timestamp")
+        if not (self.smoke_test is None or isinstance(self.smoke_test, SmokeTest)
+                and isinstance(self.smoke_test.passed, bool) and isinstance(self.smoke_test.results, list)):
+            problems.append("smoke_test must be an object with passed (true/false) and results (a list)")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -43,9 +43,10 @@ from registry.diskcache import DiskCache
 from registry.identity import BaseIdentity
 from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
 from registry.s3 import S3, Conflict, NotFound, OriginError
-from loraserve.contract import versioned
-from registry.store import (CONFIG, INDEX, WEIGHTS, Snapshot, StoreError, check_lineage, index_text, new_draft,
-                            plan_archive, plan_promote, plan_rollback, prepare, reconcile, with_changes)
+from registry.policy import FIELDS as POLICY
+from registry.store import (CONFIG, INDEX, WEIGHTS, IndexInvalid, Snapshot, StoreError, index_text, new_draft,
+                            parse_index, plan_archive, plan_promote, plan_registration, plan_rollback,
+                            plan_set_policy, prepare, reconcile, with_changes)
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +87,15 @@ class S3Store:
 
     # -- reading -----------------------------------------------------------------
     def read_index(self) -> tuple[Snapshot, str | None]:
-        """The index and its ETag (None: no index yet, an empty store)."""
+        """The index, validated, and its ETag (None: no index yet, an empty store); IndexInvalid
+        (run `adapters reindex`) when it does not validate."""
         try:
             raw, etag = self.s3.get(self.s3.key(INDEX))
         except NotFound as exc:
             if exc.code == "NoSuchBucket":
                 raise
             return Snapshot(()), None
-        try:
-            return Snapshot(tuple(Passport.from_dict(d) for d in json.loads(raw)["adapters"])), etag
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"{self.url}/{INDEX} is unreadable ({exc}); run `adapters reindex`") from exc
+        return parse_index(raw, f"{self.url}/{INDEX}"), etag
 
     def snapshot(self) -> Snapshot:
         return self.read_index()[0]
@@ -147,14 +146,18 @@ class S3Store:
 
     def register(self, source: Path, name: str, base: BaseIdentity,
                  smoke_test: Callable[[Path], SmokeTest] | None, *, evaluation: Evaluation | None = None,
-                 **fields) -> Passport:
+                 change_policy: bool = False, **fields) -> Passport:
         """As the local store's: prepared and smoke-tested in a local temporary directory, then
         uploaded under a claimed version number and added to the index."""
-        draft = new_draft(Path(source), name, base, evaluation, fields)
-        check_lineage(self.snapshot(), draft)
+        requested = {f: fields.pop(f) for f in POLICY if f in fields}
+        draft = new_draft(Path(source), name, base, evaluation, fields, requested)
+        plan_registration(self.snapshot(), draft, requested, change_policy)
         with tempfile.TemporaryDirectory(prefix="loraserve-register-") as stage:
             prepare(Path(source), Path(stage), draft, smoke_test)
-            return self._add(Path(stage), draft)
+            return self._add(Path(stage), draft, requested, change_policy)
+
+    def set_policy(self, name: str, reason: str = "", **requested) -> list[Passport]:
+        return self._change(lambda snap: plan_set_policy(snap, name, requested, reason))
 
     def _indexed(self, draft: Passport) -> bool:
         """Whether the index names `draft` now; True when it cannot be read (keeping files the
@@ -169,7 +172,7 @@ class S3Store:
         under = self.s3.key(name) + "/"
         return [int(v) for v in {k[len(under):].split("/", 1)[0] for k in self.s3.keys(under)} if v.isdigit()]
 
-    def _add(self, stage: Path, draft: Passport) -> Passport:
+    def _add(self, stage: Path, draft: Passport, requested: dict, change_policy: bool) -> Passport:
         snap = self.snapshot()
         version = max([*self._claimed(draft.name), *(int(p.version) for p in snap.versions(draft.name))],
                       default=0) + 1
@@ -182,6 +185,7 @@ class S3Store:
         else:
             raise StoreError(f"could not claim a version of {draft.name}; retry")
         draft.version = str(version)
+        plan_registration(snap, draft, requested, change_policy)  # the uploaded passport's policy
         if draft.evaluation.previous_version == "" and snap.active(draft.name):
             draft.evaluation.previous_version = snap.active(draft.name).key
         keys = [self.s3.key(draft.name, draft.version, f) for f in (CONFIG, WEIGHTS, PASSPORT_FILE)]
@@ -192,8 +196,10 @@ class S3Store:
         def plan(snap: Snapshot):
             if snap.get(draft.name, draft.version) is not None:
                 return draft, []  # adopted by a reindex meanwhile
-            check_lineage(snap, draft)  # the namespace may have changed since the early check
-            return draft, [draft]
+            # The namespace or the adapter's policy may have changed since: decided again on this index
+            # (a changed policy re-uploads the draft's passport with the others').
+            others = plan_registration(snap, draft, requested, change_policy)
+            return draft, [draft, *others]
 
         try:
             return self._change(plan)
@@ -231,11 +237,11 @@ class S3Store:
         for _ in range(_MAX_TRIES):
             try:
                 raw, etag = self.s3.get(self.s3.key(INDEX))
-                indexed = {versioned(d['name'], d['version']): d for d in json.loads(raw)["adapters"]}
+                indexed = {p.key: p.to_dict() for p in parse_index(raw, f"{self.url}/{INDEX}").passports}
             except NotFound:
                 indexed, etag = None, None
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("registry.json is unreadable (%s); rebuilding it from the passports", exc)
+            except IndexInvalid as exc:
+                log.warning("%s; rebuilding it from the passports", exc)
                 indexed, etag = None, self.s3.etag(self.s3.key(INDEX))
             passports, stale = reconcile(indexed, found)
             passports = sorted(passports, key=lambda p: (p.name, int(p.version)))

@@ -26,7 +26,9 @@ at server start) removes staging leftovers and version directories without a pas
 each version's facts from its passport and its lifecycle (status, promoted_at) from the index,
 adopts versions missing from the index, drops index entries whose directory is gone, keeps at
 most one active version per name, and logs every decision. Deleting registry.json loses only
-what passports have not yet mirrored.
+what passports have not yet mirrored. An index that does not validate (parse_index) is no crash's
+doing, since every write of it is atomic: recovery refuses it and only `reindex` rebuilds it from
+the passports, so nobody (server or writer) decides anything from a damaged index.
 
 Names and aliases share one namespace: an id names at most one adapter, and every operation
 that would make one ambiguous is refused. Every path read resolves inside the root.
@@ -35,19 +37,24 @@ that would make one ambiguous is refused. Every path read resolves inside the ro
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
+import os
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from registry.durable import flocked, fsync_dir, fsync_file, write_atomic
 from registry.identity import BaseIdentity, sha256_file
-from loraserve.contract import NAME, versioned
-from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
+from loraserve.contract import NAME, name_problem, versioned
+from registry.passport import FALLBACKS, PASSPORT_FILE, Evaluation, Passport, SmokeTest
+from registry.policy import FIELDS as POLICY, Policy, PolicyConflict, history_entry, history_of, unify
 from registry.weights import WeightsError, check_against_config, weight_facts
 
 log = logging.getLogger(__name__)
@@ -59,7 +66,13 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 LIFECYCLE = ("status", "promoted_at")
-"""The passport fields registry.json decides; every other field comes from the passport."""
+INDEX_DECIDES = (*LIFECYCLE, *POLICY, "policy_history")
+"""The passport fields registry.json decides (each is changed by an index write: promote, rollback,
+archive, set-policy); every other field comes from the passport."""
+RACY_S = 2.0
+"""Timestamps can be this coarse (FAT 2 s; ext3, HFS+ and some network filesystems 1 s): a rewrite
+of the same size within one tick keeps inode, size, mtime and ctime. While the index is younger
+than this its stamp also hashes its bytes (git's "racily clean" rule)."""
 
 
 class StoreError(Exception):
@@ -68,6 +81,10 @@ class StoreError(Exception):
 
 class AmbiguousId(StoreError):
     """An id names more than one adapter (possible only in a store edited by hand)."""
+
+
+class IndexInvalid(StoreError):
+    """registry.json is not an index anything may be served or decided from; the message says why."""
 
 
 def now_iso() -> str:
@@ -80,39 +97,73 @@ class Snapshot:
 
     passports: tuple[Passport, ...]
 
-    def versions(self, name: str) -> list[Passport]:
-        return sorted((p for p in self.passports if p.name == name), key=lambda p: int(p.version))
-
-    def active(self, name: str) -> Passport | None:
-        return next((p for p in self.passports if p.name == name and p.status == "active"), None)
-
-    def get(self, name: str, version: str) -> Passport | None:
-        return next((p for p in self.passports if p.name == name and p.version == version), None)
-
-    def names(self) -> list[str]:
-        return sorted({p.name for p in self.passports})
-
-    def claims(self) -> dict[str, set[str]]:
-        """id -> the adapters claiming it: as their name, or as an alias of any version that
-        may still become active (a failed one never can)."""
-        out: dict[str, set[str]] = {}
-        for p in self.passports:
-            out.setdefault(p.name, set()).add(p.name)
-            if p.status != "failed":
-                for alias in p.aliases:
-                    out.setdefault(alias, set()).add(p.name)
+    @cached_property
+    def _by_name(self) -> dict[str, list[Passport]]:
+        out: dict[str, list[Passport]] = {}
+        for p in sorted(self.passports, key=lambda p: (p.name, int(p.version))):
+            out.setdefault(p.name, []).append(p)
         return out
 
+    def versions(self, name: str) -> list[Passport]:
+        return list(self._by_name.get(name, ()))
+
+    def active(self, name: str) -> Passport | None:
+        return next((p for p in self._by_name.get(name, ()) if p.status == "active"), None)
+
+    def get(self, name: str, version: str) -> Passport | None:
+        return next((p for p in self._by_name.get(name, ()) if p.version == version), None)
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def policy(self, name: str) -> Policy:
+        """The adapter's access, aliases and fallback (registry.policy), whichever version is asked for."""
+        return unify(self._by_name.get(name, ()))
+
+    def history(self, name: str) -> list[dict]:
+        return history_of(self._by_name.get(name, ()))
+
+    def problems(self) -> list[str]:
+        """What makes this set of versions no index at all (each passport is valid on its own)."""
+        out, seen, active = [], set(), {}
+        for p in self.passports:
+            if p.key in seen:
+                out.append(f"{p.key} is listed twice")
+            seen.add(p.key)
+            if p.status == "active":
+                active.setdefault(p.name, []).append(p.version)
+        out += [f"{name} has {len(vs)} active versions ({', '.join(vs)}); at most one may be"
+                for name, vs in active.items() if len(vs) > 1]
+        for name, versions in self._by_name.items():
+            try:
+                unify(versions)
+            except PolicyConflict as exc:
+                out.append(f"{name}: {exc}")
+        return out
+
+    @cached_property
+    def _claims(self) -> dict[str, frozenset[str]]:
+        out: dict[str, set[str]] = {}
+        for name in self._by_name:
+            out.setdefault(name, set()).add(name)
+            for alias in self.policy(name).aliases:
+                out.setdefault(alias, set()).add(name)
+        return {ident: frozenset(names) for ident, names in out.items()}
+
+    def claims(self) -> dict[str, frozenset[str]]:
+        """id -> the adapters claiming it: as their name or as one of their aliases (an alias is
+        the adapter's, whichever version is active, so it keeps its id across promotions)."""
+        return self._claims
+
     def owner(self, ident: str) -> str | None:
-        """The adapter `ident` names: itself, or the adapter whose active version lists it as an
-        alias. Raises AmbiguousId rather than choose between two claimants."""
-        claimants = self.claims().get(ident, set())
+        """The adapter `ident` names: itself, or the adapter that has it as an alias. Raises
+        AmbiguousId rather than choose between two claimants."""
+        claimants = self._claims.get(ident, frozenset())
         if len(claimants) > 1:
             raise AmbiguousId(f"{ident!r} is claimed by {', '.join(sorted(claimants))}; the store must be fixed "
-                              "(archive or re-register one of them) before it can be used")
-        if ident in claimants:
-            return ident
-        return next((p.name for p in self.passports if p.status == "active" and ident in p.aliases), None)
+                              "(`loraserve adapters set-policy` to take the alias from one of them) before it "
+                              "can be used")
+        return next(iter(claimants), None)
 
     def find(self, adapter_id: str) -> Passport | None:
         """NAME (its active version, else its latest), ALIAS, or NAME@VERSION."""
@@ -124,16 +175,16 @@ class Snapshot:
             return self.get(name, version)
         return self.active(name) or (self.versions(name) or [None])[-1]
 
-    def check_namespace(self, candidate: Passport) -> None:
-        """Refuse `candidate` if its name or an alias is already another adapter's id."""
-        claims = self.claims()
-        others = claims.get(candidate.name, set()) - {candidate.name}
+    def check_namespace(self, name: str, aliases: Iterable[str] = ()) -> None:
+        """Refuse adapter `name` with `aliases` if its name or an alias is already another adapter's id."""
+        claims = self._claims
+        others = claims.get(name, frozenset()) - {name}
         if others:
-            raise StoreError(f"name {candidate.name!r} is already an alias of {', '.join(sorted(others))}")
-        for alias in candidate.aliases:
-            if alias == candidate.name:
+            raise StoreError(f"name {name!r} is already an alias of {', '.join(sorted(others))}")
+        for alias in aliases:
+            if alias == name:
                 raise StoreError(f"alias {alias!r} is the adapter's own name")
-            others = claims.get(alias, set()) - {candidate.name}
+            others = claims.get(alias, frozenset()) - {name}
             if others:
                 kind = "name" if alias in others else "alias"
                 raise StoreError(f"alias {alias!r} is already the {kind} of {', '.join(sorted(others))}")
@@ -149,23 +200,54 @@ def _adapter_config(version_dir: Path) -> dict:
     return config
 
 
+def parse_index(raw: bytes | str, where: str) -> Snapshot:
+    """The index in `raw`, validated whole: every entry a valid passport (types, names, reserved
+    ids), no version listed twice, at most one active version per name. Raises IndexInvalid
+    naming what is wrong (`where`: the index's path or URL) rather than serve part of it."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise IndexInvalid(f"{where} is not JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("adapters"), list):
+        raise IndexInvalid(f"{where} is not an object with an 'adapters' list")
+    passports, problems = [], []
+    for i, entry in enumerate(data["adapters"]):
+        label = f"entry {i}"
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("version"), str):
+            label = versioned(entry["name"], entry["version"])
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError("not an object")
+            passports.append(Passport.from_dict(entry))
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{label}: {exc}")
+    snap = Snapshot(tuple(passports))
+    problems += snap.problems()
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise IndexInvalid(f"{where} is invalid: {'; '.join(problems[:3])}{more}")
+    return snap
+
+
 def reconcile(indexed: dict[str, dict] | None, found: list[Passport]) -> tuple[list[Passport], list[Passport]]:
-    """Recovery's decisions, whatever holds the store: the passports found take their lifecycle
-    from the index (`indexed`: key -> entry, None when there is none), versions missing from it
-    are adopted, entries without a passport dropped, at most one version per name stays active.
+    """Recovery's decisions, whatever holds the store: the passports found take their lifecycle and
+    their adapter's policy from the index (`indexed`: key -> entry, None when there is none),
+    versions missing from it are adopted, entries without a passport dropped, at most one version
+    per name stays active, and versions of one adapter that disagree on its policy (a store
+    written before policies were the adapter's) get the one registry.policy.unify reads.
     Returns (every version, the passports to rewrite)."""
-    passports, stale = [], []
+    passports, stale = [], {}
     for p in found:
         entry = (indexed or {}).get(p.key)
         if entry is None:
             if indexed is not None:
                 log.warning("adopting %s (status %s): its directory is complete but the index lacked it",
                             p.key, p.status)
-        elif any(getattr(p, f) != entry.get(f) for f in LIFECYCLE):
-            log.warning("%s: passport says %s, registry.json says %s; the index decides",
-                        p.key, p.status, entry.get("status"))
-            p = replace(p, **{f: entry.get(f, "") for f in LIFECYCLE})
-            stale.append(p)
+        elif any(getattr(p, f) != entry[f] for f in INDEX_DECIDES):
+            log.warning("%s: its passport disagrees with registry.json (status %s there); the index decides",
+                        p.key, entry["status"])
+            p = replace(p, **{f: entry[f] for f in INDEX_DECIDES})
+            stale[p.key] = p
         passports.append(p)
     for key in sorted(set(indexed or {}) - {p.key for p in passports}):
         log.warning("dropping %s from registry.json: its directory or passport is gone", key)
@@ -178,9 +260,22 @@ def reconcile(indexed: dict[str, dict] | None, found: list[Passport]) -> tuple[l
                 log.warning("%s and %s are both active; keeping the later promoted %s, archiving %s",
                             p.key, keep.key, keep.key, p.key)
                 p = replace(p, status="archived")
-                stale.append(p)
+                stale[p.key] = p
         out.append(p)
-    return out, stale
+    for name in sorted({p.name for p in out}):
+        versions = [p for p in out if p.name == name]
+        if len({(Policy.of(p), len(p.policy_history)) for p in versions}) == 1:
+            continue
+        try:
+            policy = unify(versions)
+        except PolicyConflict as exc:
+            raise StoreError(f"{name}: {exc}") from exc
+        trail = history_of(versions) + [history_entry(now_iso(), "unified", policy)]
+        log.warning("%s: its versions disagreed on its policy; every version now has %s", name, policy.fields())
+        for p in versions:
+            stale[p.key] = replace(p, **policy.fields(), policy_history=trail)
+    out = [stale.get(p.key, p) for p in out]
+    return out, list(stale.values())
 
 
 class Store:
@@ -214,22 +309,36 @@ class Store:
 
     # -- reading -----------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        """The store as registry.json says (cheap; what servers use), else as its passports say."""
+        """The store as registry.json says (cheap; what servers use), else as its passports say;
+        IndexInvalid when the index does not validate."""
+        return self.read_index()[0]
+
+    def read_index(self) -> tuple[Snapshot, tuple | None]:
+        """The index, validated, and the stamp of the very bytes read (None: there is no index and
+        the passports say); IndexInvalid when it does not validate."""
+        path = self.confined(self.root / INDEX)
         try:
-            data = json.loads(self.confined(self.root / INDEX).read_text())
+            with open(path, "rb") as f:
+                raw, st = f.read(), os.fstat(f.fileno())
         except FileNotFoundError:
-            return self.scan()
-        return Snapshot(tuple(Passport.from_dict(d) for d in data["adapters"]))
+            snap = self.scan()
+            if problems := snap.problems():
+                raise IndexInvalid(f"{self.root} has no {INDEX} and its passports do not make one: "
+                                   + "; ".join(problems[:3])) from None
+            return snap, None
+        return parse_index(raw, str(path)), file_stamp(st, lambda: raw)
 
     def scan(self) -> Snapshot:
         """The passports on disk (lifecycle fields possibly behind the index after a crash)."""
         return Snapshot(tuple(p for p, _ in self._on_disk(clean=False)))
 
-    def index_stamp(self) -> int:
+    def index_stamp(self) -> tuple | None:
+        """What tells one index from another without parsing it (None: there is none)."""
+        path = self.root / INDEX
         try:
-            return (self.root / INDEX).stat().st_mtime_ns
+            return file_stamp(os.stat(path), path.read_bytes)
         except FileNotFoundError:
-            return 0
+            return None
 
     def _on_disk(self, clean: bool) -> Iterator[tuple[Passport, Path]]:
         """Readable passports in NAME/VERSION directories. With `clean`, directories without
@@ -270,30 +379,37 @@ class Store:
 
     # -- writing -----------------------------------------------------------------
     @contextmanager
-    def _writing(self) -> Iterator[Snapshot]:
+    def _writing(self, rebuild: bool = False) -> Iterator[Snapshot]:
         """The store lock, and the recovered state to change."""
         self.root.mkdir(parents=True, exist_ok=True)
         with flocked(self.root / LOCK):
-            yield self._recover()
+            yield self._recover(rebuild)
 
     def recover(self) -> Snapshot:
         with self._writing() as snap:
             return snap
 
     def reindex(self) -> Snapshot:
-        """Rebuild registry.json from the passports (after editing the store by hand); lifecycle
-        fields stay as the index has them (use promote/rollback/archive to change those)."""
-        return self.recover()
+        """Rebuild registry.json from the passports (after editing the store by hand, or when the
+        index does not validate); lifecycle fields stay as a valid index has them (use
+        promote/rollback/archive to change those)."""
+        with self._writing(rebuild=True) as snap:
+            return snap
 
-    def _recover(self) -> Snapshot:
+    def _recover(self, rebuild: bool) -> Snapshot:
+        """An index that does not validate was not left by a crash (every write of it is atomic):
+        someone edited or damaged it. Only an explicit `reindex` (`rebuild`) replaces it."""
         self._clean_staging()
         try:
-            indexed = {versioned(d['name'], d['version']): d
-                       for d in json.loads(self.confined(self.root / INDEX).read_text())["adapters"]}
+            raw = self.confined(self.root / INDEX).read_bytes()
+            indexed = {p.key: p.to_dict() for p in parse_index(raw, str(self.root / INDEX)).passports}
         except FileNotFoundError:
             indexed = None
-        except (ValueError, KeyError, TypeError, StoreError) as exc:
-            log.warning("registry.json is unreadable (%s); rebuilding it from the passports", exc)
+        except StoreError as exc:
+            if not rebuild:
+                raise IndexInvalid(f"{exc}; fix it, or run `loraserve adapters reindex` to rebuild it from the "
+                                   "passports") from exc
+            log.warning("%s; rebuilding it from the passports", exc)
             indexed = None
         passports, stale = reconcile(indexed, [p for p, _ in self._on_disk(clean=True)])
         return self._commit(passports, [(p, self.version_dir(p.name, p.version)) for p in stale],
@@ -332,16 +448,20 @@ class Store:
     # -- lifecycle -------------------------------------------------------------
     def register(self, source: Path, name: str, base: BaseIdentity,
                  smoke_test: Callable[[Path], SmokeTest] | None, *, evaluation: Evaluation | None = None,
-                 **fields) -> Passport:
+                 change_policy: bool = False, **fields) -> Passport:
         """Copy a PEFT adapter directory in as the next version of `name`, read its facts from the
         tensors, hash it, smoke-test it (unless `smoke_test` is None) and write its passport:
-        `staging` if every check passed, else `failed` with the reason in `failure`."""
-        draft = new_draft(Path(source), name, base, evaluation, fields)
-        check_lineage(self.snapshot(), draft)  # early, so a doomed registration costs nothing
+        `staging` if every check passed, else `failed` with the reason in `failure`. Policy fields
+        (allowed_clients, aliases, fallback; None or absent: as the adapter has them) set a new
+        adapter's policy; a new version inherits its adapter's, and one that asks for another is
+        refused unless `change_policy` (plan_registration)."""
+        requested = {f: fields.pop(f) for f in POLICY if f in fields}
+        draft = new_draft(Path(source), name, base, evaluation, fields, requested)
+        plan_registration(self.snapshot(), draft, requested, change_policy)  # early: a doomed one costs nothing
         self.root.mkdir(parents=True, exist_ok=True)
         with self._staged() as stage:
             prepare(Path(source), stage, draft, smoke_test)
-            return self._add(stage, draft)
+            return self._add(stage, draft, requested, change_policy)
 
     @contextmanager
     def _staged(self) -> Iterator[Path]:
@@ -355,12 +475,12 @@ class Store:
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
 
-    def _add(self, stage: Path, draft: Passport) -> Passport:
+    def _add(self, stage: Path, draft: Passport, requested: dict, change_policy: bool) -> Passport:
         with self._writing() as snap:
-            check_lineage(snap, draft)
             name_dir = self.root / draft.name
             on_disk = [int(d.name) for d in name_dir.iterdir() if d.name.isdigit()] if name_dir.is_dir() else []
             draft.version = str(max([*on_disk, *(int(p.version) for p in snap.versions(draft.name))], default=0) + 1)
+            others = plan_registration(snap, draft, requested, change_policy)
             if draft.evaluation.previous_version == "" and snap.active(draft.name):
                 draft.evaluation.previous_version = snap.active(draft.name).key
             draft.write(stage)
@@ -369,7 +489,8 @@ class Store:
             fsync_dir(self.root)
             stage.rename(self.version_dir(draft.name, draft.version))
             fsync_dir(name_dir)
-            self._commit([*snap.passports, draft], [])
+            self._commit([*with_changes(snap, others), draft],
+                         [(p, self.version_dir(p.name, p.version)) for p in others])
         return draft
 
     def _change(self, plan: Callable[[Snapshot], tuple]) -> tuple:
@@ -392,6 +513,11 @@ class Store:
         """Take every version of `name` out of service (the files stay)."""
         return self._change(lambda snap: plan_archive(snap, name))
 
+    def set_policy(self, name: str, reason: str = "", **requested) -> list[Passport]:
+        """Change adapter `name`'s allowed_clients, aliases or fallback (None: unchanged) for every
+        version at once, recorded in its policy history."""
+        return self._change(lambda snap: plan_set_policy(snap, name, requested, reason))
+
     def stale(self, days: int, today: dt.datetime | None = None) -> list[Passport]:
         """Versions not active and trained more than `days` ago (by evaluation.trained_at, else
         their registration): candidates to delete."""
@@ -401,10 +527,11 @@ class Store:
 
 
 # -- lifecycle decisions: pure functions of a snapshot, shared by every kind of store ---------
-def new_draft(source: Path, name: str, base: BaseIdentity, evaluation: Evaluation | None, fields: dict) -> Passport:
-    """The passport a registration starts from, once `source` looks like a safetensors PEFT adapter."""
-    if not NAME.fullmatch(name):
-        raise StoreError(f"name {name!r} must be letters, digits, '-' or '_'")
+def new_draft(source: Path, name: str, base: BaseIdentity, evaluation: Evaluation | None, fields: dict,
+              requested: dict) -> Passport:
+    """The passport a registration starts from, once `source` looks like a safetensors PEFT adapter
+    (its policy is given by plan_registration)."""
+    check_ids(name, requested.get("aliases") or ())
     if not (source / CONFIG).is_file():
         raise StoreError(f"{source} has no {CONFIG}: not a PEFT adapter directory")
     if not (source / WEIGHTS).is_file():
@@ -412,8 +539,17 @@ def new_draft(source: Path, name: str, base: BaseIdentity, evaluation: Evaluatio
             raise StoreError(f"{source} has only pickle weights ({PICKLE_WEIGHTS}), which can run code when "
                              "loaded; convert them to safetensors first")
         raise StoreError(f"{source} has no {WEIGHTS}")
+    if requested.get("fallback") not in (None, *FALLBACKS):
+        raise StoreError(f"fallback must be one of {FALLBACKS}, not {requested['fallback']!r}")
     return Passport(name=name, version="0", base_model=base.model_id, base_model_revision=base.revision,
                     weights_sha256="", created=now_iso(), evaluation=evaluation or Evaluation(), **fields)
+
+
+def check_ids(name: str, aliases) -> None:
+    """A name and aliases any adapter may take (letters, digits, '-', '_'; not reserved)."""
+    for kind, ident in (("name", name), *(("alias", a) for a in aliases)):
+        if (why := name_problem(ident)) is not None:
+            raise StoreError(f"{kind} {why}")
 
 
 def prepare(source: Path, stage: Path, draft: Passport, smoke_test: Callable[[Path], SmokeTest] | None) -> None:
@@ -438,10 +574,56 @@ def prepare(source: Path, stage: Path, draft: Passport, smoke_test: Callable[[Pa
 
 
 def check_lineage(snap: Snapshot, draft: Passport) -> None:
-    snap.check_namespace(draft)
+    snap.check_namespace(draft.name)
     prev = draft.evaluation.previous_version
     if prev and snap.get(*prev.split("@")) is None:
         raise StoreError(f"previous_version {prev} is not in the store")
+
+
+def plan_registration(snap: Snapshot, draft: Passport, requested: dict, change_policy: bool) -> list[Passport]:
+    """Give `draft` its adapter's policy (registry.policy): a new adapter's is what `requested` says
+    (defaults for the rest); a new version inherits its adapter's, and one that asks for another is
+    refused unless `change_policy`, which changes it for every version. Returns the other versions
+    whose passports change with it."""
+    check_lineage(snap, draft)
+    versions = snap.versions(draft.name)
+    current = snap.policy(draft.name) if versions else Policy()
+    wanted = current.with_changes(requested)
+    snap.check_namespace(draft.name, wanted.aliases)
+    trail = snap.history(draft.name)
+    if not versions:
+        trail = [history_entry(now_iso(), "register", wanted, draft.version)]
+    elif wanted != current:
+        if not change_policy:
+            raise StoreError(f"this registration changes {draft.name}'s policy ({current.differences(wanted)}), which "
+                             "belongs to the adapter and which every new version inherits: register without those "
+                             f"flags, add --change-policy to change it for every version of {draft.name}, or use "
+                             f"`loraserve adapters set-policy {draft.name}`")
+        trail = trail + [history_entry(now_iso(), "register --change-policy", wanted, draft.version)]
+    draft.allowed_clients, draft.aliases = list(wanted.allowed_clients), list(wanted.aliases)
+    draft.fallback, draft.policy_history = wanted.fallback, trail
+    if not versions or wanted == current:
+        return []
+    return [replace(p, **wanted.fields(), policy_history=trail) for p in versions]
+
+
+def plan_set_policy(snap: Snapshot, name: str, requested: dict, reason: str) -> tuple[list[Passport], list[Passport]]:
+    """Every version of `name` with the policy `requested` changes (None: unchanged), one line more
+    in its policy history; nothing changes when nothing would."""
+    versions = snap.versions(name)
+    if not versions:
+        raise StoreError(f"{name} is not in the store")
+    if requested.get("fallback") not in (None, *FALLBACKS):
+        raise StoreError(f"fallback must be one of {FALLBACKS}, not {requested['fallback']!r}")
+    current = snap.policy(name)
+    wanted = current.with_changes(requested)
+    check_ids(name, wanted.aliases)
+    snap.check_namespace(name, wanted.aliases)
+    if wanted == current and all(Policy.of(p) == current for p in versions):
+        return versions, []
+    trail = snap.history(name) + [history_entry(now_iso(), "set-policy", wanted, reason=reason)]
+    changed = [replace(p, **wanted.fields(), policy_history=trail) for p in versions]
+    return changed, changed
 
 
 def plan_promote(snap: Snapshot, name: str, version: str) -> tuple[Passport, list[Passport]]:
@@ -453,7 +635,6 @@ def plan_promote(snap: Snapshot, name: str, version: str) -> tuple[Passport, lis
     if target.status == "failed" or not (target.smoke_test and target.smoke_test.passed):
         why = target.failure or "it has not passed a smoke test"
         raise StoreError(f"{name}@{version} cannot be promoted: {why}")
-    snap.check_namespace(target)
     changed = [replace(target, status="active", promoted_at=now_iso())]
     current = snap.active(name)
     if current is not None:
@@ -469,7 +650,6 @@ def plan_rollback(snap: Snapshot, name: str) -> tuple[Passport, list[Passport]]:
     if not previous:
         raise StoreError(f"{name} has no earlier promoted version to roll back to")
     before = max(previous, key=lambda p: p.promoted_at)
-    snap.check_namespace(before)
     changed = [replace(before, status="active"), replace(current, status="staging", promoted_at="")]
     return changed[0], changed
 
@@ -486,6 +666,13 @@ def with_changes(snap: Snapshot, changed: list[Passport]) -> list[Passport]:
     """Every version, `changed` replacing the versions they name, in index order."""
     keys = {p.key for p in changed}
     return sorted([p for p in snap.passports if p.key not in keys] + changed, key=lambda p: (p.name, int(p.version)))
+
+
+def file_stamp(st: os.stat_result, content: Callable[[], bytes]) -> tuple:
+    """inode, size, mtime and ctime (os.utime cannot set ctime), and the bytes' hash while racy."""
+    racy = time.time() - max(st.st_mtime, st.st_ctime) < RACY_S
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+            hashlib.sha256(content()).hexdigest() if racy else "")
 
 
 def index_text(passports) -> str:

@@ -421,10 +421,10 @@ class TorchEngine:
         except LoraServeError:
             raise
         except UnsupportedAdapter as exc:
-            raise AdapterIncompatible(adapter.id, str(exc)) from exc
+            raise AdapterIncompatible(adapter.key, str(exc)) from exc
         except Exception as exc:  # a bad adapter fails its own requests only
-            log.warning("reading adapter %s from %s failed: %s", adapter.id, adapter.path, exc)
-            raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
+            log.warning("reading adapter %s from %s failed: %s", adapter.key, adapter.path, exc)
+            raise AdapterLoadFailed(adapter.key, f"{type(exc).__name__}: {exc}") from exc
         self._ram[adapter] = weights
         return weights.nbytes
 
@@ -441,28 +441,28 @@ class TorchEngine:
         stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, adapter.sha256)
         if adapter.sha256 and self._verified.get(path) != stamp:
             if hashlib.sha256(blob).hexdigest() != adapter.sha256:
-                raise AdapterIncompatible(adapter.id, "its weights file does not match the sha256 in its passport",
+                raise AdapterIncompatible(adapter.key, "its weights file does not match the sha256 in its passport",
                                           reason="WEIGHTS_HASH_MISMATCH")
             self._verified[path] = stamp
         facts = weight_facts(blob)  # unreadable: a load failure
         try:  # the same facts-from-the-tensors check as registration, on the very bytes just hashed
             check_against_config(facts, config)
         except WeightsError as exc:
-            raise AdapterIncompatible(adapter.id, str(exc)) from exc
+            raise AdapterIncompatible(adapter.key, str(exc)) from exc
         weights = parse_peft(config, safetensors_load(blob))
         for module, (a_t, b_t) in weights.modules.items():
             if a_t.shape[1] > self.cfg.max_lora_rank:
-                raise AdapterIncompatible(adapter.id, f"{module} has rank {a_t.shape[1]} in its weights; this "
+                raise AdapterIncompatible(adapter.key, f"{module} has rank {a_t.shape[1]} in its weights; this "
                                           f"server's slots hold rank {self.cfg.max_lora_rank} at most")
             layer = self._layers.get(module)
             if layer is None and module in self._unwrapped:
                 leaf = module.rsplit(".", 1)[-1]
-                raise AdapterIncompatible(adapter.id, f"it adapts {leaf} ({module}), which this server does not "
+                raise AdapterIncompatible(adapter.key, f"it adapts {leaf} ({module}), which this server does not "
                                           f"apply LoRA to: restart it with --lora-target-modules including {leaf}")
             if layer is None:
-                raise AdapterIncompatible(adapter.id, f"the base model has no linear layer {module!r}")
+                raise AdapterIncompatible(adapter.key, f"the base model has no linear layer {module!r}")
             if (a_t.shape[0], b_t.shape[1]) != (layer.in_features, layer.out_features):
-                raise AdapterIncompatible(adapter.id, f"{module} is {a_t.shape[0]}->{b_t.shape[1]} in the adapter "
+                raise AdapterIncompatible(adapter.key, f"{module} is {a_t.shape[0]}->{b_t.shape[1]} in the adapter "
                                           f"but {layer.in_features}->{layer.out_features} in the base model")
         # Page-locked host memory lets the attach copy run asynchronously on CUDA.
         return weights.to(torch.device("cpu"), self._dtype, pin=self._device.type == "cuda")
@@ -689,7 +689,7 @@ class TorchEngine:
     def _slot_of(self, adapter: AdapterRef) -> int:
         attached = self._slots.get(adapter)
         if attached is None:
-            raise AdapterLoadFailed(adapter.id, "it was not attached when its batch step ran")
+            raise AdapterLoadFailed(adapter.key, "it was not attached when its batch step ran")
         return attached[0]
 
     def _results(self, rows: list[Row], logits: torch.Tensor) -> list[StepResult]:

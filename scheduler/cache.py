@@ -66,7 +66,7 @@ class NoRoom(NoCacheRoom):
 
     def __init__(self, tier: Tier, needed: int, budget: int, adapter: AdapterRef):
         super().__init__(f"{tier.name} budget of {budget} bytes cannot make room for {needed} more bytes: "
-                         "the rest is pinned or in use", adapter_id=adapter.id)
+                         "the rest is pinned or in use", adapter_id=adapter.key)
         self.tier, self.needed, self.budget = tier, needed, budget
 
 
@@ -117,7 +117,10 @@ def plan_admit(entries: Mapping[AdapterRef, Entry], budgets: Budgets, adapter: A
     if need > 0 and not demoted:
         raise NoRoom(Tier.VRAM, size, budgets.vram, adapter)
     actions: list[Action] = []
-    ram_used = usage(values, Tier.RAM) - (moving_out if current and current.tier is Tier.RAM else 0)
+    # `adapter` keeps its RAM copy until the attach is done (the engine lets go of it after), so a
+    # demoted victim's copy must fit beside it: then neither memory nor the books ever hold more
+    # than the RAM budget, even while the demotions and the attach run.
+    ram_used = usage(values, Tier.RAM)
     ram_victims = victims(Tier.RAM)
     # Most recently used first, so they are the ones that keep a RAM copy.
     for e in sorted(demoted, key=lambda e: e.last_used, reverse=True):
@@ -149,6 +152,20 @@ class AdapterCache:
     budgets: Budgets
     entries: dict[AdapterRef, Entry] = field(default_factory=dict)
     stats: dict[Tier, TierStats] = field(default_factory=lambda: {Tier.RAM: TierStats(), Tier.VRAM: TierStats()})
+    occupancy: dict[Tier, tuple[int, int]] = field(init=False)
+    """RAM and VRAM -> (bytes, adapters), replaced whole after each change: what readers on other
+    threads (the metrics endpoint) take, since entries change field by field on the event loop."""
+
+    def __post_init__(self):
+        self._recount()
+
+    def _recount(self) -> None:
+        counted = {Tier.RAM: [0, 0], Tier.VRAM: [0, 0]}
+        for e in self.entries.values():
+            if e.tier in counted:
+                counted[e.tier][0] += e.bytes
+                counted[e.tier][1] += 1
+        self.occupancy = {t: (b, n) for t, (b, n) in counted.items()}
 
     def tier_of(self, adapter: AdapterRef) -> Tier:
         e = self.entries.get(adapter)
@@ -168,6 +185,12 @@ class AdapterCache:
         else:
             e.tier, e.bytes, e.last_used = tier, size, now
         self.stats[tier].loads += 1
+        self._recount()
+
+    def resize(self, adapter: AdapterRef, size: int) -> None:
+        """What a read really holds, once it is done (never more than it reserved)."""
+        self.entries[adapter].bytes = size
+        self._recount()
 
     def apply(self, action: Action) -> None:
         e = self.entries[action.adapter]
@@ -180,6 +203,7 @@ class AdapterCache:
                 e.tier = Tier.DISK
             else:
                 del self.entries[action.adapter]
+        self._recount()
 
     def forget(self, adapter: AdapterRef) -> None:
         """A reservation whose read failed."""
@@ -188,6 +212,7 @@ class AdapterCache:
             del self.entries[adapter]
         elif e is not None:
             e.tier = Tier.DISK
+        self._recount()
 
     def record_use(self, adapter: AdapterRef, found_in: Tier, now: float) -> None:
         """Count one request's hit or miss per tier (`found_in`: where its adapter was when it

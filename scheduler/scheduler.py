@@ -272,8 +272,7 @@ class Scheduler:
     def submit(self, req: GenerationRequest, time_left_s: float | None = None) -> Ticket:
         """`time_left_s`: the caller's deadline; a request that would still be queued when it
         passes is refused now (DeadlineTooShort) instead of taking a queue slot until then."""
-        if not self._accepting:
-            raise ShuttingDown("server is shutting down; retry on another replica")
+        self.check_accepting()
         if len(self._waiting) >= self._max_queue:
             raise QueueFull(len(self._waiting), retry_after_s=max(1.0, self.expected_wait_s()))
         if time_left_s is not None and (expected := self.expected_wait_s()) > time_left_s:
@@ -306,10 +305,27 @@ class Scheduler:
         else:
             self.stats.cancelled_running += 1
 
+    def check_accepting(self) -> None:
+        """ShuttingDown once draining (submit checks it; the service too, before any work)."""
+        if not self._accepting:
+            raise ShuttingDown("server is shutting down; retry on another replica")
+
     async def drain(self) -> None:
         """Refuse new requests and wait until everything queued or running has finished."""
         self._accepting = False
         await self._idle.wait()
+
+    def abandon(self, exc: LoraServeError) -> int:
+        """Refuse new requests and fail every queued and running one with `exc` (the server stops
+        before they could finish); running rows leave their batch before its next step. Returns
+        how many were failed."""
+        self._accepting = False
+        seqs = [s for s in (*self._waiting, *self._running) if not (s.done or s.cancelled)]
+        self._waiting.clear()
+        self._fail(seqs, exc)
+        self._update_idle()
+        self._wake.set()
+        return len(seqs)
 
     async def run(self) -> None:
         """Iteration-level loop: between steps, ready requests join the batch (their prefill runs

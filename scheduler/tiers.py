@@ -7,7 +7,9 @@ interleave. The books never claim more residency than the engine has: an
 upward move is recorded after the engine did it, a downward one before the
 engine starts it. So "VRAM in the books" always means attached (a request may
 use it at once), and the recorded bytes of a tier never exceed its budget:
-room is made (and a read's bytes reserved) before anything grows.
+room is made (and a read's bytes reserved) before anything grows, and an
+attach's demotions are given RAM beside the adapter being attached, which holds
+its RAM copy until the attach is done.
 """
 
 from __future__ import annotations
@@ -142,10 +144,11 @@ class AdapterTiers:
         return [self._state(a, busy, now) for a in self.cache.entries]
 
     def tier_states(self) -> dict[Tier, TierState]:
-        """RAM and VRAM."""
-        cache = self.cache
-        return {t: TierState(t, replace(cache.stats[t]), cache.used(t), cache.budgets.of(t),
-                             sum(1 for e in cache.entries.values() if e.tier is t)) for t in (Tier.RAM, Tier.VRAM)}
+        """RAM and VRAM; safe from another thread (the metrics endpoint reads the occupancy the
+        books last published whole, never an entry half-moved)."""
+        cache, occupancy = self.cache, self.cache.occupancy
+        return {t: TierState(t, replace(cache.stats[t]), occupancy[t][0], cache.budgets.of(t), occupancy[t][1])
+                for t in (Tier.RAM, Tier.VRAM)}
 
     def _state(self, adapter: AdapterRef, busy: frozenset[AdapterRef], now: float) -> AdapterState:
         if adapter.is_base:
@@ -178,7 +181,7 @@ class AdapterTiers:
         try:
             size = self._engine.bytes_once_read(adapter)
         except Exception as exc:
-            raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
+            raise AdapterLoadFailed(adapter.key, f"{type(exc).__name__}: {exc}") from exc
         self._check_fits(adapter, size, Tier.RAM)
         async with self._moves:
             if self.tier_of(adapter) >= Tier.RAM:
@@ -193,7 +196,7 @@ class AdapterTiers:
             async with self._moves:
                 self.cache.forget(adapter)
             raise
-        self.cache.entries[adapter].bytes = min(held, size)
+        self.cache.resize(adapter, min(held, size))
         return (time.perf_counter() - started) * 1e3
 
     async def to_vram(self, adapter: AdapterRef) -> Moved:
@@ -235,7 +238,7 @@ class AdapterTiers:
     def _check_fits(self, adapter: AdapterRef, size: int, tier: Tier) -> None:
         budget = self.cache.budgets.of(tier)
         if size > budget:
-            raise AdapterLoadFailed(adapter.id, f"it needs {size} bytes; the whole {tier.name} budget is {budget}")
+            raise AdapterLoadFailed(adapter.key, f"it needs {size} bytes; the whole {tier.name} budget is {budget}")
 
     # -- down ------------------------------------------------------------------
     async def _execute(self, actions: list[Action]) -> None:
@@ -263,9 +266,9 @@ class AdapterTiers:
         if entry is None or entry.tier <= to:
             return
         if entry.pinned:
-            raise AdapterBusy(adapter.id, "it is pinned; unpin it first")
+            raise AdapterBusy(adapter.key, "it is pinned; unpin it first")
         if adapter in self._running() | self._waiting() | self._loading():
-            raise AdapterBusy(adapter.id, "requests are using it")
+            raise AdapterBusy(adapter.key, "requests are using it")
         if to is Tier.RAM:
             others = self._running() | self._waiting() | self._loading()
             actions = [a for a in self.cache.plan(adapter, entry.host_bytes or entry.bytes, Tier.RAM, others)]

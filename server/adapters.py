@@ -5,7 +5,9 @@ Ids are validated names (never paths): `name`, `alias` or `name@VERSION`, or
 registry index is re-read whenever it changes on disk (a local store: checked
 on every look-up) or its ETag moves (a remote store: `poll`, every
 --index-poll-s), so a promotion or rollback takes effect without a restart;
-requests already resolved keep the version they got.
+requests already resolved keep the version they got. An index that does not
+validate is refused, counted and reported, and the last valid one keeps
+serving: no request ever sees a half-understood index.
 
 Every way into the engine passes `AdapterRegistry.gate` (through `resolve`):
 requests, which may then fall back to the base model where allowed, and
@@ -15,16 +17,21 @@ requests, which may then fall back to the base model where allowed, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 from loraserve.contract import ADAPTER_ID, BASE_ADAPTER_ID
 from registry.identity import BaseIdentity
 from registry.passport import Passport
-from registry.store import PICKLE_WEIGHTS, WEIGHTS, AmbiguousId, Snapshot, Store, StoreError
+from registry.store import PICKLE_WEIGHTS, WEIGHTS, AmbiguousId, IndexInvalid, Snapshot, Store, StoreError
 from scheduler.errors import (AdapterAmbiguous, AdapterIncompatible, AdapterNotActive, AdapterNotFound,
                               InvalidArgument, LoraServeError, PermissionDenied)
 from scheduler.types import BASE, AdapterRef
 from server.convert import check_adapter_id
+
+log = logging.getLogger(__name__)
+_UNREADABLE = "unreadable"
+"""The stamp of a local index whose stat or read failed (an OSError)."""
 
 
 @dataclass(frozen=True)
@@ -51,25 +58,79 @@ class AdapterRegistry:
         """Leaf module names of the served model (set once it is loaded)."""
         self.lora_modules: frozenset[str] | None = None
         """Leaf names of the linear layers the engine applies LoRA to (set once it is loaded)."""
-        self._stamp = -1
-        self._snapshot = Snapshot(())
+        self.reload_errors = 0
+        """Indexes refused since start (each distinct one once): loraserve_registry_reload_errors_total."""
+        self.index_error = ""
+        """Why the store's current index is refused ('' when the index served is the current one)."""
+        self._stamp: object = ()
+        self._snapshot: Snapshot | None = None
+        """The last index that validated: what is served while a newer one is refused."""
+
+    def open(self) -> None:
+        """The first read of the index; StoreError when there is no valid one to serve. Blocking."""
+        if self.polled:
+            self.poll()
+        else:
+            self.refresh()
+        if self._snapshot is None:
+            raise StoreError(f"the adapter store {self.store_name} has no valid index to serve: {self.index_error}")
+
+    @property
+    def store_name(self) -> str:
+        return getattr(self.store, "url", None) or str(self.store.root)
 
     def snapshot(self) -> Snapshot:
-        if self.polled:
-            return self._snapshot
-        stamp = self.store.index_stamp()
-        if stamp != self._stamp:
-            self._snapshot, self._stamp = self.store.snapshot(), stamp
-        return self._snapshot
+        if not self.polled:
+            self.refresh()
+        return self._snapshot or Snapshot(())
+
+    def refresh(self) -> bool:
+        """Re-read a local index if it changed on disk (by its stamp: inode, size, times, and the
+        bytes' hash while it is young); whether a new one was applied."""
+        stamp: object = _UNREADABLE
+        try:
+            stamp = self.store.index_stamp()
+            if stamp == self._stamp:
+                return False
+            snap, stamp = self.store.read_index()
+        except (StoreError, OSError) as exc:
+            self._refuse(stamp, exc)  # the stamp from before the read: a newer index is read again
+            return False
+        return self._apply(snap, stamp)
 
     def poll(self) -> bool:
-        """Re-read a remote index if its ETag moved (one HEAD; the GET only then); whether it had.
-        Blocking: run it on a thread."""
-        if self.store.index_stamp() == self._stamp:
+        """Re-read a remote index if its ETag moved (one HEAD; the GET only then); whether a new
+        one was applied. Blocking: run it on a thread. Origin errors propagate (a failed poll)."""
+        etag = self.store.index_stamp()
+        if etag == self._stamp:
             return False
-        snap, etag = self.store.read_index()
-        self._snapshot, self._stamp = snap, etag or ""
+        try:
+            snap, etag = self.store.read_index()
+        except IndexInvalid as exc:
+            self._refuse(etag, exc)
+            return False
+        if etag is None and self._snapshot is not None:
+            self._refuse("", IndexInvalid(f"{self.store_name}/registry.json is gone"))
+            return False
+        return self._apply(snap, etag or "")
+
+    def _apply(self, snap: Snapshot, stamp: object) -> bool:
+        if self.index_error:
+            log.warning("registry index of %s is valid again; serving it", self.store_name)
+        self._snapshot, self._stamp, self.index_error = snap, stamp, ""
         return True
+
+    def _refuse(self, stamp: object, exc: Exception) -> None:
+        """Keep serving the last valid index. `stamp` is the refused one's, so it is not read again
+        on every look-up; the same refusal seen again (its stamp changes as it ages out of the
+        racy window, or a stat keeps failing) is counted and logged once."""
+        again = self.index_error == str(exc)
+        self._stamp, self.index_error = stamp, str(exc)
+        if again:
+            return
+        self.reload_errors += 1
+        kept = "no earlier valid index" if self._snapshot is None else "serving the last valid index"
+        log.error("registry index refused (%s): %s", kept, exc)
 
     def example_id(self) -> str:
         """An id worth trying: the first active adapter's name, else the base model's."""
@@ -100,10 +161,12 @@ class AdapterRegistry:
             if version:
                 raise AdapterNotFound(adapter_id)
             raise AdapterNotActive(adapter_id, "no version is active (promote one)")
+        # Access, aliases and fallback are the adapter's, whichever version was named (registry.policy).
+        passport = replace(passport, **snap.policy(name).fields())
         if check_access and passport.allowed_clients and client not in passport.allowed_clients:
             raise PermissionDenied(f"client {client or 'anonymous'!r} may not use adapter {adapter_id!r}",
                                    adapter_id=adapter_id, client=client or "")
-        return Resolution(self._ref(passport), passport, self.gate(adapter_id, passport))
+        return Resolution(self._ref(passport), passport, self.gate(passport))
 
     def attachable(self, adapter_id: str) -> AdapterRef:
         """The version `adapter_id` names, if it may be attached now; else the typed reason."""
@@ -114,34 +177,35 @@ class AdapterRegistry:
             raise found.problem
         return found.adapter
 
-    def gate(self, adapter_id: str, p: Passport) -> LoraServeError | None:
+    def gate(self, p: Passport) -> LoraServeError | None:
         """Why version `p` may not be attached here, or None: its status, its fit with the served
         base model, and files that are inside the store and hashed (the runner checks the hash,
-        and the weights against their config, when it reads them)."""
+        and the weights against their config, when it reads them). Its errors name the version
+        (name@VERSION), as every error about a version does; those about the id asked for name that."""
         if p.status in ("archived", "failed"):
-            return AdapterNotActive(adapter_id, f"version {p.version} is {p.status}")
+            return AdapterNotActive(p.key, f"it is {p.status}")
         if p.base_model_revision != self.base.revision:
-            return AdapterIncompatible(adapter_id, f"it was trained for base model {p.base_model!r} revision "
+            return AdapterIncompatible(p.key, f"it was trained for base model {p.base_model!r} revision "
                                        f"{p.base_model_revision[:12]}, but this server runs {self.base.model_id!r} "
                                        f"revision {self.base.revision[:12]}")
         if p.rank < 1:
-            return AdapterIncompatible(adapter_id, "its passport records no rank read from its weights")
+            return AdapterIncompatible(p.key, "its passport records no rank read from its weights")
         if p.rank > self.max_rank:
-            return AdapterIncompatible(adapter_id, f"rank {p.rank} exceeds the server's max_lora_rank {self.max_rank}")
+            return AdapterIncompatible(p.key, f"rank {p.rank} exceeds the server's max_lora_rank {self.max_rank}")
         missing = [t for t in p.target_modules if self.module_names and t not in self.module_names]
         if missing:
-            return AdapterIncompatible(adapter_id, f"target modules {missing} do not exist in the base model")
+            return AdapterIncompatible(p.key, f"target modules {missing} do not exist in the base model")
         unapplied = [t for t in p.target_modules if self.lora_modules is not None and t not in self.lora_modules]
         if unapplied:
             names = ", ".join(unapplied)
-            return AdapterIncompatible(adapter_id, f"it adapts {names}, which this server does not apply LoRA to: "
+            return AdapterIncompatible(p.key, f"it adapts {names}, which this server does not apply LoRA to: "
                                        f"restart it with --lora-target-modules including {names}")
         if not p.weights_sha256:
-            return AdapterIncompatible(adapter_id, "its passport records no weights_sha256")
+            return AdapterIncompatible(p.key, "its passport records no weights_sha256")
         try:
             path = self.store.served_dir(p.name, p.version)
         except StoreError as exc:
-            return AdapterIncompatible(adapter_id, str(exc))
+            return AdapterIncompatible(p.key, str(exc))
         if not (path / WEIGHTS).is_file() and (path / PICKLE_WEIGHTS).is_file():
-            return AdapterIncompatible(adapter_id, "only pickle weights are present; they are refused")
+            return AdapterIncompatible(p.key, "only pickle weights are present; they are refused")
         return None  # a missing or unreadable weights file fails at load: ADAPTER_LOAD_FAILED

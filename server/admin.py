@@ -105,7 +105,9 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
                                        kv_pool_tokens=kv.total * kv.block_size,
                                        prefix_cache_queried_tokens=kv.prefix.queried_tokens,
                                        prefix_cache_hit_tokens=kv.prefix.hit_tokens,
-                                       preemptions=sched.stats.preemptions)
+                                       preemptions=sched.stats.preemptions,
+                                       registry_reload_errors=self._registry.reload_errors,
+                                       registry_index_error=self._registry.index_error)
         states = tiers.tier_states()
         for tier in (Tier.VRAM, Tier.RAM):
             st = states[tier]

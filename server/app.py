@@ -22,6 +22,7 @@ from registry.identity import BaseIdentity, base_identity
 from registry.diskcache import DiskCache
 from registry.origin import open_store
 from registry.store import StoreError
+from scheduler.errors import ShuttingDown
 from server.adapters import AdapterRegistry
 from server.auth import Authenticator
 from server.interceptors import AccessInterceptor
@@ -29,7 +30,7 @@ from server.config import WARM_AT, ServerConfig
 from server.convert import RequestLimits
 from server.memory import EngineMemory
 from server.metrics import Metrics
-from server.remote import OriginMetrics, RemoteOrigin, follow_index
+from server.remote import OriginMetrics, RemoteOrigin, poll_index
 from server.service import InferenceServicer
 from server.telemetry import Telemetry, provider_from_env
 
@@ -41,6 +42,13 @@ SERVICE_NAMES = (
     health.SERVICE_NAME,
     reflection.SERVICE_NAME,
 )
+UNREQUESTED_S = 30
+"""How long gRPC holds a call no handler has picked up before cancelling it (its default)."""
+SEND_S = 5.0
+"""At shutdown, once every request has its answer: how long handlers get to send it."""
+REGISTRY_HEALTH = "loraserve.registry"
+"""A health service name of its own for the adapter index: NOT_SERVING while the store's current
+index is refused (the server serves the last valid one; GetCacheStats says why)."""
 _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -75,14 +83,23 @@ class LoraServer:
         # The base model's identity is known once load() has fingerprinted it.
         self.registry = AdapterRegistry(store, BaseIdentity("", ""), max_rank=cfg.max_lora_rank)
         self.access = AccessInterceptor(Authenticator.from_file(cfg.auth_tokens_file), self.metrics,
-                                        cfg.max_streams_per_client, cfg.client_id_metadata_key)
+                                        cfg.max_streams_per_client, cfg.client_id_metadata_key,
+                                        lambda: self.registry.base.model_id)
         self.telemetry = Telemetry(tracer_provider or provider_from_env(), self.metrics)
         self.metrics_port: int | None = None
         self.servicer = InferenceServicer(self.registry, self.telemetry)
         self.admin = admin.AdminServicer(self.registry)
         self._server = grpc.aio.server(interceptors=[self.access], options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes)])
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            # gRPC's own queue of calls no handler has picked up yet (the event loop takes them one
+            # at a time): past its soft limit (default 1,000) it drops calls at random, past the hard
+            # one (3,000) all, and after 30 s waiting too, each as a bare CANCELLED that nobody logs
+            # or counts. Both limits at --max-pending-calls, so a burst reaches the admission that
+            # answers with ErrorInfo; the wait limit stays 30 s, said here rather than assumed.
+            ("grpc.server.max_pending_requests", cfg.max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", cfg.max_pending_calls),
+            ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_S)])
         self._tasks: list[asyncio.Task] = []
         self.port = 0
 
@@ -111,6 +128,8 @@ class LoraServer:
             await self._open_origin()
         else:
             await asyncio.to_thread(self._recover_store)
+            await asyncio.to_thread(self.registry.open)
+        self.metrics.watch_index(lambda: self.registry.reload_errors)
         self.registry.base = await asyncio.to_thread(base_identity, cfg.model_path)
         self.telemetry.model_name = self.registry.base.model_id
         if not self.engine.cfg.lora_target_modules:
@@ -151,6 +170,7 @@ class LoraServer:
             cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens,
             max_context, default_seed=0 if cfg.deterministic else None))
         self.admin.ready(self.scheduler, max_context, self.engine.kv_bytes())
+        self._tasks.append(asyncio.create_task(self._follow_index(), name="index"))
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model_path)
 
@@ -168,14 +188,24 @@ class LoraServer:
         cfg, store = self.cfg, self.registry.store
         cache = await asyncio.to_thread(DiskCache, store.cache_dir, int(cfg.disk_cache_mib * 2**20))
         self.origin = RemoteOrigin(store, cache, self.origin_metrics, cfg.origin_timeout_s)
-        await asyncio.to_thread(self.registry.poll)
+        await asyncio.to_thread(self.registry.open)
         log.info("adapters from %s (%d versions in its index), disk cache %s (%d of %d bytes used)", store.url,
                  len(self.registry.snapshot().passports), cache.root, cache.used, cache.budget)
-        self._tasks.append(asyncio.create_task(follow_index(self.registry, cfg.index_poll_s, self.origin_metrics),
-                                               name="index-poll"))
+
+    async def _follow_index(self) -> None:
+        """Every --index-poll-s: pick up a changed index (a remote one only this way; a local one
+        is also checked on every look-up) and say in REGISTRY_HEALTH whether it is served."""
+        while True:
+            await self.health.set(REGISTRY_HEALTH, _NOT_SERVING if self.registry.index_error else _SERVING)
+            await asyncio.sleep(self.cfg.index_poll_s)
+            if self.origin is not None:
+                await poll_index(self.registry, self.origin_metrics)
+            else:
+                self.registry.refresh()
 
     def _recover_store(self) -> None:
-        """Finish or undo whatever a crashed writer left; a read-only store is served as it is."""
+        """Finish or undo whatever a crashed writer left; a read-only store is served as it is, and
+        an index that does not validate is left for `registry.open` to refuse."""
         try:
             self.registry.store.recover()
         except (OSError, StoreError) as exc:
@@ -189,15 +219,20 @@ class LoraServer:
             await self.health.set(name, status)
 
     async def stop(self) -> None:
-        """Health NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace period)."""
+        """Health NOT_SERVING and new inference calls refused (UNAVAILABLE SHUTTING_DOWN); queued and
+        running requests finish, up to the grace period, and those that cannot are answered
+        SHUTTING_DOWN too: every call accepted ends with a status of ours, counted and logged."""
         await self.health.enter_graceful_shutdown()
         if self.scheduler is not None:
             try:
                 await asyncio.wait_for(self.scheduler.drain(), self.cfg.grace_period_s)
             except asyncio.TimeoutError:
-                log.warning("grace period over with requests still in flight")
+                left = self.scheduler.abandon(ShuttingDown(
+                    f"the server is shutting down and its grace period ({self.cfg.grace_period_s:g} s) ended "
+                    "before this request finished; retry on another replica"))
+                log.warning("grace period over: %d requests still queued or running answered SHUTTING_DOWN", left)
         # Handlers have their answers; give them a moment to send them, then close.
-        await self._server.stop(grace=min(5.0, self.cfg.grace_period_s))
+        await self._server.stop(grace=SEND_S)
         for task in self._tasks:
             task.cancel()
         self.metrics.close()

@@ -46,7 +46,8 @@ class ServerConfig:
     disk_cache_mib: float = _f(10240.0, "With an s3:// store: byte budget of the disk cache, MiB (LRU eviction).")
     origin_timeout_s: float = _f(30.0, "With an s3:// store: limit for one try of a fetch or index read, seconds.")
     origin_retries: int = _f(3, "With an s3:// store: retries of a failed fetch (exponential backoff, jitter).")
-    index_poll_s: float = _f(5.0, "With an s3:// store: how often the index's ETag is checked for changes.")
+    index_poll_s: float = _f(5.0, "How often the registry index is checked for changes: an s3:// store's ETag (the "
+                                  "only check there), a local store's file (also checked on every look-up).")
     quantization: str = _f("none", "Base model weights: none | nf4 | int8 (bitsandbytes).")
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16.")
@@ -103,6 +104,11 @@ class ServerConfig:
     max_message_bytes: int = _f(1 << 20, "Largest gRPC message accepted or sent, bytes.")
     max_streams_per_client: int = _f(256, "Most inference calls one client may have open at once (beyond: "
                                           "RESOURCE_EXHAUSTED); 0 means no limit.")
+    max_pending_calls: int = _f(16384, "Calls gRPC may hold before a handler picks them up (its own queue, "
+                                       "grpc.server.max_pending_requests and its hard limit, both set to this): "
+                                       "past it gRPC cancels calls itself, with no ErrorInfo. Far above what "
+                                       "max_queue and max_streams_per_client admit, so overload is refused by "
+                                       "them (QUEUE_FULL, CLIENT_STREAM_LIMIT) instead.")
     client_id_metadata_key: str = _f("", "Without auth_tokens_file: a metadata key whose value identifies the "
                                          "client (stream limit, fair share) instead of its address. Trusted as "
                                          "sent: set it only behind a proxy that overwrites that key.")
@@ -128,7 +134,7 @@ class ServerConfig:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
-        for name in ("max_loras", "max_batch_size", "max_batch_tokens", "max_num_batched_tokens", "max_queue", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",
+        for name in ("max_loras", "max_batch_size", "max_batch_tokens", "max_num_batched_tokens", "max_queue", "max_pending_calls", "max_concurrent_loads", "max_lora_rank", "thrash_limit", "max_prompt_tokens",
                      "max_new_tokens_limit", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+from typing import AsyncIterator, NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
@@ -56,14 +58,30 @@ def rich_status(exc: e.LoraServeError) -> status_pb2.Status:
     return status
 
 
+@contextlib.asynccontextmanager
+async def call_over() -> AsyncIterator[None]:
+    """Around anything sent on a call. gRPC raises InternalError (ExecuteBatchError) when a message
+    or status is sent on a call that is already over: its caller cancelled or went away, or its
+    deadline passed, a moment before. Nobody can receive it any more; the handler ends as
+    cancelled, which grpc.aio logs at debug level, instead of an ERROR traceback."""
+    try:
+        yield
+    except grpc.aio.InternalError as exc:
+        raise asyncio.CancelledError("the call was already over") from exc
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: e.LoraServeError):
     status = rich_status(exc)
-    await context.abort(status_code(exc), exc.message,
-                        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
+    async with call_over():
+        await context.abort(status_code(exc), exc.message,
+                            trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
 
 
-async def _abort_deadline(context: grpc.aio.ServicerContext):
-    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the answer was ready")
+def _deadline_passed() -> NoReturn:
+    # The caller's own deadline has fired on its side: it has its DEADLINE_EXCEEDED, and gRPC ends
+    # the call on this side at the same moment, so sending a status would race with that (an
+    # ExecuteBatchError logged as an ERROR whenever gRPC wins). The handler just ends.
+    raise asyncio.CancelledError("the caller's deadline passed")
 
 
 async def _abort_internal(context: grpc.aio.ServicerContext, where: str):
@@ -81,7 +99,7 @@ def unary_errors(method):
         except e.LoraServeError as exc:
             await abort(context, exc)
         except asyncio.TimeoutError:
-            await _abort_deadline(context)
+            _deadline_passed()
         except grpc.aio.AbortError:
             raise
         except Exception:
@@ -93,12 +111,14 @@ def stream_errors(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
-            async for item in method(self, request, context):
-                yield item
+            # Closed here when this generator is (a caller gone mid-stream), in this task.
+            async with contextlib.aclosing(method(self, request, context)) as items:
+                async for item in items:
+                    yield item
         except e.LoraServeError as exc:
             await abort(context, exc)
         except asyncio.TimeoutError:
-            await _abort_deadline(context)
+            _deadline_passed()
         except grpc.aio.AbortError:
             raise
         except Exception:

@@ -24,8 +24,9 @@ from grpc_reflection.v1alpha import reflection
 from loraserve.v1 import admin_pb2, inference_pb2
 from scheduler.errors import InvalidArgument, LoraServeError, TooManyStreams
 from server.auth import CALLER, Authenticator, Caller
-from server.errors import abort
+from server.errors import abort, call_over
 from server.metrics import Metrics
+from server.requestlog import log_request
 
 OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME,
                            "grpc.reflection.v1.ServerReflection"})
@@ -53,9 +54,11 @@ def _lenient(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, auth: Authenticator, metrics: Metrics, max_streams_per_client: int = 0,
-                 client_id_key: str = ""):
+                 client_id_key: str = "", base_model: Callable[[], str] = str):
+        """`base_model`: the served model's id for the request log (known once it is loaded)."""
         self._auth = auth
         self._metrics = metrics
+        self._base_model = base_model
         self._limit = max_streams_per_client
         self._client_id_key = client_id_key
         self.open_calls: Counter[str] = Counter()
@@ -75,7 +78,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                     with self._admitted(request, context, admin, counted):
                         return await behavior(request, context)
                 except LoraServeError as exc:
-                    await self._refuse(context, exc, counted, started)
+                    await self._refuse(request, context, exc, counted, started)
 
             return grpc.unary_unary_rpc_method_handler(unary, _lenient(handler.request_deserializer),
                                                        handler.response_serializer)
@@ -83,23 +86,34 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             stream = handler.unary_stream
 
             async def streaming(request, context):
+                # Written here (grpc.aio's writer form), not yielded back to grpc.aio: when the
+                # caller goes away during a write, the service's generator is closed in this task
+                # (its status, span and log line see it), where grpc.aio would leave it suspended
+                # for the garbage collector to close later, elsewhere, as if it had ended well.
                 started = time.perf_counter()
                 try:
                     with self._admitted(request, context, admin, counted):
-                        async for item in stream(request, context):
-                            yield item
+                        async with contextlib.aclosing(stream(request, context)) as items:
+                            async for item in items:
+                                async with call_over():
+                                    await context.write(item)
                 except LoraServeError as exc:
-                    await self._refuse(context, exc, counted, started)
+                    await self._refuse(request, context, exc, counted, started)
 
             return grpc.unary_stream_rpc_method_handler(streaming, _lenient(handler.request_deserializer),
                                                         handler.response_serializer)
         raise TypeError(f"{details.method}: only unary and server-streaming methods are served")
 
-    async def _refuse(self, context, exc: LoraServeError, counted: bool, started: float) -> None:
-        # Services count the calls they handle (and answer their own errors), so what reaches
-        # here was refused before the service saw it: counted here, once, with its reason.
+    async def _refuse(self, request, context, exc: LoraServeError, counted: bool, started: float) -> None:
+        # Services count and log the calls they handle (and answer their own errors), so what
+        # reaches here was refused before the service saw it: counted and logged here, once.
         if counted:
+            caller = CALLER.get(None)
             self._metrics.request_done("-", exc.reason, time.perf_counter() - started, None)
+            decoded = request is not UNDECODABLE
+            log_request(request_id=request.request_id if decoded else "", client=caller and caller.client,
+                        client_key=caller.key if caller else "-", adapter_id=request.adapter_id if decoded else "",
+                        base_model=self._base_model(), status=exc.reason, started=started)
         await abort(context, exc)
 
     @contextlib.contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -68,6 +68,10 @@ class Metrics:
     def watch(self, scheduler: Scheduler, memory: EngineMemory | None = None) -> None:
         self.registry.register(_SchedulerCollector(scheduler, memory))
 
+    def watch_index(self, reload_errors: Callable[[], int]) -> None:
+        """The adapter registry's count of refused indexes (server.adapters keeps the books)."""
+        self.registry.register(_IndexCollector(reload_errors))
+
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the port (0 picks a free one)."""
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -115,6 +119,16 @@ class Metrics:
     def adapter_ready(self, adapter: AdapterRef, source: Tier, ms: float) -> None:
         if source is not Tier.VRAM:
             self.load_seconds.labels(self._adapter(adapter.id), source.label).observe(ms / 1e3)
+
+
+class _IndexCollector(Collector):
+    def __init__(self, reload_errors: Callable[[], int]):
+        self._reload_errors = reload_errors
+
+    def collect(self) -> Iterator:
+        yield CounterMetricFamily("loraserve_registry_reload_errors", "Registry indexes refused because they did "
+                                  "not validate (each distinct one once); the last valid index kept serving",
+                                  value=self._reload_errors())
 
 
 class _SchedulerCollector(Collector):

@@ -91,19 +91,19 @@ class RemoteOrigin:
                                               self._wait_s)
         except HashMismatch as exc:
             self._failed(exc)
-            err = AdapterIncompatible(adapter.id, f"its weights in {self.store.url} do not match the sha256 in its "
+            err = AdapterIncompatible(adapter.key, f"its weights in {self.store.url} do not match the sha256 in its "
                                       "passport; the download was discarded", reason="WEIGHTS_HASH_MISMATCH")
             err.metadata.update(origin=self.store.url, origin_error=str(exc), origin_code=exc.code)
             raise err from exc
         except DiskCacheFull as exc:
-            raise AdapterLoadFailed(adapter.id, str(exc)) from exc
+            raise AdapterLoadFailed(adapter.key, str(exc)) from exc
         except OriginError as exc:
             self._failed(exc)
             log.warning("fetching adapter %s@%s from %s failed: %s", name, version, self.store.url, exc)
-            raise OriginFetchFailed(adapter.id, self.store.url, str(exc), exc.code) from exc
+            raise OriginFetchFailed(adapter.key, self.store.url, str(exc), exc.code) from exc
         except Exception as exc:  # the disk cache's own I/O: still only this adapter's requests fail
             log.exception("fetching adapter %s@%s into the disk cache failed", name, version)
-            raise AdapterLoadFailed(adapter.id, f"{type(exc).__name__}: {exc}") from exc
+            raise AdapterLoadFailed(adapter.key, f"{type(exc).__name__}: {exc}") from exc
         if fetched.downloaded:
             self.metrics.fetches.labels("downloaded").inc()
             self.metrics.fetch_bytes.inc(fetched.bytes)
@@ -120,16 +120,14 @@ class RemoteOrigin:
         self.metrics.errors.labels(exc.code).inc()
 
 
-async def follow_index(registry: AdapterRegistry, interval_s: float, metrics: OriginMetrics) -> None:
-    """Poll the remote index's ETag; apply a changed index (promotions, rollbacks, new versions).
-    A failed poll keeps serving the last index read and tries again next interval."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            if await asyncio.to_thread(registry.poll):
-                metrics.index_reloads.inc()
-                log.info("registry index changed in %s; applied", registry.store.url)
-        except Exception as exc:  # noqa: BLE001 - an outage must not stop the poll
-            metrics.index_poll_failures.inc()
-            log.warning("polling the registry index in %s failed (serving the last one read): %s",
-                        registry.store.url, exc)
+async def poll_index(registry: AdapterRegistry, metrics: OriginMetrics) -> None:
+    """One poll of the remote index's ETag; a changed index that validates is applied (promotions,
+    rollbacks, new versions). A failed poll keeps serving the last index read."""
+    try:
+        if await asyncio.to_thread(registry.poll):
+            metrics.index_reloads.inc()
+            log.info("registry index changed in %s; applied", registry.store.url)
+    except Exception as exc:  # noqa: BLE001 - an outage must not stop the poll
+        metrics.index_poll_failures.inc()
+        log.warning("polling the registry index in %s failed (serving the last one read): %s",
+                    registry.store.url, exc)

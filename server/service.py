@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import time
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Iterator
@@ -20,9 +18,8 @@ from server.adapters import AdapterRegistry
 from server.auth import current_caller
 from server.convert import FALLBACKS, RequestLimits, check_fields, delta_pb, final_chunk_pb, from_pb, to_pb
 from server.errors import stream_errors, unary_errors
-from server.telemetry import Telemetry
-
-log = logging.getLogger("loraserve.requests")
+from server.requestlog import log_request
+from server.telemetry import Telemetry, fail
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
@@ -59,12 +56,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         call.client, call.key = caller.client, caller.key
         if self._scheduler is None:
             raise NotReady("the model is still loading; retry shortly")
+        self._scheduler.check_accepting()
         check_fields(request, self._limits)
         routed = next((v for k, v in context.invocation_metadata() or () if k == ROUTING_HEADER), None)
         if routed is not None and routed != request.adapter_id:
             raise InvalidArgument(ROUTING_HEADER, f"metadata names {routed!r} but the request names "
                                                f"{request.adapter_id!r}; a router would send it to the wrong replica")
-        with self._telemetry.resolve(request.adapter_id):
+        with self._telemetry.resolve(span, request.adapter_id):
             found = self._registry.resolve(request.adapter_id, call.client)
         may_fall_back = found.fallback_allowed(FALLBACKS[request.fallback])
         call.adapter = BASE.id if found.problem is not None and may_fall_back else found.adapter.id
@@ -85,30 +83,39 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @contextlib.contextmanager
     def _observed(self, method: str, request: pb.GenerateRequest, context) -> Iterator[tuple[_Call, object]]:
-        """The RPC's span; on the way out, its phase spans, metrics and one log line, whatever happened."""
-        started, call = time.perf_counter(), _Call()
+        """The RPC's span; on the way out, its status, phase spans, metrics and one log line,
+        whatever happened."""
+        started, call, why = time.perf_counter(), _Call(), ""
         with self._telemetry.rpc(f"{SERVICE}/{method}", context.invocation_metadata()) as span:
             try:
                 yield call, span
             except LoraServeError as exc:
-                call.status = exc.reason
+                call.status, why = exc.reason, exc.message
                 raise
             except TimeoutError:
-                call.status = "DEADLINE_EXCEEDED"
+                call.status, why = "DEADLINE_EXCEEDED", "the caller's deadline passed"
                 raise
-            except asyncio.CancelledError:
-                # grpc.aio cancels the handler when the caller's deadline passes, as when it hangs up.
-                call.status = "DEADLINE_EXCEEDED" if context.time_remaining() == 0 else "CANCELLED"
+            except (asyncio.CancelledError, GeneratorExit):
+                # grpc.aio cancels the handler when the caller hangs up or its deadline passes; a
+                # stream whose caller went away while it waited at a yield is closed instead.
+                passed = context.time_remaining() == 0
+                call.status = "DEADLINE_EXCEEDED" if passed else "CANCELLED"
+                why = "the caller's deadline passed" if passed else "the caller went away"
                 raise
-            except Exception:
-                call.status = "INTERNAL"
+            except Exception as exc:
+                call.status, why = "INTERNAL", f"{type(exc).__name__}: {exc}"
                 raise
             finally:
+                if call.status != "OK":
+                    fail(span, call.status, why)
                 self._telemetry.finished(span, call.req, call.completion)
                 c = call.completion
                 label = c.adapter.id if c else call.adapter
                 self._telemetry.metrics.request_done(label, call.status, time.perf_counter() - started, c, call.key)
-                _log_request(request, call, self._registry.base.model_id, started)
+                log_request(request_id=c.request_id if c else (call.req.request_id if call.req else request.request_id),
+                            client=call.client, client_key=call.key, adapter_id=request.adapter_id,
+                            base_model=self._registry.base.model_id, status=call.status, started=started,
+                            completion=c)
 
     @unary_errors
     async def Generate(self, request, context):
@@ -146,21 +153,3 @@ async def _until_deadline(events: AsyncIterator, context) -> AsyncIterator:
         except StopAsyncIteration:
             return
         yield item
-
-
-def _log_request(request: pb.GenerateRequest, call: _Call, base_model: str, started: float) -> None:
-    """One structured line per request."""
-    c = call.completion
-    line = {"request_id": c.request_id if c else (call.req.request_id if call.req else request.request_id),
-            "client": call.client or "anonymous", "client_key": call.key, "adapter_id": request.adapter_id,
-            "base_model": base_model, "status": call.status, "total_ms": round((time.perf_counter() - started) * 1e3, 2)}
-    if c is not None:
-        t, cost = c.timings, c.cost
-        line.update(adapter=c.adapter.id, version=c.adapter.version, load_source=c.load_source.label,
-                    queue_ms=round(t.queue_ms, 2), load_ms=round(t.load_ms, 2),
-                    generation_ms=round(t.prefill_ms + t.decode_ms, 2), input_tokens=c.input_tokens,
-                    output_tokens=c.output_tokens, cached_input_tokens=c.cached_tokens, prefill_device_ms=round(cost.prefill_device_ms, 3),
-                    decode_device_ms=round(cost.decode_device_ms, 3), adapter_load_ms=round(cost.adapter_load_ms, 3))
-        if c.fallback_reason:
-            line.update(fallback_from=c.fallback_from, fallback_reason=c.fallback_reason)
-    log.info(json.dumps(line))

@@ -19,7 +19,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from scheduler.errors import LoraServeError
 from scheduler.types import AdapterRef, Completion, GenerationRequest, Tier
 from server.metrics import Metrics
 
@@ -65,28 +64,25 @@ class Telemetry:
     # -- per request -----------------------------------------------------------
     @contextlib.contextmanager
     def rpc(self, method: str, metadata) -> Iterator[trace.Span]:
-        """The RPC's server span, a child of the caller's W3C trace context when one is sent."""
+        """The RPC's server span, a child of the caller's W3C trace context when one is sent. It is
+        never made the current span: a stream's generator may be closed from another task and
+        context than the one that would have attached it, where detaching fails (OpenTelemetry's
+        "Failed to detach context"); its children name it as their parent instead. The caller
+        sets its status (`fail`)."""
         carrier = {k: v for k, v in metadata or () if isinstance(v, str)}
-        parent = propagate.extract(carrier)
         service, _, name = method.rpartition("/")
-        with self.tracer.start_as_current_span(
-                method, context=parent, kind=SpanKind.SERVER, record_exception=False, set_status_on_exception=False,
-                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}) as span:
-            try:
-                yield span
-            except LoraServeError as exc:
-                fail(span, exc.reason, exc.message)
-                raise
-            except TimeoutError:
-                fail(span, "DEADLINE_EXCEEDED", "deadline exceeded")
-                raise
-            except BaseException as exc:
-                fail(span, type(exc).__name__, str(exc))
-                raise
+        span = self.tracer.start_span(method, context=propagate.extract(carrier), kind=SpanKind.SERVER,
+                                      attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+        try:
+            yield span
+        finally:
+            span.end()
 
     @contextlib.contextmanager
-    def resolve(self, adapter_id: str) -> Iterator[trace.Span]:
-        with self.tracer.start_as_current_span("adapter.resolve", record_exception=False,
+    def resolve(self, parent: trace.Span, adapter_id: str) -> Iterator[trace.Span]:
+        """Around the registry look-up only (no await inside, so attaching it as current is safe)."""
+        with self.tracer.start_as_current_span("adapter.resolve", context=trace.set_span_in_context(parent),
+                                               record_exception=False,
                                                attributes={"loraserve.adapter.requested": adapter_id}) as span:
             yield span
 

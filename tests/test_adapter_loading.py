@@ -104,7 +104,8 @@ def test_corrupt_adapter_fails_only_its_requests_and_is_not_retried_in_a_loop(sl
             ask(stub, "corrupt")
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         info, _ = details(caught.value)
-        assert info.reason == "ADAPTER_LOAD_FAILED" and info.metadata["adapter_id"] == "corrupt"
+        assert info.reason == "ADAPTER_LOAD_FAILED" and info.metadata["adapter_id"] == "corrupt@1"
+        assert "adapter 'corrupt@1' failed to load" in caught.value.details()  # the version, as every such error
     # Its header is already unreadable: one look at the file, then the failure is remembered.
     assert engine.probes["corrupt"] == 1 and engine.reads["corrupt"] == 0
     assert ask(stub, "legal").adapter.id == "legal"

@@ -70,6 +70,11 @@ def test_cache_lifecycle_through_admin_rpcs(cached):
 
     warmed = admin.WarmAdapter(apb.WarmAdapterRequest(adapter_id="support", tier=apb.TIER_RAM), timeout=30).adapter
     assert warmed.tier == apb.TIER_RAM
+    # RAM holds one: warming another there evicts support. (Attaches above never demoted a victim
+    # into RAM: the adapter being attached holds its RAM copy until then, so there was no room.)
+    admin.EvictAdapter(apb.EvictAdapterRequest(adapter_id="legal", tier=apb.TIER_DISK), timeout=10)
+    admin.WarmAdapter(apb.WarmAdapterRequest(adapter_id="legal", tier=apb.TIER_RAM), timeout=30)
+    assert tiers(admin)["support"].tier == apb.TIER_DISK
 
     for tier in stats(admin).values():
         assert 0 < tier.bytes_used <= tier.bytes_budget and tier.evictions > 0

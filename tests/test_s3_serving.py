@@ -4,6 +4,7 @@ index's ETag, and the origin's faults failing only their own requests."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import urllib.request
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -30,6 +32,7 @@ from test_generate import details
 
 BUCKET = "served-adapters"
 STORE = f"s3://{BUCKET}/prod"
+NOT_SERVING, SERVING = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
 FAULTY = ("ghost", "corrupt", "stalled", "denied", "cold1", "cold2", "cold3")
 """Copies of legal registered in-process (smoke test taken as passed) for the fault tests."""
 
@@ -178,6 +181,47 @@ def test_promote_and_rollback_in_the_bucket_are_picked_up_and_in_flight_requests
     cli(moto_endpoint, "rollback", "legal")
     assert serving("1").text == v1.text
     assert sample(metrics(srv), "loraserve_index_reloads_total") >= 2
+
+
+def test_an_index_that_does_not_validate_is_refused_and_the_last_valid_one_serves(remote, bucket_store):
+    """As the local store's reader (tests/test_index_faults.py): the bucket's index overwritten
+    with nonsense, then with two active versions of one name, then deleted."""
+    srv, _, _, stub = remote
+    key = bucket_store.s3.key("registry.json")
+    good, _ = bucket_store.s3.get(key)
+    entries = json.loads(good)["adapters"]
+    two_active = json.dumps({"adapters": [{**e, "status": "active"} if e["name"] == "legal" else e
+                                          for e in entries]}).encode()
+    expected = ask(stub, "legal")
+    with srv.channel() as ch:
+        admin = admin_pb2_grpc.AdapterAdminServiceStub(ch)
+        health = health_pb2_grpc.HealthStub(ch)
+
+        def refusal() -> tuple[int, str, int]:
+            st = admin.GetCacheStats(apb.GetCacheStatsRequest(), timeout=10)
+            status = health.Check(health_pb2.HealthCheckRequest(service="loraserve.registry"), timeout=5).status
+            return st.registry_reload_errors, st.registry_index_error, status
+
+        before = refusal()[0]
+        try:
+            for n, (damage, why) in enumerate(((lambda: bucket_store.s3.put(key, b"[]"), "'adapters' list"),
+                                               (lambda: bucket_store.s3.put(key, two_active), "2 active versions"),
+                                               (lambda: bucket_store.s3.delete(key), "registry.json is gone")), 1):
+                damage()
+                deadline = time.monotonic() + 20
+                while refusal()[0] < before + n and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                errors, why_refused, status = refusal()
+                assert errors == before + n and why in why_refused and status == NOT_SERVING, why_refused
+                r = ask(stub, "legal")
+                assert (r.adapter.version, r.text) == (expected.adapter.version, expected.text)
+        finally:
+            bucket_store.s3.put(key, good)
+        deadline = time.monotonic() + 20
+        while refusal()[1:] != ("", SERVING) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert refusal()[1:] == ("", SERVING)
+    assert sample(metrics(srv), "loraserve_registry_reload_errors_total") == before + 3
 
 
 def test_a_missing_object_fails_only_its_requests(remote, bucket_store):

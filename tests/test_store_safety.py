@@ -11,7 +11,7 @@ import pytest
 
 from registry.identity import BaseIdentity
 from registry.passport import Passport, SmokeTest
-from registry.store import AmbiguousId, Store, StoreError
+from registry.store import AmbiguousId, IndexInvalid, Store, StoreError
 from tiny import tiny_adapter
 
 BASE = BaseIdentity("tiny-base", "rev-1")
@@ -60,6 +60,14 @@ def test_an_alias_cannot_shadow_a_name_in_either_order(raw, store):
     assert snap.names() == ["hijacker", "legal"]
 
 
+def test_the_reserved_id_base_is_no_name_and_no_alias(raw, store):
+    with pytest.raises(StoreError, match="name 'base' is reserved"):
+        store.register(raw, "base", BASE, passed)
+    with pytest.raises(StoreError, match="alias 'base' is reserved"):
+        store.register(raw, "helper", BASE, passed, aliases=["law", "base"])
+    assert store.snapshot().passports == ()
+
+
 def test_a_staged_alias_already_reserves_its_id(raw, store):
     store.register(raw, "support", BASE, passed, aliases=["helpdesk"])  # not promoted yet
     with pytest.raises(StoreError, match="alias of support"):
@@ -71,11 +79,12 @@ def test_resolution_refuses_ambiguity_made_by_hand(raw, store):
     store.register(raw, "support", BASE, passed)
     for name in ("legal", "support"):
         store.promote(name, "1")
-    vdir = store.version_dir("support", "1")
-    forged = Passport.read(vdir)
-    forged.aliases = ["legal"]
-    forged.write(vdir)  # an edit behind the store's back
-    snap = store.reindex()
+    # An edit behind the store's back (aliases are the index's to decide, like status: a hand edit
+    # of a passport's would not be taken; one of registry.json is).
+    index = json.loads((store.root / "registry.json").read_text())
+    next(a for a in index["adapters"] if a["name"] == "support")["aliases"] = ["legal"]
+    (store.root / "registry.json").write_text(json.dumps(index))
+    snap = store.snapshot()
     with pytest.raises(AmbiguousId, match="'legal' is claimed by legal, support"):
         snap.owner("legal")
     with pytest.raises(AmbiguousId):
@@ -144,7 +153,7 @@ def test_recovery_adopts_complete_versions_and_drops_vanished_ones(raw, store, c
     consistent(store)
 
 
-def test_two_active_versions_are_reduced_to_the_later_promoted(raw, store):
+def test_two_active_versions_are_refused_until_a_reindex(raw, store):
     for _ in range(2):
         store.register(raw, "x", BASE, passed)
     store.promote("x", "1")
@@ -153,7 +162,11 @@ def test_two_active_versions_are_reduced_to_the_later_promoted(raw, store):
     for a in index["adapters"]:
         a["status"] = "active"
     (store.root / "registry.json").write_text(json.dumps(index))
-    assert store.recover().active("x").version == "2"
+    # Neither a reader nor a writer picks one: the index is invalid until someone says what to do.
+    for refused in (store.snapshot, store.recover, lambda: store.promote("x", "1")):
+        with pytest.raises(IndexInvalid, match="x has 2 active versions"):
+            refused()
+    assert store.reindex().active("x").version == "2"  # the passports mirrored the last promotion
     consistent(store)
 
 

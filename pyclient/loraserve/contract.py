@@ -13,6 +13,9 @@ can keep an adapter on one replica; the server refuses a call whose header and a
 
 BASE_ADAPTER_ID = "base"
 """The id that names the bare base model."""
+RESERVED_IDS = frozenset({BASE_ADAPTER_ID})
+"""Ids the contract gives a meaning of their own: no adapter may take one as its name or alias
+(`base` as a name would make `base` the bare model and `base@1` an adapter)."""
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 """An adapter name or alias; matched whole (fullmatch) wherever an id is checked."""
@@ -23,6 +26,15 @@ ADAPTER_ID = re.compile(rf"(?P<name>{NAME.pattern})(?:@(?P<version>[0-9]{{1,9}})
 def versioned(name: str, version: str) -> str:
     """`name@version`: how an adapter version is written in requests, logs, errors and the index."""
     return f"{name}@{version}"
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be an adapter's name or alias; None when it can."""
+    if NAME.fullmatch(name) is None:
+        return f"{name!r} must be letters, digits, '-' or '_' (at most 64, starting with a letter or digit)"
+    if name in RESERVED_IDS:
+        return f"{name!r} is reserved: it names the bare base model"
+    return None
 
 
 def adapter_id_problem(adapter_id: str) -> str | None:

@@ -126,7 +126,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_budget: _Optional[int] = ..., adapters: _Optional[int] = ...) -> None: ...
 
 class GetCacheStatsResponse(_message.Message):
-    __slots__ = ("tiers", "loads_in_flight", "peak_loads_in_flight", "max_context_tokens", "kv_slots", "kv_slots_in_use", "kv_pool_bytes", "kv_block_size", "kv_blocks_total", "kv_blocks_used", "kv_blocks_cached", "kv_tokens_held", "kv_pool_tokens", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "preemptions")
+    __slots__ = ("tiers", "loads_in_flight", "peak_loads_in_flight", "max_context_tokens", "kv_slots", "kv_slots_in_use", "kv_pool_bytes", "kv_block_size", "kv_blocks_total", "kv_blocks_used", "kv_blocks_cached", "kv_tokens_held", "kv_pool_tokens", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "preemptions", "registry_reload_errors", "registry_index_error")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     LOADS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     PEAK_LOADS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,8 @@ class GetCacheStatsResponse(_message.Message):
     PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_RELOAD_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_INDEX_ERROR_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     loads_in_flight: int
     peak_loads_in_flight: int
@@ -159,4 +161,6 @@ class GetCacheStatsResponse(_message.Message):
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
     preemptions: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., loads_in_flight: _Optional[int] = ..., peak_loads_in_flight: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_in_use: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_tokens_held: _Optional[int] = ..., kv_pool_tokens: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    registry_reload_errors: int
+    registry_index_error: str
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., loads_in_flight: _Optional[int] = ..., peak_loads_in_flight: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_in_use: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_tokens_held: _Optional[int] = ..., kv_pool_tokens: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ..., registry_reload_errors: _Optional[int] = ..., registry_index_error: _Optional[str] = ...) -> None: ...
