@@ -42,6 +42,9 @@ SERVICE_NAMES = (
     reflection.SERVICE_NAME,
 )
 _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+CLOSE_GRACE_S = 5.0
+"""After the drain, at most this long for handlers to send the answers they have before the server
+closes: SIGTERM to exit takes up to grace_period_s plus this (and closing the engine)."""
 
 
 def engine_config(cfg: ServerConfig) -> EngineConfig:
@@ -83,8 +86,11 @@ class LoraServer:
         self._server = grpc.aio.server(interceptors=[self.access], options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes)])
+        # Health alone, in plaintext: Kubernetes' gRPC probes cannot speak TLS (or present a client certificate).
+        self._health_server = grpc.aio.server() if cfg.health_port >= 0 else None
         self._tasks: list[asyncio.Task] = []
         self.port = 0
+        self.health_port: int | None = None
 
     async def start(self) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self._server)
@@ -103,6 +109,11 @@ class LoraServer:
         await self._server.start()
         log.info("listening on %s:%d (tls=%s, mtls=%s)", self.cfg.host, self.port, bool(self.cfg.tls_cert),
                  bool(self.cfg.tls_client_ca))
+        if self._health_server is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
+            await self._health_server.start()
+            log.info("health (plaintext, grpc.health.v1 only) on %s:%d", self.cfg.host, self.health_port)
 
     async def load(self) -> None:
         """Load the model, attach the warm and pinned adapters, then turn SERVING."""
@@ -130,7 +141,7 @@ class LoraServer:
             observer=self.telemetry, origin=self.origin, prefix_caching=not cfg.no_prefix_caching,
             reserve_kv=cfg.deterministic)
         self.metrics.watch(self.scheduler, EngineMemory(self.engine.weights_bytes(), self.engine.kv_bytes,
-                                                        self.engine.stack_bytes))
+                                                        self.engine.stack_bytes), self.engine.lora_slots)
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, self.metrics_port)
@@ -197,7 +208,9 @@ class LoraServer:
             except asyncio.TimeoutError:
                 log.warning("grace period over with requests still in flight")
         # Handlers have their answers; give them a moment to send them, then close.
-        await self._server.stop(grace=min(5.0, self.cfg.grace_period_s))
+        await self._server.stop(grace=min(CLOSE_GRACE_S, self.cfg.grace_period_s))
+        if self._health_server is not None:  # answered NOT_SERVING throughout the drain
+            await self._health_server.stop(grace=None)
         for task in self._tasks:
             task.cancel()
         self.metrics.close()
