@@ -245,6 +245,11 @@ class Scheduler:
     def running(self) -> int:
         return sum(1 for s in self._running if not (s.done or s.cancelled))
 
+    @property
+    def waiting_adapters(self) -> frozenset[AdapterRef]:
+        """The adapters queued requests wait for."""
+        return self._waiting_adapters()
+
     def _running_adapters(self) -> frozenset[AdapterRef]:
         return frozenset(s.req.adapter for s in self._running if not (s.done or s.cancelled))
 
