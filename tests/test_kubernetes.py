@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from certs import make_pki
-from clients.client import LoraServeClient
+from clients.client import LoraServeClient, RequestFailed
 from conftest import ADAPTERS, PROMPT, REPO, ServerThread, clone_adapter, server_config
 from loraserve.contract import ROUTING_HEADER
 from loraserve.v1 import inference_pb2 as pb
@@ -380,7 +380,7 @@ def test_envoy_keeps_each_adapter_on_one_replica(demo_dir, tmp_path):
 def _answers(client) -> bool:
     try:
         return client.generate("base", PROMPT, max_new_tokens=1).output_tokens == 1
-    except Exception:  # noqa: BLE001 - not listening or not healthy yet, whatever the error
+    except RequestFailed:  # Envoy not listening yet, or no replica health-checked yet
         return False
 
 
