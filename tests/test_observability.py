@@ -309,7 +309,7 @@ def test_metrics_name_the_adapters_this_replica_holds_and_waits_for(traced):
         [(key, value)] = [(k, v) for k, v in sample.items() if k.startswith("loraserve_lora_requests_info{")]
         return dict(re.findall(r'(\w+)="([^"]*)"', key)), value
 
-    long = pb.GenerateRequest(adapter_id="legal", prompt=PROMPT, max_new_tokens=300, ignore_eos=True)
+    long = pb.GenerateRequest(adapter_id="legal", prompt=PROMPT, max_new_tokens=450, ignore_eos=True)
     busy = stub.Generate.future(long, timeout=60)
     assert wait_for(lambda: srv.server.scheduler.running == 1)
     queued = stub.Generate.future(pb.GenerateRequest(adapter_id="medical", prompt=PROMPT, max_new_tokens=4),
