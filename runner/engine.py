@@ -539,9 +539,14 @@ class TorchEngine:
         return self._slot_bytes
 
     @property
+    def lora_slots(self) -> int:
+        """Adapters attached at once: max_loras, fewer where the VRAM budget holds fewer."""
+        return len(self._free_slots) + len(self._slots)
+
+    @property
     def lora_budget_bytes(self) -> int:
         """The VRAM tier's budget: the reserved slots, each counted whole."""
-        return (len(self._free_slots) + len(self._slots)) * self._slot_bytes
+        return self.lora_slots * self._slot_bytes
 
     # -- steps ---------------------------------------------------------------
     # A step is a function of the rows it is given: it writes only into those rows' KV blocks

@@ -250,6 +250,11 @@ class Scheduler:
     def running(self) -> int:
         return len(self._live())
 
+    @property
+    def waiting_adapters(self) -> frozenset[AdapterRef]:
+        """The adapters queued requests wait for."""
+        return self._waiting_adapters()
+
     def _running_adapters(self) -> frozenset[AdapterRef]:
         return frozenset(s.req.adapter for s in self._live())
 

@@ -44,12 +44,14 @@ SERVICE_NAMES = (
 )
 UNREQUESTED_S = 30
 """How long gRPC holds a call no handler has picked up before cancelling it (its default)."""
-SEND_S = 5.0
-"""At shutdown, once every request has its answer: how long handlers get to send it."""
 REGISTRY_HEALTH = "loraserve.registry"
 """A health service name of its own for the adapter index: NOT_SERVING while the store's current
 index is refused (the server serves the last valid one; GetCacheStats says why)."""
 _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+CLOSE_GRACE_S = 5.0
+"""At shutdown, once every request has its answer (drained, or SHUTTING_DOWN once the grace period
+ends): how long handlers get to send it before the server closes. SIGTERM to exit takes up to
+grace_period_s plus this (and closing the engine)."""
 
 
 def engine_config(cfg: ServerConfig) -> EngineConfig:
@@ -100,8 +102,11 @@ class LoraServer:
             ("grpc.server.max_pending_requests", cfg.max_pending_calls),
             ("grpc.server.max_pending_requests_hard_limit", cfg.max_pending_calls),
             ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_S)])
+        # Health alone, in plaintext: Kubernetes' gRPC probes cannot speak TLS (or present a client certificate).
+        self._health_server = grpc.aio.server() if cfg.health_port >= 0 else None
         self._tasks: list[asyncio.Task] = []
         self.port = 0
+        self.health_port: int | None = None
 
     async def start(self) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self._server)
@@ -120,6 +125,11 @@ class LoraServer:
         await self._server.start()
         log.info("listening on %s:%d (tls=%s, mtls=%s)", self.cfg.host, self.port, bool(self.cfg.tls_cert),
                  bool(self.cfg.tls_client_ca))
+        if self._health_server is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
+            await self._health_server.start()
+            log.info("health (plaintext, grpc.health.v1 only) on %s:%d", self.cfg.host, self.health_port)
 
     async def load(self) -> None:
         """Load the model, attach the warm and pinned adapters, then turn SERVING."""
@@ -149,7 +159,7 @@ class LoraServer:
             observer=self.telemetry, origin=self.origin, prefix_caching=not cfg.no_prefix_caching,
             reserve_kv=cfg.deterministic)
         self.metrics.watch(self.scheduler, EngineMemory(self.engine.weights_bytes(), self.engine.kv_bytes,
-                                                        self.engine.stack_bytes))
+                                                        self.engine.stack_bytes), self.engine.lora_slots)
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, self.metrics_port)
@@ -232,7 +242,9 @@ class LoraServer:
                     "before this request finished; retry on another replica"))
                 log.warning("grace period over: %d requests still queued or running answered SHUTTING_DOWN", left)
         # Handlers have their answers; give them a moment to send them, then close.
-        await self._server.stop(grace=SEND_S)
+        await self._server.stop(grace=CLOSE_GRACE_S)
+        if self._health_server is not None:  # answered NOT_SERVING throughout the drain
+            await self._health_server.stop(grace=None)
         for task in self._tasks:
             task.cancel()
         self.metrics.close()

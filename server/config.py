@@ -38,6 +38,9 @@ def _f(default, help: str):
 class ServerConfig:
     host: str = _f("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
     port: int = _f(50051, "TCP port; 0 picks a free one.")
+    health_port: int = _f(-1, "Port of a second, plaintext listener that serves only grpc.health.v1 (for probes "
+                              "that cannot speak TLS, such as Kubernetes' native gRPC probes); 0 picks a free "
+                              "one, -1 turns it off.")
     model_path: Path = _f(Path("var/demo/base"), "Hugging Face model directory of the base model.")
     adapters_dir: str = _f("var/demo/adapters", "The adapter registry store: a directory, or s3://BUCKET/PREFIX "
                                                 "(credentials from the standard AWS variables and files).")
@@ -126,6 +129,10 @@ class ServerConfig:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not in 0..65535")
+        if not -1 <= self.health_port <= 65535:
+            problems.append(f"health_port {self.health_port} is not in -1..65535")
+        elif self.health_port > 0 and self.health_port == self.port:
+            problems.append("health_port must differ from port")
         if not -1 <= self.metrics_port <= 65535:
             problems.append(f"metrics_port {self.metrics_port} is not in -1..65535")
         if self.batch_policy not in POLICIES:

@@ -65,8 +65,8 @@ class Metrics:
               "hour", registry=r).set_function(lambda: self._thrash.over_limit(time.monotonic()))
         self._server = None
 
-    def watch(self, scheduler: Scheduler, memory: EngineMemory | None = None) -> None:
-        self.registry.register(_SchedulerCollector(scheduler, memory))
+    def watch(self, scheduler: Scheduler, memory: EngineMemory | None, lora_slots: int) -> None:
+        self.registry.register(_SchedulerCollector(scheduler, memory, lora_slots))
 
     def watch_index(self, reload_errors: Callable[[], int]) -> None:
         """The adapter registry's count of refused indexes (server.adapters keeps the books)."""
@@ -132,9 +132,10 @@ class _IndexCollector(Collector):
 
 
 class _SchedulerCollector(Collector):
-    def __init__(self, scheduler: Scheduler, memory: EngineMemory | None):
+    def __init__(self, scheduler: Scheduler, memory: EngineMemory | None, lora_slots: int):
         self._scheduler = scheduler
         self._memory = memory
+        self._lora_slots = lora_slots
 
     def collect(self) -> Iterator:
         states = self._scheduler.tiers.tier_states()
@@ -166,6 +167,8 @@ class _SchedulerCollector(Collector):
                                 "each)", value=total)
         yield GaugeMetricFamily("loraserve_kv_blocks_used", "KV pool blocks held by running requests",
                                 value=used)
+        yield GaugeMetricFamily("loraserve_kv_cache_usage_ratio", "Share of the KV pool's blocks held by running "
+                                "requests (0 to 1)", value=used / total if total else 0.0)
         yield GaugeMetricFamily("loraserve_kv_blocks_cached", "Free KV pool blocks still holding a shareable "
                                 "prompt prefix", value=kv.cached)
         yield GaugeMetricFamily("loraserve_kv_tokens_held", "Tokens (prompt plus generated) the running requests "
@@ -176,8 +179,34 @@ class _SchedulerCollector(Collector):
                                   "from shared prefix blocks instead of computed", value=kv.prefix.hit_tokens)
         yield CounterMetricFamily("loraserve_preemptions", "Running requests sent back to the queue (their KV "
                                   "blocks freed) so that others could grow", value=sched.stats.preemptions)
+        yield from _holdings(sched, self._lora_slots)
         if self._memory is not None:
             yield from _memory(self._memory, states[Tier.RAM].bytes_used, used / total if total else 0.0)
+
+
+def _holdings(scheduler: Scheduler, lora_slots: int) -> Iterator:
+    """Which adapters this replica holds, for an adapter-aware router (README "Kubernetes").
+
+    One series per adapter in RAM or VRAM under its own name, whatever --metrics-adapter-labels
+    says: a router needs the real name, and the tiers bound the count (--max-loras slots, the RAM
+    budget); the rest of the store is not named. The same facts again in the label format of vLLM's
+    vllm:lora_requests_info, which the Gateway API Inference Extension's endpoint picker reads
+    (--lora-info-metric): attached adapters, adapters queued requests wait for, the slots; its
+    value is when it was read, so the picker takes the newest series."""
+    held = [s for s in scheduler.tiers.adapter_states() if s.tier >= Tier.RAM]
+    resident = GaugeMetricFamily("loraserve_adapter_resident", "1 for each adapter version held in the tier "
+                                 "(RAM: read, VRAM: attached)", labels=["adapter", "version", "tier"])
+    for s in held:
+        resident.add_metric([s.adapter.id, s.adapter.version, s.tier.label], 1)
+    yield resident
+    attached = sorted({s.adapter.id for s in held if s.tier is Tier.VRAM})
+    waiting = sorted({a.id for a in scheduler.waiting_adapters if not a.is_base} - set(attached))
+    info = GaugeMetricFamily("loraserve_lora_requests_info", "Attached adapters (running_lora_adapters), adapters "
+                             "queued requests wait for (waiting_lora_adapters) and adapter slots (max_lora), as "
+                             "vllm:lora_requests_info has them; the value is the time read",
+                             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    info.add_metric([str(lora_slots), ",".join(attached), ",".join(waiting)], time.time())
+    yield info
 
 
 def _memory(memory: EngineMemory, ram_tier: int, kv_used: float) -> Iterator:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clients.affinity import replicas
+from clients.affinity import headless, replicas
 from clients.client import LoraServeClient
 from conftest import ADAPTERS, PROMPT, ServerThread, clone_adapter, server_config
 
@@ -30,3 +30,16 @@ def test_ring_hash_keeps_each_adapter_on_one_replica(demo_dir, tmp_path):
     finally:
         for s in servers:
             s.stop()
+
+
+def test_headless_hashes_over_what_dns_answers(demo_dir):
+    """headless(): the same ring over what DNS answers, as for a Kubernetes headless Service
+    (here "localhost": 127.0.0.1, where the server is, and ::1, where nothing listens)."""
+    server = ServerThread(server_config(demo_dir))
+    try:
+        target, options = headless(f"localhost:{server.server.port}")
+        assert target.startswith("dns:///")
+        with LoraServeClient(target, options=options, timeout=60) as client:
+            assert [client.generate(a, PROMPT, max_new_tokens=4).adapter_id for a in ADAPTERS] == list(ADAPTERS)
+    finally:
+        server.stop()

@@ -22,6 +22,8 @@ def test_flags_beat_env_beat_defaults():
 @pytest.mark.parametrize("argv, message", [
     (["--port", "70000"], "port"),
     (["--port", "abc"], "port='abc'"),
+    (["--port", "7000", "--health-port", "7000"], "health_port must differ"),
+    (["--health-port", "-2"], "health_port"),
     (["--tls-cert", "only.pem"], "tls_cert and tls_key"),
     (["--device", "tpu"], "device"),
     (["--dtype", "float8"], "dtype"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from concurrent import futures
 
@@ -24,6 +25,7 @@ from scheduler.types import AdapterRef, Completion, FinishReason, Tier
 from server.labels import OTHER, BoundedLabels
 from server.metrics import Metrics
 from server.telemetry import provider_from_env
+from test_lifecycle import wait_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -296,3 +298,34 @@ def test_tracing_is_off_unless_configured():
     assert provider_from_env({"OTEL_TRACES_EXPORTER": "console"}) is not None
     with pytest.raises(ValueError, match="zipkin"):
         provider_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
+
+
+def test_metrics_name_the_adapters_this_replica_holds_and_waits_for(traced):
+    """What an adapter-aware router reads: each held adapter under its own name, and the same in
+    the Gateway API Inference Extension's LoRA info format (README "Kubernetes")."""
+    srv, _, stub = traced  # one adapter slot, RAM room for one adapter
+
+    def info(sample):
+        [(key, value)] = [(k, v) for k, v in sample.items() if k.startswith("loraserve_lora_requests_info{")]
+        return dict(re.findall(r'(\w+)="([^"]*)"', key)), value
+
+    long = pb.GenerateRequest(adapter_id="legal", prompt=PROMPT, max_new_tokens=450, ignore_eos=True)
+    busy = stub.Generate.future(long, timeout=60)
+    assert wait_for(lambda: srv.server.scheduler.running == 1)
+    queued = stub.Generate.future(pb.GenerateRequest(adapter_id="medical", prompt=PROMPT, max_new_tokens=4),
+                                  timeout=60)  # its adapter needs the slot legal holds
+    assert wait_for(lambda: info(scrape(srv))[0]["waiting_lora_adapters"] == "medical", 10)
+    labels, read_at = info(scrape(srv))
+    assert labels == {"max_lora": "1", "running_lora_adapters": "legal", "waiting_lora_adapters": "medical"}
+    assert abs(read_at - time.time()) < 5
+    busy.result(), queued.result()
+
+    sample = scrape(srv)
+    held = {(s.adapter.id, s.adapter.version, s.tier.label) for s in srv.server.scheduler.tiers.adapter_states()
+            if s.tier >= Tier.RAM}
+    resident = {(labels["adapter"], labels["version"], labels["tier"]): v for k, v in sample.items()
+                if k.startswith("loraserve_adapter_resident{") and (labels := dict(re.findall(r'(\w+)="([^"]*)"', k)))}
+    assert set(resident) == held and set(resident.values()) == {1.0} and ("medical", "1", "vram") in held
+    assert info(sample)[0] == {"max_lora": "1", "running_lora_adapters": "medical", "waiting_lora_adapters": ""}
+    assert sample["loraserve_kv_cache_usage_ratio"] == pytest.approx(
+        sample["loraserve_kv_blocks_used"] / sample["loraserve_kv_blocks"])

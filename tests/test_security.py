@@ -14,7 +14,7 @@ from clients.client import LoraServeClient, RequestFailed
 from conftest import PROMPT, ServerThread, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from test_lifecycle import wait_for
+from test_lifecycle import SERVING, health, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _credentials(pki, with_client_cert: bool) -> grpc.ChannelCredentials:
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
 def test_tls_serves_only_encrypted_and_mtls_only_known_clients(demo_dir, pki, mutual):
     cfg = server_config(demo_dir, tls_cert=pki.server_cert, tls_key=pki.server_key,
-                        tls_client_ca=pki.ca if mutual else None)
+                        tls_client_ca=pki.ca if mutual else None, health_port=0)
     srv = ServerThread(cfg)
     try:
         with LoraServeClient(srv.target, credentials=_credentials(pki, True), timeout=30) as client:
@@ -47,6 +47,13 @@ def test_tls_serves_only_encrypted_and_mtls_only_known_clients(demo_dir, pki, mu
         with LoraServeClient(srv.target, timeout=10) as plaintext, pytest.raises(RequestFailed) as refused:
             plaintext.generate("legal", PROMPT, max_new_tokens=4)
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        # What a Kubernetes gRPC probe does: plaintext, no certificate, health alone on its own port.
+        with grpc.insecure_channel(f"127.0.0.1:{srv.server.health_port}") as probe:
+            assert health(probe) == SERVING
+            with pytest.raises(grpc.RpcError) as other:
+                inference_pb2_grpc.InferenceServiceStub(probe).Generate(
+                    pb.GenerateRequest(adapter_id="legal", prompt=PROMPT), timeout=10)
+            assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         srv.stop()
 
