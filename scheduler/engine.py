@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 from scheduler.errors import LoraServeError
 from scheduler.tiers import TierEngine
-from scheduler.types import AdapterRef, SamplingParams
+from scheduler.types import AdapterRef, ResponseFormat, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +38,15 @@ class Row:
     that stops short of the context's end still returns a token, which the scheduler ignores."""
     prefill: bool = False
     """Engine.step: this row computes the chunk [cached, upto) of its context; else it decodes."""
+    min_new_tokens: int = 0
+    """While fewer tokens than this are generated, the row's EOS tokens are never chosen."""
+    logprobs: int | None = None
+    """Return the chosen token's logprob and this many alternatives (None: nothing)."""
+    prompt_logprobs: int | None = None
+    """Prefill: return the logprob of each prompt token this chunk predicts, and this many
+    alternatives (None: nothing)."""
+    response_format: ResponseFormat | None = None
+    """The chosen token keeps `generated` + token a prefix of JSON valid under this format."""
 
     @property
     def context(self) -> tuple[int, ...]:
@@ -62,6 +71,10 @@ class StepResult:
     seq_id: int
     token_id: int = -1
     error: LoraServeError | None = None
+    logprob: TokenLogprob | None = None
+    """The chosen token's, when the row asked for logprobs."""
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    """Prefill with prompt_logprobs: those of the prompt positions this chunk predicts, in order."""
 
 
 @dataclass(frozen=True)

@@ -55,16 +55,43 @@ BASE = AdapterRef(BASE_ADAPTER_ID, "-")
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 mean no filtering."""
+    """temperature 0 means greedy; top_k 0 and top_p 1 mean no filtering; the penalties at
+    their defaults (1, 0, 0) change no score."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Output constrained to JSON: any JSON object when json_schema is None, else JSON valid
+    under that schema (JSON text)."""
+
+    json_schema: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's natural-log probability at its place (None: the prompt's first token), its
+    rank there (1: the most likely) and the `top` most likely (token id, logprob) there."""
+
+    token_id: int
+    logprob: float | None
+    rank: int = 0
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +111,15 @@ class GenerationRequest:
     """The adapter the caller named, as id@version, when a fallback replaced it."""
     client: str = ""
     """Who sent it (authenticated client, else the peer's address): the unit of fair share."""
+    min_new_tokens: int = 0
+    """Neither EOS nor a stop sequence ends the output before this many tokens."""
+    logprobs: int | None = None
+    """Per generated token: its logprob and this many alternatives (None: no logprobs)."""
+    prompt_logprobs: int | None = None
+    """Per prompt token: its logprob and this many alternatives (None: none)."""
+    score_only: bool = False
+    """Generate nothing: the prefill's prompt logprobs are the answer."""
+    response_format: ResponseFormat | None = None
 
     @property
     def token_budget(self) -> int:
@@ -134,9 +170,12 @@ class Timeline:
 
 @dataclass(frozen=True)
 class TextDelta:
-    """Text that became final since the previous delta."""
+    """Text that became final since the previous delta, the tokens generated since then and,
+    when asked for, their logprobs."""
 
     text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,3 +194,8 @@ class Completion:
     cost: Cost = field(default_factory=Cost)
     cached_tokens: int = 0
     """Prompt tokens whose keys came from shared prefix blocks instead of being computed."""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One per generated token when the request asked for logprobs."""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    """One per prompt token when the request asked for prompt_logprobs."""

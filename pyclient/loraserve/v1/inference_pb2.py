@@ -24,31 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\"\xb9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12(\n\x08\x66\x61llback\x18\x0b \x01(\x0e\x32\x16.loraserve.v1.FallbackB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x9f\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x19\n\x11prefill_device_ms\x18\x03 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_device_ms\x18\x04 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_load_ms\x18\x05 \x01(\x01\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x06 \x01(\r\"\x89\x01\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x0bload_source\x18\x03 \x01(\x0e\x32\x18.loraserve.v1.LoadSource\x12\x15\n\rfallback_from\x18\x04 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\x05 \x01(\t\"S\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\"\xdf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12*\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.loraserve.v1.Timings\"\xe5\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12*\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.loraserve.v1.Timings*J\n\x08\x46\x61llback\x12\x18\n\x14\x46\x41LLBACK_UNSPECIFIED\x10\x00\x12\x11\n\rFALLBACK_FAIL\x10\x01\x12\x11\n\rFALLBACK_BASE\x10\x02*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03*\x82\x01\n\nLoadSource\x12\x1b\n\x17LOAD_SOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10LOAD_SOURCE_VRAM\x10\x01\x12\x13\n\x0fLOAD_SOURCE_RAM\x10\x02\x12\x14\n\x10LOAD_SOURCE_DISK\x10\x03\x12\x16\n\x12LOAD_SOURCE_REMOTE\x10\x04\x32\xb6\x01\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\"\x81\x06\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12(\n\x08\x66\x61llback\x18\x0b \x01(\x0e\x32\x16.loraserve.v1.Fallback\x12\'\n\x08messages\x18\x0c \x03(\x0b\x32\x15.loraserve.v1.Message\x12\x18\n\x10prompt_token_ids\x18\r \x03(\r\x12\x16\n\x0emin_new_tokens\x18\x0e \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x15truncate_input_tokens\x18\x12 \x01(\r\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\x08\x88\x01\x01\x12\t\n\x01n\x18\x15 \x01(\r\x12\x35\n\x0fresponse_format\x18\x16 \x01(\x0b\x32\x1c.loraserve.v1.ResponseFormat\x12\x12\n\nscore_only\x18\x17 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"b\n\x0eResponseFormat\x12/\n\x0bjson_object\x18\x01 \x01(\x0b\x32\x18.loraserve.v1.JsonObjectH\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\x0c\n\nJsonObject\"\x86\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12%\n\x03top\x18\x05 \x03(\x0b\x32\x18.loraserve.v1.TopLogprobB\n\n\x08_logprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\x9f\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x19\n\x11prefill_device_ms\x18\x03 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_device_ms\x18\x04 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_load_ms\x18\x05 \x01(\x01\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x06 \x01(\r\"\x89\x01\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x0bload_source\x18\x03 \x01(\x0e\x32\x18.loraserve.v1.LoadSource\x12\x15\n\rfallback_from\x18\x04 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\x05 \x01(\t\"S\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\"\xfc\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12*\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.loraserve.v1.Timings\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12%\n\x07\x63hoices\x18\n \x03(\x0b\x32\x14.loraserve.v1.Choice\"\x99\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\"\xea\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12*\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.loraserve.v1.Timings\x12\r\n\x05index\x18\x07 \x01(\r\x12\x11\n\ttoken_ids\x18\x08 \x03(\r\x12,\n\x08logprobs\x18\t \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\"H\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.loraserve.v1.Message\"Z\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12%\n\x07offsets\x18\x02 \x03(\x0b\x32\x14.loraserve.v1.Offset\x12\x0c\n\x04text\x18\x03 \x01(\t\"$\n\x06Offset\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"h\n\x12ListModelsResponse\x12%\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x17.loraserve.v1.BaseModel\x12+\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x19.loraserve.v1.ServedModel\"G\n\tBaseModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x19\n\x11has_chat_template\x18\x03 \x01(\x08\"M\n\x0bServedModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12\x10\n\x08versions\x18\x04 \x03(\t*J\n\x08\x46\x61llback\x12\x18\n\x14\x46\x41LLBACK_UNSPECIFIED\x10\x00\x12\x11\n\rFALLBACK_FAIL\x10\x01\x12\x11\n\rFALLBACK_BASE\x10\x02*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03*\x82\x01\n\nLoadSource\x12\x1b\n\x17LOAD_SOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10LOAD_SOURCE_VRAM\x10\x01\x12\x13\n\x0fLOAD_SOURCE_RAM\x10\x02\x12\x14\n\x10LOAD_SOURCE_DISK\x10\x03\x12\x16\n\x12LOAD_SOURCE_REMOTE\x10\x04\x32\xd2\x02\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.loraserve.v1.TokenizeRequest\x1a\x1e.loraserve.v1.TokenizeResponse\x12O\n\nListModels\x12\x1f.loraserve.v1.ListModelsRequest\x1a .loraserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FALLBACK']._serialized_start=1207
-  _globals['_FALLBACK']._serialized_end=1281
-  _globals['_FINISHREASON']._serialized_start=1283
-  _globals['_FINISHREASON']._serialized_end=1410
-  _globals['_LOADSOURCE']._serialized_start=1413
-  _globals['_LOADSOURCE']._serialized_end=1543
+  _globals['_FALLBACK']._serialized_start=2949
+  _globals['_FALLBACK']._serialized_end=3023
+  _globals['_FINISHREASON']._serialized_start=3025
+  _globals['_FINISHREASON']._serialized_end=3152
+  _globals['_LOADSOURCE']._serialized_start=3155
+  _globals['_LOADSOURCE']._serialized_end=3285
   _globals['_GENERATEREQUEST']._serialized_start=47
-  _globals['_GENERATEREQUEST']._serialized_end=360
-  _globals['_USAGE']._serialized_start=363
-  _globals['_USAGE']._serialized_end=522
-  _globals['_ADAPTERINFO']._serialized_start=525
-  _globals['_ADAPTERINFO']._serialized_end=662
-  _globals['_TIMINGS']._serialized_start=664
-  _globals['_TIMINGS']._serialized_end=747
-  _globals['_GENERATERESPONSE']._serialized_start=750
-  _globals['_GENERATERESPONSE']._serialized_end=973
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=976
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1205
-  _globals['_INFERENCESERVICE']._serialized_start=1546
-  _globals['_INFERENCESERVICE']._serialized_end=1728
+  _globals['_GENERATEREQUEST']._serialized_end=816
+  _globals['_MESSAGE']._serialized_start=818
+  _globals['_MESSAGE']._serialized_end=858
+  _globals['_RESPONSEFORMAT']._serialized_start=860
+  _globals['_RESPONSEFORMAT']._serialized_end=958
+  _globals['_JSONOBJECT']._serialized_start=960
+  _globals['_JSONOBJECT']._serialized_end=972
+  _globals['_TOKENLOGPROB']._serialized_start=975
+  _globals['_TOKENLOGPROB']._serialized_end=1109
+  _globals['_TOPLOGPROB']._serialized_start=1111
+  _globals['_TOPLOGPROB']._serialized_end=1173
+  _globals['_USAGE']._serialized_start=1176
+  _globals['_USAGE']._serialized_end=1335
+  _globals['_ADAPTERINFO']._serialized_start=1338
+  _globals['_ADAPTERINFO']._serialized_end=1475
+  _globals['_TIMINGS']._serialized_start=1477
+  _globals['_TIMINGS']._serialized_end=1560
+  _globals['_GENERATERESPONSE']._serialized_start=1563
+  _globals['_GENERATERESPONSE']._serialized_end=1943
+  _globals['_CHOICE']._serialized_start=1946
+  _globals['_CHOICE']._serialized_end=2099
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2102
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2464
+  _globals['_TOKENIZEREQUEST']._serialized_start=2466
+  _globals['_TOKENIZEREQUEST']._serialized_end=2538
+  _globals['_TOKENIZERESPONSE']._serialized_start=2540
+  _globals['_TOKENIZERESPONSE']._serialized_end=2630
+  _globals['_OFFSET']._serialized_start=2632
+  _globals['_OFFSET']._serialized_end=2668
+  _globals['_LISTMODELSREQUEST']._serialized_start=2670
+  _globals['_LISTMODELSREQUEST']._serialized_end=2689
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2691
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2795
+  _globals['_BASEMODEL']._serialized_start=2797
+  _globals['_BASEMODEL']._serialized_end=2868
+  _globals['_SERVEDMODEL']._serialized_start=2870
+  _globals['_SERVEDMODEL']._serialized_end=2947
+  _globals['_INFERENCESERVICE']._serialized_start=3288
+  _globals['_INFERENCESERVICE']._serialized_end=3626
 # @@protoc_insertion_point(module_scope)

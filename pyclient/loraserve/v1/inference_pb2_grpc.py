@@ -47,6 +47,16 @@ class InferenceServiceStub:
                 request_serializer=loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/loraserve.v1.InferenceService/Tokenize',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/loraserve.v1.InferenceService/ListModels',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -71,6 +81,23 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Tokenize turns text, or chat messages rendered with the base model's chat
+        template, into the base model's token ids, with each token's span in the
+        text. It loads no adapter (every adapter shares the base's tokenizer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """ListModels names the base model and every adapter version the caller may
+        use, with the context limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +110,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=loraserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +179,60 @@ class InferenceService:
             '/loraserve.v1.InferenceService/GenerateStream',
             loraserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             loraserve_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.InferenceService/Tokenize',
+            loraserve_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.InferenceService/ListModels',
+            loraserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
