@@ -42,6 +42,8 @@ _BOUNDED_CHARACTER = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\]')
 """xgrammar 0.2.9 writes a string with minLength or maxLength as repetitions of the first class,
 which admits raw control characters, not JSON (mlc-ai/xgrammar#800, PR #880); its other strings'
 characters exclude them, as the second does. (Escapes stay unreachable in such strings: still JSON.)"""
+GRAMMARS_KEPT = 64
+"""Compiled formats kept at hand, most recently asked for (the compiler's own cache holds more)."""
 KEPT_PER_ROW = 4
 """Matchers kept per row a step can hold (max_rows): waiting and finished sequences' beyond that go."""
 
@@ -64,12 +66,12 @@ class Guide:
         self._tokenizer, self._vocab, self._eos, self._rows = tokenizer, vocab, eos, rows
         self._lock = threading.Lock()
         self._compiler: xgr.GrammarCompiler | None = None  # built at the first format seen
+        self._grammars: OrderedDict[ResponseFormat, xgr.CompiledGrammar] = OrderedDict()  # least recent first
         self._tracks: OrderedDict[int, _Track] = OrderedDict()  # seq_id -> matcher, least recently stepped first
         self._bitmask: torch.Tensor | None = None  # [rows, ceil(vocab / 32)] int32, host, from the first guided step
 
     def check(self, fmt: ResponseFormat) -> None:
-        """Compiles `fmt` (the compiler keeps it for its requests' steps), or raises InvalidArgument
-        naming the schema."""
+        """Compiles `fmt` (kept for its requests' steps), or raises InvalidArgument naming the schema."""
         if fmt.json_schema is not None and len(fmt.json_schema) > MAX_SCHEMA_CHARS:
             raise InvalidArgument(SCHEMA_FIELD, f"is longer than {MAX_SCHEMA_CHARS} characters")
         try:
@@ -78,14 +80,25 @@ class Guide:
             raise InvalidArgument(SCHEMA_FIELD, f"cannot be enforced: {_why(exc)}") from None
 
     def _compile(self, fmt: ResponseFormat) -> xgr.CompiledGrammar:
+        """`fmt`'s grammar: kept for the formats asked for most recently, else converted (a fraction
+        of a millisecond) and compiled (the compiler's cache holds what it compiled before)."""
+        with self._lock:
+            compiled = self._grammars.get(fmt)
+            if compiled is not None:
+                self._grammars.move_to_end(fmt)
+                return compiled
         # No free whitespace: a greedy model could otherwise pad forever between tokens of JSON.
         # A schema's objects take only the properties it names (strict); any object takes any.
         grammar = xgr.Grammar.from_json_schema(ANY_OBJECT if fmt.json_schema is None else fmt.json_schema,
-                                               any_whitespace=False,
-                                               strict_mode=fmt.json_schema is not None)
-        return self._compiled().compile_grammar(str(grammar).replace(*_BOUNDED_CHARACTER))
+                                               any_whitespace=False, strict_mode=fmt.json_schema is not None)
+        compiled = self._grammar_compiler().compile_grammar(str(grammar).replace(*_BOUNDED_CHARACTER))
+        with self._lock:
+            self._grammars[fmt] = compiled
+            while len(self._grammars) > GRAMMARS_KEPT:
+                self._grammars.popitem(last=False)
+        return compiled
 
-    def _compiled(self) -> xgr.GrammarCompiler:
+    def _grammar_compiler(self) -> xgr.GrammarCompiler:
         with self._lock:  # the edge's threads and the engine's may ask first together
             if self._compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab,

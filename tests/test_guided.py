@@ -203,3 +203,11 @@ def test_a_length_bounded_string_takes_no_raw_control_character(engine):
     allowed = {tokenizer.decode([t]) for t in torch.nonzero(masked[0] == 0).flatten().tolist()}
     assert not faults and "n" in allowed and '"' in allowed
     assert not any(len(t) == 1 and ord(t) < 0x20 for t in allowed), sorted(map(repr, allowed))[:10]
+
+
+def test_the_guided_bench_runs(demo_dir):
+    from tools.bench.guided import guided_costs
+
+    rows = guided_costs(demo_dir / "base", batches=(2,), rounds=1)
+    assert [r.get("format") for r in rows[:2]] == ["json_schema", "json_object"]
+    assert rows[2]["batch"] == 2 and rows[2]["median_us"] > 0
