@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ADAPTERS, PROMPT, demo_ref
+import runner.engine as engine_module
 from loraserve.v1 import inference_pb2 as pb
 from runner.engine import EngineConfig, TorchEngine
 from runner.guided import Guide
@@ -211,3 +212,76 @@ def test_the_guided_bench_runs(demo_dir):
     rows = guided_costs(demo_dir / "base", batches=(2,), rounds=1)
     assert [r.get("format") for r in rows[:2]] == ["json_schema", "json_object"]
     assert rows[2]["batch"] == 2 and rows[2]["median_us"] > 0
+
+
+def _counting_reads(monkeypatch, engine) -> list[str]:
+    """Every read of a tensor's values on the host from now on, outside the model's forward and
+    the step's one transfer (tests/test_syncs.py counts the same)."""
+    from test_syncs import READS
+
+    reads, inside = [], [0]
+
+    def bracketed(real):
+        def run(*args, **kwargs):
+            inside[0] += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+        return run
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if not inside[0]:
+                reads.append(name)
+            return real(self, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(engine_module, "_fetch", bracketed(engine_module._fetch))
+    monkeypatch.setattr(engine, "_call", bracketed(engine._call))
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    return reads
+
+
+def test_a_guided_step_reads_no_device_value_but_its_one_transfer(engine, demo_dir, monkeypatch):
+    batch = Batch(engine, demo_dir, [("legal", ResponseFormat(PERSON), []), ("base", None, []),
+                                     ("support", ResponseFormat(), [])])
+    batch.run(3)
+    reads = _counting_reads(monkeypatch, engine)
+    results = batch.step()
+    monkeypatch.undo()
+    assert reads == [] and all(r.error is None for r in results)
+
+
+@pytest.mark.gpu
+def test_a_guided_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch):
+    """The bitmask goes in from page-locked memory, asynchronously; the mask is applied by a kernel."""
+    engine = TorchEngine(EngineConfig(demo_dir / "base", device="cuda", max_rows=8, max_model_len=192,
+                                      kv_block_size=8))
+    asyncio.run(engine.start())
+    try:
+        batch = Batch(engine, demo_dir, [("base", ResponseFormat(PERSON), []), ("base", None, []),
+                                         ("base", ResponseFormat(), [])])
+        batch.run(3)  # allocates the bitmask and compiles the mask kernel: both synchronise, once
+        torch.cuda.synchronize()
+        real_fetch = engine_module._fetch
+
+        def fetch(tensor):
+            torch.cuda.set_sync_debug_mode("default")
+            try:
+                return real_fetch(tensor)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+
+        monkeypatch.setattr(engine_module, "_fetch", fetch)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            results = batch.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(r.error is None for r in results)
+    finally:
+        asyncio.run(engine.close())
