@@ -3,8 +3,8 @@ prefix of JSON valid under that format, and EOS once the JSON is complete (READM
 output").
 
 xgrammar compiles each distinct format once into a pushdown automaton with token masks
-precomputed for the tokenizer (the compiler's own bounded cache, keyed by the schema text and
-options, serves every later request); each sequence walks it with its own GrammarMatcher. The
+precomputed for the tokenizer (the most recent formats are kept here, more in the compiler's own
+bounded cache); each sequence walks it with its own GrammarMatcher. The
 engine keeps no batch, so matchers are a cache keyed by seq_id that each step reconciles with
 Row.generated, the truth: the tokens it holds that the matcher has not consumed are fed to it
 first (a retried step finds none, so no matcher advances twice), and a matcher that has consumed
@@ -189,4 +189,5 @@ _LOCATION = re.compile(r"^\[[^\]]*\] \S+:\d+: (Check failed: .*? is false: )?")
 
 def _why(exc: Exception) -> str:
     """xgrammar's message without its timestamp, source location and assertion."""
-    return _LOCATION.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    text = str(exc).strip()
+    return _LOCATION.sub("", text.splitlines()[0]) if text else type(exc).__name__
