@@ -84,6 +84,15 @@ def test_a_finished_json_object_keeps_choosing_eos_when_eos_is_ignored(stub):
     assert json.loads(resp.text) == {}
 
 
+def test_a_guided_stream_concatenates_to_the_unary_answer(stub):
+    request = pb.GenerateRequest(adapter_id="medical", prompt=PROMPT, max_new_tokens=96,
+                                 response_format=FORMATS["schema"])
+    unary = stub.Generate(request, timeout=60)
+    chunks = list(stub.GenerateStream(request, timeout=60))
+    assert len(chunks) > 2 and "".join(c.text for c in chunks) == unary.text
+    jsonschema.validate(json.loads(unary.text), json.loads(PERSON))
+
+
 # -- the engine's side: rows built by hand, as the scheduler builds them ---------------------------
 
 @pytest.fixture(scope="module")
