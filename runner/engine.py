@@ -31,6 +31,7 @@ from registry.weights import WeightsError, check_against_config, held_bytes, wei
 from runner import determinism
 from runner.detok import decode_new
 from runner.graphs import CaptureFailed, DecodeGraphs
+from runner.guided import Guide
 from runner.kvpool import (ATTENTION, KERNELS, KVPool, MixedContext, decode_view, geometry_of, plan_prefill,
                            prefill_context)
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
@@ -39,7 +40,7 @@ from runner.sampling import Sampler
 from runner.staging import Staging, decode_rows, decode_views
 from scheduler.engine import Row, StepResult, Text, TextJob
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, GenerationFailed, LoraServeError, OutOfMemory
-from scheduler.types import AdapterRef
+from scheduler.types import AdapterRef, ResponseFormat
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class TorchEngine:
         self._pad = 0
         self._eos: frozenset[int] = frozenset()
         self._holds_determinism = False
+        self._guide: Guide | None = None
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -237,6 +239,7 @@ class TorchEngine:
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
+        self._guide = Guide(self._tokenizer, self._model.get_output_embeddings().out_features, self._eos, rows)
         pool, g = self._pool, self._pool.geometry
         log.info("loaded base model %s on %s (quantization=%s); KV pool: %d blocks of %d tokens = %d tokens, "
                  "%.1f MiB (%d KiB per token; %d tokens per sequence at most); attention: %s; decode: %s%s",
@@ -404,6 +407,11 @@ class TorchEngine:
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=True)
+
+    def check_format(self, fmt: ResponseFormat) -> None:
+        """Raises InvalidArgument naming response_format.json_schema if `fmt` cannot be enforced;
+        compiles it for its steps otherwise (milliseconds to seconds: not on the event loop)."""
+        self._guide.check(fmt)
 
     # -- adapters (scheduler.tiers.TierEngine) ------------------------------
     # scheduler/tiers.py decides; this only moves weights. Reading (disk -> RAM, parsed
@@ -698,10 +706,12 @@ class TorchEngine:
         return attached[0]
 
     def _results(self, rows: list[Row], logits: torch.Tensor) -> list[StepResult]:
-        tokens, finite = _fetch(torch.stack((self._sample(rows, logits), _finite(logits).long())))
-        return [StepResult(row.seq_id, token) if ok else StepResult(row.seq_id, error=GenerationFailed(
-                    "the model produced non-finite scores for this request", reason="NON_FINITE_LOGITS"))
-                for row, token, ok in zip(rows, tokens, finite, strict=True)]
+        sampled, masked, faults = self._guide.constrain(rows, logits)  # runner/guided.py
+        tokens, finite = _fetch(torch.stack((self._sample(sampled, masked), _finite(logits).long())))
+        results = [StepResult(row.seq_id, token) if ok else StepResult(row.seq_id, error=GenerationFailed(
+                       "the model produced non-finite scores for this request", reason="NON_FINITE_LOGITS"))
+                   for row, token, ok in zip(rows, tokens, finite, strict=True)]
+        return [StepResult(r.seq_id, error=faults[r.seq_id]) if r.seq_id in faults else r for r in results]
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         """[B] token ids, on the device (runner/sampling.py: no host round trip)."""

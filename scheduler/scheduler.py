@@ -101,7 +101,7 @@ class _Seq:
     def row(self) -> Row:
         return Row(self.seq_id, self.req.adapter, tuple(self.table.blocks), self.req.prompt_ids, self.generated,
                    self.req.sampling, self.prefilled, self.upto if self.target else 0,
-                   bool(self.target))
+                   bool(self.target), response_format=self.req.response_format)
 
     def emit(self, text: str, upto: int) -> None:
         if upto > self.emitted:

@@ -178,7 +178,7 @@ class LoraServer:
         log.info("context: %d tokens per sequence (prompt + max_new_tokens)", max_context)
         self.servicer.ready(self.scheduler, self.engine.encode, RequestLimits(
             cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens,
-            max_context, default_seed=0 if cfg.deterministic else None))
+            max_context, default_seed=0 if cfg.deterministic else None), self.engine.check_format)
         self.admin.ready(self.scheduler, max_context, self.engine.kv_bytes())
         self._tasks.append(asyncio.create_task(self._follow_index(), name="index"))
         await self._set_health(_SERVING)

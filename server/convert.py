@@ -10,7 +10,8 @@ from loraserve.contract import adapter_id_problem
 from loraserve.v1 import admin_pb2
 from loraserve.v1 import inference_pb2 as pb
 from scheduler.errors import InvalidArgument
-from scheduler.types import AdapterRef, Completion, FinishReason, GenerationRequest, SamplingParams, Tier
+from scheduler.types import (AdapterRef, Completion, FinishReason, GenerationRequest, ResponseFormat, SamplingParams,
+                             Tier)
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 64
@@ -82,7 +83,16 @@ def from_pb(req: pb.GenerateRequest, adapter: AdapterRef, prompt_ids: list[int],
     return GenerationRequest(
         request_id=req.request_id or uuid.uuid4().hex, adapter=adapter, prompt_ids=tuple(prompt_ids),
         max_new_tokens=max_new, sampling=sampling, stop_sequences=tuple(req.stop_sequences),
-        ignore_eos=req.ignore_eos, fallback_to_base=fallback_to_base, client=client)
+        ignore_eos=req.ignore_eos, fallback_to_base=fallback_to_base, client=client,
+        response_format=_response_format(req))
+
+
+def _response_format(req: pb.GenerateRequest) -> ResponseFormat | None:
+    """json_object: any JSON object; json_schema: JSON valid under it (checked by the engine's compiler)."""
+    kind = req.response_format.WhichOneof("format") if req.HasField("response_format") else None
+    if kind is None:
+        return None
+    return ResponseFormat(req.response_format.json_schema if kind == "json_schema" else None)
 
 
 _FINISH = {

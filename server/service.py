@@ -13,7 +13,7 @@ from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from scheduler.errors import InvalidArgument, LoraServeError, NotReady
 from scheduler.scheduler import Scheduler, Ticket
-from scheduler.types import BASE, Completion, GenerationRequest, TextDelta
+from scheduler.types import BASE, Completion, GenerationRequest, ResponseFormat, TextDelta
 from server.adapters import AdapterRegistry
 from server.auth import current_caller
 from server.convert import FALLBACKS, RequestLimits, check_fields, delta_pb, final_chunk_pb, from_pb, to_pb
@@ -45,11 +45,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._scheduler: Scheduler | None = None
         self._encode: Callable[[str], list[int]] | None = None
         self._limits: RequestLimits | None = None
+        self._check_format: Callable[[ResponseFormat], None] | None = None
 
-    def ready(self, scheduler: Scheduler, encode: Callable[[str], list[int]], limits: RequestLimits) -> None:
+    def ready(self, scheduler: Scheduler, encode: Callable[[str], list[int]], limits: RequestLimits,
+              check_format: Callable[[ResponseFormat], None]) -> None:
         """Called once the model is loaded (its context limit is known then); until then Generate
-        answers UNAVAILABLE."""
-        self._scheduler, self._encode, self._limits = scheduler, encode, limits
+        answers UNAVAILABLE. `check_format` refuses a response_format the engine cannot enforce."""
+        self._scheduler, self._encode, self._limits, self._check_format = scheduler, encode, limits, check_format
 
     async def _submit(self, request: pb.GenerateRequest, context, call: _Call, span) -> Ticket:
         caller = current_caller()
@@ -76,6 +78,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             req = replace(from_pb(request, BASE, prompt_ids, self._limits, client=call.key),
                           fallback_reason=found.problem.reason,
                           requested=found.adapter.key)
+        if req.response_format is not None:  # compiled here, before queueing, off the event loop
+            await asyncio.to_thread(self._check_format, req.response_format)
         ticket = self._scheduler.submit(req, context.time_remaining())
         call.req = req
         self._telemetry.submitted(span, req)
