@@ -405,6 +405,11 @@ class TorchEngine:
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=True)
 
+    @property
+    def tokenizer(self):
+        """The base model's transformers tokenizer (runner/tokens.py wraps it for the edge)."""
+        return self._tokenizer
+
     # -- adapters (scheduler.tiers.TierEngine) ------------------------------
     # scheduler/tiers.py decides; this only moves weights. Reading (disk -> RAM, parsed
     # and checked) runs on the loader threads, overlapping compute; attach/demote/detach
