@@ -233,6 +233,21 @@ def test_the_typed_client_sends_the_new_fields(server):
         assert streamed[-1].text == by_chat.text
 
 
+def test_the_client_cli_chats_tokenizes_and_lists_models(server, capsys):
+    from clients.cli import main
+
+    def run(*argv) -> str:
+        assert main([argv[0], "--target", server.target, *argv[1:]]) == 0
+        return capsys.readouterr().out
+
+    plain = run("generate", "--adapter", "legal", "--max-new-tokens", "6", PROMPT)
+    assert run("generate", "--adapter", "legal", "--max-new-tokens", "6", "--chat", QUESTION) == plain
+    two = run("generate", "--adapter", "legal", "--max-new-tokens", "6", "--n", "2", PROMPT)
+    assert two == plain * 2  # greedy: two equal choices, one a line
+    assert json.loads(run("tokenize", "--chat", QUESTION))["text"] == PROMPT
+    assert json.loads(run("models"))["max_context"] == 512
+
+
 # -- conversion, on Completions built here (what the engine fills in is tested with the engine) --
 
 def texts(ids):
