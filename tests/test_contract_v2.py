@@ -5,6 +5,7 @@ the typed client; and the conversion of token ids and logprobs into responses.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -231,6 +232,23 @@ def test_the_typed_client_sends_the_new_fields(server):
         assert err.field == "logprobs"
         streamed = list(client.stream("legal", messages=[("user", QUESTION)], max_new_tokens=6))
         assert streamed[-1].text == by_chat.text
+
+
+def test_the_async_client_has_the_same_calls(server):
+    from clients import AsyncLoraServeClient
+
+    async def calls():
+        async with AsyncLoraServeClient(server.target, timeout=60) as client:
+            listed = await client.list_models()
+            tokens = await client.tokenize(PROMPT)
+            chat = await client.generate("medical", messages=[("user", QUESTION)], max_new_tokens=5)
+            streamed = [item async for item in client.stream("medical", prompt_token_ids=tokens.token_ids,
+                                                             max_new_tokens=5)]
+            return listed, chat, streamed[-1]
+
+    listed, chat, streamed = asyncio.run(calls())
+    assert listed.has_chat_template and len(listed.adapters) == 3
+    assert chat.text == streamed.text and chat.output_tokens == 5
 
 
 def test_the_client_cli_chats_tokenizes_and_lists_models(server, capsys):
