@@ -91,7 +91,7 @@ def check_messages(messages: Sequence[pb.Message]) -> None:
         raise InvalidArgument("messages", f"at most {MAX_MESSAGES} are allowed")
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, not {m.role!r}")
+            raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, not {m.role[:32]!r}")
         if not m.content:
             raise InvalidArgument(f"messages[{i}].content", "must not be empty")
 

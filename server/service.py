@@ -1,8 +1,9 @@
 """InferenceService: validate at the edge, queue on the scheduler, convert the answer back.
 
-A request for n choices is n scheduler requests submitted together (the same id and prompt, the
-prompt's blocks shared through the prefix cache where it is on); the RPC answers once all are
-done, or fails, withdrawing the others, when one fails. It is one RPC throughout: one span, one
+A request for n choices is n scheduler requests submitted together (the same id and prompt; the
+prefix cache publishes a prompt's blocks once its prefill succeeded, so choices admitted in one
+step each compute the prompt); the RPC answers once all are done, or fails, withdrawing the
+others, when one fails. It is one RPC throughout: one span, one
 metrics count and one log line, with the choices' output tokens and costs added up."""
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from typing import AsyncIterator, Iterator, Sequence
 from loraserve.contract import ROUTING_HEADER
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
+from runner.tokens import Tokens
 from scheduler.errors import InvalidArgument, LoraServeError, NotReady
 from scheduler.scheduler import Scheduler, Ticket
 from scheduler.types import BASE, Completion, GenerationRequest, TextDelta
 from server.adapters import AdapterRegistry
-from runner.tokens import Tokens
 from server.auth import current_caller
 from server.convert import (FALLBACKS, RequestLimits, check_fields, check_messages, check_token_ids, combined,
                             delta_pb, fan_out, final_chunk_pb, from_pb, to_pb, tokenize_pb)
@@ -148,17 +149,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request, context):
         with self._observed("Generate", request, context) as (call, span):
             tickets = await self._submit(request, context, call, span)
-            done: dict[int, Completion] = {}
+            waits = [asyncio.ensure_future(ticket.result()) for ticket in tickets]
             try:
-                async with asyncio.timeout(context.time_remaining()), \
-                        contextlib.aclosing(_interleave(tickets)) as items:
-                    async for index, item in items:
-                        if isinstance(item, Completion):
-                            done[index] = item
+                choices = await asyncio.wait_for(asyncio.gather(*waits), context.time_remaining())
             finally:
-                for ticket in tickets:
+                for wait, ticket in zip(waits, tickets):  # one choice failed: the others' waits end here
+                    wait.cancel()
                     ticket.cancel()
-            choices = [done[i] for i in range(len(tickets))]
             call.completion = combined(choices)
             return to_pb(choices, self._tokens.texts)
 

@@ -20,7 +20,7 @@ from loraserve.v1 import inference_pb2_grpc
 from scheduler.types import BASE, AdapterRef, Completion, Cost, FinishReason, SamplingParams, TextDelta, Tier
 from scheduler.types import GenerationRequest, TokenLogprob
 from server.convert import combined, delta_pb, fan_out, final_chunk_pb, to_pb
-from test_lifecycle import _grpcurl
+from test_lifecycle import _grpcurl, wait_for
 
 QUESTION = "What should I do next?"  # PROMPT is the demo template's rendering of this user message
 
@@ -118,6 +118,21 @@ def test_n_choices_are_the_requests_with_seeds_s_s_plus_1_served_alone(stub):
     assert all(finals[i].usage.output_tokens == 10 for i in range(3))
     greedy = stub.Generate(pb.GenerateRequest(adapter_id="legal", prompt=PROMPT, max_new_tokens=6, n=2), timeout=60)
     assert greedy.choices[0].text == greedy.choices[1].text  # allowed, if pointless
+
+
+def test_a_call_that_ends_early_withdraws_every_choice(stub, server):
+    scheduler = server.server.scheduler
+    long = pb.GenerateRequest(adapter_id="medical", prompt=PROMPT, max_new_tokens=400, ignore_eos=True, n=3,
+                              temperature=1.0)
+    call = stub.GenerateStream(long, timeout=60)
+    next(call)
+    assert scheduler.running + scheduler.queue_depth == 3
+    call.cancel()
+    assert wait_for(lambda: scheduler.running + scheduler.queue_depth == 0, 10)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(long, timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: scheduler.running + scheduler.queue_depth == 0, 10)
 
 
 def test_tokenize_gives_each_tokens_span(stub, server):
