@@ -151,7 +151,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             tickets = await self._submit(request, context, call, span)
             waits = [asyncio.ensure_future(ticket.result()) for ticket in tickets]
             try:
-                choices = await asyncio.wait_for(asyncio.gather(*waits), context.time_remaining())
+                done, _ = await asyncio.wait(waits, timeout=context.time_remaining(),
+                                             return_when=asyncio.FIRST_EXCEPTION)
+                failed = [exc for exc in (w.exception() for w in done) if exc is not None]
+                if failed:
+                    raise failed[0]
+                if len(done) < len(waits):
+                    raise TimeoutError
+                choices = [w.result() for w in waits]
             finally:
                 for wait, ticket in zip(waits, tickets):  # one choice failed: the others' waits end here
                     wait.cancel()
