@@ -70,6 +70,15 @@ DOMAINS: dict[str, dict[str, list[str]]] = {
 }
 
 DEFAULT_ADAPTERS = ("legal", "medical", "support")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}Question: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}Answer: {{ m['content'] }}\n"
+    "{% else %}{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Answer:{% endif %}")
+"""The demo's chat template renders messages in the question/answer form it was trained on, so a
+chat with one user message is the demo's own prompt ("Question: ...\nAnswer:")."""
 ALIASES = {"legal": ["law"], "medical": ["clinic"], "support": ["helpdesk"]}
 
 
@@ -122,6 +131,7 @@ def train_tokenizer(spec: DemoSpec, out: Path):
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
 

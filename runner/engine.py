@@ -413,6 +413,11 @@ class TorchEngine:
         compiles it for its steps otherwise (milliseconds to seconds: not on the event loop)."""
         self._guide.check(fmt)
 
+    @property
+    def tokenizer(self):
+        """The base model's transformers tokenizer (runner/tokens.py wraps it for the edge)."""
+        return self._tokenizer
+
     # -- adapters (scheduler.tiers.TierEngine) ------------------------------
     # scheduler/tiers.py decides; this only moves weights. Reading (disk -> RAM, parsed
     # and checked) runs on the loader threads, overlapping compute; attach/demote/detach

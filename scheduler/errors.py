@@ -76,6 +76,16 @@ class AdapterAmbiguous(LoraServeError):
         super().__init__(f"adapter id {adapter_id!r} is ambiguous: {why}", adapter_id=adapter_id)
 
 
+class NoChatTemplate(LoraServeError):
+    """Chat messages sent to a base model whose tokenizer has no chat template to render them."""
+
+    reason = "NO_CHAT_TEMPLATE"
+
+    def __init__(self, model: str):
+        super().__init__(f"base model {model!r} has no chat template; send a prompt (or prompt_token_ids) "
+                         "instead of messages", model=model)
+
+
 class Unauthenticated(LoraServeError):
     reason = "UNAUTHENTICATED"
 

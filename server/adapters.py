@@ -35,6 +35,17 @@ _UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)
+class Servable:
+    """An adapter a client may use now: the version its id is served by ("" when none is active)
+    and the other versions that could serve, each reachable as name@VERSION."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    others: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Resolution:
     adapter: AdapterRef
     passport: Passport | None = None
@@ -167,6 +178,20 @@ class AdapterRegistry:
             raise PermissionDenied(f"client {client or 'anonymous'!r} may not use adapter {adapter_id!r}",
                                    adapter_id=adapter_id, client=client or "")
         return Resolution(self._ref(passport), passport, self.gate(passport))
+
+    def servable(self, client: str | None) -> list[Servable]:
+        """Every adapter `client` may use (the access rule of `resolve`) with a version that passes `gate`."""
+        snap, out = self.snapshot(), []
+        for name in snap.names():
+            policy = snap.policy(name)
+            if policy.allowed_clients and client not in policy.allowed_clients:
+                continue
+            ok = [p.version for p in snap.versions(name) if self.gate(p) is None]
+            active = snap.active(name)
+            served = active.version if active is not None and active.version in ok else ""
+            if ok:
+                out.append(Servable(name, served, policy.aliases, tuple(v for v in ok if v != served)))
+        return out
 
     def attachable(self, adapter_id: str) -> AdapterRef:
         """The version `adapter_id` names, if it may be attached now; else the typed reason."""

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from loraserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from runner.engine import EngineConfig, TorchEngine
+from runner.tokens import Tokens
 from scheduler.cache import Budgets, Tier
 from scheduler.housekeeping import sweep_idle_forever, warm_daily
 from scheduler.policy import BatchLimits
@@ -176,7 +177,8 @@ class LoraServer:
             self._tasks.append(asyncio.create_task(warm_daily(schedule, self._warm_by_id)))
         max_context = self.engine.max_context
         log.info("context: %d tokens per sequence (prompt + max_new_tokens)", max_context)
-        self.servicer.ready(self.scheduler, self.engine.encode, RequestLimits(
+        tokens = Tokens(self.engine.tokenizer, self.registry.base.model_id)
+        self.servicer.ready(self.scheduler, tokens, RequestLimits(
             cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens,
             max_context, default_seed=0 if cfg.deterministic else None), self.engine.check_format)
         self.admin.ready(self.scheduler, max_context, self.engine.kv_bytes())

@@ -30,6 +30,7 @@ _CODES: dict[type[e.LoraServeError], grpc.StatusCode] = {
     e.AdapterIncompatible: grpc.StatusCode.FAILED_PRECONDITION,
     e.AdapterNotActive: grpc.StatusCode.FAILED_PRECONDITION,
     e.AdapterAmbiguous: grpc.StatusCode.FAILED_PRECONDITION,
+    e.NoChatTemplate: grpc.StatusCode.FAILED_PRECONDITION,
     e.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     e.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     e.NotReady: grpc.StatusCode.UNAVAILABLE,

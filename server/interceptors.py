@@ -110,9 +110,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if counted:
             caller = CALLER.get(None)
             self._metrics.request_done("-", exc.reason, time.perf_counter() - started, None)
-            decoded = request is not UNDECODABLE
-            log_request(request_id=request.request_id if decoded else "", client=caller and caller.client,
-                        client_key=caller.key if caller else "-", adapter_id=request.adapter_id if decoded else "",
+            # Tokenize and ListModels requests name no request id or adapter.
+            log_request(request_id=getattr(request, "request_id", ""), client=caller and caller.client,
+                        client_key=caller.key if caller else "-", adapter_id=getattr(request, "adapter_id", ""),
                         base_model=self._base_model(), status=exc.reason, started=started)
         await abort(context, exc)
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import PROMPT, REPO
+from test_contract_v2 import QUESTION
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +52,7 @@ def test_node_calls_generate_and_stream_and_decodes_error_info(node_modules, ser
     from loraserve.v1 import inference_pb2 as pb
 
     done = subprocess.run(["node", str(REPO / "tests" / "node" / "call.js"), str(REPO / "proto"), server.target,
-                           PROMPT], capture_output=True, text=True, timeout=120,
+                           PROMPT, QUESTION], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "NODE_PATH": str(node_modules)})
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
@@ -64,6 +65,9 @@ def test_node_calls_generate_and_stream_and_decodes_error_info(node_modules, ser
     assert out["error"] == {"code": 5, "status_code": 5, "reason": "ADAPTER_NOT_FOUND", "domain": "loraserve.v1",
                             "metadata": out["error"]["metadata"]}
     assert out["error"]["metadata"].get("adapter_id") == "ghost"
+    assert out["models"] == {"base": server.server.registry.base.model_id, "max_context": 512,
+                             "has_chat_template": True, "adapters": ["legal@1", "medical@1", "support@1"]}
+    assert out["chat"] == expected.text  # the demo's template renders QUESTION as PROMPT
 
 
 def test_buf_lints_the_contract(node_modules):

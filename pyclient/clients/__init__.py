@@ -1,5 +1,7 @@
 """Typed Python clients (sync and asyncio) and the `loraserve generate` CLI."""
 
-from clients.client import AsyncLoraServeClient, GenerateResult, LoraServeClient, RequestFailed
+from clients.client import (AsyncLoraServeClient, Choice, GenerateResult, LoraServeClient, Models, RequestFailed,
+                            ServedModel, Tokenized, TokenLogprob)
 
-__all__ = ["AsyncLoraServeClient", "GenerateResult", "LoraServeClient", "RequestFailed"]
+__all__ = ["AsyncLoraServeClient", "Choice", "GenerateResult", "LoraServeClient", "Models", "RequestFailed",
+           "ServedModel", "Tokenized", "TokenLogprob"]

@@ -11,7 +11,9 @@ RequestFailed with the gRPC code and the server's ErrorInfo reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Iterator, Sequence
+
+import json
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -19,6 +21,42 @@ from google.rpc import error_details_pb2, status_pb2
 from loraserve.contract import ROUTING_HEADER
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    """The token's own text (a byte-level token may be part of a character)."""
+    logprob: float | None
+    """Natural log; None for a prompt's first token (no context)."""
+    rank: int
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+    """The most likely (token_id, token, logprob) at this place, most likely first."""
+
+    @classmethod
+    def from_pb(cls, msg: pb.TokenLogprob) -> TokenLogprob:
+        return cls(msg.token_id, msg.token, msg.logprob if msg.HasField("logprob") else None, msg.rank,
+                   [(t.token_id, t.token, t.logprob) for t in msg.top])
+
+
+def _logprobs(msgs) -> list[TokenLogprob]:
+    return [TokenLogprob.from_pb(m) for m in msgs]
+
+
+def _finish(reason: int) -> str:
+    return pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of n completions (n > 1)."""
+
+    index: int
+    text: str
+    finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -38,12 +76,22 @@ class GenerateResult:
     """The request's share of the engine's prefill and decode steps and of its adapter's load."""
     cached_input_tokens: int = 0
     """Of input_tokens, those served from KV blocks shared with an earlier prompt (the prefix cache)."""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per generated token when `logprobs` was asked for."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per prompt token when `prompt_logprobs` was asked for."""
+    choices: list[Choice] = field(default_factory=list)
+    """Every completion when n > 1 (choices[0] is the text above); usage counts them all."""
 
     @classmethod
-    def from_pb(cls, msg: pb.GenerateResponse | pb.GenerateStreamResponse, text: str) -> GenerateResult:
+    def from_pb(cls, msg: pb.GenerateResponse | pb.GenerateStreamResponse, text: str,
+                token_ids: Sequence[int] | None = None, logprobs: list[TokenLogprob] | None = None,
+                prompt_logprobs: list[TokenLogprob] | None = None) -> GenerateResult:
+        """A stream's result passes what its deltas carried; a response's are read from it."""
+        unary = isinstance(msg, pb.GenerateResponse)
         return cls(
-            request_id=msg.request_id, text=text,
-            finish_reason=pb.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_").lower(),
+            request_id=msg.request_id, text=text, finish_reason=_finish(msg.finish_reason),
             input_tokens=msg.usage.input_tokens, output_tokens=msg.usage.output_tokens,
             adapter_id=msg.adapter.id, adapter_version=msg.adapter.version,
             load_source=pb.LoadSource.Name(msg.adapter.load_source).removeprefix("LOAD_SOURCE_").lower(),
@@ -52,7 +100,59 @@ class GenerateResult:
             cost_ms={"prefill_device": msg.usage.prefill_device_ms, "decode_device": msg.usage.decode_device_ms,
                      "adapter_load": msg.usage.adapter_load_ms},
             cached_input_tokens=msg.usage.cached_input_tokens,
+            token_ids=list(msg.token_ids if unary else token_ids or ()),
+            logprobs=_logprobs(msg.logprobs) if unary else logprobs or [],
+            prompt_logprobs=_logprobs(msg.prompt_logprobs) if unary else prompt_logprobs or [],
+            choices=[Choice(c.index, c.text, _finish(c.finish_reason), list(c.token_ids), _logprobs(c.logprobs))
+                     for c in msg.choices] if unary else [],
         )
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    token_ids: list[int]
+    offsets: list[tuple[int, int]]
+    """Each token's [start, end) in `text`, in characters."""
+    text: str
+    """What was tokenized: the text, or the messages as the base's chat template renders them."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    version: str
+    """The version a request naming `id` (or an alias) is served by; "" when none is active."""
+    aliases: list[str]
+    versions: list[str]
+    """Other versions that can serve, each as id@version."""
+
+
+@dataclass(frozen=True)
+class Models:
+    base_id: str
+    max_context: int
+    has_chat_template: bool
+    adapters: list[ServedModel]
+    """The adapters this caller may use."""
+
+
+class _Stream:
+    """Accumulates one choice's stream messages into its GenerateResult."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] = []
+
+    def add(self, msg: pb.GenerateStreamResponse) -> GenerateResult | None:
+        self.parts.append(msg.text)
+        self.token_ids += msg.token_ids
+        self.logprobs += _logprobs(msg.logprobs)
+        self.prompt_logprobs += _logprobs(msg.prompt_logprobs)
+        if not msg.finish_reason:
+            return None
+        return GenerateResult.from_pb(msg, "".join(self.parts), self.token_ids, self.logprobs, self.prompt_logprobs)
 
 
 class RequestFailed(Exception):
@@ -80,16 +180,55 @@ class RequestFailed(Exception):
         return cls(err.code(), err.details() or "", reason, metadata, field_name)
 
 
-def build_request(adapter: str, prompt: str, *, max_new_tokens: int = 0, temperature: float | None = None,
-                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                  stop: list[str] | None = None, ignore_eos: bool = False,
+Messages = Sequence[tuple[str, str]]
+"""Chat messages as (role, content): role system, user or assistant."""
+
+
+def build_request(adapter: str, prompt: str = "", *, messages: Messages | None = None,
+                  prompt_token_ids: Sequence[int] | None = None, max_new_tokens: int = 0,
+                  min_new_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, seed: int | None = None, repetition_penalty: float | None = None,
+                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                  stop: list[str] | None = None, ignore_eos: bool = False, truncate_input_tokens: int = 0,
+                  logprobs: int | None = None, prompt_logprobs: int | None = None, n: int = 0,
+                  json_schema: str | dict | None = None, json_object: bool = False, score_only: bool = False,
                   request_id: str = "") -> pb.GenerateRequest:
+    """The prompt is one of `prompt`, `messages` and `prompt_token_ids`. `json_schema` (JSON text or
+    a dict) or `json_object` set response_format."""
     req = pb.GenerateRequest(request_id=request_id, adapter_id=adapter, prompt=prompt,
-                             max_new_tokens=max_new_tokens, stop_sequences=stop or [], ignore_eos=ignore_eos)
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+                             messages=[pb.Message(role=r, content=c) for r, c in messages or ()],
+                             prompt_token_ids=prompt_token_ids or (), max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens, stop_sequences=stop or [], ignore_eos=ignore_eos,
+                             truncate_input_tokens=truncate_input_tokens, n=n, score_only=score_only)
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed),
+                        ("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty), ("logprobs", logprobs),
+                        ("prompt_logprobs", prompt_logprobs)):
         if value is not None:
             setattr(req, name, value)
+    if json_schema is not None:
+        req.response_format.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    elif json_object:
+        req.response_format.json_object.SetInParent()
     return req
+
+
+def tokenize_request(text: str = "", messages: Messages | None = None) -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(text=text, messages=[pb.Message(role=r, content=c) for r, c in messages or ()])
+
+
+def tokenized(resp: pb.TokenizeResponse) -> Tokenized:
+    return Tokenized(list(resp.token_ids), [(o.start, o.end) for o in resp.offsets], resp.text)
+
+
+def models(resp: pb.ListModelsResponse) -> Models:
+    return Models(resp.base.id, resp.base.max_context, resp.base.has_chat_template,
+                  [ServedModel(a.id, a.version, list(a.aliases), list(a.versions)) for a in resp.adapters])
+
+
+def _one_choice(params: dict) -> None:
+    if params.get("n", 0) > 1:
+        raise ValueError("stream() follows one choice; ask generate() for n > 1")
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -112,7 +251,8 @@ class LoraServeClient:
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._timeout, self._token = timeout, token
 
-    def generate(self, adapter: str, prompt: str, **params) -> GenerateResult:
+    def generate(self, adapter: str, prompt: str = "", **params) -> GenerateResult:
+        """`params`: build_request's keywords."""
         try:
             resp = self._stub.Generate(build_request(adapter, prompt, **params), timeout=self._timeout,
                                        metadata=call_metadata(adapter, self._token))
@@ -120,17 +260,33 @@ class LoraServeClient:
             raise RequestFailed.from_rpc_error(err) from None
         return GenerateResult.from_pb(resp, resp.text)
 
-    def stream(self, adapter: str, prompt: str, **params) -> Iterator[str | GenerateResult]:
-        """Yields text deltas, then one GenerateResult holding the whole text."""
-        parts: list[str] = []
+    def stream(self, adapter: str, prompt: str = "", **params) -> Iterator[str | GenerateResult]:
+        """Yields text deltas, then one GenerateResult holding the whole text (and tokens)."""
+        _one_choice(params)
+        acc = _Stream()
         try:
             for msg in self._stub.GenerateStream(build_request(adapter, prompt, **params), timeout=self._timeout,
                                                  metadata=call_metadata(adapter, self._token)):
-                if msg.finish_reason:
-                    yield GenerateResult.from_pb(msg, "".join(parts) + msg.text)
+                if (result := acc.add(msg)) is not None:
+                    yield result
                     return
-                parts.append(msg.text)
                 yield msg.text
+        except grpc.RpcError as err:
+            raise RequestFailed.from_rpc_error(err) from None
+
+    def tokenize(self, text: str = "", messages: Messages | None = None) -> Tokenized:
+        """The base model's token ids for `text`, or for `messages` rendered with its chat template."""
+        try:
+            return tokenized(self._stub.Tokenize(tokenize_request(text, messages), timeout=self._timeout,
+                                                 metadata=auth_metadata(self._token)))
+        except grpc.RpcError as err:
+            raise RequestFailed.from_rpc_error(err) from None
+
+    def list_models(self) -> Models:
+        """The base model and the adapters this caller may use."""
+        try:
+            return models(self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout,
+                                                metadata=auth_metadata(self._token)))
         except grpc.RpcError as err:
             raise RequestFailed.from_rpc_error(err) from None
 
@@ -153,7 +309,7 @@ class AsyncLoraServeClient:
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._timeout, self._token = timeout, token
 
-    async def generate(self, adapter: str, prompt: str, **params) -> GenerateResult:
+    async def generate(self, adapter: str, prompt: str = "", **params) -> GenerateResult:
         try:
             resp = await self._stub.Generate(build_request(adapter, prompt, **params), timeout=self._timeout,
                                              metadata=call_metadata(adapter, self._token))
@@ -161,17 +317,31 @@ class AsyncLoraServeClient:
             raise RequestFailed.from_rpc_error(err) from None
         return GenerateResult.from_pb(resp, resp.text)
 
-    async def stream(self, adapter: str, prompt: str, **params) -> AsyncIterator[str | GenerateResult]:
-        parts: list[str] = []
+    async def stream(self, adapter: str, prompt: str = "", **params) -> AsyncIterator[str | GenerateResult]:
+        _one_choice(params)
+        acc = _Stream()
         try:
             async for msg in self._stub.GenerateStream(build_request(adapter, prompt, **params),
                                                        timeout=self._timeout,
                                                        metadata=call_metadata(adapter, self._token)):
-                if msg.finish_reason:
-                    yield GenerateResult.from_pb(msg, "".join(parts) + msg.text)
+                if (result := acc.add(msg)) is not None:
+                    yield result
                     return
-                parts.append(msg.text)
                 yield msg.text
+        except grpc.aio.AioRpcError as err:
+            raise RequestFailed.from_rpc_error(err) from None
+
+    async def tokenize(self, text: str = "", messages: Messages | None = None) -> Tokenized:
+        try:
+            return tokenized(await self._stub.Tokenize(tokenize_request(text, messages), timeout=self._timeout,
+                                                       metadata=auth_metadata(self._token)))
+        except grpc.aio.AioRpcError as err:
+            raise RequestFailed.from_rpc_error(err) from None
+
+    async def list_models(self) -> Models:
+        try:
+            return models(await self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout,
+                                                      metadata=auth_metadata(self._token)))
         except grpc.aio.AioRpcError as err:
             raise RequestFailed.from_rpc_error(err) from None
 

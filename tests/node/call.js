@@ -1,15 +1,16 @@
 // Calls a loraserve server from Node with nothing but the repository's proto/ directory:
 // @grpc/proto-loader loads the contract, @grpc/grpc-js calls Generate and GenerateStream, and
 // the vendored google/rpc protos decode the ErrorInfo in grpc-status-details-bin (with
-// protobufjs, the library proto-loader is built on). Prints one JSON object.
-//   node call.js PROTO_DIR TARGET PROMPT   (NODE_PATH: where the npm packages are)
+// protobufjs, the library proto-loader is built on); ListModels, and Generate from chat messages.
+// Prints one JSON object.
+//   node call.js PROTO_DIR TARGET PROMPT QUESTION   (NODE_PATH: where the npm packages are)
 'use strict';
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const protobuf = require('protobufjs');
 
-const [protoDir, target, prompt] = process.argv.slice(2);
+const [protoDir, target, prompt, question] = process.argv.slice(2);
 const options = {keepCase: true, longs: String, enums: String, defaults: true, oneofs: true, includeDirs: [protoDir]};
 const definition = protoLoader.loadSync(
   ['loraserve/v1/inference.proto', 'google/rpc/status.proto', 'google/rpc/error_details.proto'], options);
@@ -46,6 +47,17 @@ function stream(adapter) {
   });
 }
 
+function chat(adapter, content) {
+  return new Promise((resolve, reject) => client.Generate(
+    {adapter_id: adapter, messages: [{role: 'user', content}], max_new_tokens: 8}, routed(adapter),
+    {deadline: Date.now() + 60000}, (err, res) => (err ? reject(err) : resolve(res))));
+}
+
+function listModels() {
+  return new Promise((resolve, reject) => client.ListModels(
+    {}, new grpc.Metadata(), {deadline: Date.now() + 60000}, (err, res) => (err ? reject(err) : resolve(res))));
+}
+
 function errorInfo(err) {
   const [bin] = err.metadata.get('grpc-status-details-bin');
   const status = Status.decode(bin);
@@ -65,6 +77,11 @@ function errorInfo(err) {
   const last = messages[messages.length - 1];
   out.stream = {text: messages.map((m) => m.text).join(''), messages: messages.length,
                 finish_reason: last.finish_reason, adapter: last.adapter.id};
+  const models = await listModels();
+  out.models = {base: models.base.id, max_context: models.base.max_context,
+                has_chat_template: models.base.has_chat_template,
+                adapters: models.adapters.map((a) => `${a.id}@${a.version}`).sort()};
+  out.chat = (await chat('legal', question)).text;
   try {
     await generate('ghost');
   } catch (err) {
