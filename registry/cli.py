@@ -16,13 +16,14 @@ from typing import Callable
 
 from registry.origin import is_remote, open_store
 from registry.passport import STATUSES, Evaluation, Passport
-from registry.store import Store, StoreError
+from registry.rollout import KEYS, Canary, Limits
+from registry.store import Store, StoreError, now_iso
 
 SmokeFactory = Callable[[Path, tuple[str, ...] | None], Callable]
 """(base model path, prompts or None for the default ones) -> a tester for Store.register."""
 
-COLUMNS = ("name", "version", "status", "aliases", "task", "client", "base_model", "rank", "created", "trained",
-           "smoke")
+COLUMNS = ("name", "version", "status", "canary", "aliases", "task", "client", "base_model", "rank", "created",
+           "trained", "smoke")
 SORTS = {
     "name": lambda p: p.name, "version": lambda p: int(p.version), "status": lambda p: p.status,
     "client": lambda p: p.client, "task": lambda p: p.task, "rank": lambda p: p.rank,
@@ -31,7 +32,9 @@ SORTS = {
 
 
 def _row(p: Passport) -> dict:
-    return {"name": p.name, "version": p.version, "status": p.status, "aliases": ",".join(p.aliases),
+    canary = "-" if p.canary is None else (f"{p.canary.percent:g}% {p.canary.key}" if p.canary.running
+                                           else p.canary.state)
+    return {"name": p.name, "version": p.version, "status": p.status, "canary": canary, "aliases": ",".join(p.aliases),
             "task": p.task, "client": p.client, "base_model": p.base_model, "rank": p.rank,
             "created": p.created[:10], "trained": p.evaluation.trained_at[:10] or "-",
             "smoke": "-" if p.smoke_test is None else ("passed" if p.smoke_test.passed else "FAILED")}
@@ -124,7 +127,13 @@ def _set_policy(args, store: Store) -> int:
 
 
 def _promote(args, store: Store) -> int:
-    _emit(args, [store.promote(args.name, args.version)])
+    if args.canary is None:
+        _emit(args, [store.promote(args.name, args.version)])
+        return 0
+    limits = Limits(max_error_rate=args.max_error_rate, max_ttft_p95_ratio=args.max_ttft_p95_ratio,
+                    min_requests=args.min_requests, window_s=args.window_s)
+    canary = Canary(percent=args.canary, started_at=now_iso(), key=args.canary_key, limits=limits)
+    _emit(args, [store.canary(args.name, args.version, canary)])
     return 0
 
 
@@ -209,12 +218,30 @@ def add_adapters_parser(sub, smoke: SmokeFactory | None = None) -> None:
     policy.add_argument("--reason", default="", help="why, for the history")
     policy.set_defaults(run=_set_policy)
 
-    promote = cmds.add_parser("promote", help="make a version active (the previous one is archived)")
+    promote = cmds.add_parser("promote", help="make a version active (the previous one is archived), or with "
+                                              "--canary send it a share of the adapter's requests")
     promote.add_argument("name")
     promote.add_argument("version")
+    promote.add_argument("--canary", type=float, metavar="PCT",
+                         help="send PCT%% of the requests naming NAME (or an alias) to VERSION, the rest to the "
+                              "active version; promote without --canary completes it, rollback ends it")
+    promote.add_argument("--canary-key", choices=KEYS, default="request",
+                         help="split per request (default), or sticky per client")
+    defaults = Limits()
+    promote.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate,
+                         help="abort when the canary's error rate over the window is above this and above the "
+                              "stable version's [%(default)s]")
+    promote.add_argument("--max-ttft-p95-ratio", type=float, default=defaults.max_ttft_p95_ratio,
+                         help="abort when the canary's time-to-first-token p95 is above this times the stable "
+                              "version's [%(default)s]")
+    promote.add_argument("--min-requests", type=int, default=defaults.min_requests,
+                         help="requests each side needs in the window before it is judged [%(default)s]")
+    promote.add_argument("--window-s", type=float, default=defaults.window_s,
+                         help="the sliding window the figures are taken over [%(default)s]")
     promote.set_defaults(run=_promote)
 
-    rollback = cmds.add_parser("rollback", help="re-activate the previously active version")
+    rollback = cmds.add_parser("rollback", help="end a running canary; else re-activate the previously active "
+                                                "version")
     rollback.add_argument("name")
     rollback.set_defaults(run=_rollback)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from loraserve.contract import NAME, name_problem, versioned
 from registry.durable import write_atomic
+from registry.rollout import Canary
 
 STATUSES = ("staging", "active", "archived", "failed")
 FALLBACKS = ("fail", "base")
@@ -135,10 +136,14 @@ class Passport:
     failure: str = ""
     """Why registration marked it `failed` (weights disagreeing with the config, or the smoke test)."""
     evaluation: Evaluation = field(default_factory=Evaluation)
+    canary: Canary | None = None
+    """The last canary of this version against its adapter's active one (registry.rollout)."""
 
     def __post_init__(self):
         if isinstance(self.smoke_test, dict):
             self.smoke_test = SmokeTest(**self.smoke_test)
+        if isinstance(self.canary, dict):
+            self.canary = Canary.from_dict(self.canary)
         if isinstance(self.evaluation, dict):
             self.evaluation = Evaluation.from_dict(self.evaluation)
         problems = [f"{f.name} must be text" for f in dataclasses.fields(self)
@@ -172,6 +177,8 @@ class Passport:
         if not (self.smoke_test is None or isinstance(self.smoke_test, SmokeTest)
                 and isinstance(self.smoke_test.passed, bool) and isinstance(self.smoke_test.results, list)):
             problems.append("smoke_test must be an object with passed (true/false) and results (a list)")
+        if not (self.canary is None or isinstance(self.canary, Canary)):
+            problems.append("canary must be an object")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -44,9 +44,10 @@ from registry.identity import BaseIdentity
 from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
 from registry.s3 import S3, Conflict, NotFound, OriginError
 from registry.policy import FIELDS as POLICY
+from registry.rollout import Canary
 from registry.store import (CONFIG, INDEX, WEIGHTS, IndexInvalid, Snapshot, StoreError, index_text, new_draft,
-                            parse_index, plan_archive, plan_promote, plan_registration, plan_rollback,
-                            plan_set_policy, prepare, reconcile, with_changes)
+                            parse_index, plan_abort_canary, plan_archive, plan_canary, plan_promote,
+                            plan_registration, plan_rollback, plan_set_policy, prepare, reconcile, with_changes)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,12 @@ class S3Store:
 
     def archive(self, name: str) -> list[Passport]:
         return self._change(lambda snap: plan_archive(snap, name))
+
+    def canary(self, name: str, version: str, canary: Canary) -> Passport:
+        return self._change(lambda snap: plan_canary(snap, name, version, canary))
+
+    def abort_canary(self, name: str, version: str, reason: str, figures: dict) -> Passport | None:
+        return self._change(lambda snap: plan_abort_canary(snap, name, version, reason, figures))
 
     def stale(self, days: int, today: dt.datetime | None = None) -> list[Passport]:
         today = today or dt.datetime.now(dt.timezone.utc)

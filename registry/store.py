@@ -54,6 +54,7 @@ from registry.durable import flocked, fsync_dir, fsync_file, write_atomic
 from registry.identity import BaseIdentity, sha256_file
 from loraserve.contract import NAME, name_problem, versioned
 from registry.passport import FALLBACKS, PASSPORT_FILE, Evaluation, Passport, SmokeTest
+from registry.rollout import Canary
 from registry.policy import FIELDS as POLICY, Policy, PolicyConflict, history_entry, history_of, unify
 from registry.weights import WeightsError, check_against_config, weight_facts
 
@@ -66,9 +67,9 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 LIFECYCLE = ("status", "promoted_at")
-INDEX_DECIDES = (*LIFECYCLE, *POLICY, "policy_history")
+INDEX_DECIDES = (*LIFECYCLE, *POLICY, "policy_history", "canary")
 """The passport fields registry.json decides (each is changed by an index write: promote, rollback,
-archive, set-policy); every other field comes from the passport."""
+archive, set-policy, canary); every other field comes from the passport."""
 RACY_S = 2.0
 """Timestamps can be this coarse (FAT 2 s; ext3, HFS+ and some network filesystems 1 s): a rewrite
 of the same size within one tick keeps inode, size, mtime and ctime. While the index is younger
@@ -113,6 +114,10 @@ class Snapshot:
     def get(self, name: str, version: str) -> Passport | None:
         return next((p for p in self._by_name.get(name, ()) if p.version == version), None)
 
+    def canary(self, name: str) -> Passport | None:
+        """The version of `name` with a running canary (registry.rollout), if any."""
+        return next((p for p in self._by_name.get(name, ()) if p.canary and p.canary.running), None)
+
     def names(self) -> list[str]:
         return list(self._by_name)
 
@@ -134,6 +139,15 @@ class Snapshot:
                 active.setdefault(p.name, []).append(p.version)
         out += [f"{name} has {len(vs)} active versions ({', '.join(vs)}); at most one may be"
                 for name, vs in active.items() if len(vs) > 1]
+        canaries: dict[str, list[str]] = {}
+        for p in self.passports:
+            if p.canary and p.canary.running:
+                canaries.setdefault(p.name, []).append(p.version)
+                if p.status != "staging" or p.name not in active:
+                    out.append(f"{p.key} has a running canary but is {p.status}"
+                               + ("" if p.name in active else f" and {p.name} has no active version"))
+        out += [f"{name} has {len(vs)} running canaries ({', '.join(vs)}); at most one may run"
+                for name, vs in canaries.items() if len(vs) > 1]
         for name, versions in self._by_name.items():
             try:
                 unify(versions)
@@ -239,14 +253,15 @@ def reconcile(indexed: dict[str, dict] | None, found: list[Passport]) -> tuple[l
     passports, stale = [], {}
     for p in found:
         entry = (indexed or {}).get(p.key)
+        mine = p.to_dict()
         if entry is None:
             if indexed is not None:
                 log.warning("adopting %s (status %s): its directory is complete but the index lacked it",
                             p.key, p.status)
-        elif any(getattr(p, f) != entry[f] for f in INDEX_DECIDES):
+        elif any(mine[f] != entry[f] for f in INDEX_DECIDES):
             log.warning("%s: its passport disagrees with registry.json (status %s there); the index decides",
                         p.key, entry["status"])
-            p = replace(p, **{f: entry[f] for f in INDEX_DECIDES})
+            p = Passport.from_dict({**mine, **{f: entry[f] for f in INDEX_DECIDES}})
             stale[p.key] = p
         passports.append(p)
     for key in sorted(set(indexed or {}) - {p.key for p in passports}):
@@ -505,9 +520,15 @@ class Store:
         return self._change(lambda snap: plan_promote(snap, name, version))
 
     def rollback(self, name: str) -> Passport:
-        """Re-activate the version that was active before the current one; the current one
-        goes back to staging."""
+        """End a running canary; else re-activate the version that was active before the current
+        one, the current one going back to staging."""
         return self._change(lambda snap: plan_rollback(snap, name))
+
+    def canary(self, name: str, version: str, canary: Canary) -> Passport:
+        return self._change(lambda snap: plan_canary(snap, name, version, canary))
+
+    def abort_canary(self, name: str, version: str, reason: str, figures: dict) -> Passport | None:
+        return self._change(lambda snap: plan_abort_canary(snap, name, version, reason, figures))
 
     def archive(self, name: str) -> list[Passport]:
         """Take every version of `name` out of service (the files stay)."""
@@ -626,23 +647,79 @@ def plan_set_policy(snap: Snapshot, name: str, requested: dict, reason: str) -> 
     return changed, changed
 
 
+def _servable(target: Passport) -> None:
+    if target.status == "failed" or not (target.smoke_test and target.smoke_test.passed):
+        why = target.failure or "it has not passed a smoke test"
+        raise StoreError(f"{target.key} cannot be promoted: {why}")
+
+
+def _end_canary(p: Passport, state: str, reason: str = "", figures: dict | None = None) -> Passport:
+    return replace(p, canary=replace(p.canary, state=state, ended_at=now_iso(), reason=reason,
+                                     figures=figures if figures is not None else p.canary.figures))
+
+
 def plan_promote(snap: Snapshot, name: str, version: str) -> tuple[Passport, list[Passport]]:
+    """`version` becomes active; a running canary ends: completed if it was this version's."""
     target = snap.get(name, version)
     if target is None:
         raise StoreError(f"{name}@{version} is not in the store")
     if target.status == "active":
         return target, []
-    if target.status == "failed" or not (target.smoke_test and target.smoke_test.passed):
-        why = target.failure or "it has not passed a smoke test"
-        raise StoreError(f"{name}@{version} cannot be promoted: {why}")
+    _servable(target)
+    running = snap.canary(name)
+    if running is not None and running.key == target.key:
+        target = _end_canary(target, "completed", f"promoted {now_iso()}")
     changed = [replace(target, status="active", promoted_at=now_iso())]
+    if running is not None and running.key != target.key:
+        changed.append(_end_canary(running, "ended", f"{target.key} was promoted"))
     current = snap.active(name)
     if current is not None:
         changed.append(replace(current, status="archived"))
     return changed[0], changed
 
 
+def plan_canary(snap: Snapshot, name: str, version: str, canary: Canary) -> tuple[Passport, list[Passport]]:
+    """Route `canary.percent`% of the requests naming `name` to `version`, the rest to the active
+    version; a canary already running for this version changes its share and limits."""
+    target = snap.get(name, version)
+    if target is None:
+        raise StoreError(f"{name}@{version} is not in the store")
+    active = snap.active(name)
+    if active is None:
+        raise StoreError(f"{name} has no active version to compare a canary with: promote one first")
+    if target.status == "active":
+        raise StoreError(f"{target.key} is already the active version")
+    if target.status != "staging":
+        raise StoreError(f"{target.key} is {target.status}; only a staging version can be a canary")
+    _servable(target)
+    running = snap.canary(name)
+    if running is not None and running.key != target.key:
+        raise StoreError(f"{running.key} already has a running canary: `loraserve adapters rollback {name}` "
+                         "ends it, `promote` completes it")
+    if running is not None:
+        canary = replace(canary, started_at=running.canary.started_at)
+    changed = replace(target, canary=canary)
+    return changed, [changed]
+
+
+def plan_abort_canary(snap: Snapshot, name: str, version: str, reason: str,
+                      figures: dict) -> tuple[Passport | None, list[Passport]]:
+    """The server's automatic rollback: end `name@version`'s canary as aborted, with the figures
+    that tripped it. Nothing changes (None) when that canary is no longer running."""
+    running = snap.canary(name)
+    if running is None or running.version != version:
+        return None, []
+    changed = _end_canary(running, "aborted", reason, figures)
+    return changed, [changed]
+
+
 def plan_rollback(snap: Snapshot, name: str) -> tuple[Passport, list[Passport]]:
+    """A running canary ends (the active version keeps serving everything); else the version
+    active before the current one is re-activated and the current one goes back to staging."""
+    running = snap.canary(name)
+    if running is not None:
+        changed = _end_canary(running, "ended", "rolled back")
+        return snap.active(name), [changed]
     current = snap.active(name)
     if current is None:
         raise StoreError(f"{name} has no active version to roll back from")
@@ -659,6 +736,9 @@ def plan_archive(snap: Snapshot, name: str) -> tuple[list[Passport], list[Passpo
     if not versions:
         raise StoreError(f"{name} is not in the store")
     changed = {p.key: replace(p, status="archived") for p in versions if p.status != "archived"}
+    running = snap.canary(name)
+    if running is not None:
+        changed[running.key] = _end_canary(changed[running.key], "ended", "archived")
     return [changed.get(p.key, p) for p in versions], list(changed.values())
 
 

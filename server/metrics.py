@@ -57,6 +57,12 @@ class Metrics:
                                       "steps", ["client", "adapter", "phase"], registry=r)
         self.load_share_seconds = Counter("loraserve_adapter_load_share_seconds", "Served requests' shares of "
                                           "the adapter loads made for them", ["client", "adapter"], registry=r)
+        self.canary_requests = Counter(
+            "loraserve_canary_requests", "Requests a running canary routed, by adapter, version, side (canary or "
+            "stable) and outcome (ok, or error: the version's fault)", ["adapter", "version", "side", "outcome"],
+            registry=r)
+        self.canary_aborts = Counter("loraserve_canary_aborts", "Canaries the server aborted automatically",
+                                     ["adapter"], registry=r)
         self.cold_starts = Counter("loraserve_cold_starts", "Adapter reads from disk", registry=r)
         self.thrash = Counter("loraserve_adapter_thrash_warnings", "Adapters reloaded more than the limit within "
                               "an hour", ["adapter"], registry=r)
@@ -107,6 +113,13 @@ class Metrics:
         self.device_seconds.labels(who, adapter, "prefill").inc(cost.prefill_device_ms / 1e3)
         self.device_seconds.labels(who, adapter, "decode").inc(cost.decode_device_ms / 1e3)
         self.load_share_seconds.labels(who, adapter).inc(cost.adapter_load_ms / 1e3)
+
+    def canary_request(self, name: str, version: str, side: str, error: bool) -> None:
+        """Versions are labelled only here, for adapters with a running canary: a few series each."""
+        self.canary_requests.labels(self._adapter(name), version, side, "error" if error else "ok").inc()
+
+    def canary_aborted(self, name: str) -> None:
+        self.canary_aborts.labels(self._adapter(name)).inc()
 
     def adapter_read(self, adapter: AdapterRef, ms: float) -> None:
         self.cold_starts.inc()

@@ -19,6 +19,7 @@ from server.auth import current_caller
 from server.convert import FALLBACKS, RequestLimits, check_fields, delta_pb, final_chunk_pb, from_pb, to_pb
 from server.errors import stream_errors, unary_errors
 from server.requestlog import log_request
+from server.rollouts import RolloutWatch, Split
 from server.telemetry import Telemetry, fail
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -36,6 +37,8 @@ class _Call:
     req: GenerationRequest | None = None
     completion: Completion | None = None
     status: str = "OK"
+    split: Split | None = None
+    """Set when a running canary routed the request."""
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -45,6 +48,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._scheduler: Scheduler | None = None
         self._encode: Callable[[str], list[int]] | None = None
         self._limits: RequestLimits | None = None
+        self.rollouts = RolloutWatch(registry, telemetry.metrics)
 
     def ready(self, scheduler: Scheduler, encode: Callable[[str], list[int]], limits: RequestLimits) -> None:
         """Called once the model is loaded (its context limit is known then); until then Generate
@@ -64,6 +68,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                                f"{request.adapter_id!r}; a router would send it to the wrong replica")
         with self._telemetry.resolve(span, request.adapter_id):
             found = self._registry.resolve(request.adapter_id, call.client)
+        call.split = found.split
+        if found.split is not None:
+            span.set_attribute("loraserve.canary.side", "canary" if found.split.to_canary else "stable")
         may_fall_back = found.fallback_allowed(FALLBACKS[request.fallback])
         call.adapter = BASE.id if found.problem is not None and may_fall_back else found.adapter.id
         if found.problem is not None and not may_fall_back:
@@ -112,6 +119,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 c = call.completion
                 label = c.adapter.id if c else call.adapter
                 self._telemetry.metrics.request_done(label, call.status, time.perf_counter() - started, c, call.key)
+                self.rollouts.observe(call.split, call.status, c)
                 log_request(request_id=c.request_id if c else (call.req.request_id if call.req else request.request_id),
                             client=call.client, client_key=call.key, adapter_id=request.adapter_id,
                             base_model=self._registry.base.model_id, status=call.status, started=started,
