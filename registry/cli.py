@@ -16,7 +16,7 @@ from typing import Callable
 
 from registry.origin import is_remote, open_store
 from registry.passport import STATUSES, Evaluation, Passport
-from registry.rollout import KEYS, Canary, Limits
+from registry.rollout import KEYS, Canary, Limits, Shadow
 from registry.store import Store, StoreError, now_iso
 
 SmokeFactory = Callable[[Path, tuple[str, ...] | None], Callable]
@@ -34,6 +34,8 @@ SORTS = {
 def _row(p: Passport) -> dict:
     canary = "-" if p.canary is None else (f"{p.canary.percent:g}% {p.canary.key}" if p.canary.running
                                            else p.canary.state)
+    if p.shadow is not None:
+        canary = f"shadow {p.shadow.percent:g}%" + ("" if canary == "-" else f", {canary}")
     return {"name": p.name, "version": p.version, "status": p.status, "canary": canary, "aliases": ",".join(p.aliases),
             "task": p.task, "client": p.client, "base_model": p.base_model, "rank": p.rank,
             "created": p.created[:10], "trained": p.evaluation.trained_at[:10] or "-",
@@ -134,6 +136,12 @@ def _promote(args, store: Store) -> int:
                     min_requests=args.min_requests, window_s=args.window_s)
     canary = Canary(percent=args.canary, started_at=now_iso(), key=args.canary_key, limits=limits)
     _emit(args, [store.canary(args.name, args.version, canary)])
+    return 0
+
+
+def _shadow(args, store: Store) -> int:
+    shadow = Shadow(percent=args.percent, started_at=now_iso()) if args.percent else None
+    _emit(args, [store.shadow(args.name, args.version, shadow)])
     return 0
 
 
@@ -244,6 +252,14 @@ def add_adapters_parser(sub, smoke: SmokeFactory | None = None) -> None:
                                                 "version")
     rollback.add_argument("name")
     rollback.set_defaults(run=_rollback)
+
+    shadow = cmds.add_parser("shadow", help="run a share of the adapter's requests also on VERSION, in the "
+                                            "background, comparing its answers with the served ones")
+    shadow.add_argument("name")
+    shadow.add_argument("version")
+    shadow.add_argument("--percent", type=float, required=True,
+                        help="share of the requests served by the active version to mirror; 0 ends it")
+    shadow.set_defaults(run=_shadow)
 
     archive = cmds.add_parser("archive", help="take every version of an adapter out of service")
     archive.add_argument("name")

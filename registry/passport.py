@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loraserve.contract import NAME, name_problem, versioned
 from registry.durable import write_atomic
-from registry.rollout import Canary
+from registry.rollout import Canary, Shadow
 
 STATUSES = ("staging", "active", "archived", "failed")
 FALLBACKS = ("fail", "base")
@@ -138,12 +138,16 @@ class Passport:
     evaluation: Evaluation = field(default_factory=Evaluation)
     canary: Canary | None = None
     """The last canary of this version against its adapter's active one (registry.rollout)."""
+    shadow: Shadow | None = None
+    """Set while this version shadows its adapter's active one (registry.rollout)."""
 
     def __post_init__(self):
         if isinstance(self.smoke_test, dict):
             self.smoke_test = SmokeTest(**self.smoke_test)
         if isinstance(self.canary, dict):
             self.canary = Canary.from_dict(self.canary)
+        if isinstance(self.shadow, dict):
+            self.shadow = Shadow.from_dict(self.shadow)
         if isinstance(self.evaluation, dict):
             self.evaluation = Evaluation.from_dict(self.evaluation)
         problems = [f"{f.name} must be text" for f in dataclasses.fields(self)
@@ -179,6 +183,8 @@ class Passport:
             problems.append("smoke_test must be an object with passed (true/false) and results (a list)")
         if not (self.canary is None or isinstance(self.canary, Canary)):
             problems.append("canary must be an object")
+        if not (self.shadow is None or isinstance(self.shadow, Shadow)):
+            problems.append("shadow must be an object")
         if problems:
             raise ValueError("; ".join(problems))
 

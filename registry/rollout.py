@@ -1,10 +1,13 @@
-"""Canary rollouts of an adapter version: a share of the requests that name the adapter goes to
-the candidate version, the rest to the active one, until `promote` completes it, `rollback` ends
-it, or the server aborts it on a breach of its limits.
+"""Canary rollouts and shadows of an adapter version. A canary: a share of the requests that name
+the adapter goes to the candidate version, the rest to the active one, until `promote` completes
+it, `rollback` ends it, or the server aborts it on a breach of its limits. A shadow: a share of the
+adapter's requests is also run, in the background, by the shadow version, whose answers are
+compared with the served ones and never returned.
 
-A canary is a fact about the candidate version (its passport's `canary`), written by an index
-write like status, so it is applied by hot reload from any store, local or S3, and a crash leaves
-the old state or the new one. At most one version of an adapter has a running canary.
+Both are facts about the version (its passport's `canary` and `shadow`), written by an index
+write like status, so they are applied by hot reload from any store, local or S3, and a crash
+leaves the old state or the new one. At most one version of an adapter has a running canary, and
+at most one is shadowed.
 
 Routing is a pure function (`routed`): per request by a fresh draw, or sticky per client by a hash
 of (adapter, version, client) so one client sees one version for the whole canary.
@@ -93,6 +96,24 @@ class Canary:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"canary: unknown field(s) {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class Shadow:
+    percent: float
+    started_at: str
+
+    def __post_init__(self):
+        if not _number(self.percent) or not 0 < self.percent <= 100:
+            raise ValueError("shadow: percent must be in (0, 100]")
+        if not isinstance(self.started_at, str):
+            raise ValueError("shadow: started_at must be text")
+
+    @classmethod
+    def from_dict(cls, data) -> Shadow:
+        if not isinstance(data, dict) or set(data) != {"percent", "started_at"}:
+            raise ValueError("shadow must be an object with percent and started_at")
         return cls(**data)
 
 

@@ -44,10 +44,11 @@ from registry.identity import BaseIdentity
 from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
 from registry.s3 import S3, Conflict, NotFound, OriginError
 from registry.policy import FIELDS as POLICY
-from registry.rollout import Canary
+from registry.rollout import Canary, Shadow
 from registry.store import (CONFIG, INDEX, WEIGHTS, IndexInvalid, Snapshot, StoreError, index_text, new_draft,
                             parse_index, plan_abort_canary, plan_archive, plan_canary, plan_promote,
-                            plan_registration, plan_rollback, plan_set_policy, prepare, reconcile, with_changes)
+                            plan_registration, plan_rollback, plan_set_policy, plan_shadow, prepare, reconcile,
+                            with_changes)
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,9 @@ class S3Store:
 
     def abort_canary(self, name: str, version: str, reason: str, figures: dict) -> Passport | None:
         return self._change(lambda snap: plan_abort_canary(snap, name, version, reason, figures))
+
+    def shadow(self, name: str, version: str, shadow: Shadow | None) -> Passport:
+        return self._change(lambda snap: plan_shadow(snap, name, version, shadow))
 
     def stale(self, days: int, today: dt.datetime | None = None) -> list[Passport]:
         today = today or dt.datetime.now(dt.timezone.utc)

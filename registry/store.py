@@ -54,7 +54,7 @@ from registry.durable import flocked, fsync_dir, fsync_file, write_atomic
 from registry.identity import BaseIdentity, sha256_file
 from loraserve.contract import NAME, name_problem, versioned
 from registry.passport import FALLBACKS, PASSPORT_FILE, Evaluation, Passport, SmokeTest
-from registry.rollout import Canary
+from registry.rollout import Canary, Shadow
 from registry.policy import FIELDS as POLICY, Policy, PolicyConflict, history_entry, history_of, unify
 from registry.weights import WeightsError, check_against_config, weight_facts
 
@@ -67,9 +67,9 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 LIFECYCLE = ("status", "promoted_at")
-INDEX_DECIDES = (*LIFECYCLE, *POLICY, "policy_history", "canary")
+INDEX_DECIDES = (*LIFECYCLE, *POLICY, "policy_history", "canary", "shadow")
 """The passport fields registry.json decides (each is changed by an index write: promote, rollback,
-archive, set-policy, canary); every other field comes from the passport."""
+archive, set-policy, canary, shadow); every other field comes from the passport."""
 RACY_S = 2.0
 """Timestamps can be this coarse (FAT 2 s; ext3, HFS+ and some network filesystems 1 s): a rewrite
 of the same size within one tick keeps inode, size, mtime and ctime. While the index is younger
@@ -118,6 +118,10 @@ class Snapshot:
         """The version of `name` with a running canary (registry.rollout), if any."""
         return next((p for p in self._by_name.get(name, ()) if p.canary and p.canary.running), None)
 
+    def shadow(self, name: str) -> Passport | None:
+        """The version of `name` that shadows its active one (registry.rollout), if any."""
+        return next((p for p in self._by_name.get(name, ()) if p.shadow), None)
+
     def names(self) -> list[str]:
         return list(self._by_name)
 
@@ -148,6 +152,14 @@ class Snapshot:
                                + ("" if p.name in active else f" and {p.name} has no active version"))
         out += [f"{name} has {len(vs)} running canaries ({', '.join(vs)}); at most one may run"
                 for name, vs in canaries.items() if len(vs) > 1]
+        shadows: dict[str, list[str]] = {}
+        for p in self.passports:
+            if p.shadow:
+                shadows.setdefault(p.name, []).append(p.version)
+                if p.status == "active":
+                    out.append(f"{p.key} shadows itself: it is the active version")
+        out += [f"{name} has {len(vs)} shadow versions ({', '.join(vs)}); at most one may be"
+                for name, vs in shadows.items() if len(vs) > 1]
         for name, versions in self._by_name.items():
             try:
                 unify(versions)
@@ -530,6 +542,9 @@ class Store:
     def abort_canary(self, name: str, version: str, reason: str, figures: dict) -> Passport | None:
         return self._change(lambda snap: plan_abort_canary(snap, name, version, reason, figures))
 
+    def shadow(self, name: str, version: str, shadow: Shadow | None) -> Passport:
+        return self._change(lambda snap: plan_shadow(snap, name, version, shadow))
+
     def archive(self, name: str) -> list[Passport]:
         """Take every version of `name` out of service (the files stay)."""
         return self._change(lambda snap: plan_archive(snap, name))
@@ -669,7 +684,7 @@ def plan_promote(snap: Snapshot, name: str, version: str) -> tuple[Passport, lis
     running = snap.canary(name)
     if running is not None and running.key == target.key:
         target = _end_canary(target, "completed", f"promoted {now_iso()}")
-    changed = [replace(target, status="active", promoted_at=now_iso())]
+    changed = [replace(target, status="active", promoted_at=now_iso(), shadow=None)]
     if running is not None and running.key != target.key:
         changed.append(_end_canary(running, "ended", f"{target.key} was promoted"))
     current = snap.active(name)
@@ -711,6 +726,23 @@ def plan_abort_canary(snap: Snapshot, name: str, version: str, reason: str,
         return None, []
     changed = _end_canary(running, "aborted", reason, figures)
     return changed, [changed]
+
+
+def plan_shadow(snap: Snapshot, name: str, version: str, shadow: Shadow | None) -> tuple[Passport, list[Passport]]:
+    """`version` shadows `name`'s active version at `shadow.percent` (None: no longer); another
+    version's shadow ends."""
+    target = snap.get(name, version)
+    if target is None:
+        raise StoreError(f"{name}@{version} is not in the store")
+    if shadow is not None:
+        if target.status not in ("staging", "archived"):
+            raise StoreError(f"{target.key} is {target.status}; only a staging or archived version can shadow")
+        if snap.active(name) is None:
+            raise StoreError(f"{name} has no active version to shadow")
+        _servable(target)
+    changed = [replace(target, shadow=shadow)]
+    changed += [replace(p, shadow=None) for p in snap.versions(name) if p.shadow and p.key != target.key]
+    return changed[0], changed
 
 
 def plan_rollback(snap: Snapshot, name: str) -> tuple[Passport, list[Passport]]:

@@ -146,9 +146,9 @@ class AdapterRegistry:
 
     def refs(self) -> list[AdapterRef]:
         """Every version in the store."""
-        return [self._ref(p) for p in self.snapshot().passports]
+        return [self.ref_of(p) for p in self.snapshot().passports]
 
-    def _ref(self, p: Passport) -> AdapterRef:
+    def ref_of(self, p: Passport) -> AdapterRef:
         return AdapterRef(p.name, p.version, str(self.store.version_dir(p.name, p.version)), p.weights_sha256)
 
     def resolve(self, adapter_id: str, client: str | None = None, *, check_access: bool = True) -> Resolution:
@@ -181,7 +181,7 @@ class AdapterRegistry:
         if check_access and passport.allowed_clients and client not in passport.allowed_clients:
             raise PermissionDenied(f"client {client or 'anonymous'!r} may not use adapter {adapter_id!r}",
                                    adapter_id=adapter_id, client=client or "")
-        return Resolution(self._ref(passport), passport, self.gate(passport), split)
+        return Resolution(self.ref_of(passport), passport, self.gate(passport), split)
 
     def abort_canary(self, name: str, version: str) -> bool:
         """Stop routing to `name@version`'s running canary in this process (the store is told

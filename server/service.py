@@ -20,6 +20,7 @@ from server.convert import FALLBACKS, RequestLimits, check_fields, delta_pb, fin
 from server.errors import stream_errors, unary_errors
 from server.requestlog import log_request
 from server.rollouts import RolloutWatch, Split
+from server.shadow import ShadowMirror
 from server.telemetry import Telemetry, fail
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -39,6 +40,8 @@ class _Call:
     status: str = "OK"
     split: Split | None = None
     """Set when a running canary routed the request."""
+    shadow: tuple[Ticket, str] | None = None
+    """Its shadow's ticket and version, when one was mirrored."""
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -49,6 +52,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._encode: Callable[[str], list[int]] | None = None
         self._limits: RequestLimits | None = None
         self.rollouts = RolloutWatch(registry, telemetry.metrics)
+        self.shadows = ShadowMirror(registry, telemetry.metrics)
 
     def ready(self, scheduler: Scheduler, encode: Callable[[str], list[int]], limits: RequestLimits) -> None:
         """Called once the model is loaded (its context limit is known then); until then Generate
@@ -85,6 +89,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                           requested=found.adapter.key)
         ticket = self._scheduler.submit(req, context.time_remaining())
         call.req = req
+        call.shadow = self.shadows.mirror(self._scheduler, req)
         self._telemetry.submitted(span, req)
         return ticket
 
@@ -120,6 +125,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 label = c.adapter.id if c else call.adapter
                 self._telemetry.metrics.request_done(label, call.status, time.perf_counter() - started, c, call.key)
                 self.rollouts.observe(call.split, call.status, c)
+                self.shadows.settle(call.shadow, c if call.status == "OK" else None)
                 log_request(request_id=c.request_id if c else (call.req.request_id if call.req else request.request_id),
                             client=call.client, client_key=call.key, adapter_id=request.adapter_id,
                             base_model=self._registry.base.model_id, status=call.status, started=started,
