@@ -5,6 +5,7 @@ are compared with the served ones and never returned."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import replace
@@ -151,3 +152,12 @@ def test_a_shadow_is_compared_and_never_returned(shadowed, caplog):
     assert len(logged) == 6 and all('"match": false' in m and '"shadow": "legal@2"' in m for m in logged)
     assert shadow_alone.text[:50] in logged[0]
     store.shadow("legal", "2", None)
+
+
+def test_the_shadow_benchmark_runs(demo_dir, capsys):
+    from tools.bench.shadow import main
+
+    assert main(["--demo", str(demo_dir), "--clients", "2", "--requests", "4", "--rounds", "2",
+                 "--new-tokens", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["p95_ratio"] > 0 and sum(result["shadow_outcomes"].values()) > 0
