@@ -233,10 +233,10 @@ class Gate:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
                 problems.append(f"{name} must be a number in [0, 1]")
-        for name, kind in (("sides", dict), ("regressions", list), ("cases", list), ("evaluated_at", str),
-                           ("target", str)):
+        for name, kind, said in (("sides", dict, "an object"), ("regressions", list, "a list"),
+                                 ("cases", list, "a list"), ("evaluated_at", str, "text"), ("target", str, "text")):
             if not isinstance(getattr(self, name), kind):
-                problems.append(f"{name} must be {'an object' if kind is dict else 'a list' if kind is list else 'text'}")
+                problems.append(f"{name} must be {said}")
         if problems:
             raise ValueError("gate: " + "; ".join(problems))
 
