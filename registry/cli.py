@@ -157,8 +157,9 @@ def _evaluate(args, store: Store) -> int:
     p = snap.get(args.name, args.version)
     if p is None:
         raise StoreError(f"{args.name}@{args.version} is not in the store")
-    if p.status == "failed":
-        raise StoreError(f"{p.key} is failed ({p.failure}); it cannot be served, so not evaluated")
+    if p.status in ("failed", "archived"):
+        why = f" ({p.failure})" if p.failure else ""
+        raise StoreError(f"{p.key} is {p.status}{why}; it cannot be served, so not evaluated")
     cases = _read_cases(args.test_set) if args.test_set else _adapter_cases(snap, args.name)
     if not cases:
         raise StoreError(f"{args.name} has no test set yet: give one with --test-set FILE")

@@ -220,3 +220,35 @@ def test_evaluate_in_process_on_an_s3_store(demo_dir, moto_endpoint, bucket, tmp
     assert store.snapshot().get("legal", "2").gate.regressions == ["legal-voice"]
     with pytest.raises(StoreError, match="legal-voice"):
         store.promote("legal", "2")
+
+
+def test_an_interrupted_registration_leaves_the_gate_pending(tmp_path):
+    """The test set is recorded with the version in the index write that adds it: if the evaluation
+    never finishes (the process dies in it), the version cannot be promoted."""
+    import argparse
+
+    from registry.cli import add_adapters_parser
+    from tiny import fake_base
+
+    def dies(**_):
+        raise SystemExit(137)
+
+    parser = argparse.ArgumentParser()
+    add_adapters_parser(parser.add_subparsers(dest="command"), smoke=lambda *_: passed, run_cases=dies)
+    (tmp_path / "set.jsonl").write_text(jsonl(CASES))
+    root = tmp_path / "store"
+
+    def run(*argv):
+        args = parser.parse_args(["adapters", "--store", str(root), *argv])
+        return args.func(args)
+
+    with pytest.raises(SystemExit):
+        run("register", str(tiny_adapter(tmp_path / "raw")), "--name", "legal", "--model-path",
+            str(fake_base(tmp_path / "base")), "--test-set", str(tmp_path / "set.jsonl"))
+    p = Store.open(root).snapshot().get("legal", "1")
+    assert p.status == "staging" and p.gate.state == "pending" and len(p.gate.test_set) == 2
+    with pytest.raises(StoreError, match="has not run"):
+        Store(root).promote("legal", "1")
+    with pytest.raises(SystemExit):  # `evaluate` without --test-set runs the recorded one
+        run("evaluate", "legal", "1")
+    assert run("evaluate", "legal", "9") == 1  # not in the store: said, exit 1
