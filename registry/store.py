@@ -53,6 +53,7 @@ from typing import Callable, Iterable, Iterator
 from registry.durable import flocked, fsync_dir, fsync_file, write_atomic
 from registry.identity import BaseIdentity, sha256_file
 from loraserve.contract import NAME, name_problem, versioned
+from registry.evaluate import Gate
 from registry.passport import FALLBACKS, PASSPORT_FILE, Evaluation, Passport, SmokeTest
 from registry.rollout import Canary, Shadow
 from registry.policy import FIELDS as POLICY, Policy, PolicyConflict, history_entry, history_of, unify
@@ -67,9 +68,9 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 LIFECYCLE = ("status", "promoted_at")
-INDEX_DECIDES = (*LIFECYCLE, *POLICY, "policy_history", "canary", "shadow")
+INDEX_DECIDES = (*LIFECYCLE, *POLICY, "policy_history", "canary", "shadow", "gate", "history")
 """The passport fields registry.json decides (each is changed by an index write: promote, rollback,
-archive, set-policy, canary, shadow); every other field comes from the passport."""
+archive, set-policy, canary, shadow, evaluate); every other field comes from the passport."""
 RACY_S = 2.0
 """Timestamps can be this coarse (FAT 2 s; ext3, HFS+ and some network filesystems 1 s): a rewrite
 of the same size within one tick keeps inode, size, mtime and ctime. While the index is younger
@@ -528,16 +529,19 @@ class Store:
                 self._transition(snap, changed)
             return result
 
-    def promote(self, name: str, version: str) -> Passport:
-        return self._change(lambda snap: plan_promote(snap, name, version))
+    def promote(self, name: str, version: str, force: bool = False) -> Passport:
+        return self._change(lambda snap: plan_promote(snap, name, version, force))
 
     def rollback(self, name: str) -> Passport:
         """End a running canary; else re-activate the version that was active before the current
         one, the current one going back to staging."""
         return self._change(lambda snap: plan_rollback(snap, name))
 
-    def canary(self, name: str, version: str, canary: Canary) -> Passport:
-        return self._change(lambda snap: plan_canary(snap, name, version, canary))
+    def canary(self, name: str, version: str, canary: Canary, force: bool = False) -> Passport:
+        return self._change(lambda snap: plan_canary(snap, name, version, canary, force))
+
+    def record_gate(self, name: str, version: str, gate: Gate) -> Passport:
+        return self._change(lambda snap: plan_gate(snap, name, version, gate))
 
     def abort_canary(self, name: str, version: str, reason: str, figures: dict) -> Passport | None:
         return self._change(lambda snap: plan_abort_canary(snap, name, version, reason, figures))
@@ -668,19 +672,44 @@ def _servable(target: Passport) -> None:
         raise StoreError(f"{target.key} cannot be promoted: {why}")
 
 
+def gate_problem(snap: Snapshot, target: Passport) -> str:
+    """Why the evaluation gate (registry.evaluate) keeps `target` from traffic ('' when it does
+    not): its last evaluation failed or never finished, or it has none while its adapter has a
+    test set (another version was given one)."""
+    if target.gate is not None:
+        return target.gate.problem()
+    if any(p.gate is not None for p in snap.versions(target.name)):
+        return (f"{target.name} has a test set and {target.key} was never evaluated on it: run `loraserve "
+                f"adapters evaluate {target.name} {target.version}`")
+    return ""
+
+
+def _gated(snap: Snapshot, target: Passport, force: bool, change: str) -> Passport:
+    """`target` if its gate lets it through; with `force`, target with the override in its history."""
+    problem = gate_problem(snap, target)
+    if not problem:
+        return target
+    if not force:
+        raise StoreError(f"{target.key} cannot be promoted: {problem} (--force overrides, recorded in its history)")
+    return replace(target, history=[*target.history, {"at": now_iso(), "change": f"{change} --force",
+                                                      "reason": problem}])
+
+
 def _end_canary(p: Passport, state: str, reason: str = "", figures: dict | None = None) -> Passport:
     return replace(p, canary=replace(p.canary, state=state, ended_at=now_iso(), reason=reason,
                                      figures=figures if figures is not None else p.canary.figures))
 
 
-def plan_promote(snap: Snapshot, name: str, version: str) -> tuple[Passport, list[Passport]]:
-    """`version` becomes active; a running canary ends: completed if it was this version's."""
+def plan_promote(snap: Snapshot, name: str, version: str, force: bool = False) -> tuple[Passport, list[Passport]]:
+    """`version` becomes active; a running canary ends: completed if it was this version's. The
+    evaluation gate must let it through, unless `force` (recorded in its history)."""
     target = snap.get(name, version)
     if target is None:
         raise StoreError(f"{name}@{version} is not in the store")
     if target.status == "active":
         return target, []
     _servable(target)
+    target = _gated(snap, target, force, "promote")
     running = snap.canary(name)
     if running is not None and running.key == target.key:
         target = _end_canary(target, "completed", f"promoted {now_iso()}")
@@ -693,7 +722,8 @@ def plan_promote(snap: Snapshot, name: str, version: str) -> tuple[Passport, lis
     return changed[0], changed
 
 
-def plan_canary(snap: Snapshot, name: str, version: str, canary: Canary) -> tuple[Passport, list[Passport]]:
+def plan_canary(snap: Snapshot, name: str, version: str, canary: Canary,
+                force: bool = False) -> tuple[Passport, list[Passport]]:
     """Route `canary.percent`% of the requests naming `name` to `version`, the rest to the active
     version; a canary already running for this version changes its share and limits."""
     target = snap.get(name, version)
@@ -707,6 +737,7 @@ def plan_canary(snap: Snapshot, name: str, version: str, canary: Canary) -> tupl
     if target.status != "staging":
         raise StoreError(f"{target.key} is {target.status}; only a staging version can be a canary")
     _servable(target)
+    target = _gated(snap, target, force, "promote --canary")
     running = snap.canary(name)
     if running is not None and running.key != target.key:
         raise StoreError(f"{running.key} already has a running canary: `loraserve adapters rollback {name}` "
@@ -714,6 +745,15 @@ def plan_canary(snap: Snapshot, name: str, version: str, canary: Canary) -> tupl
     if running is not None:
         canary = replace(canary, started_at=running.canary.started_at)
     changed = replace(target, canary=canary)
+    return changed, [changed]
+
+
+def plan_gate(snap: Snapshot, name: str, version: str, gate: Gate) -> tuple[Passport, list[Passport]]:
+    """Record `gate` as `name@version`'s last evaluation."""
+    target = snap.get(name, version)
+    if target is None:
+        raise StoreError(f"{name}@{version} is not in the store")
+    changed = replace(target, gate=gate)
     return changed, [changed]
 
 
