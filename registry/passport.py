@@ -14,6 +14,8 @@ from pathlib import Path
 
 from loraserve.contract import NAME, name_problem, versioned
 from registry.durable import write_atomic
+from registry.evaluate import Gate
+from registry.rollout import Canary, Shadow
 
 STATUSES = ("staging", "active", "archived", "failed")
 FALLBACKS = ("fail", "base")
@@ -135,12 +137,27 @@ class Passport:
     failure: str = ""
     """Why registration marked it `failed` (weights disagreeing with the config, or the smoke test)."""
     evaluation: Evaluation = field(default_factory=Evaluation)
+    canary: Canary | None = None
+    """The last canary of this version against its adapter's active one (registry.rollout)."""
+    shadow: Shadow | None = None
+    """Set while this version shadows its adapter's active one (registry.rollout)."""
+    gate: Gate | None = None
+    """Its last evaluation gate (registry.evaluate): the adapter's test set run side by side for
+    this version, the active one and the base model; promote refuses a failed or missing one."""
+    history: list[dict] = field(default_factory=list)
+    """This version's overrides, oldest first: {at, change (e.g. "promote --force"), reason}."""
 
     def __post_init__(self):
         if isinstance(self.smoke_test, dict):
             self.smoke_test = SmokeTest(**self.smoke_test)
+        if isinstance(self.canary, dict):
+            self.canary = Canary.from_dict(self.canary)
+        if isinstance(self.shadow, dict):
+            self.shadow = Shadow.from_dict(self.shadow)
         if isinstance(self.evaluation, dict):
             self.evaluation = Evaluation.from_dict(self.evaluation)
+        if isinstance(self.gate, dict):
+            self.gate = Gate.from_dict(self.gate)
         problems = [f"{f.name} must be text" for f in dataclasses.fields(self)
                     if f.type == "str" and not isinstance(getattr(self, f.name), str)]
         if problems:  # the checks below assume text where text belongs
@@ -172,6 +189,14 @@ class Passport:
         if not (self.smoke_test is None or isinstance(self.smoke_test, SmokeTest)
                 and isinstance(self.smoke_test.passed, bool) and isinstance(self.smoke_test.results, list)):
             problems.append("smoke_test must be an object with passed (true/false) and results (a list)")
+        if not (self.canary is None or isinstance(self.canary, Canary)):
+            problems.append("canary must be an object")
+        if not (self.shadow is None or isinstance(self.shadow, Shadow)):
+            problems.append("shadow must be an object")
+        if not (self.gate is None or isinstance(self.gate, Gate)):
+            problems.append("gate must be an object")
+        if not (isinstance(self.history, list) and all(isinstance(e, dict) for e in self.history)):
+            problems.append("history must be a list of objects")
         if problems:
             raise ValueError("; ".join(problems))
 

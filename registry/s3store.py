@@ -41,12 +41,15 @@ from typing import Callable
 
 from registry.diskcache import DiskCache
 from registry.identity import BaseIdentity
+from registry.evaluate import Gate
 from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
 from registry.s3 import S3, Conflict, NotFound, OriginError
 from registry.policy import FIELDS as POLICY
+from registry.rollout import Canary, Shadow
 from registry.store import (CONFIG, INDEX, WEIGHTS, IndexInvalid, Snapshot, StoreError, index_text, new_draft,
-                            parse_index, plan_archive, plan_promote, plan_registration, plan_rollback,
-                            plan_set_policy, prepare, reconcile, with_changes)
+                            parse_index, plan_abort_canary, plan_archive, plan_canary, plan_gate, plan_promote,
+                            plan_registration, plan_rollback, plan_set_policy, plan_shadow, prepare, reconcile,
+                            with_changes)
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +133,26 @@ class S3Store:
         for p in passports:
             self.s3.put(self.s3.key(p.name, p.version, PASSPORT_FILE), _passport_bytes(p))
 
-    def promote(self, name: str, version: str) -> Passport:
-        return self._change(lambda snap: plan_promote(snap, name, version))
+    def promote(self, name: str, version: str, force: bool = False) -> Passport:
+        return self._change(lambda snap: plan_promote(snap, name, version, force))
 
     def rollback(self, name: str) -> Passport:
         return self._change(lambda snap: plan_rollback(snap, name))
 
     def archive(self, name: str) -> list[Passport]:
         return self._change(lambda snap: plan_archive(snap, name))
+
+    def canary(self, name: str, version: str, canary: Canary, force: bool = False) -> Passport:
+        return self._change(lambda snap: plan_canary(snap, name, version, canary, force))
+
+    def record_gate(self, name: str, version: str, gate: Gate) -> Passport:
+        return self._change(lambda snap: plan_gate(snap, name, version, gate))
+
+    def abort_canary(self, name: str, version: str, reason: str, figures: dict) -> Passport | None:
+        return self._change(lambda snap: plan_abort_canary(snap, name, version, reason, figures))
+
+    def shadow(self, name: str, version: str, shadow: Shadow | None) -> Passport:
+        return self._change(lambda snap: plan_shadow(snap, name, version, shadow))
 
     def stale(self, days: int, today: dt.datetime | None = None) -> list[Passport]:
         today = today or dt.datetime.now(dt.timezone.utc)

@@ -53,7 +53,9 @@ from typing import Callable, Iterable, Iterator
 from registry.durable import flocked, fsync_dir, fsync_file, write_atomic
 from registry.identity import BaseIdentity, sha256_file
 from loraserve.contract import NAME, name_problem, versioned
+from registry.evaluate import Gate
 from registry.passport import FALLBACKS, PASSPORT_FILE, Evaluation, Passport, SmokeTest
+from registry.rollout import Canary, Shadow
 from registry.policy import FIELDS as POLICY, Policy, PolicyConflict, history_entry, history_of, unify
 from registry.weights import WeightsError, check_against_config, weight_facts
 
@@ -66,9 +68,9 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 LIFECYCLE = ("status", "promoted_at")
-INDEX_DECIDES = (*LIFECYCLE, *POLICY, "policy_history")
+INDEX_DECIDES = (*LIFECYCLE, *POLICY, "policy_history", "canary", "shadow", "gate", "history")
 """The passport fields registry.json decides (each is changed by an index write: promote, rollback,
-archive, set-policy); every other field comes from the passport."""
+archive, set-policy, canary, shadow, evaluate); every other field comes from the passport."""
 RACY_S = 2.0
 """Timestamps can be this coarse (FAT 2 s; ext3, HFS+ and some network filesystems 1 s): a rewrite
 of the same size within one tick keeps inode, size, mtime and ctime. While the index is younger
@@ -113,6 +115,14 @@ class Snapshot:
     def get(self, name: str, version: str) -> Passport | None:
         return next((p for p in self._by_name.get(name, ()) if p.version == version), None)
 
+    def canary(self, name: str) -> Passport | None:
+        """The version of `name` with a running canary (registry.rollout), if any."""
+        return next((p for p in self._by_name.get(name, ()) if p.canary and p.canary.running), None)
+
+    def shadow(self, name: str) -> Passport | None:
+        """The version of `name` that shadows its active one (registry.rollout), if any."""
+        return next((p for p in self._by_name.get(name, ()) if p.shadow), None)
+
     def names(self) -> list[str]:
         return list(self._by_name)
 
@@ -134,6 +144,23 @@ class Snapshot:
                 active.setdefault(p.name, []).append(p.version)
         out += [f"{name} has {len(vs)} active versions ({', '.join(vs)}); at most one may be"
                 for name, vs in active.items() if len(vs) > 1]
+        canaries: dict[str, list[str]] = {}
+        for p in self.passports:
+            if p.canary and p.canary.running:
+                canaries.setdefault(p.name, []).append(p.version)
+                if p.status != "staging" or p.name not in active:
+                    out.append(f"{p.key} has a running canary but is {p.status}"
+                               + ("" if p.name in active else f" and {p.name} has no active version"))
+        out += [f"{name} has {len(vs)} running canaries ({', '.join(vs)}); at most one may run"
+                for name, vs in canaries.items() if len(vs) > 1]
+        shadows: dict[str, list[str]] = {}
+        for p in self.passports:
+            if p.shadow:
+                shadows.setdefault(p.name, []).append(p.version)
+                if p.status == "active":
+                    out.append(f"{p.key} shadows itself: it is the active version")
+        out += [f"{name} has {len(vs)} shadow versions ({', '.join(vs)}); at most one may be"
+                for name, vs in shadows.items() if len(vs) > 1]
         for name, versions in self._by_name.items():
             try:
                 unify(versions)
@@ -239,14 +266,15 @@ def reconcile(indexed: dict[str, dict] | None, found: list[Passport]) -> tuple[l
     passports, stale = [], {}
     for p in found:
         entry = (indexed or {}).get(p.key)
+        mine = p.to_dict()
         if entry is None:
             if indexed is not None:
                 log.warning("adopting %s (status %s): its directory is complete but the index lacked it",
                             p.key, p.status)
-        elif any(getattr(p, f) != entry[f] for f in INDEX_DECIDES):
+        elif any(mine[f] != entry[f] for f in INDEX_DECIDES):
             log.warning("%s: its passport disagrees with registry.json (status %s there); the index decides",
                         p.key, entry["status"])
-            p = replace(p, **{f: entry[f] for f in INDEX_DECIDES})
+            p = Passport.from_dict({**mine, **{f: entry[f] for f in INDEX_DECIDES}})
             stale[p.key] = p
         passports.append(p)
     for key in sorted(set(indexed or {}) - {p.key for p in passports}):
@@ -501,13 +529,25 @@ class Store:
                 self._transition(snap, changed)
             return result
 
-    def promote(self, name: str, version: str) -> Passport:
-        return self._change(lambda snap: plan_promote(snap, name, version))
+    def promote(self, name: str, version: str, force: bool = False) -> Passport:
+        return self._change(lambda snap: plan_promote(snap, name, version, force))
 
     def rollback(self, name: str) -> Passport:
-        """Re-activate the version that was active before the current one; the current one
-        goes back to staging."""
+        """End a running canary; else re-activate the version that was active before the current
+        one, the current one going back to staging."""
         return self._change(lambda snap: plan_rollback(snap, name))
+
+    def canary(self, name: str, version: str, canary: Canary, force: bool = False) -> Passport:
+        return self._change(lambda snap: plan_canary(snap, name, version, canary, force))
+
+    def record_gate(self, name: str, version: str, gate: Gate) -> Passport:
+        return self._change(lambda snap: plan_gate(snap, name, version, gate))
+
+    def abort_canary(self, name: str, version: str, reason: str, figures: dict) -> Passport | None:
+        return self._change(lambda snap: plan_abort_canary(snap, name, version, reason, figures))
+
+    def shadow(self, name: str, version: str, shadow: Shadow | None) -> Passport:
+        return self._change(lambda snap: plan_shadow(snap, name, version, shadow))
 
     def archive(self, name: str) -> list[Passport]:
         """Take every version of `name` out of service (the files stay)."""
@@ -626,23 +666,132 @@ def plan_set_policy(snap: Snapshot, name: str, requested: dict, reason: str) -> 
     return changed, changed
 
 
-def plan_promote(snap: Snapshot, name: str, version: str) -> tuple[Passport, list[Passport]]:
+def _servable(target: Passport) -> None:
+    if target.status == "failed" or not (target.smoke_test and target.smoke_test.passed):
+        why = target.failure or "it has not passed a smoke test"
+        raise StoreError(f"{target.key} cannot be promoted: {why}")
+
+
+def gate_problem(snap: Snapshot, target: Passport) -> str:
+    """Why the evaluation gate (registry.evaluate) keeps `target` from traffic ('' when it does
+    not): its last evaluation failed or never finished, or it has none while its adapter has a
+    test set (another version was given one)."""
+    if target.gate is not None:
+        return target.gate.problem()
+    if any(p.gate is not None for p in snap.versions(target.name)):
+        return (f"{target.name} has a test set and {target.key} was never evaluated on it: run `loraserve "
+                f"adapters evaluate {target.name} {target.version}`")
+    return ""
+
+
+def _gated(snap: Snapshot, target: Passport, force: bool, change: str) -> Passport:
+    """`target` if its gate lets it through; with `force`, target with the override in its history."""
+    problem = gate_problem(snap, target)
+    if not problem:
+        return target
+    if not force:
+        raise StoreError(f"{target.key} cannot be promoted: {problem} (--force overrides, recorded in its history)")
+    return replace(target, history=[*target.history, {"at": now_iso(), "change": f"{change} --force",
+                                                      "reason": problem}])
+
+
+def _end_canary(p: Passport, state: str, reason: str = "", figures: dict | None = None) -> Passport:
+    return replace(p, canary=replace(p.canary, state=state, ended_at=now_iso(), reason=reason,
+                                     figures=figures if figures is not None else p.canary.figures))
+
+
+def plan_promote(snap: Snapshot, name: str, version: str, force: bool = False) -> tuple[Passport, list[Passport]]:
+    """`version` becomes active; a running canary ends: completed if it was this version's. The
+    evaluation gate must let it through, unless `force` (recorded in its history)."""
     target = snap.get(name, version)
     if target is None:
         raise StoreError(f"{name}@{version} is not in the store")
     if target.status == "active":
         return target, []
-    if target.status == "failed" or not (target.smoke_test and target.smoke_test.passed):
-        why = target.failure or "it has not passed a smoke test"
-        raise StoreError(f"{name}@{version} cannot be promoted: {why}")
-    changed = [replace(target, status="active", promoted_at=now_iso())]
+    _servable(target)
+    target = _gated(snap, target, force, "promote")
+    running = snap.canary(name)
+    if running is not None and running.key == target.key:
+        target = _end_canary(target, "completed", f"promoted {now_iso()}")
+    changed = [replace(target, status="active", promoted_at=now_iso(), shadow=None)]
+    if running is not None and running.key != target.key:
+        changed.append(_end_canary(running, "ended", f"{target.key} was promoted"))
     current = snap.active(name)
     if current is not None:
         changed.append(replace(current, status="archived"))
     return changed[0], changed
 
 
+def plan_canary(snap: Snapshot, name: str, version: str, canary: Canary,
+                force: bool = False) -> tuple[Passport, list[Passport]]:
+    """Route `canary.percent`% of the requests naming `name` to `version`, the rest to the active
+    version; a canary already running for this version changes its share and limits."""
+    target = snap.get(name, version)
+    if target is None:
+        raise StoreError(f"{name}@{version} is not in the store")
+    active = snap.active(name)
+    if active is None:
+        raise StoreError(f"{name} has no active version to compare a canary with: promote one first")
+    if target.status == "active":
+        raise StoreError(f"{target.key} is already the active version")
+    if target.status != "staging":
+        raise StoreError(f"{target.key} is {target.status}; only a staging version can be a canary")
+    _servable(target)
+    target = _gated(snap, target, force, "promote --canary")
+    running = snap.canary(name)
+    if running is not None and running.key != target.key:
+        raise StoreError(f"{running.key} already has a running canary: `loraserve adapters rollback {name}` "
+                         "ends it, `promote` completes it")
+    if running is not None:
+        canary = replace(canary, started_at=running.canary.started_at)
+    changed = replace(target, canary=canary)
+    return changed, [changed]
+
+
+def plan_gate(snap: Snapshot, name: str, version: str, gate: Gate) -> tuple[Passport, list[Passport]]:
+    """Record `gate` as `name@version`'s last evaluation."""
+    target = snap.get(name, version)
+    if target is None:
+        raise StoreError(f"{name}@{version} is not in the store")
+    changed = replace(target, gate=gate)
+    return changed, [changed]
+
+
+def plan_abort_canary(snap: Snapshot, name: str, version: str, reason: str,
+                      figures: dict) -> tuple[Passport | None, list[Passport]]:
+    """The server's automatic rollback: end `name@version`'s canary as aborted, with the figures
+    that tripped it. Nothing changes (None) when that canary is no longer running."""
+    running = snap.canary(name)
+    if running is None or running.version != version:
+        return None, []
+    changed = _end_canary(running, "aborted", reason, figures)
+    return changed, [changed]
+
+
+def plan_shadow(snap: Snapshot, name: str, version: str, shadow: Shadow | None) -> tuple[Passport, list[Passport]]:
+    """`version` shadows `name`'s active version at `shadow.percent` (None: no longer); another
+    version's shadow ends."""
+    target = snap.get(name, version)
+    if target is None:
+        raise StoreError(f"{name}@{version} is not in the store")
+    if shadow is not None:
+        if target.status not in ("staging", "archived"):
+            raise StoreError(f"{target.key} is {target.status}; only a staging or archived version can shadow")
+        if snap.active(name) is None:
+            raise StoreError(f"{name} has no active version to shadow")
+        _servable(target)
+    changed = [replace(target, shadow=shadow)]
+    changed += [replace(p, shadow=None) for p in snap.versions(name) if p.shadow and p.key != target.key]
+    return changed[0], changed
+
+
 def plan_rollback(snap: Snapshot, name: str) -> tuple[Passport, list[Passport]]:
+    """A running canary ends (the active version keeps serving everything); else the version
+    active before the current one is re-activated and the current one goes back to staging."""
+    running = snap.canary(name)
+    if running is not None:
+        changed = _end_canary(running, "ended", "rolled back")
+        return snap.active(name), [changed]
     current = snap.active(name)
     if current is None:
         raise StoreError(f"{name} has no active version to roll back from")
@@ -659,6 +808,9 @@ def plan_archive(snap: Snapshot, name: str) -> tuple[list[Passport], list[Passpo
     if not versions:
         raise StoreError(f"{name} is not in the store")
     changed = {p.key: replace(p, status="archived") for p in versions if p.status != "archived"}
+    running = snap.canary(name)
+    if running is not None:
+        changed[running.key] = _end_canary(changed[running.key], "ended", "archived")
     return [changed.get(p.key, p) for p in versions], list(changed.values())
 
 

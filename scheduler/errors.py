@@ -165,3 +165,9 @@ class NotReady(LoraServeError):
 
 class ShuttingDown(LoraServeError):
     reason = "SHUTTING_DOWN"
+
+
+class Shed(LoraServeError):
+    """A shadow request gave way to real traffic (never seen by a client)."""
+
+    reason = "SHADOW_SHED"

@@ -22,7 +22,8 @@ from typing import AsyncIterator, Callable
 
 from scheduler.engine import Engine, Row, StepResult, TextJob
 from scheduler.cache import Budgets, NoRoom, Tier
-from scheduler.errors import DeadlineTooShort, GenerationFailed, LoraServeError, OutOfMemory, QueueFull, ShuttingDown
+from scheduler.errors import (DeadlineTooShort, GenerationFailed, LoraServeError, OutOfMemory, QueueFull, Shed,
+                              ShuttingDown)
 from scheduler.blocks import BlockManager, BlockTable
 from scheduler.observer import NullObserver, Observer
 from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
@@ -49,6 +50,8 @@ class SchedulerStats:
     """Steps that failed otherwise and were retried as two halves, to find whose data failed them."""
     preemptions: int = 0
     """Running sequences sent back to wait (their KV blocks freed) so that others could grow."""
+    shadows_shed: int = 0
+    """Shadow requests dropped, queued or running, to make way for real ones."""
 
 
 @dataclass(eq=False)
@@ -414,6 +417,7 @@ class Scheduler:
     async def _admit(self) -> bool:
         """Let ready waiting requests join the batch; returns whether any did."""
         self._reap()
+        self._give_way()
         live = self._live()
         ready = [s for s in self._waiting if self._ready(s.req.adapter) and s.req.adapter not in self._deferred]
         oldest_wait = self._clock() - ready[0].enqueued_at if ready else 0.0
@@ -421,6 +425,7 @@ class Scheduler:
         if not should_join(len(ready), room, len(live), oldest_wait, self._limits):
             return False
         ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live], self._last_admitted)]
+        ready.sort(key=lambda s: s.req.shadow)  # stable: real requests first, each in its turn
         picked = [ready[i] for i in select_batch([s.req for s in ready], self._limits, [s.req for s in live])][:room]
         picked = self._take_blocks(picked)
         if not picked:
@@ -449,6 +454,31 @@ class Scheduler:
             self.stats.batches += 1
             self.stats.prefilled_requests += len(new)
         return True
+
+    def _give_way(self) -> None:
+        """Shadows run only on spare capacity: when more real requests wait than rows are free,
+        no shadow waits, and running shadows leave their rows to the real requests ready to take
+        them. (Shadows also join only after the real requests ready: _admit.)"""
+        real = [s for s in self._waiting if not s.req.shadow]
+        room = self._limits.max_batch_size - len(self._live())
+        if len(real) <= room:
+            return
+        for seq in [s for s in self._waiting if s.req.shadow]:
+            self._shed(seq)
+        short = sum(self._ready(s.req.adapter) for s in real) - room
+        for seq in [s for s in reversed(self._live()) if s.req.shadow][:max(short, 0)]:
+            self._shed(seq)
+
+    def _shed(self, seq: _Seq) -> None:
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        if seq in self._running:
+            self._running.remove(seq)
+            self._release(seq)
+        seq.done = True
+        self.stats.shadows_shed += 1
+        seq.events.put_nowait(Shed(f"shadow request {seq.req.request_id} gave way to real traffic"))
+        self._update_idle()
 
     def _decoding(self) -> list[_Seq]:
         return [s for s in self._live() if not s.target]
@@ -557,8 +587,13 @@ class Scheduler:
             if seq not in live:
                 continue
             while not self._kv.grow(seq.table, seq.length):
-                victim = live.pop()
-                self._preempt(victim)
+                shadow = next((s for s in reversed(live) if s.req.shadow), None)
+                victim = shadow or live.pop()
+                if shadow is not None:  # shed, not preempted: nobody waits for its answer
+                    live.remove(shadow)
+                    self._shed(shadow)
+                else:
+                    self._preempt(victim)
                 if victim is seq:
                     break
 

@@ -120,6 +120,8 @@ class GenerationRequest:
     score_only: bool = False
     """Generate nothing: the prefill's prompt logprobs are the answer."""
     response_format: ResponseFormat | None = None
+    shadow: bool = False
+    """A mirrored request (a shadow version's): it never delays a real one and is shed first."""
 
     @property
     def token_budget(self) -> int:

@@ -18,16 +18,19 @@ requests, which may then fall back to the base model where allowed, and
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, replace
 
 from loraserve.contract import ADAPTER_ID, BASE_ADAPTER_ID
 from registry.identity import BaseIdentity
 from registry.passport import Passport
+from registry.rollout import routed
 from registry.store import PICKLE_WEIGHTS, WEIGHTS, AmbiguousId, IndexInvalid, Snapshot, Store, StoreError
 from scheduler.errors import (AdapterAmbiguous, AdapterIncompatible, AdapterNotActive, AdapterNotFound,
                               InvalidArgument, LoraServeError, PermissionDenied)
 from scheduler.types import BASE, AdapterRef
 from server.convert import check_adapter_id
+from server.rollouts import Split
 
 log = logging.getLogger(__name__)
 _UNREADABLE = "unreadable"
@@ -51,6 +54,8 @@ class Resolution:
     passport: Passport | None = None
     problem: LoraServeError | None = None
     """Why this version cannot serve (incompatible, not in service); the fallback policy decides."""
+    split: Split | None = None
+    """Set when a running canary routed this request (to the canary or to the stable version)."""
 
     def fallback_allowed(self, requested: str) -> bool:
         """requested: "fail" | "base" | "" (the adapter's own policy). A request may only
@@ -76,6 +81,9 @@ class AdapterRegistry:
         self._stamp: object = ()
         self._snapshot: Snapshot | None = None
         """The last index that validated: what is served while a newer one is refused."""
+        self._aborted: set[tuple[str, str]] = set()
+        """(canary version key, its started_at): canaries this process stopped routing to before
+        the store says so."""
 
     def open(self) -> None:
         """The first read of the index; StoreError when there is no valid one to serve. Blocking."""
@@ -149,9 +157,9 @@ class AdapterRegistry:
 
     def refs(self) -> list[AdapterRef]:
         """Every version in the store."""
-        return [self._ref(p) for p in self.snapshot().passports]
+        return [self.ref_of(p) for p in self.snapshot().passports]
 
-    def _ref(self, p: Passport) -> AdapterRef:
+    def ref_of(self, p: Passport) -> AdapterRef:
         return AdapterRef(p.name, p.version, str(self.store.version_dir(p.name, p.version)), p.weights_sha256)
 
     def resolve(self, adapter_id: str, client: str | None = None, *, check_access: bool = True) -> Resolution:
@@ -172,12 +180,31 @@ class AdapterRegistry:
             if version:
                 raise AdapterNotFound(adapter_id)
             raise AdapterNotActive(adapter_id, "no version is active (promote one)")
+        split = None
+        canary = None if version else snap.canary(name)
+        if canary is not None and (canary.key, canary.canary.started_at) not in self._aborted:
+            to_canary = routed(canary.canary, canary.key, client, random.random() * 100)
+            split = Split(name, canary.version if to_canary else passport.version, canary.version,
+                          passport.version, canary.canary.limits, canary.canary.started_at)
+            passport = canary if to_canary else passport
         # Access, aliases and fallback are the adapter's, whichever version was named (registry.policy).
         passport = replace(passport, **snap.policy(name).fields())
         if check_access and passport.allowed_clients and client not in passport.allowed_clients:
             raise PermissionDenied(f"client {client or 'anonymous'!r} may not use adapter {adapter_id!r}",
                                    adapter_id=adapter_id, client=client or "")
-        return Resolution(self._ref(passport), passport, self.gate(passport))
+        return Resolution(self.ref_of(passport), passport, self.gate(passport), split)
+
+    def abort_canary(self, name: str, version: str) -> bool:
+        """Stop routing to `name@version`'s running canary in this process (the store is told
+        apart, by the caller); False when it is not running or already stopped."""
+        canary = self.snapshot().canary(name)
+        if canary is None or canary.version != version:
+            return False
+        stop = (canary.key, canary.canary.started_at)
+        if stop in self._aborted:
+            return False
+        self._aborted.add(stop)
+        return True
 
     def servable(self, client: str | None) -> list[Servable]:
         """Every adapter `client` may use (the access rule of `resolve`) with a version that passes `gate`."""

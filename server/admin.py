@@ -6,6 +6,7 @@ import time
 
 from loraserve.v1 import admin_pb2 as pb
 from loraserve.v1 import admin_pb2_grpc
+from registry.passport import Passport
 from scheduler.errors import InvalidArgument, NotReady
 from scheduler.scheduler import Scheduler
 from scheduler.tiers import AdapterState
@@ -61,7 +62,9 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
             if ref not in states:
                 states[ref] = tiers.state(ref)
         ordered = sorted(states.values(), key=lambda s: (s.adapter.id, s.adapter.version))
-        return pb.ListAdaptersResponse(adapters=[_status_pb(s) for s in ordered])
+        snap = self._registry.snapshot()
+        return pb.ListAdaptersResponse(adapters=[_status_pb(s, snap.get(s.adapter.id, s.adapter.version))
+                                                 for s in ordered])
 
     @unary_errors
     async def WarmAdapter(self, request, context):
@@ -117,10 +120,16 @@ class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
         return out
 
 
-def _status_pb(state: AdapterState) -> pb.AdapterStatus:
+def _status_pb(state: AdapterState, passport: Passport | None = None) -> pb.AdapterStatus:
+    """`passport`: the version's in the store now (None: no longer there, or not asked for)."""
     ref = state.adapter
     status = pb.AdapterStatus(id=ref.id, version=ref.version, tier=TIER_PB[state.tier], in_use=state.in_use,
                               pinned=state.pinned, size_bytes=state.bytes)
+    if passport is not None:
+        status.status = passport.status
+        if (c := passport.canary) is not None:
+            status.canary.CopyFrom(pb.CanaryState(state=c.state, percent=c.percent, key=c.key, started_at=c.started_at,
+                                                  ended_at=c.ended_at, reason=c.reason))
     if state.idle_s is not None:
         status.last_used.FromNanoseconds(int((time.time() - state.idle_s) * 1e9))
     return status

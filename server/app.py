@@ -245,6 +245,8 @@ class LoraServer:
                 log.warning("grace period over: %d requests still queued or running answered SHUTTING_DOWN", left)
         # Handlers have their answers; give them a moment to send them, then close.
         await self._server.stop(grace=CLOSE_GRACE_S)
+        await self.servicer.rollouts.close()  # a canary abort being written to the store
+        await self.servicer.shadows.close()
         if self._health_server is not None:  # answered NOT_SERVING throughout the drain
             await self._health_server.stop(grace=None)
         for task in self._tasks:

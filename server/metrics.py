@@ -57,6 +57,23 @@ class Metrics:
                                       "steps", ["client", "adapter", "phase"], registry=r)
         self.load_share_seconds = Counter("loraserve_adapter_load_share_seconds", "Served requests' shares of "
                                           "the adapter loads made for them", ["client", "adapter"], registry=r)
+        self.canary_requests = Counter(
+            "loraserve_canary_requests", "Requests a running canary routed, by adapter, version, side (canary or "
+            "stable) and outcome (ok, or error: the version's fault)", ["adapter", "version", "side", "outcome"],
+            registry=r)
+        self.canary_aborts = Counter("loraserve_canary_aborts", "Canaries the server aborted automatically",
+                                     ["adapter"], registry=r)
+        self.shadow_requests = Counter(
+            "loraserve_shadow_requests", "Shadow requests by adapter, shadow version and outcome: match or differ "
+            "(its answer against the served one), skipped (no spare capacity), shed (gave way to real traffic), "
+            "error", ["adapter", "version", "outcome"], registry=r)
+        self.shadow_agreement = Histogram(
+            "loraserve_shadow_token_agreement", "Share of token positions where a shadow's answer agrees with the "
+            "served one", ["adapter", "version"], buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r)
+        self.shadow_tokens = Counter("loraserve_shadow_output_tokens", "Tokens the shadow versions generated",
+                                     ["adapter", "version"], registry=r)
+        self.shadow_seconds = histogram("loraserve_shadow_seconds", "A shadow request's arrival to its last token",
+                                        ("adapter", "version"))
         self.cold_starts = Counter("loraserve_cold_starts", "Adapter reads from disk", registry=r)
         self.thrash = Counter("loraserve_adapter_thrash_warnings", "Adapters reloaded more than the limit within "
                               "an hour", ["adapter"], registry=r)
@@ -107,6 +124,23 @@ class Metrics:
         self.device_seconds.labels(who, adapter, "prefill").inc(cost.prefill_device_ms / 1e3)
         self.device_seconds.labels(who, adapter, "decode").inc(cost.decode_device_ms / 1e3)
         self.load_share_seconds.labels(who, adapter).inc(cost.adapter_load_ms / 1e3)
+
+    def canary_request(self, name: str, version: str, side: str, error: bool) -> None:
+        """Versions are labelled only here, for adapters with a running canary: a few series each."""
+        self.canary_requests.labels(self._adapter(name), version, side, "error" if error else "ok").inc()
+
+    def canary_aborted(self, name: str) -> None:
+        self.canary_aborts.labels(self._adapter(name)).inc()
+
+    def shadow_outcome(self, name: str, version: str, outcome: str) -> None:
+        self.shadow_requests.labels(self._adapter(name), version, outcome).inc()
+
+    def shadow_done(self, name: str, version: str, same: bool, agreement: float, tokens: int, seconds: float) -> None:
+        adapter = self._adapter(name)
+        self.shadow_requests.labels(adapter, version, "match" if same else "differ").inc()
+        self.shadow_agreement.labels(adapter, version).observe(agreement)
+        self.shadow_tokens.labels(adapter, version).inc(tokens)
+        self.shadow_seconds.labels(adapter, version).observe(seconds)
 
     def adapter_read(self, adapter: AdapterRef, ms: float) -> None:
         self.cold_starts.inc()

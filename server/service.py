@@ -27,6 +27,8 @@ from server.convert import (FALLBACKS, RequestLimits, check_fields, check_messag
                             delta_pb, fan_out, final_chunk_pb, from_pb, to_pb, tokenize_pb)
 from server.errors import stream_errors, unary_errors
 from server.requestlog import log_request
+from server.rollouts import RolloutWatch, Split
+from server.shadow import ShadowMirror
 from server.telemetry import Telemetry, fail
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -44,6 +46,10 @@ class _Call:
     req: GenerationRequest | None = None
     completion: Completion | None = None
     status: str = "OK"
+    split: Split | None = None
+    """Set when a running canary routed the request."""
+    shadow: tuple[Ticket, str] | None = None
+    """Its shadow's ticket and version, when one was mirrored."""
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -54,6 +60,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._tokens: Tokens | None = None
         self._limits: RequestLimits | None = None
         self._check_format: Callable[[ResponseFormat], None] | None = None
+        self.rollouts = RolloutWatch(registry, telemetry.metrics)
+        self.shadows = ShadowMirror(registry, telemetry.metrics)
 
     def ready(self, scheduler: Scheduler, tokens: Tokens, limits: RequestLimits,
               check_format: Callable[[ResponseFormat], None]) -> None:
@@ -87,6 +95,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                                f"{request.adapter_id!r}; a router would send it to the wrong replica")
         with self._telemetry.resolve(span, request.adapter_id):
             found = self._registry.resolve(request.adapter_id, call.client)
+        call.split = found.split
+        if found.split is not None:
+            span.set_attribute("loraserve.canary.side", "canary" if found.split.to_canary else "stable")
         may_fall_back = found.fallback_allowed(FALLBACKS[request.fallback])
         call.adapter = BASE.id if found.problem is not None and may_fall_back else found.adapter.id
         if found.problem is not None and not may_fall_back:
@@ -110,6 +121,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 ticket.cancel()
             raise
         call.req = req
+        call.shadow = self.shadows.mirror(self._scheduler, req)
         self._telemetry.submitted(span, req)
         return tickets
 
@@ -144,6 +156,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 c = call.completion
                 label = c.adapter.id if c else call.adapter
                 self._telemetry.metrics.request_done(label, call.status, time.perf_counter() - started, c, call.key)
+                self.rollouts.observe(call.split, call.status, c)
+                self.shadows.settle(call.shadow, c if call.status == "OK" else None)
                 log_request(request_id=c.request_id if c else (call.req.request_id if call.req else request.request_id),
                             client=call.client, client_key=call.key, adapter_id=request.adapter_id,
                             base_model=self._registry.base.model_id, status=call.status, started=started,

@@ -42,6 +42,16 @@ def _smoke_tester(model_path: Path, prompts: tuple[str, ...] | None):
     return SmokeTester(model_path, prompts or PROMPTS)
 
 
+def _run_cases(model_path: Path, store: str, s3_endpoint_url: str | None, target: str | None, sides: dict,
+               cases: list) -> dict:
+    import asyncio
+
+    from tools.evaluate import answers, in_process  # torch: only when the cases run here
+
+    return asyncio.run(answers(target, sides, cases) if target else
+                       in_process(model_path, store, s3_endpoint_url, sides, cases))
+
+
 def summary_text(summary: dict) -> str:
     """runner.demo's summary as a person reads it."""
     losses = ", ".join(f"{name} {loss:.2f}" for name, loss in summary["adapter_losses"].items())
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_parser(sub)
     add_demo_parser(sub)
     add_generate_parser(sub)
-    add_adapters_parser(sub, smoke=_smoke_tester)
+    add_adapters_parser(sub, smoke=_smoke_tester, run_cases=_run_cases)
     add_bench_parser(sub)
     add_soak_parser(sub)
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ TIER_RAM: Tier
 TIER_VRAM: Tier
 
 class AdapterStatus(_message.Message):
-    __slots__ = ("id", "version", "tier", "size_bytes", "last_used", "pinned", "in_use")
+    __slots__ = ("id", "version", "tier", "size_bytes", "last_used", "pinned", "in_use", "status", "canary")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class AdapterStatus(_message.Message):
     LAST_USED_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     IN_USE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: str
     tier: Tier
@@ -37,7 +39,25 @@ class AdapterStatus(_message.Message):
     last_used: _timestamp_pb2.Timestamp
     pinned: bool
     in_use: bool
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., size_bytes: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned: _Optional[bool] = ..., in_use: _Optional[bool] = ...) -> None: ...
+    status: str
+    canary: CanaryState
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., size_bytes: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pinned: _Optional[bool] = ..., in_use: _Optional[bool] = ..., status: _Optional[str] = ..., canary: _Optional[_Union[CanaryState, _Mapping]] = ...) -> None: ...
+
+class CanaryState(_message.Message):
+    __slots__ = ("state", "percent", "key", "started_at", "ended_at", "reason")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    percent: float
+    key: str
+    started_at: str
+    ended_at: str
+    reason: str
+    def __init__(self, state: _Optional[str] = ..., percent: _Optional[float] = ..., key: _Optional[str] = ..., started_at: _Optional[str] = ..., ended_at: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ()
