@@ -17,7 +17,7 @@ from scheduler.cache import Budgets, Tier
 from scheduler.housekeeping import sweep_idle_forever, warm_daily
 from scheduler.policy import BatchLimits
 from scheduler.scheduler import Scheduler
-from server import admin
+from server import admin, http
 from registry.identity import BaseIdentity, base_identity
 from registry.diskcache import DiskCache
 from registry.origin import open_store
@@ -107,6 +107,11 @@ class LoraServer:
         self._tasks: list[asyncio.Task] = []
         self.port = 0
         self.health_port: int | None = None
+        self.http = http.OpenAIFront(self.servicer, self.access, self.registry, cfg.max_message_bytes)
+        self.http_port: int | None = None
+        """The OpenAI-compatible HTTP front's bound port (None: --http-port 0, off)."""
+        self._http_server = None
+        self._http_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self._server)
@@ -130,6 +135,19 @@ class LoraServer:
             self.health_port = self._health_server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
             await self._health_server.start()
             log.info("health (plaintext, grpc.health.v1 only) on %s:%d", self.cfg.host, self.health_port)
+        if self.cfg.http_port:
+            await self._start_http()
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible front, in this event loop: same servicer, admission and metrics."""
+        cfg = self.cfg
+        host = cfg.http_host or cfg.host
+        sock = http.bind(host, cfg.http_port)
+        self.http_port = sock.getsockname()[1]
+        tls = (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
+        self._http_server = http.server(self.http, tls, CLOSE_GRACE_S)
+        self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]), name="http")
+        log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", "https" if tls else "http", host, self.http_port)
 
     async def load(self) -> None:
         """Load the model, attach the warm and pinned adapters, then turn SERVING."""
@@ -180,6 +198,7 @@ class LoraServer:
             cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.default_max_new_tokens, cfg.max_batch_tokens,
             max_context, default_seed=0 if cfg.deterministic else None))
         self.admin.ready(self.scheduler, max_context, self.engine.kv_bytes())
+        self.http.max_context = max_context
         self._tasks.append(asyncio.create_task(self._follow_index(), name="index"))
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model_path)
@@ -242,7 +261,7 @@ class LoraServer:
                     "before this request finished; retry on another replica"))
                 log.warning("grace period over: %d requests still queued or running answered SHUTTING_DOWN", left)
         # Handlers have their answers; give them a moment to send them, then close.
-        await self._server.stop(grace=CLOSE_GRACE_S)
+        await asyncio.gather(self._server.stop(grace=CLOSE_GRACE_S), self._stop_http())
         if self._health_server is not None:  # answered NOT_SERVING throughout the drain
             await self._health_server.stop(grace=None)
         for task in self._tasks:
@@ -252,6 +271,13 @@ class LoraServer:
         if self.origin is not None:
             self.origin.cache.close()
         await self.engine.close()
+
+    async def _stop_http(self) -> None:
+        """uvicorn stops listening, closes idle keep-alive connections and waits up to CLOSE_GRACE_S
+        for the responses still being sent."""
+        if self._http_task is not None:
+            self._http_server.should_exit = True
+            await self._http_task
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

@@ -1,0 +1,299 @@
+"""The OpenAI-compatible HTTP front: GET /v1/models, POST /v1/completions and /v1/chat/completions.
+
+FastAPI on uvicorn, in the gRPC server's own process and event loop. Each request is translated
+(server/openai_json.py) into a loraserve.v1.GenerateRequest and handed to the same
+InferenceServicer methods a gRPC call reaches, behind the same admission (bearer token, client
+key, stream limit: AccessInterceptor.admitted), with `HttpContext` standing in for grpc.aio's
+servicer context. So validation, scheduling, metrics, spans, the request log and the errors are
+the gRPC front's; a refusal arrives as the gRPC status the servicer aborts with (code and
+google.rpc details), and `ERRORS` turns it into OpenAI's JSON error with an HTTP status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import ssl
+import time
+from typing import AsyncIterator
+
+import grpc
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from google.rpc import error_details_pb2, status_pb2
+from starlette.exceptions import HTTPException
+
+from loraserve.contract import BASE_ADAPTER_ID
+from loraserve.v1 import inference_pb2 as pb
+from scheduler.errors import InvalidArgument, LoraServeError, NotReady
+from server import openai_json as oj
+from server.adapters import AdapterRegistry
+from server.auth import current_caller
+from server.errors import rich_status, status_code
+from server.interceptors import AccessInterceptor
+from server.service import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+ERRORS: dict[grpc.StatusCode, tuple[int, str]] = {
+    # gRPC status -> (HTTP status, OpenAI error type). The ErrorInfo reason goes in `code`.
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+"""Anything else (INTERNAL, UNKNOWN) is 500 server_error."""
+ADAPTER_REASONS = frozenset({"ADAPTER_NOT_FOUND", "ADAPTER_NOT_ACTIVE", "ADAPTER_AMBIGUOUS", "ADAPTER_INCOMPATIBLE",
+                             "ADAPTER_LOAD_FAILED", "PERMISSION_DENIED"})
+"""Reasons about the adapter asked for: their `param` is `model`."""
+
+
+class Aborted(grpc.aio.AbortError):
+    """What HttpContext.abort raises: the status a servicer (or the admission) answered with."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata=()):
+        super().__init__(details)
+        self.code, self.details = code, details
+        raw = dict(trailing_metadata or ()).get("grpc-status-details-bin")
+        self.status = status_pb2.Status.FromString(raw) if raw else status_pb2.Status()
+
+    def detail(self, kind):
+        """The first google.rpc detail of type `kind` in the status, or None."""
+        for any_ in self.status.details:
+            if any_.Is(kind.DESCRIPTOR):
+                found = kind()
+                any_.Unpack(found)
+                return found
+        return None
+
+
+class HttpContext:
+    """What InferenceServicer, the error wrappers and AccessInterceptor use of a grpc.aio servicer
+    context, for one HTTP request: its headers as metadata (authorization, traceparent, the
+    trusted client-id key), no deadline, and an abort that raises Aborted."""
+
+    def __init__(self, request: Request):
+        self._metadata = tuple(request.headers.items())
+        client = request.client
+        host = client.host if client else "unknown"
+        self._peer = f"ipv6:[{host}]:{client.port}" if ":" in host else f"ipv4:{host}:{client.port if client else 0}"
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None  # HTTP callers set no deadline the server could see; their own timeouts close the connection
+
+    def peer(self) -> str:
+        return self._peer
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()):
+        raise Aborted(code, details, trailing_metadata)
+
+
+def error_body(exc: Aborted, chat: bool) -> tuple[int, dict, dict]:
+    """(HTTP status, OpenAI error JSON, headers) for a refusal."""
+    status, kind = ERRORS.get(exc.code, (500, "server_error"))
+    info = exc.detail(error_details_pb2.ErrorInfo)
+    reason = info.reason if info else exc.code.name
+    field = info.metadata.get("field") if info else None
+    name = oj.param(field, chat) if field else ("model" if reason in ADAPTER_REASONS else None)
+    headers = {}
+    if (retry := exc.detail(error_details_pb2.RetryInfo)) is not None:
+        headers["retry-after"] = str(max(1, round(retry.retry_delay.ToMilliseconds() / 1e3)))
+    return status, {"error": {"message": exc.details, "type": kind, "param": name, "code": reason}}, headers
+
+
+def _error_response(exc: Aborted, chat: bool = False) -> JSONResponse:
+    status, body, headers = error_body(exc, chat)
+    return JSONResponse(body, status, headers)
+
+
+def _refusal(exc: LoraServeError) -> Aborted:
+    """A refusal made here (the body's shape), before the servicer saw the request, as it would have sent it."""
+    return Aborted(status_code(exc), exc.message,
+                   (("grpc-status-details-bin", rich_status(exc).SerializeToString()),))
+
+
+class OpenAIFront:
+    def __init__(self, servicer: InferenceServicer, access: AccessInterceptor, registry: AdapterRegistry,
+                 max_body_bytes: int):
+        self._servicer, self._access, self._registry = servicer, access, registry
+        self._max_body = max_body_bytes
+        self.max_context: int | None = None
+        """Set once the model is loaded; until then /v1/models answers 503 NOT_READY, as generation does."""
+        self.app = self._build()
+
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="loraserve (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+
+        @app.exception_handler(HTTPException)
+        async def not_here(request: Request, exc: HTTPException) -> JSONResponse:
+            return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {exc.detail}",
+                                           "type": "invalid_request_error", "param": None,
+                                           "code": "NOT_FOUND" if exc.status_code == 404 else "INVALID_ARGUMENT"}},
+                                exc.status_code)
+        return app
+
+    @property
+    def fingerprint(self) -> str | None:
+        """system_fingerprint: the served base model's revision (the adapter version is in `model`)."""
+        revision = self._registry.base.revision
+        return f"fp_{revision[:12]}" if revision else None
+
+    # -- admission: the interceptor's, as for a gRPC call ----------------------------------------
+    async def _unary(self, req: pb.GenerateRequest, ctx: HttpContext) -> pb.GenerateResponse:
+        started = time.perf_counter()
+        try:
+            with self._access.admitted(req, ctx, admin=False, counted=True):
+                return await self._servicer.Generate(req, ctx)
+        except LoraServeError as exc:
+            await self._access.refuse(req, ctx, exc, True, started)
+
+    async def _stream(self, req: pb.GenerateRequest, ctx: HttpContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+        started = time.perf_counter()
+        try:
+            with self._access.admitted(req, ctx, admin=False, counted=True):
+                async with contextlib.aclosing(self._servicer.GenerateStream(req, ctx)) as items:
+                    async for item in items:
+                        yield item
+        except LoraServeError as exc:
+            await self._access.refuse(req, ctx, exc, True, started)
+
+    # -- routes -----------------------------------------------------------------------------------
+    async def completions(self, request: Request):
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, chat: bool):
+        created = int(time.time())
+        try:
+            call = oj.to_request(await self._body(request), chat)
+        except LoraServeError as exc:
+            return _error_response(_refusal(exc), chat)
+        ctx = HttpContext(request)
+        if not call.stream:
+            try:
+                resp = await self._unary(call.request, ctx)
+            except Aborted as exc:
+                return _error_response(exc, chat)
+            return JSONResponse(oj.completion(call, resp, created, self.fingerprint))
+        items = self._stream(call.request, ctx)
+        try:  # the first message decides between an error status and a 200 event stream
+            first = await anext(items)
+        except Aborted as exc:
+            await items.aclose()
+            return _error_response(exc, chat)
+        return StreamingResponse(self._events(call, first, items, created), media_type="text/event-stream")
+
+    async def _events(self, call: oj.Call, first: pb.GenerateStreamResponse,
+                      items: AsyncIterator[pb.GenerateStreamResponse], created: int) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per message, the usage chunk when asked for, then [DONE]. A
+        failure mid-stream (the status is already 200) is sent as an event holding the error."""
+        chunks = oj.Chunks(call, created, self.fingerprint)
+        async with contextlib.aclosing(items):
+            try:
+                if (chunk := chunks.chunk(first)) is not None:
+                    yield _event(chunk)
+                async for item in items:
+                    if (chunk := chunks.chunk(item)) is not None:
+                        yield _event(chunk)
+            except Aborted as exc:
+                yield _event(error_body(exc, call.chat)[1])
+                return
+        if (chunk := chunks.usage_chunk()) is not None:
+            yield _event(chunk)
+        yield "data: [DONE]\n\n"
+
+    async def _body(self, request: Request):
+        raw = await request.body()
+        if len(raw) > self._max_body:
+            raise InvalidArgument("body", f"is {len(raw)} bytes; the limit is {self._max_body} (--max-message-bytes)")
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise InvalidArgument("body", f"is not valid JSON ({exc})") from None
+
+    async def models(self, request: Request):
+        ctx, req = HttpContext(request), pb.ListModelsRequest()
+        try:
+            try:
+                with self._access.admitted(req, ctx, admin=False, counted=False):
+                    if self.max_context is None:
+                        raise NotReady("the model is still loading; retry shortly")
+                    data = served_models(self._registry, current_caller().client, self.max_context)
+            except LoraServeError as exc:
+                await self._access.refuse(req, ctx, exc, False, 0.0)
+        except Aborted as exc:
+            return _error_response(exc)
+        return JSONResponse({"object": "list", "data": data})
+
+
+def _event(chunk: dict) -> str:
+    return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+
+
+def served_models(registry: AdapterRegistry, client: str | None, max_context: int) -> list[dict]:
+    """Every id `client` may name now, as OpenAI model objects: `base`, then per adapter its name
+    and aliases (root: the version they are served by) and name@VERSION of each servable version.
+    ListModels' listing, made here from the registry (the same gate and access checks as
+    resolve)."""
+    base = registry.base.model_id
+
+    def model(ident: str, root: str, parent: str | None = BASE_ADAPTER_ID) -> dict:
+        return {"id": ident, "object": "model", "created": 0, "owned_by": "loraserve", "root": root,
+                "parent": parent, "max_model_len": max_context}
+
+    out = [model(BASE_ADAPTER_ID, base, None)]
+    snap = registry.snapshot()
+    for name in sorted(snap.names()):
+        policy = snap.policy(name)
+        if policy.allowed_clients and client not in policy.allowed_clients:
+            continue
+        servable = [p for p in snap.versions(name)
+                    if p.status in ("active", "staging") and registry.gate(p) is None]
+        active = next((p for p in servable if p.status == "active"), None)
+        if active is not None:
+            out += [model(ident, active.key) for ident in (name, *policy.aliases)]
+        out += [model(p.key, p.key) for p in servable]
+    return out
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the CLI's own SIGTERM handler drains gRPC and HTTP together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now (so a port in use fails start-up, and port 0 is known)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
+def server(front: OpenAIFront, tls: tuple | None, close_grace_s: float) -> uvicorn.Server:
+    """`tls`: (cert, key, client CA or None), the gRPC listener's; the same certificates serve HTTPS
+    (and require client certificates when the CA is given)."""
+    extra = {}
+    if tls is not None:
+        cert, key, ca = tls
+        extra = dict(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=ca and str(ca),
+                     ssl_cert_reqs=ssl.CERT_REQUIRED if ca else ssl.CERT_NONE)
+    cfg = uvicorn.Config(front.app, log_config=None, access_log=False, lifespan="off", ws="none",
+                         server_header=False, timeout_graceful_shutdown=close_grace_s, **extra)
+    return _Server(cfg)
