@@ -175,6 +175,7 @@ def to_request(body, chat: bool) -> Call:
     if (seed := _integer(body, "seed", UINT64)) is not None:
         req.seed = seed
     req.n = _integer(body, "n") or 0
+    req.ignore_eos = _boolean(body, "ignore_eos")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop
     if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):

@@ -5,7 +5,13 @@ same stream limit, and OpenAI-shaped errors with the right HTTP status and our E
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
 
 import grpc
 import httpx
@@ -13,7 +19,7 @@ import openai
 import pytest
 
 from clients.client import LoraServeClient
-from conftest import PROMPT, ServerThread, clone_adapter, comparable, server_config
+from conftest import PROMPT, REPO, ServerThread, clone_adapter, comparable, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from scheduler.errors import InvalidArgument
@@ -264,3 +270,40 @@ def test_every_status_the_service_answers_has_an_http_status():
     assert error_body(refused, chat=True)[:2] == (400, {"error": {
         "message": "max_new_tokens: too many", "type": "invalid_request_error", "param": "max_tokens",
         "code": "INVALID_ARGUMENT"}})
+
+
+# -- start-up and shutdown --------------------------------------------------------------------------
+
+def test_serve_says_how_to_call_the_http_front_and_sigterm_still_drains(demo_dir):
+    """The `openai: try` line's curl works as printed; uvicorn takes no signal handler from the CLI,
+    so SIGTERM drains and the process exits 0."""
+    env = {**os.environ, "LORASERVE_PORT": "0", "LORASERVE_METRICS_PORT": "-1", "LORASERVE_HTTP_PORT": str(free_port()),
+           "LORASERVE_MODEL_PATH": str(demo_dir / "base"), "LORASERVE_ADAPTERS_DIR": str(demo_dir / "adapters")}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        assert wait_for(lambda: any(line.startswith("ready: ") for line in lines), 120), lines
+        hint = next(line for line in lines if line.startswith("openai: try "))
+        curl = re.search(r"`([^`]+)`", hint).group(1)
+        tried = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60)
+        assert json.loads(tried.stdout)["model"] == "legal@1", tried.stdout + tried.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, "".join(lines)
+
+
+def test_a_stream_in_flight_finishes_when_the_server_stops(demo_dir):
+    srv = ServerThread(server_config(demo_dir, http_port=free_port()))
+    stream = client(srv).completions.create(model="base", prompt=PROMPT, max_tokens=200, stream=True,
+                                            extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    stopping = threading.Thread(target=srv.stop)
+    stopping.start()
+    rest = list(stream)
+    stopping.join(60)
+    assert first.choices[0].text is not None and rest[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.APIConnectionError):
+        client(srv).models.list()
