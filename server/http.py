@@ -283,7 +283,11 @@ class _Server(uvicorn.Server):
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound now (so a port in use fails start-up, and port 0 is known)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family)
+    sock = socket.create_server((host, port), family=family)
+    # Accepted connections inherit it. Without it, on a reused connection, the response body
+    # written after its headers waits for the client's delayed ACK: 40 ms per request (measured).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def server(front: OpenAIFront, tls: tuple | None, close_grace_s: float) -> uvicorn.Server:
