@@ -11,18 +11,18 @@ google.rpc details), and `ERRORS` turns it into OpenAI's JSON error with an HTTP
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-import logging
 import socket
 import ssl
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 import grpc
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.rpc import error_details_pb2, status_pb2
 from starlette.exceptions import HTTPException
 
@@ -36,7 +36,7 @@ from server.errors import rich_status, status_code
 from server.interceptors import AccessInterceptor
 from server.service import InferenceServicer
 
-log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ERRORS: dict[grpc.StatusCode, tuple[int, str]] = {
     # gRPC status -> (HTTP status, OpenAI error type). The ErrorInfo reason goes in `code`.
@@ -187,9 +187,11 @@ class OpenAIFront:
         ctx = HttpContext(request)
         if not call.stream:
             try:
-                resp = await self._unary(call.request, ctx)
+                resp = await _unless_gone(request, self._unary(call.request, ctx))
             except Aborted as exc:
                 return _error_response(exc, chat)
+            if resp is None:
+                return Response(status_code=499)  # nobody reads it
             return JSONResponse(oj.completion(call, resp, created, self.fingerprint))
         items = self._stream(call.request, ctx)
         try:  # the first message decides between an error status and a 200 event stream
@@ -240,6 +242,29 @@ class OpenAIFront:
         except Aborted as exc:
             return _error_response(exc)
         return JSONResponse({"object": "list", "data": data})
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result; None if the client disconnects first, `work` then cancelled as grpc.aio
+    cancels a handler whose caller went away (the ticket is withdrawn, the request logged
+    CANCELLED). Starlette cancels a streaming response itself; a plain one would run on."""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 def _event(chunk: dict) -> str:

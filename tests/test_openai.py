@@ -322,3 +322,14 @@ def test_a_reused_connection_answers_without_waiting_for_a_delayed_ack(front):
             http.get("/models").raise_for_status()
             took.append(time.perf_counter() - started)
     assert min(took[1:]) < 0.03, took
+
+
+def test_a_client_that_hangs_up_cancels_its_request(front):
+    cancelled = front.server.metrics.requests.labels("base", "CANCELLED")
+    before = cancelled._value.get()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"http://127.0.0.1:{front.server.http_port}/v1/completions", timeout=0.5,
+                   headers={"authorization": "Bearer acme-token"},
+                   json={"model": "base", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True})
+    assert wait_for(lambda: cancelled._value.get() == before + 1)
+    assert wait_for(lambda: front.server.scheduler.running == 0 and not front.server.access.open_calls)
