@@ -333,3 +333,50 @@ def test_a_client_that_hangs_up_cancels_its_request(front):
                    json={"model": "base", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True})
     assert wait_for(lambda: cancelled._value.get() == before + 1)
     assert wait_for(lambda: front.server.scheduler.running == 0 and not front.server.access.open_calls)
+
+
+def _logprobs(*tokens: str) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=i, token=t, logprob=-0.5 * i, rank=1,
+                            top=[pb.TopLogprob(token_id=i, token=t, logprob=-0.5 * i),
+                                 pb.TopLogprob(token_id=99, token="x", logprob=-3.0)])
+            for i, t in enumerate(tokens)]
+
+
+def test_answers_have_the_sdks_shapes_with_choices_and_logprobs():
+    """What the engine does not fill on every branch yet (n > 1, logprobs), shaped from the
+    contract's messages and parsed by the SDK's own models."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    adapter, usage = pb.AdapterInfo(id="legal", version="3"), pb.Usage(input_tokens=5, output_tokens=4)
+    resp = pb.GenerateResponse(request_id="r1", text="Hi!", finish_reason=pb.FINISH_REASON_EOS, usage=usage,
+                               adapter=adapter, choices=[
+                                   pb.Choice(index=0, text="Hi!", finish_reason=pb.FINISH_REASON_EOS,
+                                             logprobs=_logprobs("Hi", "!")),
+                                   pb.Choice(index=1, text="Yo", finish_reason=pb.FINISH_REASON_LENGTH,
+                                             logprobs=_logprobs("Yo"))])
+    chat = oj.to_request({"model": "law", "messages": [{"role": "user", "content": "a"}], "n": 2,
+                          "logprobs": True, "top_logprobs": 2, "stream": True,
+                          "stream_options": {"include_usage": True}}, chat=True)
+    answer = ChatCompletion.model_validate(oj.completion(chat, resp, 1, "fp_x"))
+    assert [c.message.content for c in answer.choices] == ["Hi!", "Yo"] and answer.model == "legal@3"
+    assert [t.token for t in answer.choices[0].logprobs.content] == ["Hi", "!"]
+    assert answer.choices[0].logprobs.content[1].top_logprobs[1].token == "x"
+    assert [c.finish_reason for c in answer.choices] == ["stop", "length"] and answer.id == "chatcmpl-r1"
+    text = oj.to_request({"model": "law", "prompt": "a", "logprobs": 2}, chat=False)
+    plain = Completion.model_validate(oj.completion(text, resp, 1, None))
+    assert plain.choices[0].logprobs.text_offset == [0, 2] and plain.choices[0].logprobs.top_logprobs[0]["x"] == -3
+
+    chunks = oj.Chunks(chat, 1, "fp_x")
+    stream = [pb.GenerateStreamResponse(request_id="r1", index=0, text="Hi", logprobs=_logprobs("Hi")),
+              pb.GenerateStreamResponse(request_id="r1", index=1, text="Yo", logprobs=_logprobs("Yo")),
+              pb.GenerateStreamResponse(request_id="r1", index=1, finish_reason=pb.FINISH_REASON_LENGTH,
+                                        usage=pb.Usage(input_tokens=5, output_tokens=1), adapter=adapter),
+              pb.GenerateStreamResponse(request_id="r1", index=0, text="!", finish_reason=pb.FINISH_REASON_EOS,
+                                        usage=pb.Usage(input_tokens=5, output_tokens=2), adapter=adapter)]
+    out = [ChatCompletionChunk.model_validate(c) for c in map(chunks.chunk, stream)]
+    out.append(ChatCompletionChunk.model_validate(chunks.usage_chunk()))
+    assert [(c.choices[0].index, c.choices[0].delta.role, c.choices[0].delta.content) for c in out[:4]] == [
+        (0, "assistant", "Hi"), (1, "assistant", "Yo"), (1, None, None), (0, None, "!")]
+    assert out[0].model == "law" and out[3].model == "legal@3" and out[0].choices[0].logprobs.content[0].token == "Hi"
+    assert out[-1].choices == [] and (out[-1].usage.prompt_tokens, out[-1].usage.completion_tokens) == (5, 3)
