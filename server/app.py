@@ -107,7 +107,8 @@ class LoraServer:
         self._tasks: list[asyncio.Task] = []
         self.port = 0
         self.health_port: int | None = None
-        self.http = http.OpenAIFront(self.servicer, self.access, self.registry, cfg.max_message_bytes)
+        self.http = http.OpenAIFront(self.servicer, self.access, self.registry, cfg.max_message_bytes,
+                                     self.telemetry.tracer)
         self.http_port: int | None = None
         """The OpenAI-compatible HTTP front's bound port (None: --http-port 0, off)."""
         self._http_server = None

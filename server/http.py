@@ -24,6 +24,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.rpc import error_details_pb2, status_pb2
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, StatusCode
 from starlette.exceptions import HTTPException
 
 from loraserve.contract import BASE_ADAPTER_ID
@@ -89,6 +91,13 @@ class HttpContext:
     def invocation_metadata(self):
         return self._metadata
 
+    def carry(self, span: trace.Span) -> None:
+        """Make `span` the parent the servicer's RPC span names: its trace context replaces the
+        caller's in the metadata (a no-op span, tracing off, leaves the caller's)."""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        self._metadata = tuple((k, v) for k, v in self._metadata if k not in carrier) + tuple(carrier.items())
+
     def time_remaining(self) -> float | None:
         return None  # HTTP callers set no deadline the server could see; their own timeouts close the connection
 
@@ -112,9 +121,16 @@ def error_body(exc: Aborted, chat: bool) -> tuple[int, dict, dict]:
     return status, {"error": {"message": exc.details, "type": kind, "param": name, "code": reason}}, headers
 
 
-def _error_response(exc: Aborted, chat: bool = False) -> JSONResponse:
+def _error_response(exc: Aborted, chat: bool = False, span: trace.Span | None = None) -> JSONResponse:
     status, body, headers = error_body(exc, chat)
+    if span is not None:
+        span.set_attribute("http.response.status_code", status)
+        _failed(span, exc)
     return JSONResponse(body, status, headers)
+
+
+def _failed(span: trace.Span, exc: Aborted) -> None:
+    span.set_status(StatusCode.ERROR, exc.details)
 
 
 def _refusal(exc: LoraServeError) -> Aborted:
@@ -125,8 +141,11 @@ def _refusal(exc: LoraServeError) -> Aborted:
 
 class OpenAIFront:
     def __init__(self, servicer: InferenceServicer, access: AccessInterceptor, registry: AdapterRegistry,
-                 max_body_bytes: int):
+                 max_body_bytes: int, tracer: trace.Tracer):
+        """`tracer`: the server's; each generation gets an HTTP server span ("POST /v1/completions"),
+        the parent of the servicer's RPC span, so a trace says which front a request came in by."""
         self._servicer, self._access, self._registry = servicer, access, registry
+        self._tracer = tracer
         self._max_body = max_body_bytes
         self.max_context: int | None = None
         """Set once the model is loaded; until then /v1/models answers 503 NOT_READY, as generation does."""
@@ -179,46 +198,68 @@ class OpenAIFront:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: Request, chat: bool):
+        ctx = HttpContext(request)
+        route = request.url.path
+        span = self._tracer.start_span(f"{request.method} {route}", kind=SpanKind.SERVER,
+                                       context=propagate.extract(dict(ctx.invocation_metadata())),
+                                       attributes={"http.request.method": request.method, "http.route": route})
+        ctx.carry(span)
+        streaming = False
+        try:
+            response = await self._answer(request, ctx, chat, span)
+            streaming = isinstance(response, StreamingResponse)
+            return response
+        finally:
+            if not streaming:  # a stream's span ends with its last event
+                span.end()
+
+    async def _answer(self, request: Request, ctx: HttpContext, chat: bool, span: trace.Span) -> Response:
         created = int(time.time())
         try:
             call = oj.to_request(await self._body(request), chat)
         except LoraServeError as exc:
-            return _error_response(_refusal(exc), chat)
-        ctx = HttpContext(request)
+            return _error_response(_refusal(exc), chat, span)
         if not call.stream:
             try:
                 resp = await _unless_gone(request, self._unary(call.request, ctx))
             except Aborted as exc:
-                return _error_response(exc, chat)
+                return _error_response(exc, chat, span)
             if resp is None:
                 return Response(status_code=499)  # nobody reads it
+            span.set_attribute("http.response.status_code", 200)
             return JSONResponse(oj.completion(call, resp, created, self.fingerprint))
         items = self._stream(call.request, ctx)
         try:  # the first message decides between an error status and a 200 event stream
             first = await anext(items)
         except Aborted as exc:
             await items.aclose()
-            return _error_response(exc, chat)
-        return StreamingResponse(self._events(call, first, items, created), media_type="text/event-stream")
+            return _error_response(exc, chat, span)
+        span.set_attribute("http.response.status_code", 200)
+        return StreamingResponse(self._events(call, first, items, created, span), media_type="text/event-stream")
 
     async def _events(self, call: oj.Call, first: pb.GenerateStreamResponse,
-                      items: AsyncIterator[pb.GenerateStreamResponse], created: int) -> AsyncIterator[str]:
+                      items: AsyncIterator[pb.GenerateStreamResponse], created: int,
+                      span: trace.Span) -> AsyncIterator[str]:
         """Server-sent events: a chunk per message, the usage chunk when asked for, then [DONE]. A
         failure mid-stream (the status is already 200) is sent as an event holding the error."""
         chunks = oj.Chunks(call, created, self.fingerprint)
-        async with contextlib.aclosing(items):
-            try:
-                if (chunk := chunks.chunk(first)) is not None:
-                    yield _event(chunk)
-                async for item in items:
-                    if (chunk := chunks.chunk(item)) is not None:
+        try:
+            async with contextlib.aclosing(items):
+                try:
+                    if (chunk := chunks.chunk(first)) is not None:
                         yield _event(chunk)
-            except Aborted as exc:
-                yield _event(error_body(exc, call.chat)[1])
-                return
-        if (chunk := chunks.usage_chunk()) is not None:
-            yield _event(chunk)
-        yield "data: [DONE]\n\n"
+                    async for item in items:
+                        if (chunk := chunks.chunk(item)) is not None:
+                            yield _event(chunk)
+                except Aborted as exc:
+                    _failed(span, exc)
+                    yield _event(error_body(exc, call.chat)[1])
+                    return
+            if (chunk := chunks.usage_chunk()) is not None:
+                yield _event(chunk)
+            yield "data: [DONE]\n\n"
+        finally:
+            span.end()
 
     async def _body(self, request: Request):
         raw = await request.body()

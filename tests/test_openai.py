@@ -19,6 +19,10 @@ import httpx
 import openai
 import pytest
 
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from clients.client import LoraServeClient
 from conftest import PROMPT, REPO, ServerThread, clone_adapter, comparable, server_config
 from loraserve.v1 import inference_pb2 as pb
@@ -52,7 +56,11 @@ def front(demo_dir, tmp_path_factory):
     tokens.write_text(json.dumps({"tokens": TOKENS}))
     cfg = comparable(server_config(demo_dir, adapters_dir=str(root), auth_tokens_file=tokens,
                                    http_port=free_port(), max_streams_per_client=2))
-    srv = ServerThread(cfg)
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    srv = ServerThread(cfg, tracer_provider=provider)
+    srv.spans = spans
     yield srv
     srv.stop()
 
@@ -219,6 +227,23 @@ def test_http_calls_are_counted_in_the_same_metrics(front):
     before = served()
     client(front).completions.create(model="support", prompt=PROMPT, max_tokens=2)
     assert served() == before + 1
+
+
+def test_an_http_span_is_the_parent_of_the_rpc_span(front):
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    front.spans.clear()
+    client(front).completions.create(model="support", prompt=PROMPT, max_tokens=2,
+                                     extra_headers={"traceparent": caller})
+    with pytest.raises(openai.NotFoundError):
+        client(front).completions.create(model="ghost", prompt=PROMPT, max_tokens=2)
+    assert wait_for(lambda: len([s for s in front.spans.get_finished_spans() if s.name.startswith("POST")]) == 2)
+    spans = front.spans.get_finished_spans()
+    served, refused = [s for s in spans if s.name == "POST /v1/completions"]
+    rpc = next(s for s in spans if s.name.endswith("InferenceService/Generate") and s.parent
+               and s.parent.span_id == served.context.span_id)
+    assert served.parent.span_id == 0xb7ad6b7169203331 and rpc.context.trace_id == served.context.trace_id
+    assert served.attributes["http.response.status_code"] == 200
+    assert refused.attributes["http.response.status_code"] == 404 and not refused.status.is_ok
 
 
 def test_a_loading_server_answers_503(demo_dir):
