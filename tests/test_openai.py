@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from certs import make_pki
 from clients.client import LoraServeClient
 from conftest import PROMPT, REPO, ServerThread, clone_adapter, comparable, server_config
 from loraserve.v1 import inference_pb2 as pb
@@ -405,3 +406,27 @@ def test_answers_have_the_sdks_shapes_with_choices_and_logprobs():
         (0, "assistant", "Hi"), (1, "assistant", "Yo"), (1, None, None), (0, None, "!")]
     assert out[0].model == "law" and out[3].model == "legal@3" and out[0].choices[0].logprobs.content[0].token == "Hi"
     assert out[-1].choices == [] and (out[-1].usage.prompt_tokens, out[-1].usage.completion_tokens) == (5, 3)
+
+
+def test_with_tls_the_http_front_is_https_with_the_same_certificates(demo_dir, tmp_path):
+    """--tls-client-ca makes it mutual there too: no client certificate, no connection."""
+    pki = make_pki(tmp_path)
+    srv = ServerThread(server_config(demo_dir, http_port=free_port(), tls_cert=pki.server_cert,
+                                     tls_key=pki.server_key, tls_client_ca=pki.ca), load=False)
+    url = f"https://localhost:{srv.server.http_port}/v1/models"
+    try:
+        with httpx.Client(verify=ssl_context(pki, with_client_cert=True)) as https:
+            assert https.get(url).json()["error"]["code"] == "NOT_READY"  # reached, over mTLS
+        with pytest.raises(httpx.HTTPError), httpx.Client(verify=ssl_context(pki, with_client_cert=False)) as https:
+            https.get(url)
+    finally:
+        srv.stop()
+
+
+def ssl_context(pki, with_client_cert: bool):
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if with_client_cert:
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return context
