@@ -34,7 +34,6 @@ from scheduler.errors import InvalidArgument, LoraServeError, NotReady
 from server import openai_json as oj
 from server.adapters import AdapterRegistry
 from server.auth import current_caller
-from server.errors import rich_status, status_code
 from server.interceptors import AccessInterceptor
 from server.service import InferenceServicer
 
@@ -133,12 +132,6 @@ def _failed(span: trace.Span, exc: Aborted) -> None:
     span.set_status(StatusCode.ERROR, exc.details)
 
 
-def _refusal(exc: LoraServeError) -> Aborted:
-    """A refusal made here (the body's shape), before the servicer saw the request, as it would have sent it."""
-    return Aborted(status_code(exc), exc.message,
-                   (("grpc-status-details-bin", rich_status(exc).SerializeToString()),))
-
-
 class OpenAIFront:
     def __init__(self, servicer: InferenceServicer, access: AccessInterceptor, registry: AdapterRegistry,
                  max_body_bytes: int, tracer: trace.Tracer):
@@ -190,6 +183,16 @@ class OpenAIFront:
         except LoraServeError as exc:
             await self._access.refuse(req, ctx, exc, True, started)
 
+    async def _malformed(self, ctx: HttpContext, problem: LoraServeError) -> None:
+        """Raises Aborted for a body that makes no GenerateRequest, as gRPC refuses an undecodable
+        message: once the caller is identified (no token: 401, not 400), counted and logged."""
+        started, req = time.perf_counter(), pb.GenerateRequest()
+        try:
+            with self._access.admitted(req, ctx, admin=False, counted=True):
+                raise problem
+        except LoraServeError as exc:
+            await self._access.refuse(req, ctx, exc, True, started)
+
     # -- routes -----------------------------------------------------------------------------------
     async def completions(self, request: Request):
         return await self._generate(request, chat=False)
@@ -216,9 +219,12 @@ class OpenAIFront:
     async def _answer(self, request: Request, ctx: HttpContext, chat: bool, span: trace.Span) -> Response:
         created = int(time.time())
         try:
-            call = oj.to_request(await self._body(request), chat)
-        except LoraServeError as exc:
-            return _error_response(_refusal(exc), chat, span)
+            try:
+                call = oj.to_request(await self._body(request), chat)
+            except LoraServeError as exc:
+                await self._malformed(ctx, exc)
+        except Aborted as exc:
+            return _error_response(exc, chat, span)
         if not call.stream:
             try:
                 resp = await _unless_gone(request, self._unary(call.request, ctx))
@@ -230,10 +236,13 @@ class OpenAIFront:
             return JSONResponse(oj.completion(call, resp, created, self.fingerprint))
         items = self._stream(call.request, ctx)
         try:  # the first message decides between an error status and a 200 event stream
-            first = await anext(items)
+            first = await _unless_gone(request, anext(items))
         except Aborted as exc:
             await items.aclose()
             return _error_response(exc, chat, span)
+        if first is None:
+            await items.aclose()
+            return Response(status_code=499)
         span.set_attribute("http.response.status_code", 200)
         return StreamingResponse(self._events(call, first, items, created, span), media_type="text/event-stream")
 

@@ -178,6 +178,9 @@ def test_a_bad_token_is_refused_and_another_clients_adapter_forbidden(front):
     assert err.value.body["code"] == "UNAUTHENTICATED"
     with pytest.raises(openai.AuthenticationError):
         client(front, "wrong-token").models.list()
+    garbled = httpx.post(f"http://127.0.0.1:{front.server.http_port}/v1/completions", content=b"{",
+                         headers={"authorization": "Bearer wrong-token"})
+    assert garbled.status_code == 401  # who is asking comes first, as on gRPC
     with pytest.raises(openai.PermissionDeniedError) as err:
         client(front, "other-token").completions.create(model="private", prompt=PROMPT, max_tokens=2)
     assert err.value.body["code"] == "PERMISSION_DENIED" and err.value.body["param"] == "model"
