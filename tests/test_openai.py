@@ -362,6 +362,12 @@ def test_a_client_that_hangs_up_cancels_its_request(front):
                    json={"model": "base", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True})
     assert wait_for(lambda: cancelled._value.get() == before + 1)
     assert wait_for(lambda: front.server.scheduler.running == 0 and not front.server.access.open_calls)
+    stream = client(front).completions.create(model="base", prompt=PROMPT, max_tokens=480, stream=True,
+                                              extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()  # mid-stream
+    assert wait_for(lambda: cancelled._value.get() == before + 2)
+    assert wait_for(lambda: front.server.scheduler.running == 0 and not front.server.access.open_calls)
 
 
 def _logprobs(*tokens: str) -> list[pb.TokenLogprob]:
