@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -48,8 +50,6 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def front(demo_dir, tmp_path_factory):
     """A server with tokens, an adapter only acme may use, at most two open requests per client."""
-    import shutil
-
     root = tmp_path_factory.mktemp("openai") / "adapters"
     shutil.copytree(demo_dir / "adapters", root)
     clone_adapter(demo_dir, root, "legal", "private", allowed_clients=["acme"])
@@ -432,9 +432,7 @@ def test_with_tls_the_http_front_is_https_with_the_same_certificates(demo_dir, t
         srv.stop()
 
 
-def ssl_context(pki, with_client_cert: bool):
-    import ssl
-
+def ssl_context(pki, with_client_cert: bool) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(pki.ca))
     if with_client_cert:
         context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
