@@ -28,7 +28,6 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.exceptions import HTTPException
 
-from loraserve.contract import BASE_ADAPTER_ID
 from loraserve.v1 import inference_pb2 as pb
 from scheduler.errors import InvalidArgument, LoraServeError, NotReady
 from server import openai_json as oj
@@ -286,12 +285,12 @@ class OpenAIFront:
                 with self._access.admitted(req, ctx, admin=False, counted=False):
                     if self.max_context is None:
                         raise NotReady("the model is still loading; retry shortly")
-                    data = served_models(self._registry, current_caller().client, self.max_context)
+                    listed = list_models(self._registry, current_caller().client, self.max_context)
             except LoraServeError as exc:
                 await self._access.refuse(req, ctx, exc, False, 0.0)
         except Aborted as exc:
             return _error_response(exc)
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": oj.models(listed)})
 
 
 async def _unless_gone(request: Request, work: Awaitable[T]) -> T | None:
@@ -321,30 +320,22 @@ def _event(chunk: dict) -> str:
     return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
 
-def served_models(registry: AdapterRegistry, client: str | None, max_context: int) -> list[dict]:
-    """Every id `client` may name now, as OpenAI model objects: `base`, then per adapter its name
-    and aliases (root: the version they are served by) and name@VERSION of each servable version.
-    ListModels' listing, made here from the registry (the same gate and access checks as
-    resolve)."""
-    base = registry.base.model_id
-
-    def model(ident: str, root: str, parent: str | None = BASE_ADAPTER_ID) -> dict:
-        return {"id": ident, "object": "model", "created": 0, "owned_by": "loraserve", "root": root,
-                "parent": parent, "max_model_len": max_context}
-
-    out = [model(BASE_ADAPTER_ID, base, None)]
+def list_models(registry: AdapterRegistry, client: str | None, max_context: int) -> pb.ListModelsResponse:
+    """ListModels' answer for `client`, from the registry: every adapter it may use (the access
+    check resolve makes) with a version the registry's gate lets serve, active or staging.
+    (Made here while the servicer has no ListModels; once it does, /v1/models calls that.)"""
+    resp = pb.ListModelsResponse(base=pb.BaseModel(id=registry.base.model_id, max_context=max_context))
     snap = registry.snapshot()
     for name in sorted(snap.names()):
         policy = snap.policy(name)
         if policy.allowed_clients and client not in policy.allowed_clients:
             continue
-        servable = [p for p in snap.versions(name)
-                    if p.status in ("active", "staging") and registry.gate(p) is None]
-        active = next((p for p in servable if p.status == "active"), None)
-        if active is not None:
-            out += [model(ident, active.key) for ident in (name, *policy.aliases)]
-        out += [model(p.key, p.key) for p in servable]
-    return out
+        servable = [p for p in snap.versions(name) if p.status in ("active", "staging") and registry.gate(p) is None]
+        active = next((p.version for p in servable if p.status == "active"), "")
+        if servable:
+            resp.adapters.add(id=name, version=active, aliases=policy.aliases if active else (),
+                              versions=[p.version for p in servable if p.version != active])
+    return resp
 
 
 class _Server(uvicorn.Server):

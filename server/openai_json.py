@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from loraserve.contract import BASE_ADAPTER_ID
 from loraserve.v1 import inference_pb2 as pb
 from scheduler.errors import InvalidArgument
 
@@ -204,6 +205,22 @@ def _logprobs(call: Call, body: dict) -> None:
 def served_model(adapter: pb.AdapterInfo) -> str:
     """The `model` of an answer: the adapter id and the version that served, e.g. legal@3."""
     return adapter.id if not adapter.version or adapter.version == "-" else f"{adapter.id}@{adapter.version}"
+
+
+def models(listed: pb.ListModelsResponse) -> list[dict]:
+    """ListModels' answer as OpenAI model objects: `base`, then per adapter its id and aliases
+    (`root`: the version they are served by) and id@VERSION of each servable version."""
+    def model(ident: str, root: str, parent: str | None = BASE_ADAPTER_ID) -> dict:
+        return {"id": ident, "object": "model", "created": 0, "owned_by": "loraserve", "root": root,
+                "parent": parent, "max_model_len": listed.base.max_context}
+
+    out = [model(BASE_ADAPTER_ID, listed.base.id, None)]
+    for a in listed.adapters:
+        if a.version:
+            key = f"{a.id}@{a.version}"
+            out += [model(ident, key) for ident in (a.id, *a.aliases, key)]
+        out += [model(f"{a.id}@{v}", f"{a.id}@{v}") for v in a.versions]
+    return out
 
 
 def usage(u: pb.Usage) -> dict:

@@ -437,3 +437,13 @@ def ssl_context(pki, with_client_cert: bool) -> ssl.SSLContext:
     if with_client_cert:
         context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
     return context
+
+
+def test_listed_models_are_every_id_a_request_may_name():
+    listed = pb.ListModelsResponse(base=pb.BaseModel(id="demo-base", max_context=512), adapters=[
+        pb.ServedModel(id="legal", version="2", aliases=["law"], versions=["3"]),  # 3 is staging
+        pb.ServedModel(id="draft", versions=["1"])])  # nothing active: only by version
+    models = {m["id"]: m for m in oj.models(listed)}
+    assert list(models) == ["base", "legal", "law", "legal@2", "legal@3", "draft@1"]
+    assert models["law"]["root"] == "legal@2" and models["base"]["root"] == "demo-base"
+    assert {m["max_model_len"] for m in models.values()} == {512}
