@@ -156,6 +156,20 @@ def test_logprobs_come_with_their_token_strings(front):
     assert lp.token_logprobs == pytest.approx([t.logprob for t in served.logprobs])
 
 
+def test_n_choices_whole_and_streamed(front):
+    sampled = dict(model="support", prompt=PROMPT, max_tokens=6, n=3, temperature=1.0, seed=11)
+    whole = client(front).completions.create(**sampled)
+    if len(whole.choices) == 1:
+        pytest.skip("the gRPC edge answers n > 1 with one choice on this branch")
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = {0: "", 1: "", 2: ""}
+    for chunk in client(front).completions.create(**sampled, stream=True, stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert list(texts.values()) == [c.text for c in whole.choices]
+    assert chunk.usage.completion_tokens == whole.usage.completion_tokens
+
+
 def test_token_ids_are_a_prompt(front):
     ids = [5, 6, 7, 8]
     if (why := grpc_refuses(front, adapter_id="base", prompt_token_ids=ids, max_new_tokens=2)) is not None:
