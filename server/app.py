@@ -148,6 +148,11 @@ class LoraServer:
         tls = (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
         self._http_server = http.server(self.http, tls, CLOSE_GRACE_S)
         self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]), name="http")
+        while not self._http_server.started:  # uvicorn has no event for it; its start-up errors (TLS) surface here
+            if self._http_task.done():
+                self._http_task.result()
+                raise RuntimeError("the HTTP front ended while starting")
+            await asyncio.sleep(0.01)
         log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", "https" if tls else "http", host, self.http_port)
 
     async def load(self) -> None:
