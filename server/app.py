@@ -115,6 +115,8 @@ class LoraServer:
         self._http_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        # Bound first: a port in use stops start-up before anything else listens.
+        http_sock = http.bind(self.cfg.http_host or self.cfg.host, self.cfg.http_port) if self.cfg.http_port else None
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self._server)
         admin_pb2_grpc.add_AdapterAdminServiceServicer_to_server(self.admin, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -136,15 +138,13 @@ class LoraServer:
             self.health_port = self._health_server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
             await self._health_server.start()
             log.info("health (plaintext, grpc.health.v1 only) on %s:%d", self.cfg.host, self.health_port)
-        if self.cfg.http_port:
-            await self._start_http()
+        if http_sock is not None:
+            await self._start_http(http_sock)
 
-    async def _start_http(self) -> None:
+    async def _start_http(self, sock) -> None:
         """The OpenAI-compatible front, in this event loop: same servicer, admission and metrics."""
         cfg = self.cfg
-        host = cfg.http_host or cfg.host
-        sock = http.bind(host, cfg.http_port)
-        self.http_port = sock.getsockname()[1]
+        host, self.http_port = cfg.http_host or cfg.host, sock.getsockname()[1]
         tls = (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
         self._http_server = http.server(self.http, tls, CLOSE_GRACE_S)
         self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]), name="http")

@@ -349,7 +349,11 @@ class _Server(uvicorn.Server):
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound now (so a port in use fails start-up, and port 0 is known)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family)
+    try:
+        sock = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise RuntimeError(f"the OpenAI-compatible HTTP front cannot listen on {host}:{port} ({exc.strerror}); "
+                           "--http-port chooses another port, 0 turns it off") from exc
     # Accepted connections inherit it. Without it, on a reused connection, the response body
     # written after its headers waits for the client's delayed ACK: 40 ms per request (measured).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -32,6 +32,7 @@ from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from scheduler.errors import InvalidArgument
 from server import openai_json as oj
+from server import http
 from server.http import ERRORS, Aborted, error_body
 from server.errors import rich_status, status_code
 from scheduler import errors as e
@@ -461,3 +462,12 @@ def test_listed_models_are_every_id_a_request_may_name():
     assert list(models) == ["base", "legal", "law", "legal@2", "legal@3", "draft@1"]
     assert models["law"]["root"] == "legal@2" and models["base"]["root"] == "demo-base"
     assert {m["max_model_len"] for m in models.values()} == {512}
+
+
+def test_an_http_port_in_use_is_refused_saying_what_to_do():
+    """LoraServer.start binds it first, so start-up stops there, before gRPC listens."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="--http-port chooses another port, 0 turns it off"):
+            http.bind("127.0.0.1", taken.getsockname()[1])
