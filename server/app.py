@@ -18,7 +18,7 @@ from scheduler.cache import Budgets, Tier
 from scheduler.housekeeping import sweep_idle_forever, warm_daily
 from scheduler.policy import BatchLimits
 from scheduler.scheduler import Scheduler
-from server import admin
+from server import admin, http
 from registry.identity import BaseIdentity, base_identity
 from registry.diskcache import DiskCache
 from registry.origin import open_store
@@ -108,8 +108,16 @@ class LoraServer:
         self._tasks: list[asyncio.Task] = []
         self.port = 0
         self.health_port: int | None = None
+        self.http = http.OpenAIFront(self.servicer, self.access, self.registry, cfg.max_message_bytes,
+                                     self.telemetry.tracer)
+        self.http_port: int | None = None
+        """The OpenAI-compatible HTTP front's bound port (None: --http-port 0, off)."""
+        self._http_server = None
+        self._http_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        # Bound first: a port in use stops start-up before anything else listens.
+        http_sock = http.bind(self.cfg.http_host or self.cfg.host, self.cfg.http_port) if self.cfg.http_port else None
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self._server)
         admin_pb2_grpc.add_AdapterAdminServiceServicer_to_server(self.admin, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -131,6 +139,22 @@ class LoraServer:
             self.health_port = self._health_server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
             await self._health_server.start()
             log.info("health (plaintext, grpc.health.v1 only) on %s:%d", self.cfg.host, self.health_port)
+        if http_sock is not None:
+            await self._start_http(http_sock)
+
+    async def _start_http(self, sock) -> None:
+        """The OpenAI-compatible front, in this event loop: same servicer, admission and metrics."""
+        cfg = self.cfg
+        host, self.http_port = cfg.http_host or cfg.host, sock.getsockname()[1]
+        tls = (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
+        self._http_server = http.server(self.http, tls, CLOSE_GRACE_S)
+        self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]), name="http")
+        while not self._http_server.started:  # uvicorn has no event for it; its start-up errors (TLS) surface here
+            if self._http_task.done():
+                self._http_task.result()
+                raise RuntimeError("the HTTP front ended while starting")
+            await asyncio.sleep(0.01)
+        log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", "https" if tls else "http", host, self.http_port)
 
     async def load(self) -> None:
         """Load the model, attach the warm and pinned adapters, then turn SERVING."""
@@ -244,7 +268,7 @@ class LoraServer:
                     "before this request finished; retry on another replica"))
                 log.warning("grace period over: %d requests still queued or running answered SHUTTING_DOWN", left)
         # Handlers have their answers; give them a moment to send them, then close.
-        await self._server.stop(grace=CLOSE_GRACE_S)
+        await asyncio.gather(self._server.stop(grace=CLOSE_GRACE_S), self._stop_http())
         await self.servicer.rollouts.close()  # a canary abort being written to the store
         await self.servicer.shadows.close()
         if self._health_server is not None:  # answered NOT_SERVING throughout the drain
@@ -256,6 +280,13 @@ class LoraServer:
         if self.origin is not None:
             self.origin.cache.close()
         await self.engine.close()
+
+    async def _stop_http(self) -> None:
+        """uvicorn stops listening, closes idle keep-alive connections and waits up to CLOSE_GRACE_S
+        for the responses still being sent."""
+        if self._http_task is not None:
+            self._http_server.should_exit = True
+            await self._http_task
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

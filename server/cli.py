@@ -25,6 +25,14 @@ def try_it_line(host: str, port: int, adapter: str) -> str:
             f"`grpcurl -plaintext -d '{body}' {target} loraserve.v1.InferenceService/Generate`")
 
 
+def http_try_line(host: str, port: int, adapter: str) -> str:
+    """The same for the OpenAI-compatible HTTP front (said before the ready line, which stays last)."""
+    target = f"{'localhost' if host in ('', '0.0.0.0', '::', '127.0.0.1') else host}:{port}"
+    body = f'{{"model":"{adapter}","prompt":"Question: What should I do next?\\nAnswer:","max_tokens":24}}'
+    return (f"openai: try `curl -s http://{target}/v1/completions -H 'content-type: application/json' "
+            f"-d '{body}'` (or any OpenAI client with base_url http://{target}/v1)")
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.from_args(args)
@@ -55,6 +63,9 @@ def _serve(args: argparse.Namespace) -> int:
                 log.error("start-up failed, shutting down: %s", exc, exc_info=exc)
                 stopping.set()
                 return
+            if server.http_port:
+                print(http_try_line(cfg.http_host or cfg.host, server.http_port, server.registry.example_id()),
+                      file=sys.stderr, flush=True)
             print(try_it_line(cfg.host, server.port, server.registry.example_id()), file=sys.stderr, flush=True)
 
         loader.add_done_callback(loaded)
@@ -71,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_parser(sub) -> None:
-    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve = sub.add_parser("serve", help="run the gRPC server (and its OpenAI-compatible HTTP front)")
     config_mod.add_arguments(serve)
     serve.set_defaults(func=_serve)
 

@@ -115,6 +115,9 @@ class ServerConfig:
     client_id_metadata_key: str = _f("", "Without auth_tokens_file: a metadata key whose value identifies the "
                                          "client (stream limit, fair share) instead of its address. Trusted as "
                                          "sent: set it only behind a proxy that overwrites that key.")
+    http_host: str = _f("", "Interface of the OpenAI-compatible HTTP front (/v1); empty = the same as host.")
+    http_port: int = _f(8000, "Port of the OpenAI-compatible HTTP front (/v1/completions, /v1/chat/completions, "
+                              "/v1/models): the same scheduler, tokens and metrics as gRPC; 0 turns it off.")
     metrics_host: str = _f("127.0.0.1", "Interface for the Prometheus /metrics endpoint.")
     metrics_port: int = _f(9464, "Port for /metrics; 0 picks a free one, -1 turns it off.")
     metrics_adapter_labels: int = _f(50, "Adapters with their own metrics label value (the first to be asked "
@@ -133,6 +136,10 @@ class ServerConfig:
             problems.append(f"health_port {self.health_port} is not in -1..65535")
         elif self.health_port > 0 and self.health_port == self.port:
             problems.append("health_port must differ from port")
+        if not 0 <= self.http_port <= 65535:
+            problems.append(f"http_port {self.http_port} is not in 0..65535")
+        elif self.http_port and self.http_port in (self.port, self.health_port, self.metrics_port):
+            problems.append("http_port must differ from port, health_port and metrics_port")
         if not -1 <= self.metrics_port <= 65535:
             problems.append(f"metrics_port {self.metrics_port} is not in -1..65535")
         if self.batch_policy not in POLICIES:

@@ -75,10 +75,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request, context):
                 started = time.perf_counter()
                 try:
-                    with self._admitted(request, context, admin, counted):
+                    with self.admitted(request, context, admin, counted):
                         return await behavior(request, context)
                 except LoraServeError as exc:
-                    await self._refuse(request, context, exc, counted, started)
+                    await self.refuse(request, context, exc, counted, started)
 
             return grpc.unary_unary_rpc_method_handler(unary, _lenient(handler.request_deserializer),
                                                        handler.response_serializer)
@@ -92,19 +92,19 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 # for the garbage collector to close later, elsewhere, as if it had ended well.
                 started = time.perf_counter()
                 try:
-                    with self._admitted(request, context, admin, counted):
+                    with self.admitted(request, context, admin, counted):
                         async with contextlib.aclosing(stream(request, context)) as items:
                             async for item in items:
                                 async with call_over():
                                     await context.write(item)
                 except LoraServeError as exc:
-                    await self._refuse(request, context, exc, counted, started)
+                    await self.refuse(request, context, exc, counted, started)
 
             return grpc.unary_stream_rpc_method_handler(streaming, _lenient(handler.request_deserializer),
                                                         handler.response_serializer)
         raise TypeError(f"{details.method}: only unary and server-streaming methods are served")
 
-    async def _refuse(self, request, context, exc: LoraServeError, counted: bool, started: float) -> None:
+    async def refuse(self, request, context, exc: LoraServeError, counted: bool, started: float) -> None:
         # Services count and log the calls they handle (and answer their own errors), so what
         # reaches here was refused before the service saw it: counted and logged here, once.
         if counted:
@@ -116,8 +116,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                         base_model=self._base_model(), status=exc.reason, started=started)
         await abort(context, exc)
 
+    # admitted and refuse are also how the HTTP front (server/http.py) admits its requests.
     @contextlib.contextmanager
-    def _admitted(self, request, context, admin: bool, counted: bool) -> Iterator[None]:
+    def admitted(self, request, context, admin: bool, counted: bool) -> Iterator[None]:
         metadata = context.invocation_metadata()
         caller = self._auth.admin(metadata) if admin else self._auth.identify(metadata)
         if counted:

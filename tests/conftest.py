@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 # own `pythonpath` setting covers only this process).
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "pyclient"),
                                             *filter(None, [os.environ.get("PYTHONPATH")])])
+# Servers the tests start, in this process or as `loraserve serve`, serve no HTTP front unless a
+# test asks for one (its default port, 8000, is one for the whole machine).
+os.environ.setdefault("LORASERVE_HTTP_PORT", "0")
 PROMPT = "Question: What should I do next?\nAnswer:"
 ADAPTERS = ("legal", "medical", "support")
 TEST_DTYPE = os.environ.get("LORASERVE_TEST_DTYPE", "auto")
@@ -163,7 +166,7 @@ def room_for_one_in_ram(demo_dir: Path, **overrides):
 def server_config(demo_dir: Path, **overrides):
     from server.config import ServerConfig
 
-    return ServerConfig(**{"port": 0, "metrics_port": 0, "model_path": demo_dir / "base",
+    return ServerConfig(**{"port": 0, "metrics_port": 0, "http_port": 0, "model_path": demo_dir / "base",
                            "adapters_dir": demo_dir / "adapters", "batch_wait_ms": 5.0, "grace_period_s": 10.0,
                            "dtype": TEST_DTYPE, **overrides})
 
