@@ -20,6 +20,16 @@ Normalised rather than refused (validation has already refused non-finite and ne
 a temperature below MIN_TEMPERATURE is sampled at MIN_TEMPERATURE (dividing by 1e-38 overflows
 to inf; at 1e-4 the distribution is already one-hot to float precision unless logits tie), and
 top_k above the vocabulary means the whole vocabulary.
+
+Before any of that, `Processor` turns the model's logits into the scores a row chooses from:
+repetition_penalty (vLLM's and HF's: a score of a token already in the prompt or the output is
+divided by the penalty when positive, multiplied when negative), then frequency_penalty and
+presence_penalty (OpenAI's: minus frequency x the token's count in the output, minus presence
+once it occurs there), and EOS made impossible while a row has generated fewer than its
+min_new_tokens. All penalised rows at once: their tokens, padded, go in one copy and become
+[rows, vocab] counts by scatter_add; rows asking for none of it cost nothing, and a step where
+no row asks copies and computes nothing. Counts are sums of ones, exact in float32 in any order,
+so a penalised row's scores are the same in any batch.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from typing import Sequence
 import torch
 
 from runner.staging import Staging
+from scheduler.engine import Row
 from scheduler.types import SamplingParams
 
 MIN_TEMPERATURE = 1e-4
@@ -97,6 +108,57 @@ class Sampler:
             cached = self._tokens[vocab] = _token_hash(torch.arange(vocab, dtype=torch.int64, device=device)
                                                        ).unsqueeze(0)
         return cached
+
+
+class Processor:
+    """Penalties and min_new_tokens over a step's logits (see the module's docstring), through
+    one staging buffer of its own."""
+
+    def __init__(self, device: torch.device, eos: frozenset[int], rows: int = 16):
+        self._staging = Staging(rows * 64, device, torch.float64)
+        self._eos = sorted(eos)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+        """`logits` [B, V] -> the scores rows choose from: `logits` itself when no row asks for a
+        penalty or min_new_tokens, else a new tensor (the model's logits stay as they were)."""
+        penalised = [i for i, r in enumerate(rows) if r.sampling.penalized]
+        held = [i for i, r in enumerate(rows) if len(r.generated) < r.min_new_tokens] if self._eos else []
+        if not penalised and not held:
+            return logits
+        vocab = logits.shape[1]
+        p, e = len(penalised), len(held) * len(self._eos)
+        outputs = [rows[i].generated for i in penalised]
+        # Repetition also counts the prompt; without it no prompt tokens are sent.
+        prompts = [rows[i].prompt_ids if rows[i].sampling.repetition_penalty != 1.0 else () for i in penalised]
+        wo, wp = max(map(len, outputs), default=0), max(map(len, prompts), default=0)
+        values = [*penalised, *(rows[i].sampling.repetition_penalty for i in penalised),
+                  *(rows[i].sampling.frequency_penalty for i in penalised),
+                  *(rows[i].sampling.presence_penalty for i in penalised),
+                  *(i for i in held for _ in self._eos), *(self._eos * len(held))]
+        for tokens, width in ((outputs, wo), (prompts, wp)):
+            for t in tokens:  # padded with `vocab`: a column of their own, dropped after counting
+                values += t
+                values += [vocab] * (width - len(t))
+        dev = self._staging.send(values)
+        scores = logits
+        if p:
+            idx = dev[:p].long()
+            rep, freq, pres = dev[p:4 * p].view(3, p, 1).float()
+            at = 4 * p + 2 * e
+            out = dev[at:at + p * wo].view(p, wo).long()
+            prompt = dev[at + p * wo:at + p * (wo + wp)].view(p, wp).long()
+            count = torch.zeros(p, vocab + 1, device=logits.device).scatter_add_(1, out, torch.ones_like(out, dtype=torch.float32))
+            seen = (count + torch.zeros_like(count).scatter_(1, prompt, 1.0))[:, :vocab] > 0
+            count = count[:, :vocab]
+            s = logits.index_select(0, idx)
+            s = torch.where(seen, torch.where(s > 0, s / rep, s * rep), s)
+            s = s - freq * count - pres * (count > 0)
+            scores = logits.index_copy(0, idx, s)
+        if e:
+            at = 4 * p
+            pairs = dev[at:at + 2 * e].view(2, e).long()
+            scores = scores.index_put((pairs[0], pairs[1]), scores.new_full((1,), float("-inf")))
+        return scores
 
 
 def _nucleus(scores: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, h: torch.Tensor,
