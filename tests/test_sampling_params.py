@@ -114,14 +114,17 @@ def _check(entry: TokenLogprob, lp: torch.Tensor, token: int, top: int) -> None:
     assert [v for _, v in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
 
 
-def _serve(engine, requests, limits=BatchLimits(), **kwargs):
+def _serve(engine, requests, limits=BatchLimits(), one_by_one=False, **kwargs):
+    """Each request's events (TextDeltas, then its Completion or its error), served together, or
+    each after the one before has finished (`one_by_one`), by one scheduler."""
     async def run():
         scheduler = Scheduler(engine, limits, batch_wait_s=0.05, **kwargs)
         task = asyncio.create_task(scheduler.run())
         try:
-            tickets = [scheduler.submit(r) for r in requests]
+            tickets = [] if one_by_one else [scheduler.submit(r) for r in requests]
             out = []
-            for t in tickets:
+            for i in range(len(requests)):
+                t = scheduler.submit(requests[i]) if one_by_one else tickets[i]
                 deltas = []
                 try:
                     async for item in t.events():
@@ -139,12 +142,18 @@ def _request(engine, rid, prompt=PROMPT, max_new=6, **kw) -> GenerationRequest:
     return GenerationRequest(rid, kw.pop("adapter", BASE), tuple(engine.encode(prompt)), max_new, ignore_eos=True, **kw)
 
 
-def test_logprobs_and_prompt_logprobs_equal_a_plain_forwards(engine, hf):
+def test_logprobs_and_prompt_logprobs_equal_a_plain_forwards(engine, hf, monkeypatch):
     """Greedy, 3 alternatives per token, the prompt scored in chunks of 8 beside a decoding row."""
     long_prompt = PROMPT + " and what does the contract say about the notice period?"
     asking = _request(engine, "a", long_prompt, logprobs=3, prompt_logprobs=2)
     other = _request(engine, "b", max_new=12)
+    steps = {"_prefill": 0, "_mixed": 0}
+    for name in steps:
+        real = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda rows, real=real, name=name: steps.__setitem__(name, steps[name] + 1)
+                            or real(rows))
     events, stats = _serve(engine, [other, asking], BatchLimits(max_num_batched_tokens=10))
+    assert steps["_prefill"] and steps["_mixed"]  # prompt positions scored in both kinds of step
     done = events[-1]
     completion = done[-1]
     prompt = asking.prompt_ids
@@ -190,6 +199,20 @@ def test_score_only_answers_its_prompts_logprobs_and_generates_nothing(engine, h
     assert len(completion.prompt_logprobs) == len(req.prompt_ids)
     for p, entry in enumerate(completion.prompt_logprobs[1:]):
         _check(entry, lp[p], req.prompt_ids[p + 1], 0)
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache(engine, hf):
+    """Positions a shared prefix holds are not computed again: a request asking for prompt
+    logprobs takes no shared block, and so scores every position."""
+    plain = _request(engine, "a", PROMPT + " a prompt of three blocks at least", max_new=2)
+    scored = replace(plain, request_id="b", prompt_logprobs=0)
+    events, _ = _serve(engine, [plain, scored, plain], one_by_one=True)
+    first, second, third = (e[-1] for e in events)
+    assert third.cached_tokens >= 16 and second.cached_tokens == 0
+    lp = _hf_logprobs(hf, list(plain.prompt_ids))
+    assert [e.logprob for e in second.prompt_logprobs[1:]] == pytest.approx(
+        [float(lp[p, t]) for p, t in enumerate(plain.prompt_ids[1:])], abs=1e-4)
+    assert first.token_ids == second.token_ids == third.token_ids
 
 
 def test_min_new_tokens_holds_eos_and_stop_sequences_off(engine, demo_dir):
@@ -280,3 +303,76 @@ def test_a_failing_row_leaves_the_others_logprobs_untouched(demo_dir):
         assert [x.logprob for x in t.logprobs] == pytest.approx([x.logprob for x in a.logprobs], abs=1e-4)
         assert [x.logprob for x in (t.prompt_logprobs or ())][1:] == pytest.approx(
             [x.logprob for x in (a.prompt_logprobs or ())][1:], abs=1e-4)
+
+
+# -- the scheduler's side, against a scripted engine ------------------------------------------
+
+
+def test_prompt_logprobs_survive_a_preemption_once_and_tokens_reach_the_stream():
+    """Preempted requests re-prefill prompt + generated: their prompt logprobs stay those of the
+    first admission, each exactly once, and their rows ask for none again."""
+    from test_scheduler import ScriptedEngine, ref, run
+
+    class Scoring(ScriptedEngine):
+        """Prompt token p + 1 'scores' -(p + 1) at the position before it; chosen tokens -1."""
+
+        asked: list[tuple[int, int | None, int]] = []  # (seq, prompt_logprobs asked, cached) per prefill row
+
+        async def prefill(self, rows):
+            results = await super().prefill(rows)
+            out = []
+            for r, res in zip(rows, results, strict=True):
+                self.asked.append((r.seq_id, r.prompt_logprobs, r.cached))
+                end = min(r.upto or len(r.context), len(r.prompt_ids) - 1)
+                scores = tuple(TokenLogprob(r.prompt_ids[p + 1], -(p + 1.0)) for p in range(r.cached, end)) \
+                    if r.prompt_logprobs is not None else ()
+                out.append(StepResult(res.seq_id, res.token_id, prompt_logprobs=scores,
+                                      logprob=TokenLogprob(res.token_id, -1.0) if r.logprobs is not None else None))
+            return out
+
+        async def decode(self, rows):
+            return [StepResult(r.seq_id, r2.token_id, logprob=TokenLogprob(r2.token_id, -1.0))
+                    for r, r2 in zip(rows, await super().decode(rows), strict=True)]
+
+    engine = Scoring()
+    engine.kv_blocks = 10  # as in tests/test_scheduler.py: three requests of 5 blocks preempt each other
+    names = ["abcdefghijklmnop", "qrstuvwxyzabcdef", "ghijklmnopqrstuv"]
+    prompt = (5, 6, 7, 8, 9)
+
+    async def scenario(s):
+        reqs = [GenerationRequest(f"r{i}", ref(n), prompt, 40, prompt_logprobs=0, logprobs=0)
+                for i, n in enumerate(names)]
+        tickets = [s.submit(r) for r in reqs]
+        out = []
+        for t in tickets:
+            out.append([item async for item in t.events()])
+        return out, s.stats
+
+    events, stats = run(engine, scenario, limits=BatchLimits(max_num_batched_tokens=6))
+    assert stats.preemptions > 0
+    want = (TokenLogprob(5, None), *(TokenLogprob(prompt[p + 1], -(p + 1.0)) for p in range(4)))
+    for name, deltas in zip(names, events, strict=True):
+        done = deltas[-1]
+        assert done.text == name and done.prompt_logprobs == want
+        assert done.token_ids == (*map(ord, name), 0) == tuple(t for d in deltas[:-1] for t in d.token_ids)
+        assert len(done.logprobs) == len(done.token_ids) == sum(len(d.logprobs) for d in deltas[:-1])
+        assert all(isinstance(d, TextDelta) for d in deltas[:-1])
+    # Rows ask only while prompt positions are unscored; the re-prefills ask for none.
+    assert all(c < len(prompt) - 1 for _, p, c in engine.asked if p is not None)
+    assert len({seq for seq, p, _ in engine.asked if p is not None}) == 3
+    assert any(p is None for _, p, _ in engine.asked)
+
+
+def test_score_only_needs_no_block_past_its_prompt():
+    from test_scheduler import ScriptedEngine, ref, run
+
+    engine = ScriptedEngine()
+    engine.kv_blocks = 2  # 8 positions: a 7-token prompt and nothing more
+
+    async def scenario(s):
+        return await s.submit(GenerationRequest("s", ref("ab"), tuple(range(10, 17)), 100, score_only=True,
+                                                prompt_logprobs=1)).result()
+
+    done = run(engine, scenario, reserve_kv=True)
+    assert (done.output_tokens, done.text, done.token_ids, done.logprobs) == (0, "", (), None)
+    assert done.prompt_logprobs[0] == TokenLogprob(10, None) and len(done.prompt_logprobs) == 7
