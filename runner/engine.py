@@ -623,7 +623,7 @@ class TorchEngine:
         for begin in range(0, width, chunk):
             end = min(begin + chunk, width)
             plan = plan_prefill(tables, cached, fed, self._pool.scratch, begin, end)
-            spans = []  # (row, first column, end column) of asked positions within this chunk
+            spans = []  # asked positions within this chunk: (row, first column, end column, first position)
             for i, (first, count) in enumerate(wanted):
                 column = width - len(fed[i]) + first - cached[i]  # row i's position `first` sits there
                 lo, hi = max(column, begin), min(column + count, end)
