@@ -753,10 +753,11 @@ class Scheduler:
             seq.text = text = seq.text + out.text
             if seq.ending is not None:
                 text += out.held  # nothing more will complete it: the decoder's text as it is
-            # Only the new text (and a stop's length before it) can hold a new match; none counts
-            # before min_new_tokens.
+            # Only the new text (and a stop's length before it) can hold a new match, and none
+            # counts before min_new_tokens; text already streamed (then) is never taken back.
             stopping = stops and tokens >= seq.req.min_new_tokens
-            cut = find_stop(text, stops, max(0, searched - max(map(len, stops)) + 1)) if stopping else -1
+            start = max(searched - max(map(len, stops)) + 1, seq.emitted) if stopping else 0
+            cut = find_stop(text, stops, start) if stopping else -1
             if cut >= 0:
                 self._finish(seq, text[:cut], FinishReason.STOP_SEQUENCE)
             elif seq.ending is not None:
