@@ -63,18 +63,17 @@ class Logprobs:
         asking = [i for i, r in enumerate(rows) if r.logprobs is not None]
         places = prompt[1] if prompt is not None else ()
         dev = self._staging.send([*asking, *(token for _, token in places)])
-        parts, layout = [], []
+        parts, layout = [], [None, None]
         if asking:
             top = min(max(rows[i].logprobs for i in asking), vocab)
             idx = dev[:len(asking)]
-            picked = tokens.index_select(0, idx)
-            parts.append(_table(scores.index_select(0, idx), picked, top).flatten())
-            layout.append((asking, 2 + 2 * top))
+            parts.append(_table(scores.index_select(0, idx), tokens.index_select(0, idx), top).flatten())
+            layout[0] = (asking, 2 + 2 * top)
         if places:
             top = min(max(rows[i].prompt_logprobs for i, _ in places), vocab)
             parts.append(_table(prompt[0], dev[len(asking):], top).flatten())
-            layout.append((places, 2 + 2 * top))
-        return torch.cat(parts), (bool(asking), tuple(layout))
+            layout[1] = (places, 2 + 2 * top)
+        return torch.cat(parts), tuple(layout)
 
     @staticmethod
     def unpack(values: Sequence[float], tokens: Sequence[int], rows: Sequence[Row],
@@ -82,18 +81,17 @@ class Logprobs:
         """-> (each row's chosen token's logprob or None, each row's prompt logprobs in order)."""
         chosen: list[TokenLogprob | None] = [None] * len(rows)
         prompt: list[list[TokenLogprob]] = [[] for _ in rows]
-        has_chosen, parts = layout
+        asking, places = layout
         at = 0
-        for n, (which, width) in enumerate(parts):
-            block = values[at:at + len(which) * width]
-            at += len(which) * width
-            if n == 0 and has_chosen:
-                for i, entry in zip(which, _entries(block, [tokens[i] for i in which],
-                                                    [min(rows[i].logprobs, (width - 2) // 2) for i in which], width)):
-                    chosen[i] = entry
-            else:
-                for (i, _), entry in zip(which, _entries(block, [t for _, t in which],
-                                                         [min(rows[i].prompt_logprobs, (width - 2) // 2)
-                                                          for i, _ in which], width)):
-                    prompt[i].append(entry)
+        if asking is not None:
+            which, width = asking
+            tops = [min(rows[i].logprobs, (width - 2) // 2) for i in which]
+            for i, entry in zip(which, _entries(values, [tokens[i] for i in which], tops, width)):
+                chosen[i] = entry
+            at = len(which) * width
+        if places is not None:
+            which, width = places
+            tops = [min(rows[i].prompt_logprobs, (width - 2) // 2) for i, _ in which]
+            for (i, _), entry in zip(which, _entries(values[at:], [t for _, t in which], tops, width)):
+                prompt[i].append(entry)
         return chosen, prompt

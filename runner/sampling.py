@@ -147,7 +147,8 @@ class Processor:
             at = 4 * p + 2 * e
             out = dev[at:at + p * wo].view(p, wo).long()
             prompt = dev[at + p * wo:at + p * (wo + wp)].view(p, wp).long()
-            count = torch.zeros(p, vocab + 1, device=logits.device).scatter_add_(1, out, torch.ones_like(out, dtype=torch.float32))
+            ones = torch.ones(out.shape, device=logits.device)
+            count = torch.zeros(p, vocab + 1, device=logits.device).scatter_add_(1, out, ones)
             seen = (count + torch.zeros_like(count).scatter_(1, prompt, 1.0))[:, :vocab] > 0
             count = count[:, :vocab]
             s = logits.index_select(0, idx)

@@ -145,7 +145,8 @@ def _merge_deltas(items: list) -> list:
     for item in items:
         if merged and isinstance(item, TextDelta) and isinstance(merged[-1], TextDelta):
             last = merged[-1]
-            merged[-1] = TextDelta(last.text + item.text, last.token_ids + item.token_ids, last.logprobs + item.logprobs)
+            merged[-1] = TextDelta(last.text + item.text, last.token_ids + item.token_ids,
+                                   last.logprobs + item.logprobs)
         else:
             merged.append(item)
     return merged
