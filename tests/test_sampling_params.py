@@ -271,38 +271,48 @@ def test_deterministic_rows_give_the_same_tokens_and_logprobs_in_any_batch(demo_
 
 
 class _Poisoning(TorchEngine):
-    """Non-finite scores for the row whose prompt is `poison`, in every step it is in."""
+    """The row whose prompt is `poison` gets non-finite scores (`raising` False: it fails alone)
+    or makes its whole step raise (True: the scheduler retries halves), in every step it is in."""
 
     poison: tuple[int, ...] = ()
+    raising = False
 
     def _forward(self, rows, ids, positions, ctx, *rest):
         logits = super()._forward(rows, ids, positions, ctx, *rest)
         bad = [i for i, r in enumerate(rows) if r.prompt_ids == self.poison]
+        if bad and self.raising:
+            raise RuntimeError("a kernel failed")
         if bad and logits.dim() == 2 and logits.shape[0] == len(rows):
             logits[bad] = float("nan")
         return logits
 
 
-def test_a_failing_row_leaves_the_others_logprobs_untouched(demo_dir):
+@pytest.mark.parametrize("raising", [False, True], ids=["non-finite", "raising"])
+def test_a_failing_row_leaves_the_others_logprobs_untouched(demo_dir, raising):
+    """Beside a row that fails (alone, or by failing its step: then its halves are retried),
+    the others' tokens, logprobs and prompt logprobs are what they are alone, none twice."""
     eng = _Poisoning(EngineConfig(demo_dir / "base", device="cpu", max_rows=8, max_model_len=160, kv_block_size=8))
+    eng.raising = raising
     asyncio.run(eng.start())
     try:
         eng.poison = tuple(eng.encode("Question: Why is this poisoned?\nAnswer:"))
         victims = [_request(eng, "v", max_new=5, logprobs=2, prompt_logprobs=1),
-                   _request(eng, "w", "Hello there", max_new=5, logprobs=0,
+                   _request(eng, "w", "Hello there", max_new=5, logprobs=0, prompt_logprobs=0,
                             sampling=SamplingParams(presence_penalty=0.5))]
         alone = [_serve(eng, [r])[0][0][-1] for r in victims]
-        poisoned = GenerationRequest("x", BASE, eng.poison, 5, logprobs=1)
+        poisoned = GenerationRequest("x", BASE, eng.poison, 5, logprobs=1, prompt_logprobs=1)
         events, stats = _serve(eng, [poisoned, *victims])
     finally:
         asyncio.run(eng.close())
-    assert stats.failed == 1 and events[0][-1].reason == "NON_FINITE_LOGITS"
-    for a, deltas in zip(alone, events[1:], strict=True):
+    assert stats.failed == 1 and (stats.failed_splits > 0) == raising
+    assert events[0][-1].reason == ("GENERATION_FAILED" if raising else "NON_FINITE_LOGITS")
+    for v, a, deltas in zip(victims, alone, events[1:], strict=True):
         t = deltas[-1]
-        assert t.token_ids == a.token_ids
+        assert t.token_ids == a.token_ids and len(t.logprobs) == len(a.logprobs)
         assert [x.logprob for x in t.logprobs] == pytest.approx([x.logprob for x in a.logprobs], abs=1e-4)
-        assert [x.logprob for x in (t.prompt_logprobs or ())][1:] == pytest.approx(
-            [x.logprob for x in (a.prompt_logprobs or ())][1:], abs=1e-4)
+        assert len(t.prompt_logprobs) == len(a.prompt_logprobs) == len(v.prompt_ids)
+        assert [x.logprob for x in t.prompt_logprobs[1:]] == pytest.approx(
+            [x.logprob for x in a.prompt_logprobs[1:]], abs=1e-4)
 
 
 # -- the scheduler's side, against a scripted engine ------------------------------------------
