@@ -26,10 +26,11 @@ repetition_penalty (vLLM's and HF's: a score of a token already in the prompt or
 divided by the penalty when positive, multiplied when negative), then frequency_penalty and
 presence_penalty (OpenAI's: minus frequency x the token's count in the output, minus presence
 once it occurs there), and EOS made impossible while a row has generated fewer than its
-min_new_tokens. All penalised rows at once: their tokens, padded, go in one copy and become
-[rows, vocab] counts by scatter_add; rows asking for none of it cost nothing, and a step where
-no row asks copies and computes nothing. Counts are sums of ones, exact in float32 in any order,
-so a penalised row's scores are the same in any batch.
+min_new_tokens. All penalised rows at once: their tokens, padded, go in one copy; their outputs
+are counted by scatter_add into [rows, vocab], and only the scores of the tokens they hold are
+read and written back (take, index_put) into one copy of the logits. A step where no row asks
+copies and computes nothing. Counts are sums of ones, exact in float32 in any order, so a
+penalised row's scores are the same in any batch.
 """
 
 from __future__ import annotations
@@ -115,50 +116,51 @@ class Processor:
     one staging buffer of its own."""
 
     def __init__(self, device: torch.device, eos: frozenset[int], rows: int = 16):
+        # float64 holds the flat indices (row x vocab + token) exactly, and the penalties.
         self._staging = Staging(rows * 64, device, torch.float64)
         self._eos = sorted(eos)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
         """`logits` [B, V] -> the scores rows choose from: `logits` itself when no row asks for a
-        penalty or min_new_tokens, else a new tensor (the model's logits stay as they were)."""
+        penalty or min_new_tokens, else a copy changed where they ask (the model's logits stay)."""
         penalised = [i for i, r in enumerate(rows) if r.sampling.penalized]
         held = [i for i, r in enumerate(rows) if len(r.generated) < r.min_new_tokens] if self._eos else []
         if not penalised and not held:
             return logits
         vocab = logits.shape[1]
-        p, e = len(penalised), len(held) * len(self._eos)
-        outputs = [rows[i].generated for i in penalised]
-        # Repetition also counts the prompt; without it no prompt tokens are sent.
-        prompts = [rows[i].prompt_ids if rows[i].sampling.repetition_penalty != 1.0 else () for i in penalised]
-        wo, wp = max(map(len, outputs), default=0), max(map(len, prompts), default=0)
-        values = [*penalised, *(rows[i].sampling.repetition_penalty for i in penalised),
+        # Per penalised row, the tokens whose scores change: its output's, then (when it has a
+        # repetition penalty) its prompt's, padded with a repeat of its first (the same token,
+        # the same new score: written twice, alike) or, when it has none, token 0 left as it is.
+        changed = [[*rows[i].generated, *(rows[i].prompt_ids if rows[i].sampling.repetition_penalty != 1.0
+                                          else ())] for i in penalised]
+        width, counted = max(map(len, changed), default=0), max((len(rows[i].generated) for i in penalised), default=0)
+        values = [*(i * vocab + t for i in held for t in self._eos), *(bool(c) for c in changed),
+                  *(rows[i].sampling.repetition_penalty for i in penalised),
                   *(rows[i].sampling.frequency_penalty for i in penalised),
-                  *(rows[i].sampling.presence_penalty for i in penalised),
-                  *(i for i in held for _ in self._eos), *(self._eos * len(held))]
-        for tokens, width in ((outputs, wo), (prompts, wp)):
-            for t in tokens:  # padded with `vocab`: a column of their own, dropped after counting
-                values += t
-                values += [vocab] * (width - len(t))
+                  *(rows[i].sampling.presence_penalty for i in penalised)]
+        for i, tokens in zip(penalised, changed):
+            values += (i * vocab + t for t in tokens)
+            values += [i * vocab + (tokens[0] if tokens else 0)] * (width - len(tokens))
+        for i in penalised:  # the output alone, counted: padded with `vocab`, a column dropped after
+            values += rows[i].generated
+            values += [vocab] * (counted - len(rows[i].generated))
+        p, e = len(penalised), len(held) * len(self._eos)
         dev = self._staging.send(values)
-        scores = logits
+        scores = logits.clone(memory_format=torch.contiguous_format)
+        flat = scores.view(-1)
         if p:
-            idx = dev[:p].long()
-            rep, freq, pres = dev[p:4 * p].view(3, p, 1).float()
-            at = 4 * p + 2 * e
-            out = dev[at:at + p * wo].view(p, wo).long()
-            prompt = dev[at + p * wo:at + p * (wo + wp)].view(p, wp).long()
+            some = dev[e:e + p].unsqueeze(1).bool()
+            rep, freq, pres = dev[e + p:e + 4 * p].view(3, p, 1).float()
+            at = dev[e + 4 * p:e + p * (4 + width)].view(p, width).long()
+            out = dev[e + p * (4 + width):].view(p, counted).long()
             ones = torch.ones(out.shape, device=logits.device)
             count = torch.zeros(p, vocab + 1, device=logits.device).scatter_add_(1, out, ones)
-            seen = (count + torch.zeros_like(count).scatter_(1, prompt, 1.0))[:, :vocab] > 0
-            count = count[:, :vocab]
-            s = logits.index_select(0, idx)
-            s = torch.where(seen, torch.where(s > 0, s / rep, s * rep), s)
-            s = s - freq * count - pres * (count > 0)
-            scores = logits.index_copy(0, idx, s)
+            c = count.gather(1, at % vocab)
+            g = flat.take(at)
+            new = torch.where(g > 0, g / rep, g * rep) - freq * c - pres * (c > 0)
+            flat.index_put_((at.flatten(),), torch.where(some, new, g).flatten())
         if e:
-            at = 4 * p
-            pairs = dev[at:at + 2 * e].view(2, e).long()
-            scores = scores.index_put((pairs[0], pairs[1]), scores.new_full((1,), float("-inf")))
+            flat.index_fill_(0, dev[:e].long(), float("-inf"))
         return scores
 
 

@@ -51,12 +51,14 @@ def _rows(vocab: int) -> list[Row]:
         _row(4, draw(5), draw(30), SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.5,
                                                   presence_penalty=1.5, temperature=0.7, top_p=0.9, seed=5)),
         _row(5, draw(2), draw(1), SamplingParams(), min_new_tokens=1),
+        _row(6, draw(3), [], SamplingParams(presence_penalty=1.0)),  # nothing to penalise yet
+        _row(7, draw(6), [], SamplingParams(repetition_penalty=2.0, temperature=0.5, seed=8), min_new_tokens=2),
     ]
 
 
 def test_penalties_and_min_new_tokens_match_a_plain_per_row_reference():
     vocab = 50
-    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(0)) * 3
     rows = _rows(vocab)
     processor = Processor(torch.device("cpu"), EOS, 2)  # a small buffer: it grows when a step needs more
     scores = processor(logits, rows)
@@ -69,7 +71,7 @@ def test_penalties_and_min_new_tokens_match_a_plain_per_row_reference():
 
 def test_a_penalised_row_chooses_in_any_batch_what_it_chooses_alone():
     vocab = 50
-    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(2)) * 3
+    logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(2)) * 3
     rows = _rows(vocab)
     processor = Processor(torch.device("cpu"), EOS)
     steps = [len(r.generated) for r in rows]
