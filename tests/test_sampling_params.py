@@ -173,6 +173,21 @@ def test_logprobs_and_prompt_logprobs_equal_a_plain_forwards(engine, hf, monkeyp
     assert events[0][-1].logprobs is None and events[0][-1].prompt_logprobs is None
 
 
+def test_a_sampled_penalised_rows_logprobs_are_of_its_penalised_scores_before_temperature(engine, hf):
+    """What the README promises: log_softmax of the model's logits after the penalties (a plain HF
+    forward, penalised by the per-row reference), temperature not applied."""
+    sampling = SamplingParams(temperature=1.5, top_p=0.95, seed=11, repetition_penalty=1.3, frequency_penalty=0.4)
+    req = _request(engine, "s", max_new=8, logprobs=4, sampling=sampling)
+    done = _serve(engine, [req])[0][0][-1]
+    with torch.no_grad():
+        logits = hf(torch.tensor([[*req.prompt_ids, *done.token_ids]])).logits[0].float()
+    prompt = len(req.prompt_ids)
+    for k, (token, entry) in enumerate(zip(done.token_ids, done.logprobs, strict=True)):
+        row = _row(0, req.prompt_ids, done.token_ids[:k], sampling)
+        _check(entry, torch.log_softmax(_reference(logits[prompt - 1 + k], row), dim=-1), token, 4)
+    assert any(e.rank > 1 for e in done.logprobs)  # sampled at 1.5: not always the likeliest
+
+
 def test_prompt_logprobs_from_a_prefill_alone_in_chunks(engine, hf):
     """engine.prefill runs the prompt in column chunks of 8: every chunk's positions are scored."""
     prompt = tuple(engine.encode(PROMPT + " a long enough prompt to need three chunks"))
