@@ -3,8 +3,9 @@ predicts, with their ranks and the most likely alternatives.
 
 Which distribution: log_softmax of the scores the row's token is chosen from (runner/sampling.py
 `Processor`: the model's logits after the penalties and the min_new_tokens mask), temperature,
-top_k and top_p not applied, as vLLM returns by default. A prompt position's scores are the
-model's own (nothing penalises a prompt). So a greedy row's chosen token always has rank 1, and a
+top_k and top_p not applied: vLLM's default (raw logprobs) but for the penalties, which vLLM's
+raw logprobs leave out; here a penalised row's logprobs are of the distribution it chose from.
+A prompt position's scores are the model's own (nothing penalises a prompt). So a greedy row's chosen token always has rank 1, and a
 request's logprobs do not change with its temperature.
 
 Computed on the device for the asking rows only, and brought to the host inside the step's one
