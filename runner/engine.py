@@ -36,7 +36,8 @@ from runner.kvpool import (ATTENTION, KERNELS, KVPool, MixedContext, decode_view
                            prefill_context)
 from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
-from runner.sampling import Sampler
+from runner.logprobs import Logprobs
+from runner.sampling import Processor, Sampler
 from runner.staging import Staging, decode_rows, decode_views
 from scheduler.engine import Row, StepResult, Text, TextJob
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, GenerationFailed, LoraServeError, OutOfMemory
@@ -48,8 +49,10 @@ CPU_KV_DEFAULT_MIB = 512
 
 
 def _fetch(tensor: torch.Tensor) -> list:
-    """The one device-to-host transfer of a step (a sync on cuda): its [2, B] tokens and finite flags.
-    Nothing else in a step reads a device value on the host (tests/test_syncs.py)."""
+    """The one device-to-host transfer of a step (a sync on cuda): its [2, B] tokens and finite
+    flags, or, when a row asks for logprobs, those and the logprobs packed flat as float64
+    (runner/logprobs.py). Nothing else in a step reads a device value on the host
+    (tests/test_syncs.py)."""
     return tensor.tolist()
 
 
@@ -154,6 +157,15 @@ def load_model(cfg: EngineConfig):
     return tokenizer, model, device
 
 
+def _prompt_positions(row: Row) -> tuple[int, int]:
+    """(first, count): the context positions of this prefill chunk whose scores predict a prompt
+    token (position p predicts token p + 1) when the row asks for prompt logprobs, else (0, 0)."""
+    if row.prompt_logprobs is None:
+        return 0, 0
+    end = min(row.upto or len(row.context), len(row.prompt_ids) - 1)
+    return row.cached, max(end - row.cached, 0)
+
+
 class TorchEngine:
     """Implements scheduler.engine.Engine over a HF causal LM."""
 
@@ -182,6 +194,8 @@ class TorchEngine:
         self._inputs: Staging | None = None  # eager decode's tokens, lengths, slots and block tables
         self._prefill_inputs: Staging | None = None  # a prefill's or mixed step's (PrefillPlan.values and more)
         self._sampler: Sampler | None = None
+        self._processor: Processor | None = None
+        self._logprobs: Logprobs | None = None
         self._copy_stream = None  # cuda: adapters are copied into their slots on a side stream
         self._copies: dict[int, object] = {}  # slot -> cuda event of its last copy, until a step awaits it
         self._pad = 0
@@ -231,6 +245,7 @@ class TorchEngine:
         self._inputs = Staging(rows * (3 + self._pool.geometry.blocks_per_sequence), self._device)
         self._prefill_inputs = Staging(8 * max(self.cfg.prefill_chunk_tokens, rows), self._device)
         self._sampler = Sampler(self._device, rows)
+        self._logprobs = Logprobs(self._device, rows)
         if graphs:
             self._graphs = DecodeGraphs(self._model_step, self._pool, self._pad, capture=capture,
                                         max_rows=self.cfg.max_rows, kernel=self._kernel)
@@ -240,6 +255,7 @@ class TorchEngine:
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in (*eos, self._tokenizer.eos_token_id) if i is not None)
         self._guide = Guide(self._tokenizer, self._model.get_output_embeddings().out_features, self._eos, rows)
+        self._processor = Processor(self._device, self._eos, rows)
         pool, g = self._pool, self._pool.geometry
         log.info("loaded base model %s on %s (quantization=%s); KV pool: %d blocks of %d tokens = %d tokens, "
                  "%.1f MiB (%d KiB per token; %d tokens per sequence at most); attention: %s; decode: %s%s",
@@ -610,15 +626,32 @@ class TorchEngine:
         positions a shared prefix already holds; its next token comes from the last one."""
         fed, tables, cached = [list(r.fed) for r in rows], [list(r.blocks) for r in rows], [r.cached for r in rows]
         width = max(map(len, fed))
+        wanted = [_prompt_positions(r) for r in rows]
+        picked, places = [], []
         # Long prompts run in chunks of columns, so activations and masks stay bounded whatever the
         # prompt's length; each chunk writes its keys into the pool, where the next reads them.
-        # Left padding puts every row's last token in the last column (logits_to_keep=1).
+        # Left padding puts every row's last token in the last column (logits_to_keep=1); rows
+        # asking for prompt logprobs keep the columns from the first of theirs on ([B, K, vocab]).
         chunk = self.cfg.prefill_chunk_tokens or width
         for begin in range(0, width, chunk):
-            plan = plan_prefill(tables, cached, fed, self._pool.scratch, begin, min(begin + chunk, width))
-            ctx, ids, positions = prefill_context(self._pool, plan, self._prefill_inputs.send(plan.values))
-            logits = self._forward(rows, ids, positions, ctx)
-        return self._results(rows, logits)
+            end = min(begin + chunk, width)
+            plan = plan_prefill(tables, cached, fed, self._pool.scratch, begin, end)
+            spans = []  # asked positions within this chunk: (row, first column, end column, first position)
+            for i, (first, count) in enumerate(wanted):
+                column = width - len(fed[i]) + first - cached[i]  # row i's position `first` sits there
+                lo, hi = max(column, begin), min(column + count, end)
+                if lo < hi:
+                    spans.append((i, lo - begin, hi - begin, first + lo - column))
+            kept = end - begin - min((lo for _, lo, _, _ in spans), default=end - begin - 1)
+            flat = [i * kept + c - (end - begin - kept) for i, lo, hi, _ in spans for c in range(lo, hi)]
+            dev = self._prefill_inputs.send([*plan.values, *flat])
+            ctx, ids, positions = prefill_context(self._pool, plan, dev[:len(plan.values)])
+            logits = self._forward(rows, ids, positions, ctx, None, kept if spans else None)
+            if flat:
+                picked.append(logits.flatten(0, 1).index_select(0, dev[len(plan.values):]))
+                places += [(i, rows[i].prompt_ids[p + 1]) for i, lo, hi, p0 in spans for p in range(p0, p0 + hi - lo)]
+                logits = logits[:, -1]
+        return self._results(rows, logits, (torch.cat(picked), places) if picked else None)
 
     @torch.inference_mode()
     def _mixed(self, rows: list[Row]) -> list[StepResult]:
@@ -633,14 +666,22 @@ class TorchEngine:
         for row, tokens in zip(chunks, fed):
             slots += [self._lora_slot(row)] * len(tokens)
         ends = list(itertools.accumulate(map(len, fed), initial=n))[1:]
+        # Columns of prompt positions asked for, after each row's own: chunk j's position p sits at
+        # column ends[j] - len(fed[j]) + p - cached.
+        asked, places = [], []
+        for j, row in enumerate(chunks):
+            first, count = _prompt_positions(row)
+            column = ends[j] - len(fed[j]) + first - row.cached
+            asked += range(column, column + count)
+            places += [(n + j, t) for t in row.prompt_ids[first + 1:first + 1 + count]]
         flat, width = decode_rows([r.generated[-1] for r in decoding], lengths, [0] * n,
                                   [r.blocks for r in decoding], 0, self._pad, self._pool.scratch)
-        packed = [*flat, *plan.values, *slots, *range(n), *(e - 1 for e in ends)]
+        packed = [*flat, *plan.values, *slots, *range(n), *(e - 1 for e in ends), *asked]
         dev = self._prefill_inputs.send(packed)
         inputs, table_t = decode_views(dev[:len(flat)], n, width)
         dev = dev[len(flat):]
         ctx, _, _ = prefill_context(self._pool, plan, dev[:len(plan.values)])
-        slots_t, keep = dev[len(plan.values):].split([len(slots), n + len(chunks)])
+        slots_t, keep = dev[len(plan.values):].split([len(slots), n + len(chunks) + len(asked)])
         ids = torch.cat((inputs[0], dev[:plan.tokens])).unsqueeze(0)  # [1, N]
         positions = torch.cat((inputs[1], dev[3 * plan.tokens:4 * plan.tokens])).unsqueeze(0)
         # The decode rows' keys are gathered (the reference read), as a prefill's are: FlexAttention
@@ -648,8 +689,9 @@ class TorchEngine:
         ctx = MixedContext(decode_view(self._pool, table_t.to(torch.int32), inputs[1], "reference", max(lengths) + 1),
                            ctx, n)
         logits = self._forward([*decoding, *chunks], ids, positions, ctx, (tuple(slots), slots_t), keep)
+        prompt = (logits[n + len(chunks):], places) if asked else None
         results = dict(zip((r.seq_id for r in (*decoding, *chunks)),
-                           self._results([*decoding, *chunks], logits)))
+                           self._results([*decoding, *chunks], logits[:n + len(chunks)], prompt)))
         return [results[r.seq_id] for r in rows]
 
     @torch.inference_mode()
@@ -674,10 +716,11 @@ class TorchEngine:
         return self._results(rows, self._forward(rows, ids, lengths_t.unsqueeze(1), ctx, (tuple(lora), slots)))
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, ctx,
-                 slots: tuple[tuple[int, ...], torch.Tensor] | None = None, keep: torch.Tensor | None = None):
+                 slots: tuple[tuple[int, ...], torch.Tensor] | None = None, keep: torch.Tensor | int | None = None):
         """[B, vocab] float32 logits of each row's next token. `slots`: the step's LoRA slot per row
         (per token, packed), and the same already on the device (from the step's one copy in).
-        `keep`: a packed step's columns whose logits are kept (else each row's last)."""
+        `keep`: a packed step's columns whose logits are kept, or a number of each row's last
+        columns ([B, keep, vocab]); None: each row's last."""
         lora, on_device = slots or (tuple(self._lora_slot(r) for r in rows), None)
         if on_device is None or self._rows.kernel != "triton":  # the grouped path groups rows from the host tuple
             installed = self._rows.using(lora, self._device)
@@ -691,11 +734,15 @@ class TorchEngine:
         with self._rows.installed(lora):
             return self._call(ids, positions, ctx)
 
-    def _call(self, ids: torch.Tensor, positions: torch.Tensor, ctx, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, vocab] logits of each row's next token (the attention takes its mask from ctx)."""
+    def _call(self, ids: torch.Tensor, positions: torch.Tensor, ctx, keep: torch.Tensor | int | None = None
+              ) -> torch.Tensor:
+        """[B, vocab] logits of each row's next token (the attention takes its mask from ctx);
+        `keep` as in _forward."""
         out = self._model(input_ids=ids, position_ids=positions, use_cache=False,
                           logits_to_keep=1 if keep is None else keep, kv_step=ctx)
-        return out.logits[:, -1, :] if keep is None else out.logits[0]
+        if keep is None:
+            return out.logits[:, -1, :]
+        return out.logits if isinstance(keep, int) else out.logits[0]
 
     def _lora_slot(self, row: Row) -> int:
         if row.adapter.is_base:
@@ -710,17 +757,32 @@ class TorchEngine:
             raise AdapterLoadFailed(adapter.key, "it was not attached when its batch step ran")
         return attached[0]
 
-    def _results(self, rows: list[Row], logits: torch.Tensor) -> list[StepResult]:
-        sampled, masked, faults = self._guide.constrain(rows, logits)  # runner/guided.py
-        tokens, finite = _fetch(torch.stack((self._sample(sampled, masked), _finite(logits).long())))
-        results = [StepResult(row.seq_id, token) if ok else StepResult(row.seq_id, error=GenerationFailed(
-                       "the model produced non-finite scores for this request", reason="NON_FINITE_LOGITS"))
-                   for row, token, ok in zip(rows, tokens, finite, strict=True)]
+    def _results(self, rows: list[Row], logits: torch.Tensor,
+                 prompt: tuple[torch.Tensor, list[tuple[int, int]]] | None = None) -> list[StepResult]:
+        """`prompt`: the scores of prompt positions rows asked logprobs for, and per position
+        (row index, the token it predicts), in each row's order. Guided rows' masks (runner/guided.py)
+        come first, so penalties, the choice and the logprobs all see the grammar's tokens only."""
+        sampled, masked, faults = self._guide.constrain(rows, logits)
+        scores = self._processor(masked, sampled)
+        tokens, finite = self._sample(sampled, scores), _finite(logits)
+        if prompt is None and all(r.logprobs is None for r in rows):
+            tokens, finite = _fetch(torch.stack((tokens, finite.long())))
+            chosen, prompts = [None] * len(rows), [()] * len(rows)
+        else:
+            packed, layout = self._logprobs.pack(scores, tokens, rows, prompt)
+            values = _fetch(torch.cat((tokens.double(), finite.double(), packed)))
+            b = len(rows)
+            tokens, finite = [int(t) for t in values[:b]], values[b:2 * b]
+            chosen, prompts = self._logprobs.unpack(values[2 * b:], tokens, rows, layout)
+        results = [StepResult(row.seq_id, token, logprob=lp, prompt_logprobs=tuple(pl)) if ok else StepResult(
+                       row.seq_id, error=GenerationFailed("the model produced non-finite scores for this request",
+                                                          reason="NON_FINITE_LOGITS", adapter_id=row.adapter.key))
+                   for row, token, ok, lp, pl in zip(rows, tokens, finite, chosen, prompts, strict=True)]
         return [StepResult(r.seq_id, error=faults[r.seq_id]) if r.seq_id in faults else r for r in results]
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, rows: list[Row], scores: torch.Tensor) -> torch.Tensor:
         """[B] token ids, on the device (runner/sampling.py: no host round trip)."""
-        return self._sampler(logits, [r.sampling for r in rows], [len(r.generated) for r in rows])
+        return self._sampler(scores, [r.sampling for r in rows], [len(r.generated) for r in rows])
 
     async def detokenize(self, jobs: Sequence[TextJob]) -> list[Text | LoraServeError]:
         return await asyncio.get_running_loop().run_in_executor(self._detokenizer, self._texts, list(jobs))

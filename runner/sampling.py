@@ -20,6 +20,17 @@ Normalised rather than refused (validation has already refused non-finite and ne
 a temperature below MIN_TEMPERATURE is sampled at MIN_TEMPERATURE (dividing by 1e-38 overflows
 to inf; at 1e-4 the distribution is already one-hot to float precision unless logits tie), and
 top_k above the vocabulary means the whole vocabulary.
+
+Before any of that, `Processor` turns the model's logits into the scores a row chooses from:
+repetition_penalty (vLLM's and HF's: a score of a token already in the prompt or the output is
+divided by the penalty when positive, multiplied when negative), then frequency_penalty and
+presence_penalty (OpenAI's: minus frequency x the token's count in the output, minus presence
+once it occurs there), and EOS made impossible while a row has generated fewer than its
+min_new_tokens. All penalised rows at once: their tokens, padded, go in one copy; their outputs
+are counted by scatter_add into [rows, vocab], and only the scores of the tokens they hold are
+read and written back (take, index_put) into one copy of the logits. A step where no row asks
+copies and computes nothing. Counts are sums of ones, exact in float32 in any order, so a
+penalised row's scores are the same in any batch.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from typing import Sequence
 import torch
 
 from runner.staging import Staging
+from scheduler.engine import Row
 from scheduler.types import SamplingParams
 
 MIN_TEMPERATURE = 1e-4
@@ -97,6 +109,59 @@ class Sampler:
             cached = self._tokens[vocab] = _token_hash(torch.arange(vocab, dtype=torch.int64, device=device)
                                                        ).unsqueeze(0)
         return cached
+
+
+class Processor:
+    """Penalties and min_new_tokens over a step's logits (see the module's docstring), through
+    one staging buffer of its own."""
+
+    def __init__(self, device: torch.device, eos: frozenset[int], rows: int = 16):
+        # float64 holds the flat indices (row x vocab + token) exactly, and the penalties.
+        self._staging = Staging(rows * 64, device, torch.float64)
+        self._eos = sorted(eos)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+        """`logits` [B, V] -> the scores rows choose from: `logits` itself when no row asks for a
+        penalty or min_new_tokens, else a copy changed where they ask (the model's logits stay)."""
+        penalised = [i for i, r in enumerate(rows) if r.sampling.penalized]
+        held = [i for i, r in enumerate(rows) if len(r.generated) < r.min_new_tokens] if self._eos else []
+        if not penalised and not held:
+            return logits
+        vocab = logits.shape[1]
+        # Per penalised row, the tokens whose scores change: its output's, then (when it has a
+        # repetition penalty) its prompt's, padded with a repeat of its first (the same token,
+        # the same new score: written twice, alike) or, when it has none, token 0 left as it is.
+        changed = [[*rows[i].generated, *(rows[i].prompt_ids if rows[i].sampling.repetition_penalty != 1.0
+                                          else ())] for i in penalised]
+        width, counted = max(map(len, changed), default=0), max((len(rows[i].generated) for i in penalised), default=0)
+        values = [*(i * vocab + t for i in held for t in self._eos), *(bool(c) for c in changed),
+                  *(rows[i].sampling.repetition_penalty for i in penalised),
+                  *(rows[i].sampling.frequency_penalty for i in penalised),
+                  *(rows[i].sampling.presence_penalty for i in penalised)]
+        for i, tokens in zip(penalised, changed):
+            values += (i * vocab + t for t in tokens)
+            values += [i * vocab + (tokens[0] if tokens else 0)] * (width - len(tokens))
+        for i in penalised:  # the output alone, counted: padded with `vocab`, a column dropped after
+            values += rows[i].generated
+            values += [vocab] * (counted - len(rows[i].generated))
+        p, e = len(penalised), len(held) * len(self._eos)
+        dev = self._staging.send(values)
+        scores = logits.clone(memory_format=torch.contiguous_format)
+        flat = scores.view(-1)
+        if p:
+            some = dev[e:e + p].unsqueeze(1).bool()
+            rep, freq, pres = dev[e + p:e + 4 * p].view(3, p, 1).float()
+            at = dev[e + 4 * p:e + p * (4 + width)].view(p, width).long()
+            out = dev[e + p * (4 + width):].view(p, counted).long()
+            ones = torch.ones(out.shape, device=logits.device)
+            count = torch.zeros(p, vocab + 1, device=logits.device).scatter_add_(1, out, ones)
+            c = count.gather(1, at % vocab)
+            g = flat.take(at)
+            new = torch.where(g > 0, g / rep, g * rep) - freq * c - pres * (c > 0)
+            flat.index_put_((at.flatten(),), torch.where(some, new, g).flatten())
+        if e:
+            flat.index_fill_(0, dev[:e].long(), float("-inf"))
+        return scores
 
 
 def _nucleus(scores: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, h: torch.Tensor,

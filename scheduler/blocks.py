@@ -113,16 +113,17 @@ class BlockManager:
             hits.append((block, digest))
         return hits
 
-    def admit(self, key: str, tokens: Sequence[int], reserve_tokens: int = 0, count: bool = True) -> BlockTable | None:
+    def admit(self, key: str, tokens: Sequence[int], reserve_tokens: int = 0, count: bool = True,
+              share: bool = True) -> BlockTable | None:
         """Blocks for a sequence whose prefill writes `tokens` (and whose first decode writes one
         position more), or None when they are not free. `key` is the adapter's id@version: another
         adapter or version never shares a block. `reserve_tokens`: the most tokens it can ever hold
         (reserve mode only). `count`: whether the lookup counts in the prefix statistics (not when
-        a preempted sequence comes back)."""
+        a preempted sequence comes back). `share`: whether it may take shared prefix blocks."""
         need = self.blocks_for(len(tokens) + 1)
         if need - (len(tokens) - 1) // self.block_size > self.free:
             return None  # not even with every full block shared: no need to hash a long prompt
-        hits = self._hits(key, tokens)
+        hits = self._hits(key, tokens) if share else []
         reused_free = sum(1 for block, _ in hits if self._refs[block] == 0)
         fresh = need - len(hits)
         promise = max(self.blocks_for(reserve_tokens) - need, 0) if self.reserve else 0

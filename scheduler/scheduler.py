@@ -30,7 +30,7 @@ from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
 from scheduler.tiers import AdapterTiers, Fetch, Origin
 from scheduler.types import (BASE, AdapterRef, Completion, Cost, FinishReason, GenerationRequest,
-                             TextDelta, Timeline, Timings)
+                             TextDelta, Timeline, Timings, TokenLogprob)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,13 @@ class _Seq:
     """Context positions whose keys its blocks hold (shared prefix included)."""
     upto: int = 0
     """The end of the context chunk its current prefill step computes."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per generated token, when the request asks for logprobs."""
+    prompt_scores: list[TokenLogprob | None] = field(default_factory=list)
+    """When it asks for prompt logprobs: one per prompt token, None until a prefill chunk of its
+    first admission has computed it (a re-prefill after a preemption computes them no more)."""
+    sent: int = 0
+    """Generated tokens already carried by a TextDelta."""
 
     @property
     def output_tokens(self) -> int:
@@ -101,22 +108,48 @@ class _Seq:
         """Positions a decode step has filled after its next write (Row.length + 1)."""
         return len(self.req.prompt_ids) + len(self.generated)
 
-    def row(self) -> Row:
-        return Row(self.seq_id, self.req.adapter, tuple(self.table.blocks), self.req.prompt_ids, self.generated,
-                   self.req.sampling, self.prefilled, self.upto if self.target else 0,
-                   bool(self.target), response_format=self.req.response_format)
+    @property
+    def wants_prompt_logprobs(self) -> int | None:
+        """Alternatives per prompt token to return (None: no prompt logprobs); score_only asks."""
+        req = self.req
+        return req.prompt_logprobs if req.prompt_logprobs is not None or not req.score_only else 0
 
-    def emit(self, text: str, upto: int) -> None:
-        if upto > self.emitted:
-            self.events.put_nowait(TextDelta(text[self.emitted:upto]))
-            self.emitted = upto
+    @property
+    def scoring(self) -> bool:
+        """Whether its prefill still has prompt logprobs to compute."""
+        return self.wants_prompt_logprobs is not None and None in self.prompt_scores[1:]
+
+    def row(self) -> Row:
+        req = self.req
+        return Row(self.seq_id, req.adapter, tuple(self.table.blocks), req.prompt_ids, self.generated,
+                   req.sampling, self.prefilled, self.upto if self.target else 0,
+                   bool(self.target), min_new_tokens=req.min_new_tokens, logprobs=req.logprobs,
+                   prompt_logprobs=self.wants_prompt_logprobs if self.target and self.scoring else None,
+                   response_format=req.response_format)
+
+    def score(self, first: int, entries: tuple[TokenLogprob, ...]) -> None:
+        """A prefill chunk's prompt logprobs, the first for prompt token `first`: kept where none
+        is yet (a retried or repeated chunk adds nothing twice)."""
+        for j, entry in enumerate(entries, start=first):
+            if j < len(self.prompt_scores) and self.prompt_scores[j] is None:
+                self.prompt_scores[j] = entry
+
+    def emit(self, text: str, upto: int, tokens: int) -> None:
+        """Text up to `upto` if it grew, with the generated tokens up to `tokens` not yet sent (and
+        their logprobs); at the end (upto = len(text)) whatever tokens are left even without text."""
+        if upto > self.emitted or (upto == len(text) and tokens > self.sent):
+            self.events.put_nowait(TextDelta(text[self.emitted:upto], tuple(self.generated[self.sent:tokens]),
+                                             tuple(self.logprobs[self.sent:tokens])))
+            self.emitted, self.sent = max(upto, self.emitted), max(tokens, self.sent)
 
 
 def _merge_deltas(items: list) -> list:
     merged: list = []
     for item in items:
         if merged and isinstance(item, TextDelta) and isinstance(merged[-1], TextDelta):
-            merged[-1] = TextDelta(merged[-1].text + item.text)
+            last = merged[-1]
+            merged[-1] = TextDelta(last.text + item.text, last.token_ids + item.token_ids,
+                                   last.logprobs + item.logprobs)
         else:
             merged.append(item)
     return merged
@@ -295,6 +328,8 @@ class Scheduler:
             # Sampling is a pure function of (seed, step): a drawn seed keeps a retried step identical.
             req = replace(req, sampling=replace(req.sampling, seed=random.getrandbits(63)))
         seq = _Seq(next(self._ids), req, self._clock())
+        if seq.wants_prompt_logprobs is not None and req.prompt_ids:
+            seq.prompt_scores = [TokenLogprob(req.prompt_ids[0], None), *[None] * (len(req.prompt_ids) - 1)]
         seq.timeline.enqueued = seq.enqueued_at
         self._waiting.append(seq)
         self.stats.submitted += 1
@@ -404,8 +439,9 @@ class Scheduler:
         those after it wait: a big request is not overtaken forever by small ones)."""
         admitted = []
         for seq in picked:
+            # Prompt logprobs need every prompt position computed: no shared prefix for them.
             seq.table = self._kv.admit(_prefix_key(seq.req.adapter), seq.context, seq.req.token_budget,
-                                       count=not seq.dispatched)
+                                       count=not seq.dispatched, share=not seq.scoring)
             if seq.table is None:
                 break
             if not seq.dispatched:  # a resumed sequence's hits are its own re-published blocks
@@ -646,6 +682,8 @@ class Scheduler:
         chunk's once the chunk ends its context (its blocks then hold good keys: shareable)."""
         if not seq.target or res.error is not None or seq.done or seq.cancelled:
             return True
+        if res.prompt_logprobs:
+            seq.score(seq.prefilled + 1, res.prompt_logprobs)
         seq.prefilled = seq.upto
         if seq.upto < seq.target:
             return False  # a chunk: its token is not the next one yet
@@ -713,7 +751,12 @@ class Scheduler:
             if res.error is not None:
                 self._fail([seq], res.error)
                 continue
+            if seq.req.score_only:  # its prefill is the answer: the token it would start with is not
+                self._finish(seq, "", FinishReason.LENGTH)
+                continue
             seq.generated.append(res.token_id)
+            if seq.req.logprobs is not None:
+                seq.logprobs.append(res.logprob)
             seq.ending = (FinishReason.EOS if res.token_id in eos and not seq.req.ignore_eos else
                           FinishReason.LENGTH if seq.output_tokens >= seq.req.max_new_tokens else None)
             prefix, read = seq.detok
@@ -734,29 +777,32 @@ class Scheduler:
         except Exception as exc:  # the engine's own failure: these rows fail, the loop goes on
             log.exception("decoding the text of %d rows failed", len(jobs))
             texts = [_alone(exc)] * len(jobs)
-        for (seq, _), out in zip(jobs, texts, strict=True):
+        for (seq, job), out in zip(jobs, texts, strict=True):
             if seq.done or seq.cancelled:
                 continue
             if isinstance(out, LoraServeError):
                 self._fail([seq], out)
                 continue
-            prefix = seq.detok[0]
+            prefix, tokens = seq.detok[0], job.position + 1
             seq.detok = (prefix + out.prefix, prefix + out.read)
             stops, searched = seq.req.stop_sequences, len(seq.text)
             seq.text = text = seq.text + out.text
             if seq.ending is not None:
                 text += out.held  # nothing more will complete it: the decoder's text as it is
-            # Only the new text (and a stop's length before it) can hold a new match.
-            cut = find_stop(text, stops, max(0, searched - max(map(len, stops)) + 1)) if stops else -1
+            # Only the new text (and a stop's length before it) can hold a new match, and none
+            # counts before min_new_tokens; text already streamed (then) is never taken back.
+            stopping = stops and tokens >= seq.req.min_new_tokens
+            start = max(searched - max(map(len, stops)) + 1, seq.emitted) if stopping else 0
+            cut = find_stop(text, stops, start) if stopping else -1
             if cut >= 0:
                 self._finish(seq, text[:cut], FinishReason.STOP_SEQUENCE)
             elif seq.ending is not None:
                 self._finish(seq, text, seq.ending)
             else:
-                seq.emit(text, stable_length(text, stops))
+                seq.emit(text, stable_length(text, stops if stopping else ()), tokens)
 
     def _finish(self, seq: _Seq, text: str, reason: FinishReason) -> None:
-        seq.emit(text, len(text))
+        seq.emit(text, len(text), len(seq.generated))
         seq.done = True
         seq.timeline.finished = self._clock()
         self.stats.completed += 1
@@ -767,5 +813,7 @@ class Scheduler:
             input_tokens=len(seq.req.prompt_ids), output_tokens=seq.output_tokens,
             adapter=seq.req.adapter, load_source=seq.load_source, timings=seq.timings,
             fallback_reason=seq.req.fallback_reason, fallback_from=seq.req.requested, timeline=seq.timeline,
-            cost=seq.cost, cached_tokens=seq.cached_tokens,
+            cost=seq.cost, cached_tokens=seq.cached_tokens, token_ids=tuple(seq.generated),
+            logprobs=tuple(seq.logprobs) if seq.req.logprobs is not None else None,
+            prompt_logprobs=tuple(seq.prompt_scores) if seq.wants_prompt_logprobs is not None else None,
         ))

@@ -125,8 +125,8 @@ class GenerationRequest:
 
     @property
     def token_budget(self) -> int:
-        """Tokens this request may occupy in a batch's KV cache."""
-        return len(self.prompt_ids) + self.max_new_tokens
+        """Tokens this request may occupy in a batch's KV cache (score_only: its prompt's)."""
+        return len(self.prompt_ids) + (0 if self.score_only else self.max_new_tokens)
 
 
 @dataclass

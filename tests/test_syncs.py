@@ -1,5 +1,5 @@
 """One device-to-host transfer per step (decode, or decode with a prefill in the same forward): the
-step's tokens and finite flags, through
+step's tokens and finite flags (and the logprobs rows ask for, packed with them), through
 runner.engine._fetch, and no other read of a device value on the host.
 
 On a CPU no transfer is observable, so the CPU test counts what would be one on cuda: calls of
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -44,10 +45,16 @@ def _engine(demo_dir, mode: str, device: str = "cpu") -> TorchEngine:
     return engine
 
 
-def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING, joining: bool = False):
+def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING, joining: bool = False, asking: bool = False):
     """A prefilled batch of greedy and sampled rows (top_k, top_p, both, temperature alone) over the
     base model and three adapters; -> a function running its next decode step (`joining`: with a
-    newcomer's prompt prefilled in the same step, one forward, as the scheduler mixes them)."""
+    newcomer's prompt prefilled in the same step, one forward, as the scheduler mixes them;
+    `asking`: every other row asks for logprobs, penalties or min_new_tokens, the newcomer for
+    prompt logprobs)."""
+    if asking:
+        sampling = [replace(p, repetition_penalty=1.2, presence_penalty=0.5) if i % 3 == 1 else p
+                    for i, p in enumerate(sampling)]
+    extra = [dict(logprobs=i % 4, min_new_tokens=4) if asking and i % 2 == 0 else {} for i in range(len(sampling))]
     refs = [demo_ref(demo_dir, n) for n in ("base", *ADAPTERS)]
     manager = BlockManager(engine.kv_blocks, engine.kv_block_size, prefix_caching=False)
     prompts = [tuple(engine.encode(PROMPTS[i % len(PROMPTS)])) for i in range(len(sampling))]
@@ -57,7 +64,7 @@ def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING, joining: bool
     def rows() -> list[Row]:
         for i, p in enumerate(prompts):
             assert manager.grow(tables[i], len(p) + len(generated[i]))
-        return [Row(i, refs[i % len(refs)], tuple(tables[i].blocks), prompts[i], generated[i], sampling[i])
+        return [Row(i, refs[i % len(refs)], tuple(tables[i].blocks), prompts[i], generated[i], sampling[i], **extra[i])
                 for i in range(len(prompts))]
 
     async def prefill():
@@ -72,7 +79,7 @@ def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING, joining: bool
     newcomer = tuple(engine.encode(PROMPTS[1]))
     table = manager.admit("n", newcomer)
     joiner = Row(len(prompts), refs[1], tuple(table.blocks), newcomer, [], sampling[1], upto=len(newcomer),
-                 prefill=True)
+                 prefill=True, prompt_logprobs=2 if asking else None)
 
     def step() -> list:
         results = engine._step([*rows(), joiner] if joining else rows())
@@ -84,12 +91,14 @@ def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING, joining: bool
     return step
 
 
-@pytest.mark.parametrize("mode,joining", [("off", False), ("buffers", False), ("off", True)],
-                         ids=["decode", "decode-buffers", "decode-and-prefill"])
-def test_a_step_reads_the_device_once(demo_dir, monkeypatch, mode, joining):
+@pytest.mark.parametrize("mode,joining,asking", [("off", False, False), ("buffers", False, False),
+                                                ("off", True, False), ("off", True, True), ("buffers", False, True)],
+                         ids=["decode", "decode-buffers", "decode-and-prefill", "with-logprobs-and-penalties",
+                              "decode-buffers-with-logprobs"])
+def test_a_step_reads_the_device_once(demo_dir, monkeypatch, mode, joining, asking):
     engine = _engine(demo_dir, mode)
     try:
-        step = _mixed_batch(engine, demo_dir, joining=joining)
+        step = _mixed_batch(engine, demo_dir, joining=joining, asking=asking)
         step()  # a first step (the buffers' bucket) as a warm-up, then one counted
         fetched, reads, forward = [], [], [0]
         real_fetch, real_call = engine_module._fetch, engine._call
@@ -124,22 +133,27 @@ def test_a_step_reads_the_device_once(demo_dir, monkeypatch, mode, joining):
             monkeypatch.setattr(torch.Tensor, name, counted(name))
         results = step()
         monkeypatch.undo()
-        assert fetched == [(2, len(SAMPLING) + joining)]
+        # Asked-for logprobs come packed flat after the tokens and flags, in the same transfer.
+        assert len(fetched) == 1 and (fetched[0] == (2, len(SAMPLING) + joining)) != asking
         assert reads == []
         assert len(results) == len(SAMPLING) + joining
+        if asking:
+            assert all((r.logprob is not None) == (i % 2 == 0) for i, r in enumerate(results[:len(SAMPLING)]))
+            assert (len(results[-1].prompt_logprobs) > 0) == joining
     finally:
         asyncio.run(engine.close())
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,joining", [("auto", False), ("off", False), ("auto", True)])
-def test_a_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch, mode, joining):
+@pytest.mark.parametrize("mode,joining,asking", [("auto", False, False), ("off", False, False), ("auto", True, False),
+                                                ("auto", True, True), ("auto", False, True)])
+def test_a_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch, mode, joining, asking):
     """Captured ("auto") and eager decode on cuda, and a decode step with a prefill in its forward:
     no implicit sync anywhere in the step (pageable copies in, reads of device values) but the one
     transfer."""
     engine = _engine(demo_dir, mode, device="cuda")
     try:
-        step = _mixed_batch(engine, demo_dir, joining=joining)
+        step = _mixed_batch(engine, demo_dir, joining=joining, asking=asking)
         step()  # captures the bucket's graph, compiles FlexAttention: both synchronise, once
         torch.cuda.synchronize()
         real_fetch, fetched = engine_module._fetch, []

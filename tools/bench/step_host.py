@@ -36,6 +36,9 @@ MIXES = {
               SamplingParams(temperature=0.9, top_p=0.9, seed=2), SamplingParams(temperature=1.0, seed=3)],
     # Every row sampled with top_k, no top_p.
     "top_k": [SamplingParams(temperature=0.8, top_k=50, seed=1)],
+    # Every row penalised (runner/sampling.py Processor), half of them greedy.
+    "penalised": [SamplingParams(repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.1),
+                  SamplingParams(temperature=0.8, top_k=50, seed=1, repetition_penalty=1.2)],
 }
 
 
