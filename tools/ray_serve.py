@@ -48,7 +48,7 @@ class _Resident:
 @serve.deployment(num_replicas=2, max_ongoing_requests=256)
 class LoraServeDeployment:
     def __init__(self, model_path: str, adapters_dir: str, **config):
-        self._cfg = ServerConfig(port=0, metrics_port=-1, model_path=Path(model_path),
+        self._cfg = ServerConfig(port=0, metrics_port=-1, http_port=0, model_path=Path(model_path),
                                  adapters_dir=adapters_dir, **config)
         self._server: LoraServer | None = None
         self._client: AsyncLoraServeClient | None = None
