@@ -463,7 +463,7 @@ class Scheduler:
         ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live], self._last_admitted)]
         ready.sort(key=lambda s: s.req.shadow)  # stable: real requests first, each in its turn
         picked = [ready[i] for i in select_batch([s.req for s in ready], self._limits, [s.req for s in live])][:room]
-        picked = self._take_blocks(picked)
+        picked = self._take_blocks(self._one_prefill_per_prompt(picked))
         if not picked:
             return False
         started = self._clock()
@@ -490,6 +490,23 @@ class Scheduler:
             self.stats.batches += 1
             self.stats.prefilled_requests += len(new)
         return True
+
+    def _one_prefill_per_prompt(self, picked: list[_Seq]) -> list[_Seq]:
+        """Newcomers with the same adapter version and prompt as a row still prefilling, or as one
+        picked before them (a request's n choices), wait for it: once its prefill publishes the
+        prompt's blocks they join sharing them (the prefix cache) instead of computing it again."""
+        if not self._kv.prefix_caching:
+            return picked
+        busy = {(s.req.adapter, s.req.prompt_ids) for s in self._live() if s.target}
+        out = []
+        for seq in picked:
+            key = (seq.req.adapter, seq.req.prompt_ids)
+            shares = not seq.dispatched and not seq.scoring and len(seq.req.prompt_ids) > self._kv.block_size
+            if shares and key in busy:
+                continue
+            busy.add(key)
+            out.append(seq)
+        return out
 
     def _give_way(self) -> None:
         """Shadows run only on spare capacity: when more real requests wait than rows are free,

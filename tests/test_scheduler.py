@@ -540,6 +540,21 @@ def test_a_repeated_prompt_prefix_is_computed_once_per_adapter_version():
     assert (prefix.queried_tokens, prefix.hit_tokens) == (27, 8)
 
 
+def test_choices_of_one_prompt_submitted_together_compute_it_once():
+    engine = ScriptedEngine()
+    prompt = tuple(range(10, 19))  # 9 tokens: two full blocks of 4
+
+    async def scenario(s):
+        tickets = [s.submit(req(f"n{i}", ref("ab"), prompt=prompt)) for i in range(4)]
+        tickets.append(s.submit(req("short", ref("ab"), prompt=(5, 6))))  # one block or less: never held back
+        return [await t.result() for t in tickets]
+
+    results = run(engine, scenario, limits=BatchLimits(join_delay_s=0))
+    assert [r.cached_tokens for r in results] == [0, 8, 8, 8, 0]
+    assert {r.text for r in results} == {"ab"}
+    assert engine.prefills[0] == [1, 5]  # the first choice and the short prompt; the others wait for its blocks
+
+
 def test_blocks_of_a_failed_request_are_zeroed_before_reuse():
     class Poisoning(ScriptedEngine):
         def _step(self, rows):
