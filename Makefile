@@ -34,12 +34,12 @@ serve: $(STAMP) $(DEMO)/adapters/registry.json
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Only the tests that need a CUDA device (README "Running the suite on CUDA"). The CUDA machine
+# Only the tests that need a CUDA device (docs/performance.md "Running the suite on CUDA"). The CUDA machine
 # has no venv: there, `make test-gpu PY=python3`.
 test-gpu:
 	$(PY) -m pytest -q -m gpu
 
-# On the offline CUDA machine, one command of under 9 minutes (README "Running the suite on CUDA";
+# On the offline CUDA machine, one command of under 9 minutes (docs/performance.md "Running the suite on CUDA";
 # tools/gpu_check.py): the gpu tests, the decode kernel (FlexAttention, CUDA graphs), kvcap and the
 # 1b preset at batch 1/32/128; writes $(OUT) (default var/gpu-check). Without a venv it uses python3
 # and sources .gpu/env.sh when the carried wheels are not importable yet. Never part of `make test`.
@@ -50,7 +50,7 @@ gpu-check:
 	PYTHONPATH=$(CURDIR)/pyclient:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
 	$(GPU_PY) -m tools.gpu_check --out $(or $(OUT),var/gpu-check) $(GPU_CHECK_ARGS)
 
-# The performance benchmark (README "Performance"); writes var/bench/bench.json and bench.png.
+# The performance benchmark (docs/performance.md); writes var/bench/bench.json and bench.png.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(VENV)/bin/loraserve bench --out var/bench

@@ -1,5 +1,5 @@
 """Guided decoding: a row with a response_format only ever chooses a token that keeps its output a
-prefix of JSON valid under that format, and EOS once the JSON is complete (README "Structured
+prefix of JSON valid under that format, and EOS once the JSON is complete (docs/api.md "Structured
 output").
 
 xgrammar compiles each distinct format once into a pushdown automaton with token masks

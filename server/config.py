@@ -1,7 +1,7 @@
 """The one validated server configuration, from command-line flags and LORASERVE_* env vars.
 
 Precedence: flag > environment > default. Each field's `help` is its documentation
-(README's configuration table mirrors it).
+(docs/operations.md's configuration table mirrors it).
 """
 
 from __future__ import annotations

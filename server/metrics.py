@@ -219,7 +219,7 @@ class _SchedulerCollector(Collector):
 
 
 def _holdings(scheduler: Scheduler, lora_slots: int) -> Iterator:
-    """Which adapters this replica holds, for an adapter-aware router (README "Kubernetes").
+    """Which adapters this replica holds, for an adapter-aware router (docs/operations.md "Kubernetes").
 
     One series per adapter in RAM or VRAM under its own name, whatever --metrics-adapter-labels
     says: a router needs the real name, and the tiers bound the count (--max-loras slots, the RAM

@@ -46,7 +46,8 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False here); run "
-                                   "`pytest -m gpu` on the CUDA machine, README 'Running the suite on CUDA'")
+                                   "`pytest -m gpu` on the CUDA machine, "
+                                   "docs/performance.md 'Running the suite on CUDA'")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -209,7 +210,8 @@ def moto_endpoint():
     """moto's S3 server on loopback, with test credentials in the environment (tests/s3util.py)."""
     import os
 
-    pytest.importorskip("moto")  # a test-only package the CUDA machine may lack (README "Running the suite on CUDA")
+    # A test-only package the CUDA machine may lack (docs/performance.md "Running the suite on CUDA").
+    pytest.importorskip("moto")
     from s3util import ENV, moto_server
 
     saved = {k: os.environ.get(k) for k in ENV}

@@ -67,14 +67,15 @@ def test_switches_are_flags_and_true_or_false_in_the_environment():
         parse([], {"LORASERVE_NO_CUDA_GRAPHS": "maybe"})
 
 
-def test_every_setting_has_a_row_in_the_readme_configuration_table():
+def test_every_setting_has_a_row_in_the_docs_configuration_table():
     import dataclasses
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme[readme.index("## Configuration"):readme.index("## Serving your own model")]
+    operations = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    section = operations[operations.index("\n## Configuration\n") + 1:]
+    table = section[:section.index("\n## ")]
     missing = [f.name for f in dataclasses.fields(ServerConfig)
                if f"`--{f.name.replace('_', '-')}`" not in table or f"LORASERVE_{f.name.upper()}" not in table]
-    assert not missing, f"README's configuration table lacks {missing}"
+    assert not missing, f"docs/operations.md's configuration table lacks {missing}"
 
 
 def test_lora_target_modules_are_leaf_names_of_linear_layers():

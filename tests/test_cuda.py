@@ -1,5 +1,5 @@
 """What only a CUDA device exercises (marked `gpu`: skipped elsewhere, with the reason). Run with
-`pytest -m gpu` on the CUDA machine (README "Running the suite on CUDA"):
+`pytest -m gpu` on the CUDA machine (docs/performance.md "Running the suite on CUDA"):
 
 * decode replayed from captured CUDA graphs, rows joining and leaving, mixed adapters, an adapter
   attached (on the side stream) while other rows decode: scores within the stated tolerance of

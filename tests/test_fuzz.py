@@ -1,5 +1,5 @@
 """Fuzz every GenerateRequest field and the call metadata against a running demo server: each
-answer is OK or a status the README's error table lists, with ErrorInfo; never UNKNOWN or
+answer is OK or a status the error table of docs/api.md lists, with ErrorInfo; never UNKNOWN or
 INTERNAL. Afterwards the server is SERVING and answers a fixed request as it did before."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 
-pytest.importorskip("hypothesis")  # a test-only package the CUDA machine may lack (README "Running the suite on CUDA")
+# A test-only package the CUDA machine may lack (docs/performance.md "Running the suite on CUDA").
+pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -26,9 +27,9 @@ TOKEN = "fuzz-token"
 GENERATE = "/loraserve.v1.InferenceService/Generate"
 
 
-def readme_errors() -> set[tuple[str, str]]:
-    """(status, ErrorInfo reason) pairs from the README's error table ("same": the reason is the status)."""
-    text = (REPO / "README.md").read_text()
+def documented_errors() -> set[tuple[str, str]]:
+    """(status, ErrorInfo reason) pairs from docs/api.md's error table ("same": the reason is the status)."""
+    text = (REPO / "docs" / "api.md").read_text()
     table = text[text.index("| status | ErrorInfo reason | when |"):]
     table = table[:table.index("\n\n")]
     pairs = set()
@@ -40,7 +41,7 @@ def readme_errors() -> set[tuple[str, str]]:
     return pairs
 
 
-ALLOWED = readme_errors()
+ALLOWED = documented_errors()
 
 
 def mostly(usual: st.SearchStrategy, wild: st.SearchStrategy) -> st.SearchStrategy:

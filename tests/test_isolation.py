@@ -77,7 +77,8 @@ def test_a_rows_scores_in_a_mixed_batch_agree_with_alone_within_the_stated_toler
     scale = max(float(a.abs().max()) for a in alone)
     worst = max(float((a - t).abs().max()) for a, t in zip(alone, together, strict=True))
     moved = float((alone[0] - other).abs().max())
-    record_property("worst_share", f"{worst / scale:.2g}")  # README "What batching guarantees" quotes these
+    # docs/architecture.md "What batching guarantees" quotes these.
+    record_property("worst_share", f"{worst / scale:.2g}")
     record_property("other_adapter_share", f"{moved / scale:.2g}")
     assert worst <= TOLERANCE[dtype, quantization] * scale, (worst, scale)
     # The tolerance is far below what an adapter changes: another adapter on the same tokens.

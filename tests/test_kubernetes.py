@@ -1,4 +1,4 @@
-"""deploy/kubernetes/ checked without a cluster (README "Kubernetes").
+"""deploy/kubernetes/ checked without a cluster (docs/operations.md "Kubernetes").
 
 Every overlay is rendered with `kubectl kustomize`; its core kinds are validated with
 kubernetes-validate in strict mode (unknown fields refused) against the oldest Kubernetes the
@@ -200,15 +200,15 @@ def test_the_paths_the_config_names_are_mounted_from_the_right_volumes(docs):
     assert claims == {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
 
 
-def test_every_secret_referenced_is_one_the_readme_says_to_create(docs):
+def test_every_secret_referenced_is_one_the_docs_say_to_create(docs):
     referenced = set()
     for pod in (d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"):
         referenced |= {v["secret"]["secretName"] for v in pod.get("volumes", ()) if "secret" in v}
         referenced |= {s["secretRef"]["name"] for c in pod["containers"] for s in c.get("envFrom", ())
                        if "secretRef" in s}
     assert referenced <= SECRETS_MADE_BY_HAND
-    readme = (REPO / "README.md").read_text()
-    assert all(f"`{name}`" in readme for name in referenced)
+    operations = (REPO / "docs" / "operations.md").read_text()
+    assert all(f"`{name}`" in operations for name in referenced)
 
 
 def test_pods_run_unprivileged(docs):
@@ -228,7 +228,7 @@ def test_pods_run_unprivileged(docs):
 def test_resources_hold_what_the_server_is_configured_to_hold(docs):
     cfg, resources = config(docs), server_container(docs)["resources"]
     requests, limits = resources["requests"], resources["limits"]
-    # The CPU demo's process holds 406-416 MiB under load (README "Load and soak").
+    # The CPU demo's process holds 406-416 MiB under load (docs/performance.md "Load and soak").
     assert 416 < mib(requests["memory"]) <= mib(limits["memory"])
     if cfg.device == "cuda":
         assert requests["nvidia.com/gpu"] == limits["nvidia.com/gpu"] == 1

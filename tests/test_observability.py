@@ -302,7 +302,7 @@ def test_tracing_is_off_unless_configured():
 
 def test_metrics_name_the_adapters_this_replica_holds_and_waits_for(traced):
     """What an adapter-aware router reads: each held adapter under its own name, and the same in
-    the Gateway API Inference Extension's LoRA info format (README "Kubernetes")."""
+    the Gateway API Inference Extension's LoRA info format (docs/operations.md "Kubernetes")."""
     srv, _, stub = traced  # one adapter slot, RAM room for one adapter
 
     def info(sample):

@@ -174,7 +174,7 @@ def test_logprobs_and_prompt_logprobs_equal_a_plain_forwards(engine, hf, monkeyp
 
 
 def test_a_sampled_penalised_rows_logprobs_are_of_its_penalised_scores_before_temperature(engine, hf):
-    """What the README promises: log_softmax of the model's logits after the penalties (a plain HF
+    """What docs/architecture.md promises: log_softmax of the model's logits after the penalties (a plain HF
     forward, penalised by the per-row reference), temperature not applied."""
     sampling = SamplingParams(temperature=1.5, top_p=0.95, seed=11, repetition_penalty=1.3, frequency_penalty=0.4)
     req = _request(engine, "s", max_new=8, logprobs=4, sampling=sampling)

@@ -92,7 +92,8 @@ def add_demo_parser(sub) -> None:
     build.set_defaults(func=_demo_build)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree (tests/test_docs.py reads it to check the commands the docs show)."""
     parser = argparse.ArgumentParser(prog="loraserve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
@@ -101,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     add_adapters_parser(sub, smoke=_smoke_tester, run_cases=_run_cases)
     add_bench_parser(sub)
     add_soak_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_third_party()
     return args.func(args)
 

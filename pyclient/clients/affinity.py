@@ -34,7 +34,7 @@ def headless(service: str, min_ring_size: int = 1024) -> tuple[str, list[tuple[s
     """A channel target over every address DNS gives for `service` (host:port), e.g. a Kubernetes
     headless Service (`loraserve-headless.loraserve.svc.cluster.local:50051`), and the options that
     route by adapter. gRPC resolves the name again only when a connection is lost, so replicas
-    added later get no calls from this channel until then (README "Kubernetes")."""
+    added later get no calls from this channel until then (docs/operations.md "Kubernetes")."""
     return f"dns:///{service}", _by_adapter(min_ring_size)
 
 

@@ -105,13 +105,17 @@ def _print(call, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraserve-client", description="call a running loraserve server")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_tokenize_parser(sub)
     add_models_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -1,4 +1,4 @@
-"""What guided decoding costs on a tokenizer (runner/guided.py, README "Structured output").
+"""What guided decoding costs on a tokenizer (runner/guided.py, docs/api.md "Structured output").
 
 Compiling a format (first time, then from the compiler's cache), and the per-step host work of a
 batch of guided rows through Guide.constrain, the engine's own call: each row's matcher fed the
