@@ -34,6 +34,9 @@ from scheduler.types import (BASE, AdapterRef, Completion, Cost, FinishReason, G
 
 log = logging.getLogger(__name__)
 
+SHADOW_SHARE = 4
+"""Shadow requests run only while a batch's real rows are under 1/SHADOW_SHARE of max_batch_size."""
+
 
 @dataclass
 class SchedulerStats:
@@ -275,7 +278,8 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Real requests waiting (shadows are not: they never hold a real one back)."""
+        return sum(not s.req.shadow for s in self._waiting)
 
     @property
     def queue_limit(self) -> int:
@@ -305,7 +309,7 @@ class Scheduler:
         free; otherwise rows free up at about max_batch_size per average service time, and it
         needs the one after every request already waiting."""
         rows = self._limits.max_batch_size
-        ahead = len(self._waiting) + len(self._live()) - rows
+        ahead = self.queue_depth + sum(not s.req.shadow for s in self._live()) - rows
         if ahead < 0 or self._service_s is None:
             return 0.0
         return (ahead + 1) * self._service_s / rows
@@ -314,8 +318,8 @@ class Scheduler:
         """`time_left_s`: the caller's deadline; a request that would still be queued when it
         passes is refused now (DeadlineTooShort) instead of taking a queue slot until then."""
         self.check_accepting()
-        if len(self._waiting) >= self._max_queue:
-            raise QueueFull(len(self._waiting), retry_after_s=max(1.0, self.expected_wait_s()))
+        if self.queue_depth >= self._max_queue:
+            raise QueueFull(self.queue_depth, retry_after_s=max(1.0, self.expected_wait_s()))
         if time_left_s is not None and (expected := self.expected_wait_s()) > time_left_s:
             raise DeadlineTooShort(expected, time_left_s)
         failed = self._failed.get(req.adapter)
@@ -462,6 +466,8 @@ class Scheduler:
             return False
         ready = [ready[i] for i in fair_order([s.req for s in ready], [s.req for s in live], self._last_admitted)]
         ready.sort(key=lambda s: s.req.shadow)  # stable: real requests first, each in its turn
+        if sum(not s.req.shadow for s in (*live, *ready)) >= self._shadow_rows_below:
+            ready = [s for s in ready if not s.req.shadow]
         picked = [ready[i] for i in select_batch([s.req for s in ready], self._limits, [s.req for s in live])][:room]
         picked = self._take_blocks(self._one_prefill_per_prompt(picked))
         if not picked:
@@ -508,12 +514,24 @@ class Scheduler:
             out.append(seq)
         return out
 
+    @property
+    def _shadow_rows_below(self) -> int:
+        """Shadows join a batch, and stay in it, only while it has fewer real rows than this: a
+        row is not free on every device (on a CPU each one adds to the step's time)."""
+        return max(1, self._limits.max_batch_size // SHADOW_SHARE)
+
     def _give_way(self) -> None:
         """Shadows run only on spare capacity: when more real requests wait than rows are free,
-        no shadow waits, and running shadows leave their rows to the real requests ready to take
-        them. (Shadows also join only after the real requests ready: _admit.)"""
+        no shadow waits; running shadows leave their rows to the real requests ready to take
+        them, and leave the batch once it has _shadow_rows_below real rows. (Shadows also join
+        only after the real requests ready, and only below that: _admit.)"""
         real = [s for s in self._waiting if not s.req.shadow]
-        room = self._limits.max_batch_size - len(self._live())
+        live = self._live()
+        room = self._limits.max_batch_size - len(live)
+        if sum(not s.req.shadow for s in live) >= self._shadow_rows_below:
+            for seq in [s for s in live if s.req.shadow]:
+                self._shed(seq)
+            room = self._limits.max_batch_size - len(self._live())
         if len(real) <= room:
             return
         for seq in [s for s in self._waiting if s.req.shadow]:

@@ -51,8 +51,29 @@ def test_a_real_request_takes_a_running_shadows_row():
 
     shadows, real, stats = run(engine, scenario, limits=BatchLimits(max_batch_size=2, join_delay_s=0))
     assert real == "xy"
-    assert shadows.count("shed") == 1 and stats.shadows_shed == 1  # one row was enough
-    assert "abcdefgh" in shadows  # the other shadow finished on the row it kept
+    assert shadows == ["shed", "shed"] and stats.shadows_shed == 2  # a batch of 2 has room for shadows only idle
+
+
+def test_shadows_leave_once_real_rows_reach_a_quarter_of_the_batch():
+    engine = ScriptedEngine()
+
+    async def scenario(s):
+        engine.gate = asyncio.Event()
+        shadows = [s.submit(shadow_of(req(f"s{i}", ref("abcdefgh"), max_new=20))) for i in range(2)]
+        await asyncio.sleep(0.01)
+        first = s.submit(req("r0", ref("xy"), max_new=20))
+        await asyncio.sleep(0.01)
+        kept = s.stats.shadows_shed  # one real row of a batch of 8: below a quarter, the shadows stay
+        second = s.submit(req("r1", ref("uv"), max_new=20))
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        for t in shadows:
+            with pytest.raises(Shed):
+                await t.result()
+        return kept, [(await t.result()).text for t in (first, second)], s.stats
+
+    kept, texts, stats = run(engine, scenario, limits=BatchLimits(max_batch_size=8, join_delay_s=0))
+    assert kept == 0 and texts == ["xy", "uv"] and stats.shadows_shed == 2
 
 
 def test_no_shadow_waits_or_joins_while_a_real_request_waits():
@@ -86,7 +107,8 @@ def test_kv_pressure_sheds_a_shadow_before_preempting_a_real_row():
             await shadow.result()
         return [(await t.result()).text for t in reals], s.stats
 
-    texts, stats = run(engine, scenario, limits=BatchLimits(max_batch_size=3, join_delay_s=0))
+    # A batch of 12: two real rows stay under a quarter of it, so only KV pressure sheds the shadow.
+    texts, stats = run(engine, scenario, limits=BatchLimits(max_batch_size=12, join_delay_s=0))
     assert texts == names and stats.preemptions == 0 and stats.shadows_shed == 1
 
 
