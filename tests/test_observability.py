@@ -93,6 +93,15 @@ def test_span_tree_for_a_cold_then_a_warm_request(traced):
     assert cold_load.end_time - cold_load.start_time > 0
 
 
+def test_a_base_model_request_names_the_base_model_in_its_gen_ai_attributes(traced):
+    srv, exporter, stub = traced
+    exporter.clear()
+    ask(stub, "base", request_id="plain")
+    gen = tree(exporter, "plain")[1]["generate"]
+    model = srv.server.registry.base.model_id
+    assert (gen.attributes[gen_ai.GEN_AI_REQUEST_MODEL], gen.attributes[gen_ai.GEN_AI_RESPONSE_MODEL]) == (model, model)
+
+
 def test_errors_set_span_status_and_error_type(traced):
     _, exporter, stub = traced
     exporter.clear()
