@@ -288,8 +288,7 @@ class S3Store:
         return Fetched(got, time.perf_counter() - started)
 
     def _size(self, key: str) -> int:
-        return self.s3.with_retries(f"HEAD {key}", lambda: self.s3.client.head_object(
-            Bucket=self.s3.location.bucket, Key=key)["ContentLength"])
+        return self.s3.head(key)["ContentLength"]
 
 
 def _passport_bytes(p: Passport) -> bytes:

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Callable, Iterator
 
+from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -25,6 +26,9 @@ from server.memory import EngineMemory
 log = logging.getLogger(__name__)
 
 _LATENCY = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+# The buckets OpenTelemetry's GenAI semantic conventions advise for these two histograms.
+_TTFT = (.001, .005, .01, .02, .04, .06, .08, .1, .25, .5, .75, 1, 2.5, 5, 7.5, 10)
+_TPOT = (.01, .025, .05, .075, .1, .15, .2, .3, .4, .5, .75, 1, 2.5)
 NONE = "-"
 
 
@@ -45,6 +49,16 @@ class Metrics:
         self.ttft_seconds = histogram("loraserve_time_to_first_token_seconds", "Arrival to first generated token")
         self.generation_seconds = histogram("loraserve_generation_seconds", "Prefill plus decode time")
         self.request_seconds = histogram("loraserve_request_duration_seconds", "Whole request, as the server saw it")
+        # Named as an OpenTelemetry Prometheus exporter names gen_ai.server.time_to_first_token and
+        # gen_ai.server.time_per_output_token (dots to underscores, the unit added), labelled with
+        # their attributes gen_ai.operation.name and gen_ai.request.model (bounded as `adapter` is).
+        gen_ai_labels = ("gen_ai_operation_name", "gen_ai_request_model")
+        self.gen_ai_ttft = Histogram(_prometheus_name(gen_ai_metrics.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN),
+                                     "Time to generate the first token (GenAI semantic conventions)", gen_ai_labels,
+                                     buckets=_TTFT, registry=r)
+        self.gen_ai_tpot = Histogram(_prometheus_name(gen_ai_metrics.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN),
+                                     "Time per output token after the first (GenAI semantic conventions)",
+                                     gen_ai_labels, buckets=_TPOT, registry=r)
         self.requests = Counter("loraserve_requests", "Requests by adapter served and status (OK or the error's "
                                 "reason)", ["adapter", "status"], registry=r)
         self.hits = Counter("loraserve_adapter_cache_hits", "Served requests whose adapter was found in the tier",
@@ -124,6 +138,14 @@ class Metrics:
         self.device_seconds.labels(who, adapter, "prefill").inc(cost.prefill_device_ms / 1e3)
         self.device_seconds.labels(who, adapter, "decode").inc(cost.decode_device_ms / 1e3)
         self.load_share_seconds.labels(who, adapter).inc(cost.adapter_load_ms / 1e3)
+
+    def gen_ai_timing(self, operation: str, model: str, c: Completion) -> None:
+        """`model`: gen_ai.request.model, the adapter asked for. Time per output token counts the
+        decode after the first token, so it needs two tokens."""
+        t, labels = c.timeline, (operation, self._adapter(model))
+        self.gen_ai_ttft.labels(*labels).observe(max(t.first_token - t.enqueued, 0.0))
+        if c.output_tokens > 1:
+            self.gen_ai_tpot.labels(*labels).observe(max(t.finished - t.first_token, 0.0) / (c.output_tokens - 1))
 
     def canary_request(self, name: str, version: str, side: str, error: bool) -> None:
         """Versions are labelled only here, for adapters with a running canary: a few series each."""
@@ -258,3 +280,7 @@ def _memory(memory: EngineMemory, ram_tier: int, kv_used: float) -> Iterator:
                              labels=["device"])
     used.add_metric([device], kv * kv_used)
     yield used
+
+
+def _prometheus_name(otel_name: str) -> str:
+    return otel_name.replace(".", "_") + "_seconds"

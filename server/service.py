@@ -152,7 +152,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             finally:
                 if call.status != "OK":
                     fail(span, call.status, why)
-                self._telemetry.finished(span, call.req, call.completion)
+                self._telemetry.finished(span, call.req, call.completion, request.adapter_id)
                 c = call.completion
                 label = c.adapter.id if c else call.adapter
                 self._telemetry.metrics.request_done(label, call.status, time.perf_counter() - started, c, call.key)

@@ -51,12 +51,16 @@ def credentials_checked(endpoint: str) -> Iterator[None]:
 
 class Proxy:
     """Forwards HTTP to `upstream`, counting requests (and the most weights downloads at once).
-    `stall(method, path)` true: the request is held unanswered until the proxy stops. `stop()`
-    closes the port: the endpoint is gone."""
+    `stall(method, path)` true: the request is held unanswered until the proxy stops.
+    `fail(method, path)` a (status, forwarded): answered with that status (an S3 error body)
+    instead, after forwarding the request when `forwarded` (its answer lost on the way back). `stop()` closes
+    the port: the endpoint is gone."""
 
-    def __init__(self, upstream: str, stall: Callable[[str, str], bool] = lambda m, p: False):
+    def __init__(self, upstream: str, stall: Callable[[str, str], bool] = lambda m, p: False,
+                 fail: Callable[[str, str], tuple[int, bool] | None] = lambda m, p: None):
         self.upstream = upstream.removeprefix("http://")
         self.stall = stall
+        self.fail = fail
         self.seen: list[tuple[str, str]] = []
         self.weights_inflight = 0
         self.weights_peak = 0
@@ -81,6 +85,10 @@ class Proxy:
                     proxy._stopped.wait(120)
                     self.close_connection = True
                     return
+                failure = proxy.fail(self.command, self.path)
+                if failure is not None and not failure[1]:
+                    self._error(failure[0])
+                    return
                 weights = self.command == "GET" and self.path.split("?")[0].endswith(".safetensors")
                 with proxy._lock:
                     proxy.weights_inflight += weights
@@ -95,6 +103,10 @@ class Proxy:
                 finally:
                     with proxy._lock:
                         proxy.weights_inflight -= weights
+                if failure is not None:  # it happened upstream; the caller hears otherwise
+                    conn.close()
+                    self._error(failure[0])
+                    return
                 self.send_response(r.status)
                 for k, v in r.getheaders():
                     if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
@@ -104,6 +116,16 @@ class Proxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+
+            def _error(self, status: int):
+                body = (f"<Error><Code>{'SlowDown' if status == 503 else 'InternalError'}</Code>"
+                        f"<Message>injected</Message></Error>").encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 

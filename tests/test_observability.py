@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import urllib.request
@@ -10,6 +11,7 @@ from concurrent import futures
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -72,7 +74,8 @@ def test_span_tree_for_a_cold_then_a_warm_request(traced):
         assert load.attributes["loraserve.adapter.bytes"] > 0
         assert load.attributes["loraserve.adapter.load_shared"] is False
         assert gen.attributes["gen_ai.operation.name"] == "text_completion"
-        assert gen.attributes["gen_ai.request.model"] == "base"
+        assert gen.attributes[gen_ai.GEN_AI_REQUEST_MODEL] == "support"  # the adapter asked for
+        assert gen.attributes[gen_ai.GEN_AI_RESPONSE_MODEL] == "support@1"  # the version that served
         assert gen.attributes["gen_ai.request.max_tokens"] == 6
         assert gen.attributes["gen_ai.usage.output_tokens"] == 6 and gen.attributes["gen_ai.usage.input_tokens"] > 0
         assert 0 <= gen.attributes["loraserve.usage.cached_input_tokens"] < gen.attributes["gen_ai.usage.input_tokens"]
@@ -88,6 +91,15 @@ def test_span_tree_for_a_cold_then_a_warm_request(traced):
     assert cold.parent.is_remote and warm.parent is None
     cold_load = tree(exporter, "cold")[1]["adapter.load"]
     assert cold_load.end_time - cold_load.start_time > 0
+
+
+def test_a_base_model_request_names_the_base_model_in_its_gen_ai_attributes(traced):
+    srv, exporter, stub = traced
+    exporter.clear()
+    ask(stub, "base", request_id="plain")
+    gen = tree(exporter, "plain")[1]["generate"]
+    model = srv.server.registry.base.model_id
+    assert (gen.attributes[gen_ai.GEN_AI_REQUEST_MODEL], gen.attributes[gen_ai.GEN_AI_RESPONSE_MODEL]) == (model, model)
 
 
 def test_errors_set_span_status_and_error_type(traced):
@@ -129,6 +141,9 @@ def test_metrics_endpoint_counters_move(traced):
     assert delta("loraserve_request_duration_seconds_count", adapter="-") == 1
     for histogram in ("queue_wait", "time_to_first_token", "generation", "request_duration"):
         assert delta(f"loraserve_{histogram}_seconds_count", adapter="legal") == 2, histogram
+    for histogram in ("time_to_first_token", "time_per_output_token"):  # GenAI semantic conventions' names
+        assert delta(f"gen_ai_server_{histogram}_seconds_count", gen_ai_operation_name="text_completion",
+                     gen_ai_request_model="legal") == 2, histogram
     assert delta("loraserve_cache_hits_total", tier="vram") + delta("loraserve_cache_misses_total", tier="vram") == 2
     assert (delta("loraserve_adapter_cache_hits_total", adapter="legal", tier="vram")
             + delta("loraserve_adapter_cache_misses_total", adapter="legal", tier="vram")) == 2
@@ -268,14 +283,23 @@ class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-def test_real_otlp_exporter_delivers_spans_to_a_receiver(demo_dir):
+def from_env(monkeypatch, **env: str):
+    """provider_from_env() with exactly these OTEL_* variables set (the SDK reads os.environ)."""
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return provider_from_env()
+
+
+def test_real_otlp_exporter_delivers_spans_to_a_receiver(demo_dir, monkeypatch):
     receiver = _Receiver()
     collector = grpc.server(futures.ThreadPoolExecutor(2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, collector)
     port = collector.add_insecure_port("127.0.0.1:0")
     collector.start()
-    provider = provider_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-                                  "OTEL_SERVICE_NAME": "loraserve-otlp-test"})
+    provider = from_env(monkeypatch, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+                        OTEL_SERVICE_NAME="loraserve-otlp-test")
     srv = ServerThread(server_config(demo_dir), tracer_provider=provider)
     try:
         with srv.channel() as ch:
@@ -291,13 +315,23 @@ def test_real_otlp_exporter_delivers_spans_to_a_receiver(demo_dir):
     assert {GENERATE, "adapter.resolve", "queue.wait", "adapter.load", "generate", "batch.prefill"} <= names
 
 
-def test_tracing_is_off_unless_configured():
-    assert provider_from_env({}) is None
-    assert provider_from_env({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317"}) is None
-    assert provider_from_env({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"}) is None
-    assert provider_from_env({"OTEL_TRACES_EXPORTER": "console"}) is not None
+def test_tracing_is_off_unless_configured(monkeypatch):
+    assert from_env(monkeypatch) is None
+    assert from_env(monkeypatch, OTEL_TRACES_EXPORTER="none", OTEL_EXPORTER_OTLP_ENDPOINT="http://x:4317") is None
+    assert from_env(monkeypatch, OTEL_SDK_DISABLED="true", OTEL_TRACES_EXPORTER="console") is None
+    assert from_env(monkeypatch, OTEL_TRACES_EXPORTER="console") is not None
     with pytest.raises(ValueError, match="zipkin"):
-        provider_from_env({"OTEL_TRACES_EXPORTER": "zipkin"})
+        from_env(monkeypatch, OTEL_TRACES_EXPORTER="zipkin")
+
+
+def test_the_sdk_reads_the_resource_and_sampler_from_the_environment(monkeypatch):
+    provider = from_env(monkeypatch, OTEL_TRACES_EXPORTER="console", OTEL_TRACES_SAMPLER="traceidratio",
+                        OTEL_TRACES_SAMPLER_ARG="0.25", OTEL_RESOURCE_ATTRIBUTES="deployment.environment=canary")
+    assert provider.resource.attributes["service.name"] == "loraserve"  # the server's default
+    assert provider.resource.attributes["deployment.environment"] == "canary"
+    assert provider.sampler.rate == 0.25
+    named = from_env(monkeypatch, OTEL_TRACES_EXPORTER="console", OTEL_RESOURCE_ATTRIBUTES="service.name=edge")
+    assert named.resource.attributes["service.name"] == "edge"
 
 
 def test_metrics_name_the_adapters_this_replica_holds_and_waits_for(traced):

@@ -16,9 +16,9 @@ from registry.diskcache import DiskCache, DiskCacheFull
 from registry.identity import BaseIdentity
 from registry.origin import open_store
 from registry.passport import SmokeTest
-from registry.s3 import Conflict, HashMismatch, NotFound
+from registry.s3 import S3, Conflict, HashMismatch, NotFound, OriginError, Retry
 from registry.store import StoreError
-from s3util import s3_client
+from s3util import Proxy, s3_client
 from tiny import fake_base, tiny_adapter
 
 BASE = BaseIdentity("tiny-base", "rev-1")
@@ -246,3 +246,36 @@ def test_a_missing_bucket_and_denied_credentials_are_clear_errors(moto_endpoint,
         with pytest.raises(StoreError) as caught:
             store.snapshot()
     assert caught.value.code == "InvalidAccessKeyId" and not caught.value.retryable
+
+
+def test_a_transient_get_is_retried_by_botocore_and_a_conditional_write_never_twice(bucket, moto_endpoint):
+    """A 503 then a 500 on a GET: botocore's standard mode tries again and the third answer is the
+    object (each retry counted). A conditional PUT that landed but whose answer was lost is not sent
+    again (it would answer 412, a lost race that never was): it fails and the object is the new one."""
+    injected = {("GET", "503"), ("GET", "500")}
+
+    def fail(method: str, path: str):
+        for m, status in sorted(injected):
+            if m == method and path.split("?")[0].endswith("/doc.json"):
+                injected.discard((m, status))
+                return int(status), method == "PUT"
+        return None
+
+    proxy = Proxy(moto_endpoint, fail=fail)
+    retried: list[OriginError] = []
+    try:
+        s3 = S3(bucket, endpoint_url=proxy.endpoint, retry=Retry(attempts=3), on_retry=retried.append)
+        key = s3.key("doc.json")
+        etag = s3.put(key, b"one", if_none_match=True)
+        assert s3.get(key) == (b"one", etag)
+        assert proxy.count("GET", "/doc.json") == 3
+        assert sorted(err.code for err in retried) == ["InternalError", "SlowDown"]
+
+        injected.add(("PUT", "500"))
+        with pytest.raises(OriginError) as caught:
+            s3.put(key, b"two", if_match=etag)
+        assert caught.value.code == "InternalError" and not isinstance(caught.value, Conflict)
+        assert proxy.count("PUT", "/doc.json") == 2  # the first PUT, and the conditional one once
+        assert s3.get(key)[0] == b"two"  # it had landed: the caller re-reads and sees it
+    finally:
+        proxy.stop()
