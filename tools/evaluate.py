@@ -71,7 +71,7 @@ async def in_process(model_path: Path, store: str, s3_endpoint_url: str | None, 
     from server.config import ServerConfig
 
     with tempfile.TemporaryDirectory(prefix="loraserve-evaluate-") as cache:
-        cfg = ServerConfig(port=0, metrics_port=-1, model_path=Path(model_path), adapters_dir=str(store),
+        cfg = ServerConfig(port=0, metrics_port=-1, http_port=0, model_path=Path(model_path), adapters_dir=str(store),
                            s3_endpoint_url=s3_endpoint_url or "", disk_cache_dir=Path(cache))
         server = LoraServer(cfg)
         await server.start()

@@ -48,7 +48,7 @@ async def _measure(demo: Path, root: Path, clients: int, requests: int, rounds: 
     from server.app import LoraServer
     from server.config import ServerConfig
 
-    server = LoraServer(ServerConfig(port=0, metrics_port=-1, model_path=demo / "base", adapters_dir=root))
+    server = LoraServer(ServerConfig(port=0, metrics_port=-1, http_port=0, model_path=demo / "base", adapters_dir=root))
     await server.start()
     await server.load()
     store = Store(root)
