@@ -1,16 +1,19 @@
 """Property and stateful tests (hypothesis) for the scheduler's pure policies: batch selection,
-joining and fair order, stop finding, and the KV block bookkeeping. Each asserts what the
-function's docstring promises, over inputs hypothesis draws and shrinks."""
+joining and fair order, stop finding, the KV block bookkeeping and the adapter cache's eviction
+plans. Each asserts what the function's docstring promises, over inputs hypothesis draws and shrinks."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from scheduler.blocks import BlockManager
+from scheduler.cache import AdapterCache, Budgets, Demote, Entry, NoRoom, plan_admit, usage
 from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
-from scheduler.types import AdapterRef, GenerationRequest
+from scheduler.types import AdapterRef, GenerationRequest, Tier
 
 FAST = settings(max_examples=100, deadline=None)
 ADAPTERS = [AdapterRef(name, "1", f"/store/{name}") for name in "abc"]
@@ -266,3 +269,49 @@ class BlockBookkeeping(RuleBasedStateMachine):
 
 BlockBookkeeping.TestCase.settings = settings(max_examples=80, stateful_step_count=25, deadline=None)
 test_block_bookkeeping = BlockBookkeeping.TestCase
+
+
+# -- eviction plans (scheduler.cache.plan_admit) --------------------------------
+REFS = [AdapterRef(name, "1", f"/store/{name}") for name in "abcdefg"]
+
+
+@st.composite
+def cache_states(draw):
+    """Entries within their budgets, an adapter to admit to RAM or VRAM, and those rows use."""
+    entries = {}
+    for i, ref in enumerate(draw(st.lists(st.sampled_from(REFS[:6]), unique=True, max_size=6))):
+        tier = draw(st.sampled_from((Tier.RAM, Tier.VRAM, Tier.DISK)))
+        entries[ref] = Entry(ref, tier, draw(st.integers(1, 40)), float(draw(st.integers(0, 9)) * 10 + i),
+                             pinned=draw(st.booleans()),
+                             host_bytes=draw(st.integers(1, 40)) if tier is Tier.VRAM else 0)
+    budgets = Budgets(usage(entries.values(), Tier.RAM) + draw(st.integers(0, 40)),
+                      usage(entries.values(), Tier.VRAM) + draw(st.integers(0, 40)))
+    tier = draw(st.sampled_from((Tier.RAM, Tier.VRAM)))
+    adapter = draw(st.sampled_from([r for r in REFS if r not in entries or entries[r].tier.value < tier.value]))
+    protected = frozenset(draw(st.lists(st.sampled_from(list(entries) or REFS[:1]), max_size=3)))
+    return entries, budgets, adapter, draw(st.integers(1, 60)), tier, protected
+
+
+@FAST
+@given(cache_states())
+def test_an_eviction_plan_spares_rows_pins_and_keeps_both_budgets(state):
+    entries, budgets, adapter, size, tier, protected = state
+    try:
+        actions = plan_admit(entries, budgets, adapter, size, tier, protected)
+    except NoRoom:
+        return
+    touched = [a.adapter for a in actions]
+    assert len(touched) == len(set(touched)), "each victim moves once"
+    for action in actions:
+        victim = entries[action.adapter]
+        assert action.adapter not in protected and action.adapter != adapter, "never what a running row uses"
+        assert not victim.pinned
+        assert victim.tier is (Tier.VRAM if isinstance(action, Demote) else action.tier)
+    cache = AdapterCache(budgets, {ref: replace(e) for ref, e in entries.items()})
+    for action in actions:
+        cache.apply(action)
+    # The adapter's own RAM copy stays until its attach is done: the RAM budget holds beside it too.
+    assert cache.used(Tier.RAM) <= budgets.ram or tier is Tier.RAM
+    cache.place(adapter, tier, size, now=100.0)
+    assert cache.used(tier) <= budgets.of(tier)
+    assert cache.used(Tier.RAM) <= budgets.ram and cache.used(Tier.VRAM) <= budgets.vram
