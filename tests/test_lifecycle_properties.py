@@ -27,6 +27,18 @@ def passport(name: str, version: str, status: str, smoke: bool) -> Passport:
                     failure="" if status != "failed" else "its smoke test failed")
 
 
+def test_a_version_rolled_back_to_stops_shadowing():
+    """Found by the machine below: an archived version that shadows the active one kept its
+    shadow when a rollback re-activated it, so it shadowed itself."""
+    snap = Snapshot((passport("legal", "1", "archived", True), passport("legal", "2", "staging", True)))
+    for plan, args in ((plan_promote, ("1",)), (plan_promote, ("2",)), (plan_shadow, ("1", Shadow(10, now_iso())))):
+        snap = Snapshot(tuple(with_changes(snap, plan(snap, "legal", *args)[1])))
+    assert snap.shadow("legal").version == "1"
+    snap = Snapshot(tuple(with_changes(snap, plan_rollback(snap, "legal")[1])))
+    assert snap.active("legal").version == "1" and snap.shadow("legal") is None
+    assert snap.problems() == []
+
+
 class Lifecycle(RuleBasedStateMachine):
     @initialize(data=st.data())
     def start(self, data):
