@@ -19,7 +19,8 @@ from typing import Callable
 
 from loraserve.contract import BASE_ADAPTER_ID
 from registry.evaluate import MIN_PASS_RATE, Case, Gate, judge, parse_test_set, pending, table
-from registry.origin import is_remote, open_store
+from registry.location import is_remote
+from registry.origin import open_store
 from registry.passport import STATUSES, Evaluation, Passport
 from registry.rollout import KEYS, Canary, Limits, Shadow
 from registry.store import Store, StoreError, now_iso

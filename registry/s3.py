@@ -27,7 +27,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from registry.origin import S3Location
+from registry.location import S3Location
 from registry.store import StoreError
 
 log = logging.getLogger(__name__)

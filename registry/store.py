@@ -787,7 +787,8 @@ def plan_shadow(snap: Snapshot, name: str, version: str, shadow: Shadow | None) 
 
 def plan_rollback(snap: Snapshot, name: str) -> tuple[Passport, list[Passport]]:
     """A running canary ends (the active version keeps serving everything); else the version
-    active before the current one is re-activated and the current one goes back to staging."""
+    active before the current one is re-activated (shadowing nothing) and the current one goes
+    back to staging."""
     running = snap.canary(name)
     if running is not None:
         changed = _end_canary(running, "ended", "rolled back")
@@ -799,7 +800,7 @@ def plan_rollback(snap: Snapshot, name: str) -> tuple[Passport, list[Passport]]:
     if not previous:
         raise StoreError(f"{name} has no earlier promoted version to roll back to")
     before = max(previous, key=lambda p: p.promoted_at)
-    changed = [replace(before, status="active"), replace(current, status="staging", promoted_at="")]
+    changed = [replace(before, status="active", shadow=None), replace(current, status="staging", promoted_at="")]
     return changed[0], changed
 
 

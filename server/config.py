@@ -17,7 +17,7 @@ from typing import Mapping
 from loraserve.contract import ROUTING_HEADER, adapter_id_problem
 from scheduler.policy import POLICIES
 from server.auth import Authenticator
-from registry.origin import S3Location, is_remote
+from registry.location import S3Location, is_remote
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 KERNELS = ("auto", "flex", "reference")  # runner.kvpool.KERNELS, without importing torch here

@@ -25,6 +25,8 @@ TORCH = {"torch", "transformers", "peft", "bitsandbytes", "tokenizers", "acceler
 TORCH_FREE = ("scheduler", "registry", "clients", "loraserve")
 CLIENT_DISTRIBUTION = ("clients", "loraserve")
 """What `pip install ./pyclient` has: grpcio, grpcio-status (google.rpc) and protobuf."""
+ACYCLIC = ("registry", "tools")
+"""Rooms whose modules import one another without a circle (a lazy import that closes one still counts)."""
 
 
 def _imports(room: str) -> dict[str, set[str]]:
@@ -63,3 +65,45 @@ def test_the_client_distribution_needs_only_grpc_and_protobuf():
     wrong = [f"{path} imports {name}" for room in CLIENT_DISTRIBUTION for path, names in _imports(room).items()
              for name in names - allowed]
     assert not wrong, wrong
+
+
+def _module_graph(room: str) -> dict[str, set[str]]:
+    """module -> the modules of the same room it imports (`from a.b import c` counts a.b.c when c is a module)."""
+    modules = {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): path
+               for path in sorted(ROOMS[room].rglob("*.py"))}
+    graph = {}
+    for module, path in modules.items():
+        named = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                named |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                named |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        graph[module] = {name for name in named if name in modules and name != module}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each import circle once, as the path from its smallest module back to that module."""
+    found = set()
+
+    def walk(path: list[str]) -> None:
+        for nxt in graph[path[-1]]:
+            if nxt == path[0]:
+                found.add(tuple(path))
+            elif nxt not in path and nxt > path[0]:
+                walk(path + [nxt])
+
+    for start in sorted(graph):
+        walk([start])
+    return [list(circle) + [circle[0]] for circle in sorted(found)]
+
+
+def test_the_circle_finder_sees_a_lazy_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles_within_the_registry_and_tools():
+    circles = [" -> ".join(c) for room in ACYCLIC for c in _circles(_module_graph(room))]
+    assert not circles, circles

@@ -243,7 +243,7 @@ async def _requests(target: str, prompts: list[str], new_tokens: int, together: 
 
 
 def _server(model: Path, store: Path, args: list[str], log: Path):
-    from tools.bench.cli import ServerProcess
+    from tools.bench.server import ServerProcess
 
     return ServerProcess(model, store, args, log=log)
 

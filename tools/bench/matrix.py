@@ -62,7 +62,7 @@ def run_matrix(preset_name: str, out: Path, device: str, fresh: bool, extra_args
                references: tuple[str, ...] | None = None) -> dict:
     """`batches`, `counts` (the server's adapter counts, 0 = base only) and `references` (some of
     REFERENCES) restrict or change the preset's; None keeps them."""
-    from tools.bench.cli import ServerProcess
+    from tools.bench.server import ServerProcess
     from tools.bench.models import SHAPES, build_random_llama
     from tools.bench.synth import make_store
 
