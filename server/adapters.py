@@ -103,6 +103,10 @@ class AdapterRegistry:
             self.refresh()
         return self._snapshot or Snapshot(())
 
+    def current(self) -> Snapshot:
+        """The index last applied, without looking for a newer one (the request's own look-up did)."""
+        return self._snapshot or Snapshot(())
+
     def refresh(self) -> bool:
         """Re-read a local index if it changed on disk (by its stamp: inode, size, times, and the
         bytes' hash while it is young); whether a new one was applied."""

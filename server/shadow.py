@@ -51,7 +51,7 @@ class ShadowMirror:
         draw says so and there is spare capacity: (its ticket, the shadow version); else None."""
         if req.adapter.is_base or req.requested:
             return None
-        snap = self._registry.snapshot()
+        snap = self._registry.current()
         served, shadow = snap.get(req.adapter.id, req.adapter.version), snap.shadow(req.adapter.id)
         if served is None or served.status != "active" or shadow is None:
             return None

@@ -123,11 +123,21 @@ def test_no_scrape_or_stats_call_during_churn_sees_a_tier_over_budget(demo_dir, 
             threads += [threading.Thread(target=poll_stats), threading.Thread(target=poll_metrics)]
             for t in threads:
                 t.start()
+
+            def evictions():
+                return {t.tier: t.evictions for t in admin.GetCacheStats(apb.GetCacheStatsRequest(), timeout=10).tiers}
+
+            # DURATION_S at least, and on until it has churned enough to mean something (a slow or
+            # busy machine moves fewer adapters in the same time), within a bound.
             time.sleep(DURATION_S)
+            deadline = time.monotonic() + 6 * DURATION_S
+            while not (evictions()[apb.TIER_VRAM] > 20 and evictions()[apb.TIER_RAM] > 0) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
             stop.set()
             for t in threads:
                 t.join(60)
-            evictions = {t.tier: t.evictions for t in admin.GetCacheStats(apb.GetCacheStatsRequest(), timeout=10).tiers}
+            evictions = evictions()
     finally:
         srv.stop()
     assert not errors, errors[:5]
