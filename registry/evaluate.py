@@ -19,13 +19,14 @@ parses as JSON and validates). A case passes when every check does.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 
 import jsonschema
+
+from registry.fields import from_known
 
 SIDES = ("candidate", "active", "base")
 SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences")
@@ -260,12 +261,7 @@ class Gate:
 
     @classmethod
     def from_dict(cls, data) -> Gate:
-        if not isinstance(data, dict):
-            raise ValueError("gate must be a JSON object")
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"gate: unknown field(s) {sorted(unknown)}")
-        return cls(**data)
+        return from_known(cls, data, "gate")
 
 
 def pending(cases: list[Case], min_pass_rate: float = MIN_PASS_RATE) -> Gate:

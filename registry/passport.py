@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraserve.contract import NAME, name_problem, versioned
+from registry.fields import from_known
 from registry.durable import write_atomic
 from registry.evaluate import Gate
 from registry.rollout import Canary, Shadow
@@ -88,12 +89,7 @@ class Evaluation:
 
     @classmethod
     def from_dict(cls, data: dict) -> Evaluation:
-        if not isinstance(data, dict):
-            raise ValueError("evaluation must be a JSON object")
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"evaluation: unknown field(s) {sorted(unknown)}")
-        return cls(**data)
+        return from_known(cls, data, "evaluation")
 
 
 @dataclass

@@ -15,9 +15,10 @@ of (adapter, version, client) so one client sees one version for the whole canar
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass, field
+
+from registry.fields import from_known
 
 KEYS = ("request", "client")
 STATES = ("running", "completed", "ended", "aborted")
@@ -66,10 +67,7 @@ class Canary:
 
     def __post_init__(self):
         if isinstance(self.limits, dict):
-            unknown = set(self.limits) - {f.name for f in dataclasses.fields(Limits)}
-            if unknown:
-                raise ValueError(f"canary limits: unknown field(s) {sorted(unknown)}")
-            self.limits = Limits(**self.limits)
+            self.limits = from_known(Limits, self.limits, "canary limits")
         problems = []
         if not _number(self.percent) or not 0 < self.percent < 100:
             problems.append("percent must be between 0 and 100 (exclusive)")
@@ -91,12 +89,7 @@ class Canary:
 
     @classmethod
     def from_dict(cls, data) -> Canary:
-        if not isinstance(data, dict):
-            raise ValueError("canary must be a JSON object")
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"canary: unknown field(s) {sorted(unknown)}")
-        return cls(**data)
+        return from_known(cls, data, "canary")
 
 
 @dataclass
