@@ -223,43 +223,13 @@ def test_the_guided_bench_runs(demo_dir):
     assert rows[2]["batch"] == 2 and rows[2]["median_us"] > 0
 
 
-def _counting_reads(monkeypatch, engine) -> list[str]:
-    """Every read of a tensor's values on the host from now on, outside the model's forward and
-    the step's one transfer (tests/test_syncs.py counts the same)."""
-    from test_syncs import READS
-
-    reads, inside = [], [0]
-
-    def bracketed(real):
-        def run(*args, **kwargs):
-            inside[0] += 1
-            try:
-                return real(*args, **kwargs)
-            finally:
-                inside[0] -= 1
-        return run
-
-    def counted(name):
-        real = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            if not inside[0]:
-                reads.append(name)
-            return real(self, *args, **kwargs)
-        return read
-
-    monkeypatch.setattr(engine_module, "_fetch", bracketed(engine_module._fetch))
-    monkeypatch.setattr(engine, "_call", bracketed(engine._call))
-    for name in READS:
-        monkeypatch.setattr(torch.Tensor, name, counted(name))
-    return reads
-
-
 def test_a_guided_step_reads_no_device_value_but_its_one_transfer(engine, demo_dir, monkeypatch):
     batch = Batch(engine, demo_dir, [("legal", ResponseFormat(PERSON), []), ("base", None, []),
                                      ("support", ResponseFormat(), [])])
     batch.run(3)
-    reads = _counting_reads(monkeypatch, engine)
+    from test_syncs import counting_reads
+
+    reads, _ = counting_reads(monkeypatch, engine)
     results = batch.step()
     monkeypatch.undo()
     assert reads == [] and all(r.error is None for r in results)

@@ -91,6 +91,38 @@ def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING, joining: bool
     return step
 
 
+def counting_reads(monkeypatch, engine) -> tuple[list[str], list[tuple[int, ...]]]:
+    """From now on: every read of a tensor's values on the host outside the model's forward and
+    the step's one transfer, and the shape of each transfer (`_fetch`)."""
+    reads, fetched, inside = [], [], [0]
+
+    def bracketed(real, record=False):
+        def run(*args, **kwargs):
+            if record:
+                fetched.append(tuple(args[0].shape))
+            inside[0] += 1  # what _fetch itself reads is the one transfer
+            try:
+                return real(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+        return run
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if not inside[0]:
+                reads.append(name)
+            return real(self, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(engine_module, "_fetch", bracketed(engine_module._fetch, record=True))
+    monkeypatch.setattr(engine, "_call", bracketed(engine._call))
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    return reads, fetched
+
+
 @pytest.mark.parametrize("mode,joining,asking", [("off", False, False), ("buffers", False, False),
                                                 ("off", True, False), ("off", True, True), ("buffers", False, True)],
                          ids=["decode", "decode-buffers", "decode-and-prefill", "with-logprobs-and-penalties",
@@ -100,37 +132,7 @@ def test_a_step_reads_the_device_once(demo_dir, monkeypatch, mode, joining, aski
     try:
         step = _mixed_batch(engine, demo_dir, joining=joining, asking=asking)
         step()  # a first step (the buffers' bucket) as a warm-up, then one counted
-        fetched, reads, forward = [], [], [0]
-        real_fetch, real_call = engine_module._fetch, engine._call
-
-        def fetch(tensor):
-            fetched.append(tuple(tensor.shape))
-            forward[0] += 1  # what _fetch itself reads is the one transfer
-            try:
-                return real_fetch(tensor)
-            finally:
-                forward[0] -= 1
-
-        def call(*args, **kwargs):
-            forward[0] += 1
-            try:
-                return real_call(*args, **kwargs)
-            finally:
-                forward[0] -= 1
-
-        def counted(name):
-            real = getattr(torch.Tensor, name)
-
-            def read(self, *args, **kwargs):
-                if not forward[0]:
-                    reads.append(name)
-                return real(self, *args, **kwargs)
-            return read
-
-        monkeypatch.setattr(engine_module, "_fetch", fetch)
-        monkeypatch.setattr(engine, "_call", call)
-        for name in READS:
-            monkeypatch.setattr(torch.Tensor, name, counted(name))
+        reads, fetched = counting_reads(monkeypatch, engine)
         results = step()
         monkeypatch.undo()
         # Asked-for logprobs come packed flat after the tokens and flags, in the same transfer.
