@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 from loraserve.contract import BASE_ADAPTER_ID
+from registry.errors import StoreError
 from registry.evaluate import MIN_PASS_RATE, Case, Gate, judge, parse_test_set, pending, table
 from registry.location import is_remote
 from registry.origin import open_store
 from registry.passport import Evaluation, Passport, Status
 from registry.rollout import KEYS, Canary, Limits, Shadow
-from registry.store import Store, StoreError, now_iso
+from registry.snapshot import now_iso
+from registry.store import Store
 
 SmokeFactory = Callable[[Path, tuple[str, ...] | None], Callable]
 """(base model path, prompts or None for the default ones) -> a tester for Store.register."""
