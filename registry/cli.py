@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 from loraserve.contract import BASE_ADAPTER_ID
+from registry.errors import StoreError
 from registry.evaluate import MIN_PASS_RATE, Case, Gate, judge, parse_test_set, pending, table
 from registry.location import is_remote
 from registry.origin import open_store
-from registry.passport import STATUSES, Evaluation, Passport
+from registry.passport import Evaluation, Passport, Status
 from registry.rollout import KEYS, Canary, Limits, Shadow
-from registry.store import Store, StoreError, now_iso
+from registry.snapshot import now_iso
+from registry.store import Store
 
 SmokeFactory = Callable[[Path, tuple[str, ...] | None], Callable]
 """(base model path, prompts or None for the default ones) -> a tester for Store.register."""
@@ -160,7 +162,7 @@ def _evaluate(args, store: Store) -> int:
     p = snap.get(args.name, args.version)
     if p is None:
         raise StoreError(f"{args.name}@{args.version} is not in the store")
-    if p.status in ("failed", "archived"):
+    if p.status in (Status.FAILED, Status.ARCHIVED):
         why = f" ({p.failure})" if p.failure else ""
         raise StoreError(f"{p.key} is {p.status}{why}; it cannot be served, so not evaluated")
     cases = _read_cases(args.test_set) if args.test_set else _adapter_cases(snap, args.name)
@@ -248,7 +250,7 @@ def add_adapters_parser(sub, smoke: SmokeFactory | None = None, run_cases: CaseR
 
     ls = cmds.add_parser("list", help="list versions")
     ls.add_argument("--client")
-    ls.add_argument("--status", choices=STATUSES)
+    ls.add_argument("--status", choices=[s.value for s in Status])
     ls.add_argument("--base", help="base model id or revision")
     ls.add_argument("--sort", type=_sort_field, metavar="FIELD",
                     help=f"order by {', '.join(SORTS)} or metric.NAME (an evaluation metric)")

@@ -1,6 +1,7 @@
 """The passport: metadata.json beside each adapter version, the facts about it.
 
 Its `status` and `promoted_at` mirror registry.json, which alone decides them (registry.store).
+Statuses are a str-valued enum, so a passport's JSON holds the plain words.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import datetime as dt
 import json
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from loraserve.contract import NAME, name_problem, versioned
@@ -18,11 +20,21 @@ from registry.durable import write_atomic
 from registry.evaluate import Gate
 from registry.rollout import Canary, Shadow
 
-STATUSES = ("staging", "active", "archived", "failed")
 FALLBACKS = ("fail", "base")
 PASSPORT_FILE = "metadata.json"
 SHA256 = re.compile(r"[0-9a-f]{64}")
 KEY = re.compile(rf"{NAME.pattern}@[0-9]{{1,9}}")
+
+
+class Status(StrEnum):
+    STAGING = "staging"
+    """Registered and checked, not served (unless as a canary or a shadow)."""
+    ACTIVE = "active"
+    """Served: at most one version of an adapter."""
+    ARCHIVED = "archived"
+    """Out of service; the files stay (rollback re-activates the last promoted one)."""
+    FAILED = "failed"
+    """Refused at registration (`failure` says why); never served."""
 
 
 @dataclass
@@ -102,7 +114,7 @@ class Passport:
     """sha256 fingerprint of that base model's files (registry.identity); must equal the served one."""
     weights_sha256: str
     created: str
-    status: str = "staging"
+    status: Status = Status.STAGING
     task: str = ""
     client: str = ""
     """Owning team or customer."""
@@ -155,15 +167,17 @@ class Passport:
         if isinstance(self.gate, dict):
             self.gate = Gate.from_dict(self.gate)
         problems = [f"{f.name} must be text" for f in dataclasses.fields(self)
-                    if f.type == "str" and not isinstance(getattr(self, f.name), str)]
+                    if f.type in ("str", "Status") and not isinstance(getattr(self, f.name), str)]
         if problems:  # the checks below assume text where text belongs
             raise ValueError("; ".join(problems))
         ids = [("name", self.name), *(("alias", a) for a in (self.aliases if _texts(self.aliases) else ()))]
         problems += [f"{kind} {why}" for kind, ident in ids if (why := name_problem(ident)) is not None]
         if not self.version.isdigit():
             problems.append(f"version {self.version!r} must be a number")
-        if self.status not in STATUSES:
-            problems.append(f"status must be one of {STATUSES}")
+        if self.status in tuple(Status):
+            self.status = Status(self.status)
+        else:
+            problems.append(f"status must be one of {tuple(s.value for s in Status)}")
         if self.fallback not in FALLBACKS:
             problems.append(f"fallback must be one of {FALLBACKS}")
         if self.weights_sha256 and not SHA256.fullmatch(self.weights_sha256):

@@ -17,13 +17,22 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from registry.fields import from_known
 
 KEYS = ("request", "client")
-STATES = ("running", "completed", "ended", "aborted")
-"""running: routed to; completed: promoted; ended: rolled back or superseded by hand; aborted: by
-the server, its limits breached (`figures` says by what)."""
+
+
+class CanaryState(StrEnum):
+    RUNNING = "running"
+    """Routed to."""
+    COMPLETED = "completed"
+    """Promoted."""
+    ENDED = "ended"
+    """Rolled back, or superseded by hand."""
+    ABORTED = "aborted"
+    """By the server, its limits breached (`figures` says by what)."""
 
 
 @dataclass
@@ -57,7 +66,7 @@ class Canary:
     percent: float
     started_at: str
     key: str = "request"
-    state: str = "running"
+    state: CanaryState = CanaryState.RUNNING
     limits: Limits = field(default_factory=Limits)
     ended_at: str = ""
     reason: str = ""
@@ -73,8 +82,10 @@ class Canary:
             problems.append("percent must be between 0 and 100 (exclusive)")
         if self.key not in KEYS:
             problems.append(f"key must be one of {KEYS}")
-        if self.state not in STATES:
-            problems.append(f"state must be one of {STATES}")
+        if self.state in tuple(CanaryState):
+            self.state = CanaryState(self.state)
+        else:
+            problems.append(f"state must be one of {tuple(s.value for s in CanaryState)}")
         if not isinstance(self.figures, dict):
             problems.append("figures must be an object")
         for name in ("started_at", "ended_at", "reason"):
@@ -85,7 +96,7 @@ class Canary:
 
     @property
     def running(self) -> bool:
-        return self.state == "running"
+        return self.state == CanaryState.RUNNING
 
     @classmethod
     def from_dict(cls, data) -> Canary:

@@ -28,7 +28,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from registry.location import S3Location
-from registry.store import StoreError
+from registry.errors import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -224,7 +224,7 @@ def _build(out: Path, spec: DemoSpec, progress: Progress) -> dict:
         peft_model.save_pretrained(raw_dir, selected_adapters=[name])
         model = peft_model.unload()
 
-    store = Store(out / "adapters")
+    store = Store.local(out / "adapters")
     store.root.mkdir(parents=True, exist_ok=True)
     progress("register (smoke test)", 0, len(spec.adapters))
     identity, tester = base_identity(base_dir), SmokeTester(base_dir)

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from registry.store import CONFIG, WEIGHTS  # safetensors only: pickle weights can run code
+from registry.prepare import CONFIG, WEIGHTS  # safetensors only: pickle weights can run code
 from registry.weights import WeightsError, check_against_config, held_bytes, weight_facts
 from runner import determinism
 from runner.detok import decode_new

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from registry.passport import SmokeTest
-from registry.store import now_iso
+from registry.snapshot import now_iso
 from runner.engine import EngineConfig, TorchEngine
 from scheduler.cache import Budgets, Tier
 from scheduler.errors import LoraServeError

@@ -23,9 +23,12 @@ from dataclasses import dataclass, replace
 
 from loraserve.contract import ADAPTER_ID, BASE_ADAPTER_ID
 from registry.identity import BaseIdentity
-from registry.passport import Passport
+from registry.errors import AmbiguousId, IndexInvalid, StoreError
+from registry.passport import Passport, Status
+from registry.prepare import PICKLE_WEIGHTS, WEIGHTS
 from registry.rollout import routed
-from registry.store import PICKLE_WEIGHTS, WEIGHTS, AmbiguousId, IndexInvalid, Snapshot, Store, StoreError
+from registry.snapshot import Snapshot
+from registry.store import Store
 from scheduler.errors import (AdapterAmbiguous, AdapterIncompatible, AdapterNotActive, AdapterNotFound,
                               InvalidArgument, LoraServeError, PermissionDenied)
 from scheduler.types import BASE, AdapterRef
@@ -157,7 +160,7 @@ class AdapterRegistry:
 
     def example_id(self) -> str:
         """An id worth trying: the first active adapter's name, else the base model's."""
-        return next((p.name for p in self.snapshot().passports if p.status == "active"), BASE_ADAPTER_ID)
+        return next((p.name for p in self.snapshot().passports if p.status == Status.ACTIVE), BASE_ADAPTER_ID)
 
     def refs(self) -> list[AdapterRef]:
         """Every version in the store."""
@@ -238,7 +241,7 @@ class AdapterRegistry:
         base model, and files that are inside the store and hashed (the runner checks the hash,
         and the weights against their config, when it reads them). Its errors name the version
         (name@VERSION), as every error about a version does; those about the id asked for name that."""
-        if p.status in ("archived", "failed"):
+        if p.status in (Status.ARCHIVED, Status.FAILED):
             return AdapterNotActive(p.key, f"it is {p.status}")
         if p.base_model_revision != self.base.revision:
             return AdapterIncompatible(p.key, f"it was trained for base model {p.base_model!r} revision "

@@ -22,7 +22,8 @@ from server import admin, http
 from registry.identity import BaseIdentity, base_identity
 from registry.diskcache import DiskCache
 from registry.origin import open_store
-from registry.store import StoreError
+from registry.errors import StoreError
+from registry.passport import Status
 from scheduler.errors import ShuttingDown
 from server.adapters import AdapterRegistry
 from server.auth import Authenticator
@@ -215,7 +216,7 @@ class LoraServer:
         target modules of every version the registry could serve now (staging or active, trained
         for this base model). Empty (every linear layer) when there is none."""
         snap, revision = self.registry.snapshot(), self.registry.base.revision
-        return tuple(sorted({t for p in snap.passports if p.status in ("staging", "active")
+        return tuple(sorted({t for p in snap.passports if p.status in (Status.STAGING, Status.ACTIVE)
                              and p.base_model_revision == revision for t in p.target_modules}))
 
     async def _open_origin(self) -> None:

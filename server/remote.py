@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from registry.diskcache import DiskCache, DiskCacheFull
 from registry.s3 import HashMismatch, OriginError
-from registry.s3store import S3Store
+from registry.store import Store
 from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, OriginFetchFailed
 from scheduler.tiers import Fetch
 from scheduler.types import AdapterRef
@@ -76,9 +76,9 @@ class _DiskCacheCollector(Collector):
 
 
 class RemoteOrigin:
-    """scheduler.tiers.Origin over an S3Store and its DiskCache."""
+    """scheduler.tiers.Origin over a bucket's Store and its DiskCache."""
 
-    def __init__(self, store: S3Store, cache: DiskCache, metrics: OriginMetrics, wait_s: float):
+    def __init__(self, store: Store, cache: DiskCache, metrics: OriginMetrics, wait_s: float):
         self.store, self.cache, self.metrics = store, cache, metrics
         self._wait_s = wait_s
         metrics.watch(cache)

@@ -17,6 +17,7 @@ import logging
 import random
 from dataclasses import replace
 
+from registry.passport import Status
 from scheduler.errors import LoraServeError
 from scheduler.scheduler import Scheduler, Ticket
 from scheduler.types import Completion, GenerationRequest
@@ -53,7 +54,7 @@ class ShadowMirror:
             return None
         snap = self._registry.current()
         served, shadow = snap.get(req.adapter.id, req.adapter.version), snap.shadow(req.adapter.id)
-        if served is None or served.status != "active" or shadow is None:
+        if served is None or served.status != Status.ACTIVE or shadow is None:
             return None
         if random.random() * 100 >= shadow.shadow.percent:
             return None

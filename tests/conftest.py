@@ -98,7 +98,7 @@ def clone_adapter(demo_dir: Path, root: Path, source: str, name: str, version: s
     for key, value in {"name": name, "version": version, "aliases": [], **changes}.items():
         setattr(passport, key, value)
     passport.write(target)
-    Store(root).reindex()
+    Store.local(root).reindex()
     return target
 
 

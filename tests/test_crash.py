@@ -52,7 +52,7 @@ def timed(proc) -> float:
 def test_sigkill_at_random_moments_leaves_one_consistent_store(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     raw, base = tiny_adapter(tmp_path / "raw"), fake_base(tmp_path / "base")
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     identity: BaseIdentity = base_identity(base)
     for _ in range(2):  # promotable versions (smoke-tested in process)
         store.register(raw, "x", identity, passed)
@@ -85,7 +85,7 @@ def test_sigkill_at_random_moments_leaves_one_consistent_store(tmp_path):
 def test_concurrent_writers_are_serialised(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     raw, base = tiny_adapter(tmp_path / "raw"), fake_base(tmp_path / "base")
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     procs = [cli(store, "register", str(raw), "--name", "x", "--no-smoke", "--model-path", str(base), env=env)
              for _ in range(4)]
     for p in procs:
@@ -98,7 +98,7 @@ def test_cli_refuses_alias_shadowing(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     support, legal = tiny_adapter(tmp_path / "support", seed=1), tiny_adapter(tmp_path / "legal", seed=2)
     base = fake_base(tmp_path / "base")
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     timed(cli(store, "register", str(support), "--name", "hijacker", "--aliases", "newname", "--no-smoke",
               "--model-path", str(base), env=env))
     refused = cli(store, "register", str(legal), "--name", "newname", "--no-smoke", "--model-path", str(base),

@@ -18,7 +18,8 @@ from registry.identity import BaseIdentity, base_identity
 from registry.origin import open_store
 from registry.passport import SmokeTest
 from registry.rollout import Canary
-from registry.store import Store, StoreError
+from registry.errors import StoreError
+from registry.store import Store
 from tiny import tiny_adapter
 
 LEGAL = "lessee|contracting party|court|licensor|defendant"
@@ -115,7 +116,7 @@ def passed(_dir):
 @pytest.fixture(params=["local", "s3"])
 def any_store(request, tmp_path):
     if request.param == "local":
-        return Store(tmp_path / "store")
+        return Store.local(tmp_path / "store")
     endpoint = request.getfixturevalue("moto_endpoint")
     return open_store(request.getfixturevalue("bucket"), endpoint_url=endpoint, cache_dir=tmp_path / "cache")
 
@@ -176,7 +177,7 @@ def test_register_evaluates_and_a_regression_blocks_promote_unless_forced(demo_d
              "--name", "legal", "--model-path", base, "--test-set", sets)
     out, err = capsys.readouterr()
     assert rc == 1 and "fails legal-voice, which the active version passes" in err
-    p = Store(legal_store).snapshot().get("legal", "2")
+    p = Store.local(legal_store).snapshot().get("legal", "2")
     assert (p.status, p.gate.state, p.gate.regressions, p.gate.target) == ("staging", "failed", ["legal-voice"],
                                                                            "in-process")
     assert set(p.gate.sides) == {"candidate", "active", "base"} and p.gate.sides["active"]["pass_rate"] == 1.0
@@ -189,7 +190,7 @@ def test_register_evaluates_and_a_regression_blocks_promote_unless_forced(demo_d
     assert "--force overrides" in capsys.readouterr().err
     assert cli("--store", str(legal_store), "promote", "legal", "2", "--force") == 0
     capsys.readouterr()
-    forced = Store(legal_store).snapshot().get("legal", "2")
+    forced = Store.local(legal_store).snapshot().get("legal", "2")
     assert forced.status == "active" and forced.history[0]["change"] == "promote --force"
 
     # legal@3 (legal weights again), evaluated by a running server on the adapter's recorded test set.
@@ -201,7 +202,7 @@ def test_register_evaluates_and_a_regression_blocks_promote_unless_forced(demo_d
         srv.stop()
     table = capsys.readouterr().out
     assert "gate PASSED" in table and "legal@2" in table and "legal-voice" in table
-    third = Store(legal_store).snapshot().get("legal", "3")
+    third = Store.local(legal_store).snapshot().get("legal", "3")
     assert third.gate.passed and third.gate.target == srv.target and third.gate.regressions == []
     assert cli("--store", str(legal_store), "promote", "legal", "3") == 0
 
@@ -248,7 +249,7 @@ def test_an_interrupted_registration_leaves_the_gate_pending(tmp_path):
     p = Store.open(root).snapshot().get("legal", "1")
     assert p.status == "staging" and p.gate.state == "pending" and len(p.gate.test_set) == 2
     with pytest.raises(StoreError, match="has not run"):
-        Store(root).promote("legal", "1")
+        Store.local(root).promote("legal", "1")
     with pytest.raises(SystemExit):  # `evaluate` without --test-set runs the recorded one
         run("evaluate", "legal", "1")
     assert run("evaluate", "legal", "9") == 1  # not in the store: said, exit 1

@@ -20,7 +20,8 @@ from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from registry.store import Store, file_stamp
+from registry.local import file_stamp
+from registry.store import Store
 from test_observability import scrape, total
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -81,7 +82,7 @@ def store(demo_dir, tmp_path_factory):
         clone_adapter(demo_dir, root, name, name, aliases={"legal": ["law"]}.get(name, []))
     clone_adapter(demo_dir, root, "legal", "hot", promoted_at="2026-01-01T00:00:00+00:00")
     clone_adapter(demo_dir, root, "medical", "hot", version="2", status="staging")
-    return Store(root)
+    return Store.local(root)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Stateful tests (hypothesis) for the store's lifecycle decisions (registry.store's plan_*
+"""Stateful tests (hypothesis) for the store's lifecycle decisions (registry.plans' plan_*
 functions) on snapshots built in memory: any sequence of operations, each applied as the store
 applies it (with_changes), leaves a snapshot with no problems(); a refused one changes nothing."""
 
@@ -9,11 +9,13 @@ from dataclasses import replace
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from registry.errors import StoreError
 from registry.evaluate import parse_case, pending
 from registry.passport import Passport, SmokeTest
+from registry.plans import (plan_abort_canary, plan_archive, plan_canary, plan_gate, plan_promote, plan_rollback,
+                            plan_set_policy, plan_shadow)
 from registry.rollout import Canary, Shadow
-from registry.store import (Snapshot, StoreError, now_iso, plan_abort_canary, plan_archive, plan_canary, plan_gate,
-                            plan_promote, plan_rollback, plan_set_policy, plan_shadow, with_changes)
+from registry.snapshot import Snapshot, now_iso, with_changes
 
 NAMES = ("legal", "support")
 VERSIONS = ("1", "2", "3")

@@ -32,7 +32,7 @@ def store(demo_dir, tmp_path_factory):
     make_store(demo_dir / "base", root, 2, rank=4, targets=["q_proj", "v_proj"], prefix="qv")
     other = make_store(demo_dir / "base", tmp_path_factory.mktemp("other"), 1, rank=8, targets=["o_proj"], prefix="o")
     shutil.move(other.version_dir("o0", "1").parent, root / "o0")
-    Store(root).reindex()
+    Store.local(root).reindex()
     clone_adapter(demo_dir, root, "legal", "retired", status="archived")
     clone_adapter(demo_dir, root, "medical", "elsewhere", base_model_revision="0" * 64)
     # Its passport says q_proj and v_proj; its weights adapt all seven linears.

@@ -23,7 +23,8 @@ from registry.identity import BaseIdentity, base_identity
 from registry.origin import open_store
 from registry.passport import Passport, SmokeTest
 from registry.policy import Policy
-from registry.store import IndexInvalid, Store, StoreError
+from registry.errors import IndexInvalid, StoreError
+from registry.store import Store
 from test_generate import details
 from tiny import fake_base, tiny_adapter
 
@@ -42,7 +43,7 @@ def raw(tmp_path):
 @pytest.fixture(params=["local", "s3"])
 def any_store(request, tmp_path):
     if request.param == "local":
-        return Store(tmp_path / "store")
+        return Store.local(tmp_path / "store")
     endpoint = request.getfixturevalue("moto_endpoint")
     return open_store(request.getfixturevalue("bucket"), endpoint_url=endpoint, cache_dir=tmp_path / "cache")
 
@@ -100,7 +101,7 @@ def test_set_policy_changes_every_version_and_is_recorded(any_store, raw):
 
 
 def test_an_alias_belongs_to_the_adapter_whichever_version_is_active(raw, tmp_path):
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     store.register(raw, "legal", BASE, passed, aliases=["law"])
     assert store.snapshot().owner("law") == "legal"  # before any promotion: the id is the adapter's
     for _ in range(2):
@@ -114,7 +115,7 @@ def test_an_alias_belongs_to_the_adapter_whichever_version_is_active(raw, tmp_pa
 def test_a_store_whose_versions_disagree_reads_safely_and_recovery_unifies_it(raw, tmp_path):
     """As a store registered before policies were the adapter's: v1 restricted with an alias,
     v2 open without one (the issue's `secret`)."""
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     store.register(raw, "secret", BASE, passed, allowed_clients=["acme", "beta"], aliases=["vault"])
     store.register(raw, "secret", BASE, passed, change_policy=True, allowed_clients=["acme", "gamma"],
                    aliases=["safe"], fallback="base")
@@ -140,7 +141,7 @@ def test_a_store_whose_versions_disagree_reads_safely_and_recovery_unifies_it(ra
 
 def test_a_policy_change_interrupted_before_its_passports_is_finished_by_recovery(raw, tmp_path):
     """set-policy writes the index first; the index decides, as it does for status."""
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     for _ in range(2):
         store.register(raw, "legal", BASE, passed, aliases=["law"])
     stale = Passport.read(store.version_dir("legal", "2"))
@@ -188,7 +189,7 @@ def guarded(demo_dir, tmp_path_factory):
     tokens.write_text(json.dumps({"tokens": TOKENS}))
     srv = ServerThread(server_config(demo_dir, adapters_dir=root, auth_tokens_file=tokens))
     with srv.channel() as ch:
-        yield srv, Store(root), inference_pb2_grpc.InferenceServiceStub(ch)
+        yield srv, Store.local(root), inference_pb2_grpc.InferenceServiceStub(ch)
     srv.stop()
 
 

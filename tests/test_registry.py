@@ -54,7 +54,7 @@ def registry_server(demo_dir, tmp_path_factory):
     tokens.write_text(json.dumps({"tokens": TOKENS}))
     srv = ServerThread(server_config(demo_dir, adapters_dir=root, auth_tokens_file=tokens))
     with srv.channel() as ch:
-        yield srv, Store(root), inference_pb2_grpc.InferenceServiceStub(ch), ch
+        yield srv, Store.local(root), inference_pb2_grpc.InferenceServiceStub(ch), ch
     srv.stop()
 
 

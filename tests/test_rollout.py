@@ -24,7 +24,9 @@ from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from registry.origin import open_store
 from registry.rollout import Canary, Limits, routed
-from registry.store import INDEX, IndexInvalid, Store, StoreError, now_iso, parse_index
+from registry.errors import IndexInvalid, StoreError
+from registry.snapshot import INDEX, now_iso, parse_index
+from registry.store import Store
 from server.rollouts import Sample, judge
 from test_crash import passed, timed, wait_for_lock
 from test_generate import details
@@ -40,7 +42,7 @@ def canary(percent=10.0, **kw) -> Canary:
 @pytest.fixture(params=["local", "s3"])
 def any_store(request, tmp_path):
     if request.param == "local":
-        return Store(tmp_path / "store")
+        return Store.local(tmp_path / "store")
     endpoint = request.getfixturevalue("moto_endpoint")
     return open_store(request.getfixturevalue("bucket"), endpoint_url=endpoint, cache_dir=tmp_path / "cache")
 
@@ -103,7 +105,7 @@ def test_the_server_abort_is_recorded_with_its_figures(three):
 
 def test_an_index_with_two_running_canaries_is_refused(tmp_path):
     raw = tiny_adapter(tmp_path / "raw")
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     for _ in range(3):
         store.register(raw, "legal", BASE, passed)
     store.promote("legal", "1")
@@ -138,7 +140,7 @@ def test_judge_needs_min_requests_and_compares_with_the_stable_version():
 def test_cli_promote_canary_show_and_list(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     raw, base = tiny_adapter(tmp_path / "raw"), fake_base(tmp_path / "base")
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     for _ in range(2):
         store.register(raw, "x", BASE, passed)
     store.promote("x", "1")
@@ -163,7 +165,7 @@ def test_cli_promote_canary_show_and_list(tmp_path):
 def test_sigkill_during_canary_changes_leaves_one_consistent_store(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     raw = tiny_adapter(tmp_path / "raw")
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     for _ in range(3):
         store.register(raw, "x", BASE, passed)
     store.promote("x", "1")
@@ -214,10 +216,10 @@ def rollout(demo_dir, tmp_path_factory):
     clone_adapter(demo_dir, root, "legal", "legal", aliases=["law"])
     clone_adapter(demo_dir, root, "medical", "legal", "2", status="staging", promoted_at="")
     _poison(clone_adapter(demo_dir, root, "legal", "legal", "3", status="staging", promoted_at=""))
-    Store(root).reindex()
+    Store.local(root).reindex()
     srv = ServerThread(server_config(demo_dir, adapters_dir=root))
     with srv.channel() as ch:
-        yield srv, Store(root), inference_pb2_grpc.InferenceServiceStub(ch), admin_pb2_grpc.AdapterAdminServiceStub(ch)
+        yield srv, Store.local(root), inference_pb2_grpc.InferenceServiceStub(ch), admin_pb2_grpc.AdapterAdminServiceStub(ch)
     srv.stop()
 
 

@@ -17,7 +17,7 @@ from registry.identity import BaseIdentity
 from registry.origin import open_store
 from registry.passport import SmokeTest
 from registry.s3 import S3, Conflict, HashMismatch, NotFound, OriginError, Retry
-from registry.store import StoreError
+from registry.errors import StoreError
 from s3util import Proxy, s3_client
 from tiny import fake_base, tiny_adapter
 

@@ -16,7 +16,9 @@ from conftest import PROMPT, ServerThread, clone_adapter, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from registry.rollout import Shadow
-from registry.store import Store, StoreError, now_iso
+from registry.errors import StoreError
+from registry.snapshot import now_iso
+from registry.store import Store
 from scheduler.errors import Shed
 from scheduler.policy import BatchLimits
 from server.shadow import agreement
@@ -149,7 +151,7 @@ def shadowed(demo_dir, tmp_path_factory):
     clone_adapter(demo_dir, root, "medical", "legal", "2", status="staging", promoted_at="")
     srv = ServerThread(server_config(demo_dir, adapters_dir=root))
     with srv.channel() as ch:
-        yield srv, Store(root), inference_pb2_grpc.InferenceServiceStub(ch)
+        yield srv, Store.local(root), inference_pb2_grpc.InferenceServiceStub(ch)
     srv.stop()
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from registry.identity import BaseIdentity
 from registry.passport import Evaluation, Passport, SmokeTest
-from registry.store import Store, StoreError
+from registry.errors import StoreError
+from registry.store import Store
 from tiny import tiny_adapter
 
 BASE = BaseIdentity("demo", "rev-1")
@@ -35,7 +36,7 @@ def raw(demo_dir, tmp_path):
 
 
 def test_register_versions_hashes_and_indexes(raw, tmp_path):
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     first = store.register(raw, "legal", BASE, passed, task="summarize", client="acme", aliases=["law"])
     second = store.register(raw, "legal", BASE, passed)
     assert (first.version, second.version) == ("1", "2")
@@ -47,7 +48,7 @@ def test_register_versions_hashes_and_indexes(raw, tmp_path):
 
 
 def test_register_refuses_pickle_and_non_adapters(raw, tmp_path):
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     (raw / "adapter_model.safetensors").rename(raw / "adapter_model.bin")
     with pytest.raises(StoreError, match="pickle"):
         store.register(raw, "legal", BASE, passed)
@@ -59,7 +60,7 @@ def test_register_refuses_pickle_and_non_adapters(raw, tmp_path):
 
 
 def test_failed_smoke_test_cannot_be_promoted(raw, tmp_path):
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     bad = store.register(raw, "legal", BASE, failed)
     assert bad.status == "failed" and bad.smoke_test.error == "empty answers"
     assert bad.failure == "smoke test failed: empty answers"
@@ -68,7 +69,7 @@ def test_failed_smoke_test_cannot_be_promoted(raw, tmp_path):
 
 
 def test_promote_rollback_and_aliases_follow_the_active_version(raw, tmp_path):
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     for _ in range(3):
         store.register(raw, "legal", BASE, passed, aliases=["law"])
     store.promote("legal", "1")
@@ -85,14 +86,14 @@ def test_promote_rollback_and_aliases_follow_the_active_version(raw, tmp_path):
 
 
 def test_an_alias_cannot_take_another_adapters_name(raw, tmp_path):
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     store.register(raw, "medical", BASE, passed)
     with pytest.raises(StoreError, match="alias 'medical' is already the name of medical"):
         store.register(raw, "legal", BASE, passed, aliases=["medical"])
 
 
 def test_archive_and_stale(raw, tmp_path):
-    store = Store(tmp_path / "store")
+    store = Store.local(tmp_path / "store")
     store.register(raw, "legal", BASE, passed)
     store.register(raw, "legal", BASE, passed)
     store.promote("legal", "2")
@@ -104,7 +105,7 @@ def test_archive_and_stale(raw, tmp_path):
 
 
 def test_evaluation_block_lineage_and_stale_by_training_date(tmp_path):
-    store, raw = Store(tmp_path / "store"), tiny_adapter(tmp_path / "raw")
+    store, raw = Store.local(tmp_path / "store"), tiny_adapter(tmp_path / "raw")
     store.register(raw, "legal", BASE, passed)
     store.promote("legal", "1")
     trained = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=200)).isoformat()
@@ -125,7 +126,7 @@ def test_evaluation_block_lineage_and_stale_by_training_date(tmp_path):
 def test_list_sorts_by_any_field_or_metric(tmp_path, capsys):
     from registry.cli import main
 
-    store, raw = Store(tmp_path / "store"), tiny_adapter(tmp_path / "raw")
+    store, raw = Store.local(tmp_path / "store"), tiny_adapter(tmp_path / "raw")
     for name, score in (("b", 0.2), ("a", 0.9), ("c", None)):
         metrics = {} if score is None else {"acc": score}
         store.register(raw, name, BASE, passed, evaluation=Evaluation(metrics=metrics))

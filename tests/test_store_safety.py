@@ -11,7 +11,8 @@ import pytest
 
 from registry.identity import BaseIdentity
 from registry.passport import Passport, SmokeTest
-from registry.store import AmbiguousId, IndexInvalid, Store, StoreError
+from registry.errors import AmbiguousId, IndexInvalid, StoreError
+from registry.store import Store
 from tiny import tiny_adapter
 
 BASE = BaseIdentity("tiny-base", "rev-1")
@@ -28,7 +29,7 @@ def raw(tmp_path):
 
 @pytest.fixture()
 def store(tmp_path):
-    return Store(tmp_path / "store")
+    return Store.local(tmp_path / "store")
 
 
 def consistent(store: Store) -> dict:
@@ -98,7 +99,7 @@ def test_a_version_directory_left_without_a_passport_does_not_block_the_name(raw
     store.register(raw, "x", BASE, passed)
     (store.root / "x" / "2").mkdir()
     shutil.copy(raw / "adapter_config.json", store.root / "x" / "2")  # killed mid-copy by an older writer
-    with caplog.at_level(logging.WARNING, logger="registry.store"):
+    with caplog.at_level(logging.WARNING, logger="registry"):
         p = store.register(raw, "x", BASE, passed)
     assert p.version == "2" and "without a passport" in caplog.text
     consistent(store)
@@ -132,7 +133,7 @@ def test_the_index_decides_and_passports_are_reconciled(raw, store, caplog):
     for a in index["adapters"]:
         a["status"] = {"1": "archived", "2": "active"}[a["version"]]
     (store.root / "registry.json").write_text(json.dumps(index))
-    with caplog.at_level(logging.WARNING, logger="registry.store"):
+    with caplog.at_level(logging.WARNING, logger="registry"):
         snap = Store.open(store.root).snapshot()
     assert snap.active("x").version == "2" and "the index decides" in caplog.text
     assert Passport.read(store.version_dir("x", "2")).status == "active"
@@ -146,7 +147,7 @@ def test_recovery_adopts_complete_versions_and_drops_vanished_ones(raw, store, c
     index["adapters"] = [a for a in index["adapters"] if a["version"] != "3"]  # renamed in, index not yet written
     (store.root / "registry.json").write_text(json.dumps(index))
     shutil.rmtree(store.version_dir("x", "1"))
-    with caplog.at_level(logging.WARNING, logger="registry.store"):
+    with caplog.at_level(logging.WARNING, logger="registry"):
         snap = store.recover()
     assert [p.version for p in snap.versions("x")] == ["2", "3"]
     assert "adopting x@3" in caplog.text and "dropping x@1" in caplog.text

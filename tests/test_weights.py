@@ -8,7 +8,8 @@ import pytest
 
 from registry.identity import BaseIdentity
 from registry.passport import SmokeTest
-from registry.store import Store, StoreError
+from registry.errors import StoreError
+from registry.store import Store
 from registry.weights import WeightsError, check_against_config, weight_facts
 from tiny import tiny_adapter
 
@@ -71,7 +72,7 @@ def test_malformed_weights_are_refused(tmp_path, make, complaint):
 
 
 def test_registration_records_tensor_facts_and_fails_a_lying_adapter(tmp_path):
-    store, calls = Store(tmp_path / "store"), []
+    store, calls = Store.local(tmp_path / "store"), []
     good = store.register(tiny_adapter(tmp_path / "good", rank=8), "good", BASE, smoke(calls))
     assert (good.status, good.rank, good.ranks, good.dtype) == ("staging", 8, {"q_proj": 8, "v_proj": 8}, "F32")
     liar = tiny_adapter(tmp_path / "liar", rank=512)

@@ -392,7 +392,7 @@ def _store_beside(model: Path, out: Path) -> Path:
 
     empty = out / "kvcap-store"
     empty.mkdir(parents=True, exist_ok=True)
-    Store(empty).reindex()
+    Store.local(empty).reindex()
     return empty
 
 

@@ -38,7 +38,7 @@ def lora_step(model_path: Path, store: Path, batch: int = 32, adapters: int = 10
         try:
             names = random.Random(0).choices([f"bench{i}" for i in range(adapters)],
                                              [1 / (i + 1) ** 1.1 for i in range(adapters)], k=batch)
-            index = Store(store).snapshot()
+            index = Store.local(store).snapshot()
             refs = {}
             for name in dict.fromkeys(names):
                 passport = index.active(name)

@@ -22,16 +22,16 @@ PROMPT = "Question: What should I do next?\nAnswer:"
 
 
 def _store(demo: Path, root: Path) -> None:
-    from registry.passport import Passport
+    from registry.passport import Passport, Status
     from registry.store import Store
 
-    for source, version, status in (("legal", "1", "active"), ("medical", "2", "staging")):
+    for source, version, status in (("legal", "1", Status.ACTIVE), ("medical", "2", Status.STAGING)):
         target = root / "legal" / version
         shutil.copytree(demo / "adapters" / source / "1", target)
         passport = Passport.read(target)
         passport.name, passport.version, passport.status, passport.aliases = "legal", version, status, []
         passport.write(target)
-    Store(root).reindex()
+    Store.local(root).reindex()
 
 
 def _p95(values: list[float]) -> float:
@@ -44,14 +44,15 @@ async def _measure(demo: Path, root: Path, clients: int, requests: int, rounds: 
     from loraserve.v1 import inference_pb2 as pb
     from loraserve.v1 import inference_pb2_grpc
     from registry.rollout import Shadow
-    from registry.store import Store, now_iso
+    from registry.snapshot import now_iso
+    from registry.store import Store
     from server.app import LoraServer
     from server.config import ServerConfig
 
     server = LoraServer(ServerConfig(port=0, metrics_port=-1, http_port=0, model_path=demo / "base", adapters_dir=root))
     await server.start()
     await server.load()
-    store = Store(root)
+    store = Store.local(root)
     latencies: dict[str, list[float]] = {"off": [], "on": []}
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

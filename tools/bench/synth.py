@@ -15,8 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from registry.identity import base_identity, sha256_file
-from registry.passport import Passport, SmokeTest
-from registry.store import CONFIG, WEIGHTS, Store, now_iso
+from registry.passport import Passport, SmokeTest, Status
+from registry.prepare import CONFIG, WEIGHTS
+from registry.snapshot import now_iso
+from registry.store import Store
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -38,7 +40,7 @@ def make_store(model_path: Path, out: Path, count: int, rank: int = 16,
     config = lora.to_dict()
     config["base_model_name_or_path"] = str(model_path)
     identity = base_identity(model_path)
-    store = Store(out)
+    store = Store.local(out)
     for i in range(count):
         target = store.version_dir(f"{prefix}{i}", "1")
         target.mkdir(parents=True)
@@ -47,7 +49,7 @@ def make_store(model_path: Path, out: Path, count: int, rank: int = 16,
         (target / CONFIG).write_text(json.dumps(config, default=sorted))
         Passport(name=f"{prefix}{i}", version="1", base_model=identity.model_id,
                  base_model_revision=identity.revision, weights_sha256=sha256_file(target / WEIGHTS),
-                 created=now_iso(), status="active", task="bench", rank=rank, target_modules=list(targets),
+                 created=now_iso(), status=Status.ACTIVE, task="bench", rank=rank, target_modules=list(targets),
                  smoke_test=SmokeTest(True, now_iso(), [], "synthetic")).write(target)
     store.reindex()
     return store

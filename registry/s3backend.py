@@ -1,6 +1,5 @@
-"""The adapter store in an S3-compatible bucket: the same index, passports and lifecycle as the
-local store (registry.store), with the bucket's conditional writes where the local store has a
-file lock.
+"""The S3 backend: the store in an S3-compatible bucket, the same index and passports as a local
+directory's (registry.local), with the bucket's conditional writes where a directory has a file lock.
 
     s3://BUCKET/PREFIX/
       registry.json                       THE source of truth, as locally
@@ -11,7 +10,7 @@ file lock.
 
 Why a concurrent writer's change cannot be lost: every index write is a PUT with If-Match set to
 the ETag of the index the change was decided on. If anyone wrote the index since, the ETag
-differs and the PUT fails (412); the writer reads the new index, decides again on it (a
+differs and the PUT fails (412, IndexMoved); the store reads the new index, decides again on it (a
 promotion of a version someone else archived meanwhile is then refused, as under the lock) and
 retries. The ETag is the MD5 of the bytes (single-part PUT), so an equal ETag means the very
 index the decision was made on (each index also carries its `generated` timestamp). The first
@@ -30,31 +29,26 @@ verified against the passport's sha256.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
 from registry.diskcache import DiskCache
-from registry.identity import BaseIdentity
-from registry.evaluate import Gate
-from registry.passport import PASSPORT_FILE, Evaluation, Passport, SmokeTest
+from registry.errors import MOVES, IndexInvalid, IndexMoved, StoreError
+from registry.passport import PASSPORT_FILE, Passport
+from registry.prepare import CONFIG, WEIGHTS
+from registry.reconcile import reconcile
 from registry.s3 import S3, Conflict, NotFound, OriginError
-from registry.policy import FIELDS as POLICY
-from registry.rollout import Canary, Shadow
-from registry.store import (CONFIG, INDEX, WEIGHTS, IndexInvalid, Snapshot, StoreError, index_text, new_draft,
-                            parse_index, plan_abort_canary, plan_archive, plan_canary, plan_gate, plan_promote,
-                            plan_registration, plan_rollback, plan_set_policy, plan_shadow, prepare, reconcile,
-                            with_changes)
+from registry.snapshot import INDEX, Snapshot, index_text, parse_index
 
 log = logging.getLogger(__name__)
 
 CLAIM = ".claim"
-_MAX_TRIES = 20
 
 
 @dataclass(frozen=True)
@@ -69,9 +63,7 @@ class Fetched:
         return self.bytes > 0
 
 
-class S3Store:
-    remote = True
-
+class S3Backend:
     def __init__(self, s3: S3, cache_dir: Path):
         self.s3 = s3
         self.cache_dir = Path(cache_dir)
@@ -80,6 +72,10 @@ class S3Store:
     @property
     def url(self) -> str:
         return self.s3.location.url
+
+    @property
+    def index_name(self) -> str:
+        return f"{self.url}/{INDEX}"
 
     def version_dir(self, name: str, version: str) -> Path:
         return self.cache_dir / name / version
@@ -98,33 +94,24 @@ class S3Store:
             if exc.code == "NoSuchBucket":
                 raise
             return Snapshot(()), None
-        return parse_index(raw, f"{self.url}/{INDEX}"), etag
-
-    def snapshot(self) -> Snapshot:
-        return self.read_index()[0]
+        return parse_index(raw, self.index_name), etag
 
     def index_stamp(self) -> str:
         """The index's ETag ('' when there is none): one HEAD."""
         return self.s3.etag(self.s3.key(INDEX)) or ""
 
     # -- writing -----------------------------------------------------------------
-    def _change(self, plan: Callable[[Snapshot], tuple]) -> tuple:
-        """Decide with `plan` on the current index and write the result conditionally; if another
-        writer moved the index meanwhile, decide again on theirs."""
-        for _ in range(_MAX_TRIES):
-            snap, etag = self.read_index()
-            result, changed = plan(snap)
-            if not changed:
-                return result
-            passports = with_changes(snap, changed)
-            try:
-                self._write_index(passports, etag)
-            except Conflict:
-                log.info("the index changed while deciding; deciding again on the new one")
-                continue
-            self._mirror(changed)
-            return result
-        raise StoreError(f"{self.url}/{INDEX} kept changing under {_MAX_TRIES} tries; retry")
+    @contextmanager
+    def deciding(self) -> Iterator[tuple[Snapshot, str | None]]:
+        """The index and its ETag, which the write of a change decided on it must still find."""
+        yield self.read_index()
+
+    def commit(self, passports: list[Passport], changed: list[Passport], etag: str | None) -> None:
+        try:
+            self._write_index(passports, etag)
+        except Conflict as exc:
+            raise IndexMoved(str(exc)) from exc
+        self._mirror(changed)
 
     def _write_index(self, passports: list[Passport], etag: str | None) -> None:
         self.s3.put(self.s3.key(INDEX), index_text(passports).encode(), if_match=etag, if_none_match=etag is None)
@@ -133,52 +120,18 @@ class S3Store:
         for p in passports:
             self.s3.put(self.s3.key(p.name, p.version, PASSPORT_FILE), _passport_bytes(p))
 
-    def promote(self, name: str, version: str, force: bool = False) -> Passport:
-        return self._change(lambda snap: plan_promote(snap, name, version, force))
-
-    def rollback(self, name: str) -> Passport:
-        return self._change(lambda snap: plan_rollback(snap, name))
-
-    def archive(self, name: str) -> list[Passport]:
-        return self._change(lambda snap: plan_archive(snap, name))
-
-    def canary(self, name: str, version: str, canary: Canary, force: bool = False) -> Passport:
-        return self._change(lambda snap: plan_canary(snap, name, version, canary, force))
-
-    def record_gate(self, name: str, version: str, gate: Gate) -> Passport:
-        return self._change(lambda snap: plan_gate(snap, name, version, gate))
-
-    def abort_canary(self, name: str, version: str, reason: str, figures: dict) -> Passport | None:
-        return self._change(lambda snap: plan_abort_canary(snap, name, version, reason, figures))
-
-    def shadow(self, name: str, version: str, shadow: Shadow | None) -> Passport:
-        return self._change(lambda snap: plan_shadow(snap, name, version, shadow))
-
-    def stale(self, days: int, today: dt.datetime | None = None) -> list[Passport]:
-        today = today or dt.datetime.now(dt.timezone.utc)
-        cutoff = today - dt.timedelta(days=days)
-        return [p for p in self.snapshot().passports if p.status != "active" and p.trained < cutoff]
-
-    def register(self, source: Path, name: str, base: BaseIdentity,
-                 smoke_test: Callable[[Path], SmokeTest] | None, *, evaluation: Evaluation | None = None,
-                 change_policy: bool = False, **fields) -> Passport:
-        """As the local store's: prepared and smoke-tested in a local temporary directory, then
-        uploaded under a claimed version number and added to the index."""
-        requested = {f: fields.pop(f) for f in POLICY if f in fields}
-        draft = new_draft(Path(source), name, base, evaluation, fields, requested)
-        plan_registration(self.snapshot(), draft, requested, change_policy)
+    # -- registering -------------------------------------------------------------
+    @contextmanager
+    def staged(self) -> Iterator[Path]:
+        """A local temporary directory: the registration is prepared and smoke-tested there."""
         with tempfile.TemporaryDirectory(prefix="loraserve-register-") as stage:
-            prepare(Path(source), Path(stage), draft, smoke_test)
-            return self._add(Path(stage), draft, requested, change_policy)
-
-    def set_policy(self, name: str, reason: str = "", **requested) -> list[Passport]:
-        return self._change(lambda snap: plan_set_policy(snap, name, requested, reason))
+            yield Path(stage)
 
     def _indexed(self, draft: Passport) -> bool:
         """Whether the index names `draft` now; True when it cannot be read (keeping files the
         index may name is the safe side: a reindex settles it)."""
         try:
-            return self.snapshot().get(draft.name, draft.version) is not None
+            return self.read_index()[0].get(draft.name, draft.version) is not None
         except OriginError:
             return True
 
@@ -187,37 +140,29 @@ class S3Store:
         under = self.s3.key(name) + "/"
         return [int(v) for v in {k[len(under):].split("/", 1)[0] for k in self.s3.keys(under)} if v.isdigit()]
 
-    def _add(self, stage: Path, draft: Passport, requested: dict, change_policy: bool) -> Passport:
-        snap = self.snapshot()
-        version = max([*self._claimed(draft.name), *(int(p.version) for p in snap.versions(draft.name))],
-                      default=0) + 1
-        for _ in range(_MAX_TRIES):
+    def claim(self, name: str, snap: Snapshot) -> str:
+        """The first number past every claimed or indexed one whose claim object this writer
+        creates (If-None-Match: *): whoever creates it owns the number."""
+        version = max([*self._claimed(name), *(int(p.version) for p in snap.versions(name))], default=0) + 1
+        for _ in range(MOVES):
             try:
-                self.s3.put(self.s3.key(draft.name, str(version), CLAIM), b"", if_none_match=True)
-                break
+                self.s3.put(self.s3.key(name, str(version), CLAIM), b"", if_none_match=True)
+                return str(version)
             except Conflict:
                 version += 1  # another registration took it first
-        else:
-            raise StoreError(f"could not claim a version of {draft.name}; retry")
-        draft.version = str(version)
-        plan_registration(snap, draft, requested, change_policy)  # the uploaded passport's policy
-        if draft.evaluation.previous_version == "" and snap.active(draft.name):
-            draft.evaluation.previous_version = snap.active(draft.name).key
+        raise StoreError(f"could not claim a version of {name}; retry")
+
+    @contextmanager
+    def published(self, stage: Path, draft: Passport) -> Iterator[None]:
+        """The files uploaded, then the passport. If the index write that follows fails, they are
+        deleted again (so a reindex never adopts a refused version) unless the write may have
+        landed: an error other than a lost race, and the index names the version."""
         keys = [self.s3.key(draft.name, draft.version, f) for f in (CONFIG, WEIGHTS, PASSPORT_FILE)]
         self.s3.upload(keys[0], stage / CONFIG)
         self.s3.upload(keys[1], stage / WEIGHTS)
         self.s3.put(keys[2], _passport_bytes(draft))
-
-        def plan(snap: Snapshot):
-            if snap.get(draft.name, draft.version) is not None:
-                return draft, []  # adopted by a reindex meanwhile
-            # The namespace or the adapter's policy may have changed since: decided again on this index
-            # (a changed policy re-uploads the draft's passport with the others').
-            others = plan_registration(snap, draft, requested, change_policy)
-            return draft, [draft, *others]
-
         try:
-            return self._change(plan)
+            yield
         except OriginError as exc:
             if not isinstance(exc, Conflict) and self._indexed(draft):
                 raise  # the index write landed before the error: the version is registered, keep its files
@@ -249,10 +194,10 @@ class S3Store:
                     log.warning("ignoring %s: its passport says %s", key, p.key)
                     continue
                 found.append(p)
-        for _ in range(_MAX_TRIES):
+        for _ in range(MOVES):
             try:
                 raw, etag = self.s3.get(self.s3.key(INDEX))
-                indexed = {p.key: p.to_dict() for p in parse_index(raw, f"{self.url}/{INDEX}").passports}
+                indexed = {p.key: p.to_dict() for p in parse_index(raw, self.index_name).passports}
             except NotFound:
                 indexed, etag = None, None
             except IndexInvalid as exc:
@@ -267,7 +212,7 @@ class S3Store:
                     continue
             self._mirror(stale)
             return Snapshot(tuple(passports))
-        raise StoreError(f"{self.url}/{INDEX} kept changing under {_MAX_TRIES} tries; retry")
+        raise StoreError(f"{self.index_name} kept changing under {MOVES} tries; retry")
 
     def reindex(self) -> Snapshot:
         return self.recover()
