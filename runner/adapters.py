@@ -59,8 +59,10 @@ class AdapterSlots:
         self.max_loras, self.max_rank, self.vram_budget_bytes = max_loras, max_rank, vram_budget_bytes
         self._loaders = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="adapter-load")
         self.ram: dict[AdapterRef, LoraWeights] = {}
+        """Read (fetch) or demoted, not attached: in the serving dtype, page-locked on cuda."""
         self.attached: dict[AdapterRef, Attached] = {}
         self.layers: dict[str, LoRALinear] = {}
+        """Module path -> its wrapped layer, whose stacks hold every slot's weights for it."""
         self._unwrapped: frozenset[str] = frozenset()  # paths of linear layers LoRA is not applied to
         self._verified: dict[Path, FileStamp] = {}  # weights file -> the stamp it had when its sha256 matched
         self._free: list[int] = []
