@@ -63,7 +63,8 @@ def test_only_the_modules_servable_adapters_adapt_are_wrapped_and_reserved(demo_
     try:
         engine = srv.server.engine
         assert engine.lora_modules() == {"q_proj", "v_proj", "o_proj"}
-        assert set(engine._adapters.layers) == {p for p in every._adapters.layers if p.rsplit(".", 1)[-1] in engine.lora_modules()}
+        assert set(engine._adapters.layers) == {p for p in every._adapters.layers
+                                                if p.rsplit(".", 1)[-1] in engine.lora_modules()}
         assert every.lora_modules() == engine.linear_modules() == {
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         # The stacks hold (in + out) x max_lora_rank per slot (4 and the base's) for the wrapped layers only.
