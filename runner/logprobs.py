@@ -9,7 +9,7 @@ A prompt position's scores are the model's own (nothing penalises a prompt). So 
 request's logprobs do not change with its temperature.
 
 Computed on the device for the asking rows only, and brought to the host inside the step's one
-transfer (runner/engine.py `_fetch`): packed as float64 after the tokens and finite flags, which
+transfer (runner/steps.py `_fetch`): packed as float64 after the tokens and finite flags, which
 holds token ids and float32 logprobs exactly.
 """
 

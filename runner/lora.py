@@ -164,6 +164,16 @@ def group_rows(slots: tuple[int, ...] | list[int], device: torch.device) -> Grou
     return Groups(len(slots), present, sizes, m, *cut)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """The last slots `RowSlots.using` installed, as it sent them: reused while they repeat."""
+
+    slots: tuple[int, ...]
+    index: torch.Tensor | None
+    """[B] slot per row on the device; None when no row has an adapter."""
+    groups: Groups | None
+
+
 class RowSlots:
     """Shared by every wrapped layer: during one step's forward, the slot of each row's adapter.
 
@@ -185,16 +195,16 @@ class RowSlots:
         self.index: torch.Tensor | None = None
         """[B] slot per row while a forward runs; None outside one, or when no row has an adapter."""
         self._groups: Groups | None = None
-        self._last: tuple[tuple[int, ...], torch.Tensor | None, Groups | None] = ((), None, None)
+        self._last = _Prepared((), None, None)
 
     @contextlib.contextmanager
     def using(self, slots: tuple[int, ...], device: torch.device):
         """`slots` (one per row, 0 for none) for one forward."""
-        if slots != self._last[0]:  # consecutive steps mostly carry the same rows
+        if slots != self._last.slots:  # consecutive steps mostly carry the same rows
             index = torch.tensor(slots, device=device) if any(slots) else None
             groups = group_rows(slots, device) if index is not None and self.kernel == "grouped" else None
-            self._last = (slots, index, groups)
-        with self._installed(self._last[1], self._last[2]):
+            self._last = _Prepared(slots, index, groups)
+        with self._installed(self._last.index, self._last.groups):
             yield
 
     @contextlib.contextmanager

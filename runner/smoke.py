@@ -7,7 +7,8 @@ from pathlib import Path
 
 from registry.passport import SmokeTest
 from registry.snapshot import now_iso
-from runner.engine import EngineConfig, TorchEngine
+from runner.config import EngineConfig
+from runner.engine import TorchEngine
 from scheduler.cache import Budgets, Tier
 from scheduler.errors import LoraServeError
 from scheduler.scheduler import Scheduler

@@ -9,7 +9,7 @@ sampling parameters) as one flat list into the front of a `Staging`'s host buffe
 back on the device as views of one copy.
 
 Reusing a page-locked buffer is safe once the copy out of it has run: each step ends with its one
-device-to-host transfer (runner/engine.py `_fetch`), which orders it after every earlier copy, so
+device-to-host transfer (runner/steps.py `_fetch`), which orders it after every earlier copy, so
 the next `send` finds its event complete. Only after a step that raised between its copy and that
 transfer can the event still be pending; `send` then waits for it rather than overwrite what the
 copy has yet to read. Off cuda the buffers are plain tensors and the copy a memcpy.

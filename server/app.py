@@ -12,7 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from runner.engine import EngineConfig, TorchEngine
+from runner.config import EngineConfig
+from runner.engine import TorchEngine
 from runner.tokens import Tokens
 from scheduler.cache import Budgets, Tier
 from scheduler.housekeeping import sweep_idle_forever, warm_daily

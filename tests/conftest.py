@@ -177,7 +177,7 @@ def batch_exact(cfg) -> bool:
     alone, token for token: always with --deterministic; unquantized float32 on a CPU as far as
     this suite has seen (scores agree to ~1e-6 of their range, tests/test_isolation.py, far
     inside the demo's greedy margins); not otherwise (bfloat16, nf4, a GPU's kernels)."""
-    from runner.engine import resolve_device, resolve_dtype
+    from runner.loading import resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
     return cfg.deterministic or (device.type == "cpu" and resolve_dtype(cfg.dtype, device) == torch.float32

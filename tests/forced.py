@@ -43,7 +43,7 @@ def forced_scores(engine: LogitsEngine, requests: list[Forced]) -> list[torch.Te
     then decode steps together): position k scores the token after prompt + tokens[:k]."""
     async def run() -> list[torch.Tensor]:
         for r in requests:
-            if not r.adapter.is_base and r.adapter not in engine._slots:
+            if not r.adapter.is_base and r.adapter not in engine._adapters.attached:
                 await engine.fetch(r.adapter)
                 await engine.attach(r.adapter)
         engine.scores.clear()

@@ -28,6 +28,7 @@ class SlowReadEngine(TorchEngine):
         self.probes: Counter[str] = Counter()  # header reads sizing the RAM reservation
         self.reading = self.peak = 0
         self._lock = threading.Lock()
+        self._real_read, self._adapters.read = self._adapters.read, self._read  # what the loader threads run
 
     def bytes_once_read(self, adapter):
         with self._lock:
@@ -41,7 +42,7 @@ class SlowReadEngine(TorchEngine):
             self.peak = max(self.peak, self.reading)
         try:
             time.sleep(0.15)
-            return super()._read(adapter)
+            return self._real_read(adapter)
         finally:
             with self._lock:
                 self.reading -= 1

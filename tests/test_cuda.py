@@ -21,7 +21,7 @@ from conftest import ADAPTERS, PROMPT, ServerThread, demo_ref, server_config
 from forced import LogitsEngine, forced_scores
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import EngineConfig
+from runner.config import EngineConfig
 from test_generate import in_own_domain
 from test_graphs import _engine, _workload, drive
 from test_isolation import TOLERANCE, mixed_requests
@@ -70,7 +70,7 @@ def test_deterministic_captured_decode_answers_each_request_as_alone(demo_dir, q
         alone = [drive(engine, [(ref, prompt, n, 0)])[0] for ref, prompt, n, _ in requests]
         assert drive(engine, requests) == alone
         late = demo_ref(demo_dir, "support")
-        if late in engine._slots:
+        if late in engine._adapters.attached:
             asyncio.run(engine.detach(late))
         assert drive(engine, requests, attach_late=late) == alone
         if engine._graphs is not None:  # captured: one row per graph in this mode
@@ -107,19 +107,19 @@ def test_adapters_are_read_into_pinned_memory_and_land_whole_in_their_slots(demo
     ref = demo_ref(demo_dir, "medical")
 
     def slot_contents():  # on the engine thread, after the side stream's copy
-        slot, ranks = engine._slots[ref]
-        engine._await_copy(slot)
-        return {path: engine._layers[path].read(slot, r) for path, r in ranks.items()}
+        attached = engine._adapters.attached[ref]
+        engine._adapters.await_copy(attached.slot)
+        return {path: engine._adapters.layers[path].read(attached.slot, r) for path, r in attached.ranks.items()}
 
     async def scenario():
         await engine.fetch(ref)
-        held = engine._ram[ref].modules
+        held = engine._adapters.ram[ref].modules
         assert all(a.is_pinned() and b.is_pinned() and a.dtype == torch.bfloat16 for a, b in held.values())
         expected = {path: (a.clone(), b.clone()) for path, (a, b) in held.items()}
         await engine.attach(ref)
         landed = await engine._run(slot_contents)
         await engine.demote(ref)  # back to page-locked RAM, read from the slot
-        back = engine._ram[ref].modules
+        back = engine._adapters.ram[ref].modules
         return expected, landed, back
 
     try:

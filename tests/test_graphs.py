@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import ADAPTERS, PROMPT, demo_ref
-from runner.engine import EngineConfig, TorchEngine
+from runner.config import EngineConfig
+from runner.engine import TorchEngine
 from runner.graphs import DecodeGraphs
 from scheduler.blocks import BlockManager
 from scheduler.engine import Row
@@ -28,7 +29,7 @@ def _engine(demo_dir, mode: str, device: str = "cpu", dtype: str = "float32", **
 
 
 async def _attach(engine: TorchEngine, ref: AdapterRef) -> None:
-    if not ref.is_base and ref not in engine._slots:
+    if not ref.is_base and ref not in engine._adapters.attached:
         await engine.fetch(ref)
         await engine.attach(ref)
 
@@ -111,7 +112,7 @@ def test_an_adapter_attached_after_its_bucket_was_first_used_is_applied(demo_dir
     late = demo_ref(demo_dir, "support")
     requests = [(demo_ref(demo_dir, "legal"), PROMPT, 30, 0), (late, PROMPTS[1], 20, 8), (BASE, PROMPTS[2], 25, 2)]
     alone = [drive(eager, [(ref, prompt, n, 0)])[0] for ref, prompt, n, _ in requests]
-    if late in buffered._slots:
+    if late in buffered._adapters.attached:
         asyncio.run(buffered.detach(late))
     assert drive(buffered, requests, attach_late=late) == alone
 

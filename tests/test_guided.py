@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import ADAPTERS, PROMPT, demo_ref
-import runner.engine as engine_module
+import runner.steps as steps_module
 from loraserve.v1 import inference_pb2 as pb
-from runner.engine import EngineConfig, TorchEngine
+from runner.config import EngineConfig
+from runner.engine import TorchEngine
 from runner.guided import Guide
 from scheduler.blocks import BlockManager
 from scheduler.engine import Row
@@ -246,7 +247,7 @@ def test_a_guided_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch
                                          ("base", ResponseFormat(), [])])
         batch.run(3)  # allocates the bitmask and compiles the mask kernel: both synchronise, once
         torch.cuda.synchronize()
-        real_fetch = engine_module._fetch
+        real_fetch = steps_module._fetch
 
         def fetch(tensor):
             torch.cuda.set_sync_debug_mode("default")
@@ -255,7 +256,7 @@ def test_a_guided_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch
             finally:
                 torch.cuda.set_sync_debug_mode("error")
 
-        monkeypatch.setattr(engine_module, "_fetch", fetch)
+        monkeypatch.setattr(steps_module, "_fetch", fetch)
         torch.cuda.set_sync_debug_mode("error")
         try:
             results = batch.step()

@@ -19,7 +19,7 @@ import torch
 from conftest import ADAPTERS, demo_ref
 from forced import Forced, LogitsEngine, forced_scores
 from runner.demo import DOMAINS
-from runner.engine import EngineConfig
+from runner.config import EngineConfig
 from scheduler.types import AdapterRef
 
 PROMPTS = ("Question: What should I do next?\nAnswer:", "Question: Is this normal?\nAnswer:", "Hello there",

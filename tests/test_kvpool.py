@@ -18,7 +18,9 @@ import torch
 from conftest import ADAPTERS, PROMPT, ServerThread, comparable, demo_ref, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import CPU_KV_DEFAULT_MIB, EngineConfig, TorchEngine
+from runner.config import EngineConfig
+from runner.engine import TorchEngine
+from runner.loading import CPU_KV_DEFAULT_MIB
 from scheduler.blocks import BlockManager
 from scheduler.engine import Row
 from scheduler.types import BASE, SamplingParams
@@ -94,7 +96,7 @@ def test_flex_attention_answers_as_the_reference_gather(demo_dir, engine):
         refs = [demo_ref(demo_dir, name) for name in ("legal", "base", "medical")]
         for e in (engine, flex):
             for ref in refs:
-                if not ref.is_base and ref not in e._slots:
+                if not ref.is_base and ref not in e._adapters.attached:
                     asyncio.run(e.fetch(ref))
                     asyncio.run(e.attach(ref))
         order = list(range(flex.kv_blocks))[::-1]
@@ -151,7 +153,7 @@ def test_prefill_chunks_in_the_same_forward_as_decode_rows_answer_as_apart(engin
     equals its prompt's answer alone, including the LoRA per packed token."""
     refs = [demo_ref(demo_dir, name) for name in ("legal", "medical", "legal")]
     for ref in dict.fromkeys(refs):
-        if ref not in engine._slots:
+        if ref not in engine._adapters.attached:
             asyncio.run(engine.fetch(ref))
             asyncio.run(engine.attach(ref))
     prompts = (PROMPTS[0], PROMPTS[1], LONG)

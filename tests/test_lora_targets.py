@@ -17,7 +17,8 @@ from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from registry.store import Store
-from runner.engine import EngineConfig, TorchEngine
+from runner.config import EngineConfig
+from runner.engine import TorchEngine
 from scheduler.errors import AdapterIncompatible
 from scheduler.types import AdapterRef
 from test_generate import details
@@ -62,12 +63,13 @@ def test_only_the_modules_servable_adapters_adapt_are_wrapped_and_reserved(demo_
     try:
         engine = srv.server.engine
         assert engine.lora_modules() == {"q_proj", "v_proj", "o_proj"}
-        assert set(engine._layers) == {p for p in every._layers if p.rsplit(".", 1)[-1] in engine.lora_modules()}
+        assert set(engine._adapters.layers) == {p for p in every._adapters.layers
+                                                if p.rsplit(".", 1)[-1] in engine.lora_modules()}
         assert every.lora_modules() == engine.linear_modules() == {
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         # The stacks hold (in + out) x max_lora_rank per slot (4 and the base's) for the wrapped layers only.
-        wrapped = sum(layer.in_features + layer.out_features for layer in engine._layers.values())
-        everything = sum(layer.in_features + layer.out_features for layer in every._layers.values())
+        wrapped = sum(layer.in_features + layer.out_features for layer in engine._adapters.layers.values())
+        everything = sum(layer.in_features + layer.out_features for layer in every._adapters.layers.values())
         itemsize = engine._dtype.itemsize
         assert engine.stack_bytes() == 5 * 8 * wrapped * itemsize
         assert every.stack_bytes() == 5 * 8 * everything * itemsize

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import ADAPTERS, TEST_DTYPE, fetch_on
-from runner.engine import EngineConfig, TorchEngine
+from runner.config import EngineConfig
+from runner.engine import TorchEngine
 from scheduler.cache import Budgets, Tier
 from scheduler.errors import AdapterIncompatible
 from scheduler.tiers import AdapterTiers

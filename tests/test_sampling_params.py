@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import PROMPT, demo_ref
-from runner.engine import EngineConfig, TorchEngine
+from runner.config import EngineConfig
+from runner.engine import TorchEngine
 from runner.sampling import Processor, sample
 from scheduler.engine import Row, StepResult
 from scheduler.errors import LoraServeError

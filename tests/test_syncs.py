@@ -1,6 +1,6 @@
 """One device-to-host transfer per step (decode, or decode with a prefill in the same forward): the
 step's tokens and finite flags (and the logprobs rows ask for, packed with them), through
-runner.engine._fetch, and no other read of a device value on the host.
+runner.steps._fetch, and no other read of a device value on the host.
 
 On a CPU no transfer is observable, so the CPU test counts what would be one on cuda: calls of
 `_fetch`, and every Python-level read of a tensor's values (`.tolist()`, `.item()`, `.cpu()`,
@@ -24,9 +24,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-import runner.engine as engine_module
+import runner.steps as steps_module
 from conftest import ADAPTERS, PROMPT, demo_ref
-from runner.engine import EngineConfig, TorchEngine
+from runner.config import EngineConfig
+from runner.engine import TorchEngine
 from scheduler.blocks import BlockManager
 from scheduler.engine import Row
 from scheduler.types import SamplingParams
@@ -69,7 +70,7 @@ def _mixed_batch(engine: TorchEngine, demo_dir, sampling=SAMPLING, joining: bool
 
     async def prefill():
         for ref in refs[1:]:
-            if ref not in engine._slots:
+            if ref not in engine._adapters.attached:
                 await engine.fetch(ref)
                 await engine.attach(ref)
         for r in await engine.prefill(rows()):
@@ -116,7 +117,7 @@ def counting_reads(monkeypatch, engine) -> tuple[list[str], list[tuple[int, ...]
             return real(self, *args, **kwargs)
         return read
 
-    monkeypatch.setattr(engine_module, "_fetch", bracketed(engine_module._fetch, record=True))
+    monkeypatch.setattr(steps_module, "_fetch", bracketed(steps_module._fetch, record=True))
     monkeypatch.setattr(engine, "_call", bracketed(engine._call))
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counted(name))
@@ -158,7 +159,7 @@ def test_a_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch, mode,
         step = _mixed_batch(engine, demo_dir, joining=joining, asking=asking)
         step()  # captures the bucket's graph, compiles FlexAttention: both synchronise, once
         torch.cuda.synchronize()
-        real_fetch, fetched = engine_module._fetch, []
+        real_fetch, fetched = steps_module._fetch, []
 
         def fetch(tensor):
             fetched.append(tensor.device.type)
@@ -168,7 +169,7 @@ def test_a_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch, mode,
             finally:
                 torch.cuda.set_sync_debug_mode("error")
 
-        monkeypatch.setattr(engine_module, "_fetch", fetch)
+        monkeypatch.setattr(steps_module, "_fetch", fetch)
         torch.cuda.set_sync_debug_mode("error")
         with contextlib.ExitStack() as undo:
             undo.callback(torch.cuda.set_sync_debug_mode, "default")
@@ -179,7 +180,7 @@ def test_a_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch, mode,
 
 
 def test_the_finite_flag_is_isfinite_all():
-    from runner.engine import _finite
+    from runner.steps import _finite
 
     scores = torch.randn(6, 50) * 1e37  # large finite scores: their sum would overflow, not 0 x them
     for row, bad in ((1, float("nan")), (2, float("inf")), (3, float("-inf")), (4, 3.4e38)):

@@ -86,7 +86,8 @@ def engine_check(model: Path, device: str, out: Path, expect: bool) -> int:
     be FlexAttention and captured CUDA graphs."""
     import torch
 
-    from runner.engine import EngineConfig, TorchEngine
+    from runner.config import EngineConfig
+    from runner.engine import TorchEngine
     from scheduler.blocks import BlockManager
     from scheduler.engine import Row
     from scheduler.types import BASE, SamplingParams

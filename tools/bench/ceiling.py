@@ -38,7 +38,8 @@ def _timed(run, batch: int, new_tokens: int, repeats: int, device: torch.device,
 
 
 def measure(spec: dict) -> dict:
-    from runner.engine import EngineConfig, load_model
+    from runner.config import EngineConfig
+    from runner.loading import load_model
     from tools.bench.naive import naive_loop, with_adapters
 
     tokenizer, model, device = load_model(EngineConfig(Path(spec["model_path"]), device=spec["device"],

@@ -22,7 +22,8 @@ from scheduler.types import BASE, SamplingParams
 def engine_limit(model_path: Path, plan: list[tuple[str, str, int]], batch_size: int, dtype: str = "auto",
                  deterministic: bool = False) -> dict:
     """`deterministic`: the batch-invariant engine (--deterministic), whose cost this measures."""
-    from runner.engine import EngineConfig, TorchEngine
+    from runner.config import EngineConfig
+    from runner.engine import TorchEngine
 
     async def measure() -> dict:
         engine = TorchEngine(EngineConfig(Path(model_path), dtype=dtype, max_rows=batch_size,

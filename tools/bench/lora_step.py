@@ -30,7 +30,8 @@ PROMPT = "Question: what does the notice period in this contract mean for me?\nA
 def lora_step(model_path: Path, store: Path, batch: int = 32, adapters: int = 100, rounds: int = 6,
               steps: int = 20, device: str = "auto") -> dict:
     from registry.store import Store
-    from runner.engine import EngineConfig, TorchEngine
+    from runner.config import EngineConfig
+    from runner.engine import TorchEngine
 
     async def measure() -> dict:
         engine = TorchEngine(EngineConfig(Path(model_path), device=device, max_rows=batch))

@@ -44,7 +44,8 @@ MIXES = {
 
 def step_host(model_path: Path, batches: tuple[int, ...] = (32, 128), vocab: int = 32000, steps: int = 200,
               mixes: tuple[str, ...] = tuple(MIXES), generated: int = 16) -> list[dict]:
-    from runner.engine import EngineConfig, TorchEngine
+    from runner.config import EngineConfig
+    from runner.engine import TorchEngine
 
     engine = TorchEngine(EngineConfig(Path(model_path), max_rows=max(batches), max_model_len=256,
                                       kv_cache_mib=64, decode_graphs="off"))
