@@ -6,16 +6,21 @@
 Every call carries the adapter id as `x-adapter-id` metadata, so a proxy or the channel's
 ring_hash policy can keep each adapter on one replica (clients/affinity.py). Failures raise
 RequestFailed with the gRPC code and the server's ErrorInfo reason.
+
+One implementation (_Client builds each call and reads its answer); each flavour only calls or awaits it.
+The sync client keeps its own sync channel rather than driving the async one from a hidden loop thread:
+no extra thread or event loop, so it behaves as before inside a running loop, in threads and after fork.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Sequence
-
 import json
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import AsyncIterator, Callable, Iterator, NamedTuple, Sequence
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from loraserve.contract import ROUTING_HEADER
@@ -137,21 +142,24 @@ class Models:
 
 
 class _Stream:
-    """Accumulates one choice's stream messages into its GenerateResult."""
+    """Accumulates one choice's stream messages: each message's text delta, and the last's GenerateResult."""
 
     def __init__(self):
         self.parts: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob] = []
+        self.finished = False
 
-    def add(self, msg: pb.GenerateStreamResponse) -> GenerateResult | None:
+    def add(self, msg: pb.GenerateStreamResponse) -> str | GenerateResult:
+        """What the caller is yielded for `msg`: its text, or the whole result once it carries a finish reason."""
         self.parts.append(msg.text)
         self.token_ids += msg.token_ids
         self.logprobs += _logprobs(msg.logprobs)
         self.prompt_logprobs += _logprobs(msg.prompt_logprobs)
         if not msg.finish_reason:
-            return None
+            return msg.text
+        self.finished = True
         return GenerateResult.from_pb(msg, "".join(self.parts), self.token_ids, self.logprobs, self.prompt_logprobs)
 
 
@@ -240,55 +248,91 @@ def call_metadata(adapter: str, token: str | None = None) -> tuple[tuple[str, st
     return ((ROUTING_HEADER, adapter),) + auth_metadata(token)
 
 
-class LoraServeClient:
-    """`target` may be one address or, with `options` from clients.affinity, several replicas."""
+def _generated(resp: pb.GenerateResponse) -> GenerateResult:
+    return GenerateResult.from_pb(resp, resp.text)
+
+
+class _Call(NamedTuple):
+    """One unary RPC as the client makes it: the response is read by `read` once called (or awaited)."""
+
+    method: Callable
+    request: Message
+    metadata: tuple[tuple[str, str], ...]
+    read: Callable[[Message], object]
+
+
+class _Client:
+    """Everything but calling and awaiting: the channel, each RPC's request, metadata and deadline, and
+    reading its answer. `_grpc` is the module whose channels the flavour uses (grpc or grpc.aio)."""
+
+    _grpc: ModuleType
 
     def __init__(self, target: str = "localhost:50051", *, credentials: grpc.ChannelCredentials | None = None,
                  timeout: float | None = None, token: str | None = None,
                  options: list[tuple[str, str]] | None = None):
-        self._channel = (grpc.secure_channel(target, credentials, options=options) if credentials
-                         else grpc.insecure_channel(target, options=options))
+        self._channel = (self._grpc.secure_channel(target, credentials, options=options) if credentials
+                         else self._grpc.insecure_channel(target, options=options))
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._timeout, self._token = timeout, token
 
+    def _generate(self, adapter: str, prompt: str, params: dict) -> _Call:
+        return _Call(self._stub.Generate, build_request(adapter, prompt, **params),
+                     call_metadata(adapter, self._token), _generated)
+
+    def _tokenize(self, text: str, messages: Messages | None) -> _Call:
+        return _Call(self._stub.Tokenize, tokenize_request(text, messages), auth_metadata(self._token), tokenized)
+
+    def _list_models(self) -> _Call:
+        return _Call(self._stub.ListModels, pb.ListModelsRequest(), auth_metadata(self._token), models)
+
+    def _send(self, call: _Call):
+        """The response (sync) or an awaitable of it (asyncio)."""
+        return call.method(call.request, timeout=self._timeout, metadata=call.metadata)
+
+    def _open_stream(self, adapter: str, prompt: str, params: dict):
+        """The GenerateStream call: iterable (sync) or async iterable (asyncio), and cancellable."""
+        _one_choice(params)
+        return self._stub.GenerateStream(build_request(adapter, prompt, **params), timeout=self._timeout,
+                                         metadata=call_metadata(adapter, self._token))
+
+
+class LoraServeClient(_Client):
+    """`target` may be one address or, with `options` from clients.affinity, several replicas."""
+
+    _grpc = grpc
+
     def generate(self, adapter: str, prompt: str = "", **params) -> GenerateResult:
         """`params`: build_request's keywords."""
-        try:
-            resp = self._stub.Generate(build_request(adapter, prompt, **params), timeout=self._timeout,
-                                       metadata=call_metadata(adapter, self._token))
-        except grpc.RpcError as err:
-            raise RequestFailed.from_rpc_error(err) from None
-        return GenerateResult.from_pb(resp, resp.text)
+        return self._unary(self._generate(adapter, prompt, params))
 
     def stream(self, adapter: str, prompt: str = "", **params) -> Iterator[str | GenerateResult]:
-        """Yields text deltas, then one GenerateResult holding the whole text (and tokens)."""
-        _one_choice(params)
-        acc = _Stream()
+        """Yields text deltas, then one GenerateResult holding the whole text (and tokens). Leaving the
+        loop early cancels the call."""
+        call, acc = self._open_stream(adapter, prompt, params), _Stream()
         try:
-            for msg in self._stub.GenerateStream(build_request(adapter, prompt, **params), timeout=self._timeout,
-                                                 metadata=call_metadata(adapter, self._token)):
-                if (result := acc.add(msg)) is not None:
-                    yield result
+            for msg in call:
+                yield acc.add(msg)
+                if acc.finished:
                     return
-                yield msg.text
         except grpc.RpcError as err:
             raise RequestFailed.from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
     def tokenize(self, text: str = "", messages: Messages | None = None) -> Tokenized:
         """The base model's token ids for `text`, or for `messages` rendered with its chat template."""
-        try:
-            return tokenized(self._stub.Tokenize(tokenize_request(text, messages), timeout=self._timeout,
-                                                 metadata=auth_metadata(self._token)))
-        except grpc.RpcError as err:
-            raise RequestFailed.from_rpc_error(err) from None
+        return self._unary(self._tokenize(text, messages))
 
     def list_models(self) -> Models:
         """The base model and the adapters this caller may use."""
+        return self._unary(self._list_models())
+
+    def _unary(self, call: _Call):
         try:
-            return models(self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout,
-                                                metadata=auth_metadata(self._token)))
+            resp = self._send(call)
         except grpc.RpcError as err:
             raise RequestFailed.from_rpc_error(err) from None
+        return call.read(resp)
 
     def close(self) -> None:
         self._channel.close()
@@ -300,50 +344,38 @@ class LoraServeClient:
         self.close()
 
 
-class AsyncLoraServeClient:
-    def __init__(self, target: str = "localhost:50051", *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float | None = None, token: str | None = None,
-                 options: list[tuple[str, str]] | None = None):
-        self._channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
-                         else grpc.aio.insecure_channel(target, options=options))
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._timeout, self._token = timeout, token
+class AsyncLoraServeClient(_Client):
+    """LoraServeClient's methods, awaited; stream() is an async iterator."""
+
+    _grpc = grpc.aio
 
     async def generate(self, adapter: str, prompt: str = "", **params) -> GenerateResult:
-        try:
-            resp = await self._stub.Generate(build_request(adapter, prompt, **params), timeout=self._timeout,
-                                             metadata=call_metadata(adapter, self._token))
-        except grpc.aio.AioRpcError as err:
-            raise RequestFailed.from_rpc_error(err) from None
-        return GenerateResult.from_pb(resp, resp.text)
+        return await self._unary(self._generate(adapter, prompt, params))
 
     async def stream(self, adapter: str, prompt: str = "", **params) -> AsyncIterator[str | GenerateResult]:
-        _one_choice(params)
-        acc = _Stream()
+        call, acc = self._open_stream(adapter, prompt, params), _Stream()
         try:
-            async for msg in self._stub.GenerateStream(build_request(adapter, prompt, **params),
-                                                       timeout=self._timeout,
-                                                       metadata=call_metadata(adapter, self._token)):
-                if (result := acc.add(msg)) is not None:
-                    yield result
+            async for msg in call:
+                yield acc.add(msg)
+                if acc.finished:
                     return
-                yield msg.text
-        except grpc.aio.AioRpcError as err:
+        except grpc.RpcError as err:
             raise RequestFailed.from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
     async def tokenize(self, text: str = "", messages: Messages | None = None) -> Tokenized:
-        try:
-            return tokenized(await self._stub.Tokenize(tokenize_request(text, messages), timeout=self._timeout,
-                                                       metadata=auth_metadata(self._token)))
-        except grpc.aio.AioRpcError as err:
-            raise RequestFailed.from_rpc_error(err) from None
+        return await self._unary(self._tokenize(text, messages))
 
     async def list_models(self) -> Models:
+        return await self._unary(self._list_models())
+
+    async def _unary(self, call: _Call):
         try:
-            return models(await self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout,
-                                                      metadata=auth_metadata(self._token)))
-        except grpc.aio.AioRpcError as err:
+            resp = await self._send(call)
+        except grpc.RpcError as err:
             raise RequestFailed.from_rpc_error(err) from None
+        return call.read(resp)
 
     async def close(self) -> None:
         await self._channel.close()
