@@ -48,7 +48,7 @@ def env_name(name: str) -> str:
 
 
 def _is_switch(name: str) -> bool:
-    return _sections()[FLAT[name]].model_fields[name].annotation in (bool, "bool")
+    return _sections()[FLAT[name]].model_fields[name].annotation is bool
 
 
 def nested(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -64,13 +64,13 @@ def nested(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def read_file(path: Path) -> dict[str, Any]:
     """A config file's sections: TOML, or YAML for a .yaml/.yml name."""
-    text = Path(path).read_text()
-    if Path(path).suffix in (".yaml", ".yml"):
-        import yaml  # only where a YAML file is used
+    import yaml  # only where a config file is read
 
-        tree = yaml.safe_load(text) or {}
-    else:
-        tree = tomllib.loads(text)
+    try:
+        text = Path(path).read_text()
+        tree = (yaml.safe_load(text) or {}) if Path(path).suffix in (".yaml", ".yml") else tomllib.loads(text)
+    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"invalid configuration: {path}: {exc}") from None
     if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
         raise ValueError(f"invalid configuration: {path} must hold sections ({', '.join(_sections())}) of fields")
     return tree
@@ -86,11 +86,12 @@ def _merge(*trees: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]
 
 
 def _problem(error: dict) -> str:
-    if error["type"] == "value_error" and len(error["loc"]) == 0:
+    """One of pydantic's errors as the flat names say it: `port='abc': Input should be ...`."""
+    if not error["loc"]:  # the tree's own checks (ServerConfig._valid), every problem in one
         return str(error["ctx"]["error"]).removeprefix("invalid configuration: ")
-    name = ".".join(map(str, error["loc"][1:] or error["loc"]))
-    return f"{name}={error['input']!r}: {error['msg']}" if error["type"] != "extra_forbidden" else \
-        f"no setting named {'.'.join(map(str, error['loc']))}"
+    if error["type"] == "extra_forbidden":
+        return f"no setting named {'.'.join(map(str, error['loc']))}"
+    return f"{error['loc'][-1]}={error['input']!r}: {error['msg']}"
 
 
 def validate(tree: Mapping[str, Any]) -> ServerConfig:

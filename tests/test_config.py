@@ -104,6 +104,7 @@ def test_a_config_file_takes_sections_and_yields_to_the_environment_and_flags(tm
     ("[fronts]\nmax_batch_size = 4\n", "max_batch_size"),  # a field of another section
     ("[nonsense]\nport = 1\n", "nonsense"),
     ("port = 1\n", "sections"),
+    ("[fronts\n", "loraserve.toml"),
 ])
 def test_a_config_file_is_validated_like_flags(tmp_path, text, message):
     path = tmp_path / "loraserve.toml"
