@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 
-from server import config as config_mod
+from server import settings
 
 
 def try_it_line(host: str, port: int, adapter: str) -> str:
@@ -35,12 +35,12 @@ def http_try_line(host: str, port: int, adapter: str) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        cfg = config_mod.from_args(args)
+        cfg = settings.from_args(args)
         cfg.check_paths()
     except ValueError as exc:
         print(f"loraserve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=cfg.telemetry.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from server.app import LoraServer
 
     log = logging.getLogger("loraserve")
@@ -63,10 +63,11 @@ def _serve(args: argparse.Namespace) -> int:
                 log.error("start-up failed, shutting down: %s", exc, exc_info=exc)
                 stopping.set()
                 return
+            fronts, example = cfg.fronts, server.registry.example_id()
             if server.http_port:
-                print(http_try_line(cfg.http_host or cfg.host, server.http_port, server.registry.example_id()),
-                      file=sys.stderr, flush=True)
-            print(try_it_line(cfg.host, server.port, server.registry.example_id()), file=sys.stderr, flush=True)
+                print(http_try_line(fronts.http_host or fronts.host, server.http_port, example), file=sys.stderr,
+                      flush=True)
+            print(try_it_line(fronts.host, server.port, example), file=sys.stderr, flush=True)
 
         loader.add_done_callback(loaded)
         await stopping.wait()
@@ -83,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def add_serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="run the gRPC server (and its OpenAI-compatible HTTP front)")
-    config_mod.add_arguments(serve)
+    settings.add_arguments(serve)
     serve.set_defaults(func=_serve)
 
 

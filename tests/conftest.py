@@ -145,7 +145,7 @@ def one_adapter_bytes(cfg) -> tuple[int, int]:
     from scheduler.types import AdapterRef
     from server.app import engine_config
 
-    ref = AdapterRef(ADAPTERS[0], "1", str(Path(cfg.adapters_dir) / ADAPTERS[0] / "1"))
+    ref = AdapterRef(ADAPTERS[0], "1", str(Path(cfg.registry.adapters_dir) / ADAPTERS[0] / "1"))
     engine = TorchEngine(engine_config(cfg))
 
     async def ask() -> tuple[int, int]:
@@ -160,16 +160,19 @@ def one_adapter_bytes(cfg) -> tuple[int, int]:
 def room_for_one_in_ram(demo_dir: Path, **overrides):
     """`server_config(demo_dir, **overrides)` whose RAM tier holds one demo adapter, not two
     (a budget of 1.5 adapters as this server holds them)."""
+    from server.settings import replace
+
     cfg = server_config(demo_dir, **overrides)
-    return dataclasses.replace(cfg, ram_budget_mib=1.5 * one_adapter_bytes(cfg)[0] / 2**20)
+    return replace(cfg, ram_budget_mib=1.5 * one_adapter_bytes(cfg)[0] / 2**20)
 
 
 def server_config(demo_dir: Path, **overrides):
-    from server.config import ServerConfig
+    """A ServerConfig from flat settings (`max_batch_size=4`), as flags give them; not the environment."""
+    from server.settings import load
 
-    return ServerConfig(**{"port": 0, "metrics_port": 0, "http_port": 0, "model_path": demo_dir / "base",
-                           "adapters_dir": demo_dir / "adapters", "batch_wait_ms": 5.0, "grace_period_s": 10.0,
-                           "dtype": TEST_DTYPE, **overrides})
+    return load({"port": 0, "metrics_port": 0, "http_port": 0, "model_path": demo_dir / "base",
+                 "adapters_dir": demo_dir / "adapters", "batch_wait_ms": 5.0, "grace_period_s": 10.0,
+                 "dtype": TEST_DTYPE, **overrides}, env={})
 
 
 def batch_exact(cfg) -> bool:
@@ -179,15 +182,18 @@ def batch_exact(cfg) -> bool:
     inside the demo's greedy margins); not otherwise (bfloat16, nf4, a GPU's kernels)."""
     from runner.loading import resolve_device, resolve_dtype
 
-    device = resolve_device(cfg.device)
-    return cfg.deterministic or (device.type == "cpu" and resolve_dtype(cfg.dtype, device) == torch.float32
-                                 and cfg.quantization == "none")
+    model = cfg.model
+    device = resolve_device(model.device)
+    return cfg.engine.deterministic or (device.type == "cpu" and resolve_dtype(model.dtype, device) == torch.float32
+                                        and model.quantization == "none")
 
 
 def comparable(cfg):
     """`cfg` for a server whose tests compare batched answers with alone ones exactly: made
     --deterministic where its numerics do not already keep them equal (batch_exact)."""
-    return cfg if batch_exact(cfg) else dataclasses.replace(cfg, deterministic=True)
+    from server.settings import replace
+
+    return cfg if batch_exact(cfg) else replace(cfg, deterministic=True)
 
 
 @pytest.fixture(scope="session")

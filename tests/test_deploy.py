@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from conftest import REPO
-from server.config import ENV_PREFIX, ServerConfig
+from server.settings import ENV_PREFIX, FILE_ENV, FLAT, env_name
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 COMPOSE = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
-CONFIG_ENV = {f"{ENV_PREFIX}{name.upper()}" for name in ServerConfig.__dataclass_fields__}
+CONFIG_ENV = {env_name(name) for name in FLAT} | {FILE_ENV}
 
 
 def _tool(name: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from clients.cli import build_parser as client_parser
+from server.settings import reference
 from tools.cli import build_parser as server_parser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,3 +162,11 @@ def test_every_serve_flag_in_the_configuration_table_is_a_serve_option():
     flags = {flag for row in table.splitlines() if row.startswith("| `--")
              for flag in re.findall(r"`(--[\w-]+)`", row.split("|")[1])}
     assert flags and flags <= options, flags - options
+
+
+def test_the_configuration_section_is_the_one_generated_from_the_config_tree():
+    operations = (REPO / "docs" / "operations.md").read_text()
+    start = operations.index("\n## Configuration\n") + 1
+    section = operations[start:operations.index("\n## ", start) + 1]
+    assert section == reference() + "\n", ("docs/operations.md's configuration section differs from "
+                                          "server.settings.reference(): write that in its place")

@@ -38,7 +38,8 @@ from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from runner.engine import TorchEngine
 from server.app import CLOSE_GRACE_S, engine_config
-from server.config import ENV_PREFIX, ServerConfig, from_args
+from server.config import ServerConfig
+from server.settings import ENV_PREFIX, from_args
 from test_deploy import CONFIG_ENV
 from test_lifecycle import NOT_SERVING, SERVING, health, wait_for
 from tools.prometheusrule import RULES, TARGET, render
@@ -152,15 +153,16 @@ def test_settings_are_real_config_fields_and_make_a_valid_server_config(docs):
     named = set(env) | {e["name"] for c in containers for e in c.get("env", ())}
     assert {n for n in named if n.startswith(ENV_PREFIX)} <= CONFIG_ENV
     cfg = config(docs)  # raises on a value the server would refuse
-    assert cfg.host == cfg.metrics_host == "0.0.0.0"
+    assert cfg.fronts.host == cfg.telemetry.metrics_host == "0.0.0.0"
 
 
 def test_ports_and_probes_are_the_servers_and_the_startup_probe_waits_for_the_model(docs):
     cfg, container = config(docs), server_container(docs)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": cfg.port, "health": cfg.health_port, "metrics": cfg.metrics_port}
+    assert ports == {"grpc": cfg.fronts.port, "health": cfg.fronts.health_port,
+                     "metrics": cfg.telemetry.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": cfg.health_port}, probe  # plaintext, whatever the TLS
+        assert container[probe]["grpc"] == {"port": cfg.fronts.health_port}, probe  # plaintext, whatever the TLS
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
     headless = one(docs, "Service", "loraserve-headless")
@@ -175,7 +177,7 @@ def test_the_termination_period_outlasts_prestop_drain_and_close(docs):
     command = server_container(docs)["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     # 10 s for closing the engine (freeing the device, the loader threads) and the kubelet's own slack.
-    assert pod["terminationGracePeriodSeconds"] >= int(command[1]) + cfg.grace_period_s + CLOSE_GRACE_S + 10
+    assert pod["terminationGracePeriodSeconds"] >= int(command[1]) + cfg.fronts.grace_period_s + CLOSE_GRACE_S + 10
 
 
 def test_the_paths_the_config_names_are_mounted_from_the_right_volumes(docs):
@@ -188,12 +190,12 @@ def test_the_paths_the_config_names_are_mounted_from_the_right_volumes(docs):
         [volume] = [v for mount, v in mounts.items() if Path(path).is_relative_to(mount)]
         return volume
 
-    assert {"persistentVolumeClaim", "emptyDir"} & set(source(cfg.model_path))
-    if cfg.remote:  # the disk cache: an emptyDir the kubelet lets grow past the cache's budget
-        assert mib(source(cfg.disk_cache_dir)["emptyDir"]["sizeLimit"]) > cfg.disk_cache_mib
+    assert {"persistentVolumeClaim", "emptyDir"} & set(source(cfg.model.model_path))
+    if cfg.registry.remote:  # the disk cache: an emptyDir the kubelet lets grow past the cache's budget
+        assert mib(source(cfg.registry.disk_cache_dir)["emptyDir"]["sizeLimit"]) > cfg.registry.disk_cache_mib
     else:
-        assert source(cfg.adapters_dir) is source(cfg.model_path)
-    for secret_file in (cfg.tls_cert, cfg.tls_key, cfg.auth_tokens_file):
+        assert source(cfg.registry.adapters_dir) is source(cfg.model.model_path)
+    for secret_file in (cfg.security.tls_cert, cfg.security.tls_key, cfg.security.auth_tokens_file):
         if secret_file is not None:
             assert source(secret_file)["secret"]["secretName"] in SECRETS_MADE_BY_HAND
     claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes.values() if "persistentVolumeClaim" in v}
@@ -230,9 +232,9 @@ def test_resources_hold_what_the_server_is_configured_to_hold(docs):
     requests, limits = resources["requests"], resources["limits"]
     # The CPU demo's process holds 406-416 MiB under load (docs/performance.md "Load and soak").
     assert 416 < mib(requests["memory"]) <= mib(limits["memory"])
-    if cfg.device == "cuda":
+    if cfg.model.device == "cuda":
         assert requests["nvidia.com/gpu"] == limits["nvidia.com/gpu"] == 1
-        assert mib(requests["memory"]) >= cfg.ram_budget_mib + 1024  # the RAM tier is page-locked host memory
+        assert mib(requests["memory"]) >= cfg.lora.ram_budget_mib + 1024  # the RAM tier is page-locked host memory
     else:
         assert "nvidia.com/gpu" not in requests and "nvidia.com/gpu" not in limits
 
@@ -309,14 +311,15 @@ def test_envoy_hashes_on_the_routing_header_over_the_headless_service(docs):
     assert cluster["health_checks"][0]["grpc_health_check"] == {}
     [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     address = endpoint["endpoint"]["address"]["socket_address"]
-    assert address == {"address": f"loraserve-headless.{NAMESPACE}.svc.cluster.local", "port_value": cfg.port}
+    assert address == {"address": f"loraserve-headless.{NAMESPACE}.svc.cluster.local",
+                       "port_value": cfg.fronts.port}
     # The TLS variant is the same Envoy with TLS sockets added, nothing else.
     assert _without_tls(_envoy_config(ENVOY_TLS)) == plain
     envoy_port = plain["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
     container = one(docs, "Deployment", "loraserve-envoy")["spec"]["template"]["spec"]["containers"][0]
     assert [p["containerPort"] for p in container["ports"]] == [envoy_port]
     rendered = yaml.safe_load(one(docs, "ConfigMap", "loraserve-envoy")["data"]["envoy.yaml"])
-    assert rendered == (_envoy_config(ENVOY_TLS) if cfg.tls_cert else plain)
+    assert rendered == (_envoy_config(ENVOY_TLS) if cfg.security.tls_cert else plain)
 
 
 @pytest.mark.parametrize("path", [ENVOY, ENVOY_TLS], ids=["plaintext", "tls"])
@@ -450,6 +453,7 @@ def test_a_call_outliving_the_grace_period_does_not_hold_the_server_past_it(demo
         assert wait_for(lambda: srv.server.scheduler.running == 1)
         started = time.monotonic()
         srv.stop()
-        assert time.monotonic() - started < cfg.grace_period_s + min(CLOSE_GRACE_S, cfg.grace_period_s) + 5
+        grace = cfg.fronts.grace_period_s
+        assert time.monotonic() - started < grace + min(CLOSE_GRACE_S, grace) + 5
         with pytest.raises(grpc.RpcError):
             long.result()

@@ -311,7 +311,7 @@ def test_a_full_pool_preempts_and_resumes_without_changing_an_answer(demo_dir):
 
 
 def test_a_deterministic_server_reserves_blocks_and_never_preempts(demo_dir):
-    cfg = dataclasses.replace(server_config(demo_dir, max_batch_size=16, kv_cache_mib=2.1), deterministic=True)
+    cfg = server_config(demo_dir, max_batch_size=16, kv_cache_mib=2.1, deterministic=True)
     srv = ServerThread(cfg)
     requests = [pb.GenerateRequest(adapter_id="legal", prompt=f"{PROMPT} {i}", max_new_tokens=190, ignore_eos=True)
                 for i in range(6)]  # 13 blocks each, 66 in the pool: some wait for others to finish

@@ -4,7 +4,6 @@ as it is alone (the report behind this test saw INTERNAL KeyErrors in 9 of 1,452
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 
@@ -83,9 +82,8 @@ def test_no_scrape_or_stats_call_during_churn_sees_a_tier_over_budget(demo_dir, 
     names = [f"a{i}" for i in range(9)]
     for i, name in enumerate(names):
         clone_adapter(demo_dir, root, ADAPTERS[i % 3], name)
-    cfg = server_config(demo_dir, adapters_dir=root, max_loras=2)
     ram, _ = one_adapter_bytes(server_config(demo_dir, max_loras=2))
-    srv = ServerThread(dataclasses.replace(cfg, ram_budget_mib=7.5 * ram / 2**20))
+    srv = ServerThread(server_config(demo_dir, adapters_dir=root, max_loras=2, ram_budget_mib=7.5 * ram / 2**20))
     seen, errors, stop = {"stats": 0, "scrapes": 0}, [], threading.Event()
     try:
         with srv.channel() as ch:

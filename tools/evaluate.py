@@ -68,11 +68,11 @@ async def in_process(model_path: Path, store: str, s3_endpoint_url: str | None, 
                      cases: list[Case]) -> dict[str, list[Answer]]:
     """`answers` from a server started here on `store` and the base model, stopped after."""
     from server.app import LoraServer  # torch: only when the cases run here
-    from server.config import ServerConfig
+    from server.settings import load
 
     with tempfile.TemporaryDirectory(prefix="loraserve-evaluate-") as cache:
-        cfg = ServerConfig(port=0, metrics_port=-1, http_port=0, model_path=Path(model_path), adapters_dir=str(store),
-                           s3_endpoint_url=s3_endpoint_url or "", disk_cache_dir=Path(cache))
+        cfg = load(dict(port=0, metrics_port=-1, http_port=0, model_path=Path(model_path), adapters_dir=str(store),
+                        s3_endpoint_url=s3_endpoint_url or "", disk_cache_dir=Path(cache)), env={})
         server = LoraServer(cfg)
         await server.start()
         try:

@@ -25,7 +25,7 @@ from loraserve.contract import BASE_ADAPTER_ID
 from scheduler.types import Tier
 from server import admin
 from server.app import LoraServer
-from server.config import ServerConfig
+from server.settings import load
 
 
 class _Resident:
@@ -48,8 +48,8 @@ class _Resident:
 @serve.deployment(num_replicas=2, max_ongoing_requests=256)
 class LoraServeDeployment:
     def __init__(self, model_path: str, adapters_dir: str, **config):
-        self._cfg = ServerConfig(port=0, metrics_port=-1, http_port=0, model_path=Path(model_path),
-                                 adapters_dir=adapters_dir, **config)
+        self._cfg = load(dict(port=0, metrics_port=-1, http_port=0, model_path=Path(model_path),
+                              adapters_dir=adapters_dir, **config), env={})
         self._server: LoraServer | None = None
         self._client: AsyncLoraServeClient | None = None
         self._starting = asyncio.Lock()

@@ -47,9 +47,10 @@ async def _measure(demo: Path, root: Path, clients: int, requests: int, rounds: 
     from registry.snapshot import now_iso
     from registry.store import Store
     from server.app import LoraServer
-    from server.config import ServerConfig
+    from server.settings import load
 
-    server = LoraServer(ServerConfig(port=0, metrics_port=-1, http_port=0, model_path=demo / "base", adapters_dir=root))
+    server = LoraServer(load(dict(port=0, metrics_port=-1, http_port=0, model_path=demo / "base", adapters_dir=root),
+                             env={}))
     await server.start()
     await server.load()
     store = Store.local(root)
