@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+log = logging.getLogger(__name__)
 
 
 class LoadLimiter(Generic[K, V]):
@@ -35,8 +38,15 @@ class LoadLimiter(Generic[K, V]):
         if task is None:
             task = asyncio.get_running_loop().create_task(self._run(key))
             self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            task.add_done_callback(lambda t: self._done(key, t))
         return await asyncio.shield(task)
+
+    def _done(self, key: K, task: asyncio.Task) -> None:
+        self._inflight.pop(key, None)
+        # Retrieved here: when every caller gave up, nobody else would, and asyncio would report the
+        # error as never retrieved when the task is collected.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("read of %s failed: %s", key, exc)
 
     async def _run(self, key: K) -> V:
         async with self._slots:

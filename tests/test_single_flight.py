@@ -5,6 +5,7 @@ read whose every call waits until the schedule finishes it. Each asserts what Lo
 from __future__ import annotations
 
 import asyncio
+import gc
 from dataclasses import dataclass
 
 import pytest
@@ -89,20 +90,12 @@ steps = st.lists(st.tuples(st.one_of(
 """Each step, and whether the loop settles after it (or the next step comes before the wakeups run)."""
 
 
-def report_unless_read_failed(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """A read whose callers all gave up still runs; if it fails nobody retrieves its error, and asyncio
-    reports that as the read's task is collected. Anything else is reported as usual."""
-    if not isinstance(context.get("exception"), ReadFailed):
-        loop.default_exception_handler(context)
-
-
 async def run_schedule(max_concurrent: int, schedule, endings) -> tuple[LoadLimiter, FakeReads, list[Caller],
                                                                        dict[str, int]]:
     reads = FakeReads()
     limiter = LoadLimiter(reads.read, max_concurrent)
     callers: list[Caller] = []
     flights = dict.fromkeys(KEYS, 0)
-    asyncio.get_running_loop().set_exception_handler(report_unless_read_failed)
 
     async def ask(caller: Caller) -> Value:
         # limiter.loading says whether this get joins a read in flight or starts the next one.
@@ -210,3 +203,28 @@ def test_a_caller_giving_up_leaves_the_read_to_the_others():
 def test_at_least_one_slot():
     with pytest.raises(ValueError):
         LoadLimiter(FakeReads().read, 0)
+
+
+def test_a_read_everyone_gave_up_on_fails_without_an_unretrieved_error():
+    reported = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        release = asyncio.Event()
+
+        async def read(key):
+            await release.wait()
+            raise ReadFailed(key)
+
+        limiter = LoadLimiter(read, 1)
+        waiter = asyncio.create_task(limiter.get("a"))
+        await settle()
+        waiter.cancel()
+        await settle()
+        release.set()
+        await settle()
+        assert not limiter.loading("a")
+
+    asyncio.run(main())
+    gc.collect()
+    assert not reported, reported
