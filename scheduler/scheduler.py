@@ -25,6 +25,7 @@ from scheduler.cache import Budgets, NoRoom, Tier
 from scheduler.errors import (DeadlineTooShort, GenerationFailed, LoraServeError, OutOfMemory, QueueFull, Shed,
                               ShuttingDown)
 from scheduler.blocks import BlockManager, BlockTable
+from scheduler.fallback import carried, to_base
 from scheduler.observer import NullObserver, Observer
 from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
@@ -193,11 +194,6 @@ def _prefix_key(adapter: AdapterRef) -> str:
     return f"{adapter.key}#{adapter.sha256}"
 
 
-def _to_base(req: GenerationRequest, exc: LoraServeError) -> GenerationRequest:
-    return replace(req, adapter=BASE, fallback_to_base=False, fallback_reason=exc.reason,
-                   requested=req.adapter.key)
-
-
 class Ticket:
     """A submitted request: iterate for TextDelta items then one Completion."""
 
@@ -325,9 +321,9 @@ class Scheduler:
         failed = self._failed.get(req.adapter)
         if failed and self._clock() - failed[0] < self._failed_backoff_s:
             # Fail fast instead of re-reading a broken adapter on every request.
-            if not req.fallback_to_base:
+            if not carried(req):
                 raise failed[1]
-            req = _to_base(req, failed[1])
+            req = to_base(req, failed[1])
         if not req.sampling.greedy and req.sampling.seed is None:
             # Sampling is a pure function of (seed, step): a drawn seed keeps a retried step identical.
             req = replace(req, sampling=replace(req.sampling, seed=random.getrandbits(63)))
@@ -759,8 +755,8 @@ class Scheduler:
         """Requests that allow it move to the base model (and say so); the rest fail with `exc`."""
         failing = []
         for seq in seqs:
-            if seq.req.fallback_to_base and not seq.generated:  # a stream never changes model half-way
-                seq.req = _to_base(seq.req, exc)
+            if carried(seq.req, seq.output_tokens):
+                seq.req = to_base(seq.req, exc)
             else:
                 failing.append(seq)
                 if seq in self._waiting:

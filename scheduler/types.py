@@ -104,7 +104,8 @@ class GenerationRequest:
     stop_sequences: tuple[str, ...] = ()
     ignore_eos: bool = False
     fallback_to_base: bool = False
-    """If the adapter cannot be loaded, serve the bare base model instead (flagged) of failing."""
+    """The edge's verdict on its fallback mode and its adapter's passport (scheduler/fallback.py):
+    if the adapter cannot be loaded, serve the bare base model instead (flagged) of failing."""
     fallback_reason: str = ""
     """Set when this request was moved to the base model: why (an ErrorInfo reason)."""
     requested: str = ""
