@@ -31,7 +31,7 @@ from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
 from scheduler.text import find_stop, stable_length
 from scheduler.tiers import AdapterTiers, Fetch, Origin
 from scheduler.types import (BASE, AdapterRef, Completion, Cost, FinishReason, GenerationRequest,
-                             TextDelta, Timeline, Timings, TokenLogprob)
+                             TextDelta, Timeline, TokenLogprob)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ class _Seq:
     req: GenerationRequest
     enqueued_at: float
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    timings: Timings = field(default_factory=Timings)
     timeline: Timeline = field(default_factory=Timeline)
     cost: Cost = field(default_factory=Cost)
     load_source: Tier = Tier.VRAM
@@ -474,7 +473,6 @@ class Scheduler:
             self._waiting.remove(seq)
             self._last_admitted[seq.req.client] = started
         for seq in fresh:
-            seq.timings.queue_ms = (started - seq.enqueued_at) * 1e3
             seq.timeline.dispatched = started
         self._running.extend(picked)  # from here their adapters are protected from eviction
         usable = set()
@@ -620,16 +618,16 @@ class Scheduler:
         fresh = [s for s in group if not s.dispatched]
         for seq in fresh:
             seq.load_source = source
-            seq.timings.load_ms = moved.ms + (cold[1] if cold else 0.0)
-            seq.cost.adapter_load_ms = seq.timings.load_ms / len(fresh)  # one load, made for all of them
             t = seq.timeline
+            t.load_ms = moved.ms + (cold[1] if cold else 0.0)
+            seq.cost.adapter_load_ms = t.load_ms / len(fresh)  # one load, made for all of them
             t.load_started, t.load_ended = (cold[0] if cold else started), loaded
             t.load_shared = cold is not None and cold[0] < t.enqueued
             t.load_bytes = entry.bytes if entry else 0
             t.fetch_bytes, t.fetch_ms = (fetched.bytes, fetched.ms) if fetched is not None else (0, 0.0)
             self.tiers.record_use(adapter, found_in)
         if fresh:
-            self._observer.adapter_ready(adapter, source, fresh[0].timings.load_ms)
+            self._observer.adapter_ready(adapter, source, fresh[0].timeline.load_ms)
         return True
 
     def _release(self, seq: _Seq) -> None:
@@ -697,9 +695,9 @@ class Scheduler:
         if self._epoch is not None:
             self._epoch[1] += 1
         for seq in decoding:
-            seq.timings.decode_ms += (t1 - t0) * 1e3
+            seq.timeline.decode_ms += (t1 - t0) * 1e3
         for seq in chunks:
-            seq.timings.prefill_ms += (t1 - t0) * 1e3
+            seq.timeline.prefill_ms += (t1 - t0) * 1e3
         served = [s for s, _ in results if s.target]
         if served:
             self._observer.batch_phase("prefill", t0, t1, _adapter_of(served), [s.req.request_id for s in served], 1)
@@ -842,7 +840,7 @@ class Scheduler:
         seq.events.put_nowait(Completion(
             request_id=seq.req.request_id, text=text, finish_reason=reason,
             input_tokens=len(seq.req.prompt_ids), output_tokens=seq.output_tokens,
-            adapter=seq.req.adapter, load_source=seq.load_source, timings=seq.timings,
+            adapter=seq.req.adapter, load_source=seq.load_source,
             fallback_reason=seq.req.fallback_reason, fallback_from=seq.req.requested, timeline=seq.timeline,
             cost=seq.cost, cached_tokens=seq.cached_tokens, token_ids=tuple(seq.generated),
             logprobs=tuple(seq.logprobs) if seq.req.logprobs is not None else None,
