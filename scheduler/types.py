@@ -143,9 +143,9 @@ class Timings:
 @dataclass
 class Cost:
     """What serving a request took, as its share (milliseconds): of every engine step it was a row
-    of (scheduler._charge says how a step is shared), and of the adapter load made usable for the
-    requests it was admitted with. Shares add up: summed over requests, they are the steps' and
-    loads' whole time, so a team can be billed or capacity planned from them."""
+    of (scheduler/step.py: `charge` says how a step is shared), and of the adapter load made usable
+    for the requests it was admitted with. Shares add up: summed over requests, they are the steps'
+    and loads' whole time, so a team can be billed or capacity planned from them."""
 
     prefill_device_ms: float = 0.0
     decode_device_ms: float = 0.0
