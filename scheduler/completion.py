@@ -12,7 +12,7 @@ from scheduler.batch import Batch
 from scheduler.engine import Engine, StepResult, TextJob
 from scheduler.errors import GenerationFailed, LoraServeError, OutOfMemory
 from scheduler.fallback import carried, to_base
-from scheduler.seq import Seq
+from scheduler.seq import Detok, Seq
 from scheduler.text import find_stop, stable_length
 from scheduler.types import Completion, FinishReason
 
@@ -59,8 +59,8 @@ class Completions:
                 seq.logprobs.append(res.logprob)
             seq.ending = (FinishReason.EOS if res.token_id in eos and not seq.req.ignore_eos else
                           FinishReason.LENGTH if seq.output_tokens >= seq.req.max_new_tokens else None)
-            prefix, read = seq.detok
-            jobs.append((seq, TextJob(seq.seq_id, tuple(seq.generated[prefix:]), read - prefix,
+            start = seq.detok.start
+            jobs.append((seq, TextJob(seq.seq_id, tuple(seq.generated[start:]), seq.detok.read - start,
                                       len(seq.generated) - 1)))
         if jobs:
             self.text = asyncio.ensure_future(self._apply_text(jobs))
@@ -84,8 +84,8 @@ class Completions:
             if isinstance(out, LoraServeError):
                 self.fail([seq], out)
                 continue
-            prefix, tokens = seq.detok[0], job.position + 1
-            seq.detok = (prefix + out.prefix, prefix + out.read)
+            start, tokens = seq.detok.start, job.position + 1
+            seq.detok = Detok(start + out.prefix, start + out.read)
             stops, searched = seq.req.stop_sequences, len(seq.text)
             seq.text = text = seq.text + out.text
             if seq.ending is not None:

@@ -17,6 +17,16 @@ def prefix_key(adapter: AdapterRef) -> str:
     return f"{adapter.key}#{adapter.sha256}"
 
 
+@dataclass(frozen=True)
+class Detok:
+    """Incremental detokenisation offsets into a sequence's `generated`."""
+
+    start: int = 0
+    """Where the tokens its next text is decoded in context of begin."""
+    read: int = 0
+    """Up to where their text has been returned."""
+
+
 @dataclass(eq=False)
 class Seq:
     seq_id: int
@@ -29,8 +39,7 @@ class Seq:
     table: BlockTable | None = None
     """Its KV blocks while it runs (None while it waits)."""
     generated: list[int] = field(default_factory=list)
-    detok: tuple[int, int] = (0, 0)
-    """Incremental detokenisation offsets into `generated`: (text context start, text returned up to)."""
+    detok: Detok = Detok()
     ending: FinishReason | None = None
     """Its last token ended it (EOS, length): it steps no more; it finishes once that token's text is in."""
     text: str = ""
