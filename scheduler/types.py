@@ -104,7 +104,8 @@ class GenerationRequest:
     stop_sequences: tuple[str, ...] = ()
     ignore_eos: bool = False
     fallback_to_base: bool = False
-    """If the adapter cannot be loaded, serve the bare base model instead (flagged) of failing."""
+    """The edge's verdict on its fallback mode and its adapter's passport (scheduler/fallback.py):
+    if the adapter cannot be loaded, serve the bare base model instead (flagged) of failing."""
     fallback_reason: str = ""
     """Set when this request was moved to the base model: why (an ErrorInfo reason)."""
     requested: str = ""
@@ -129,8 +130,10 @@ class GenerationRequest:
         return len(self.prompt_ids) + (0 if self.score_only else self.max_new_tokens)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Timings:
+    """A response's phase durations (milliseconds), read off its Timeline."""
+
     queue_ms: float = 0.0
     load_ms: float = 0.0
     prefill_ms: float = 0.0
@@ -140,9 +143,9 @@ class Timings:
 @dataclass
 class Cost:
     """What serving a request took, as its share (milliseconds): of every engine step it was a row
-    of (scheduler._charge says how a step is shared), and of the adapter load made usable for the
-    requests it was admitted with. Shares add up: summed over requests, they are the steps' and
-    loads' whole time, so a team can be billed or capacity planned from them."""
+    of (scheduler/step.py: `charge` says how a step is shared), and of the adapter load made usable
+    for the requests it was admitted with. Shares add up: summed over requests, they are the steps'
+    and loads' whole time, so a team can be billed or capacity planned from them."""
 
     prefill_device_ms: float = 0.0
     decode_device_ms: float = 0.0
@@ -151,7 +154,8 @@ class Cost:
 
 @dataclass
 class Timeline:
-    """When each phase of a request began and ended, on the scheduler's clock (seconds).
+    """When each phase of a request began and ended, on the scheduler's clock (seconds), and
+    what the phases that come and go (loads, steps) took (milliseconds): its Timings.
 
     load_started precedes dispatched when the adapter was read from disk while the
     request waited; load_shared says that read was started for an earlier request.
@@ -168,6 +172,18 @@ class Timeline:
     fetch_bytes: int = 0
     """Bytes downloaded from the remote origin for this load (0: it was on local disk)."""
     fetch_ms: float = 0.0
+    load_ms: float = 0.0
+    """Reading (ahead of dispatch, if it was cold) and attaching its adapter, as the tiers timed
+    them: not load_ended - load_started, which counts a read's wait for dispatch too."""
+    prefill_ms: float = 0.0
+    """The steps it prefilled in, added up (a re-prefill after a preemption too)."""
+    decode_ms: float = 0.0
+    """The steps it decoded in, added up."""
+
+    @property
+    def timings(self) -> Timings:
+        return Timings(queue_ms=max(self.dispatched - self.enqueued, 0.0) * 1e3, load_ms=self.load_ms,
+                       prefill_ms=self.prefill_ms, decode_ms=self.decode_ms)
 
 
 @dataclass(frozen=True)
@@ -189,7 +205,6 @@ class Completion:
     output_tokens: int
     adapter: AdapterRef
     load_source: Tier
-    timings: Timings = field(default_factory=Timings)
     fallback_reason: str = ""
     fallback_from: str = ""
     timeline: Timeline = field(default_factory=Timeline)
@@ -201,3 +216,7 @@ class Completion:
     """One per generated token when the request asked for logprobs."""
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     """One per prompt token when the request asked for prompt_logprobs."""
+
+    @property
+    def timings(self) -> Timings:
+        return self.timeline.timings

@@ -56,14 +56,10 @@ class Resolution:
     adapter: AdapterRef
     passport: Passport | None = None
     problem: LoraServeError | None = None
-    """Why this version cannot serve (incompatible, not in service); the fallback policy decides."""
+    """Why this version cannot serve (incompatible, not in service); scheduler/fallback.py decides
+    whether the request is served by the base model instead."""
     split: Split | None = None
     """Set when a running canary routed this request (to the canary or to the stable version)."""
-
-    def fallback_allowed(self, requested: str) -> bool:
-        """requested: "fail" | "base" | "" (the adapter's own policy). A request may only
-        ask for the base model where the adapter's passport allows it."""
-        return requested != "fail" and self.passport is not None and self.passport.fallback == "base"
 
 
 class AdapterRegistry:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Sequence
 
 from loraserve.contract import ROUTING_HEADER
@@ -19,6 +19,7 @@ from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from runner.tokens import Tokens
 from scheduler.errors import InvalidArgument, LoraServeError, NotReady
+from scheduler.fallback import falls_back, to_base
 from scheduler.scheduler import Scheduler, Ticket
 from scheduler.types import BASE, Completion, GenerationRequest, ResponseFormat, TextDelta
 from server.adapters import AdapterRegistry
@@ -98,18 +99,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         call.split = found.split
         if found.split is not None:
             span.set_attribute("loraserve.canary.side", "canary" if found.split.to_canary else "stable")
-        may_fall_back = found.fallback_allowed(FALLBACKS[request.fallback])
+        may_fall_back = falls_back(FALLBACKS[request.fallback], found.passport.fallback if found.passport else None)
         call.adapter = BASE.id if found.problem is not None and may_fall_back else found.adapter.id
         if found.problem is not None and not may_fall_back:
             raise found.problem
         prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
-        if found.problem is None:
-            req = from_pb(request, found.adapter, prompt_ids, self._limits, fallback_to_base=may_fall_back,
-                          client=call.key)
-        else:
-            req = replace(from_pb(request, BASE, prompt_ids, self._limits, client=call.key),
-                          fallback_reason=found.problem.reason,
-                          requested=found.adapter.key)
+        req = from_pb(request, found.adapter, prompt_ids, self._limits, fallback_to_base=may_fall_back,
+                      client=call.key)
+        if found.problem is not None:
+            req = to_base(req, found.problem)
         if req.response_format is not None:  # compiled here, before queueing, off the event loop
             await asyncio.to_thread(self._check_format, req.response_format)
         tickets: list[Ticket] = []
