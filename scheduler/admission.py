@@ -186,7 +186,7 @@ class Admission:
             t.load_started, t.load_ended = (cold.started if cold is not None else started), loaded
             t.load_shared = cold is not None and cold.started < t.enqueued
             t.load_bytes = entry.bytes if entry else 0
-            t.fetch_bytes, t.fetch_ms = (fetched.bytes, fetched.ms) if fetched is not None else (0, 0.0)
+            t.fetch_bytes, t.fetch_ms = (fetched.bytes, fetched.seconds * 1e3) if fetched is not None else (0, 0.0)
             self._tiers.record_use(adapter, found_in)
         if fresh:
             self._observer.adapter_ready(adapter, source, fresh[0].timeline.load_ms)

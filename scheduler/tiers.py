@@ -54,12 +54,14 @@ class TierEngine(Protocol):
         """RAM -> DISK."""
 
 
-@dataclass(frozen=True)
-class Fetch:
-    """A download from the remote origin that a read waited for."""
+class Fetch(Protocol):
+    """A download from the remote origin that a read waited for (the store's own record of it)."""
 
-    bytes: int
-    ms: float
+    @property
+    def bytes(self) -> int: ...
+
+    @property
+    def seconds(self) -> float: ...
 
 
 class Origin(Protocol):

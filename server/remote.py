@@ -111,7 +111,7 @@ class RemoteOrigin:
             log.info("fetched adapter %s@%s from %s: %d bytes in %.3fs", name, version, self.store.url,
                      fetched.bytes, fetched.seconds)
         try:
-            yield Fetch(fetched.bytes, fetched.seconds * 1e3) if fetched.downloaded else None
+            yield fetched if fetched.downloaded else None
         finally:
             self.cache.release(name, version)
 

@@ -3,7 +3,7 @@ the background, by its shadow version (registry.rollout.Shadow), and the two ans
 
 A shadow never delays or fails a real request: it is submitted only while nothing waits in the
 queue and fewer than `max_running` shadows are out, it runs at the scheduler's lowest priority
-(scheduler.Scheduler._give_way sheds it as soon as a real request needs its place) and its answer
+(scheduler.admission.Admission._give_way sheds it as soon as a real request needs its place) and its answer
 is never returned. What is kept: per shadow version, how many answers matched the served one
 exactly, the share of token positions that agree, the answer's length and latency (metrics), and
 a sample log (logger `loraserve.shadow`: every differing pair, one matching pair in SAMPLE_EVERY).
