@@ -48,7 +48,7 @@ gpu-check:
 	@if [ ! -x $(PY) ] && [ -f .gpu/env.sh ] && ! python3 -c 'import grpc_health.v1, bitsandbytes' 2>/dev/null; \
 	then . .gpu/env.sh; fi; \
 	PYTHONPATH=$(CURDIR)/pyclient:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
-	$(GPU_PY) -m tools.gpu_check --out $(or $(OUT),var/gpu-check) $(GPU_CHECK_ARGS)
+	$(GPU_PY) -m loraserve.tools.gpu_check --out $(or $(OUT),var/gpu-check) $(GPU_CHECK_ARGS)
 
 # The performance benchmark (docs/performance.md); writes var/bench/bench.json and bench.png.
 bench: $(STAMP)

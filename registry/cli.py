@@ -1,7 +1,7 @@
 """`loraserve adapters ...`: list, show, register, evaluate, set-policy, promote, rollback, archive,
 stale, reindex.
 
-Also runnable alone, without torch or the server's imports: `python -m registry.cli --store DIR ...`;
+Also runnable alone, without torch or the server's imports: `python -m loraserve.registry.cli --store DIR ...`;
 `register` then needs --no-smoke, since the smoke test runs the model, and `evaluate` is refused:
 the `loraserve` command (tools/cli.py) hands them the runner's tester and the serving path's case
 runner, so no import here runs back up to the runner or the server.
@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 from loraserve.contract import BASE_ADAPTER_ID
-from registry.errors import StoreError
-from registry.evaluate import MIN_PASS_RATE, Case, Gate, judge, parse_test_set, pending, table
-from registry.location import is_remote
-from registry.origin import open_store
-from registry.passport import Evaluation, Passport, Status
-from registry.rollout import KEYS, Canary, Limits, Shadow
-from registry.snapshot import now_iso
-from registry.store import Store
+from loraserve.registry.errors import StoreError
+from loraserve.registry.evaluate import MIN_PASS_RATE, Case, Gate, judge, parse_test_set, pending, table
+from loraserve.registry.location import is_remote
+from loraserve.registry.origin import open_store
+from loraserve.registry.passport import Evaluation, Passport, Status
+from loraserve.registry.rollout import KEYS, Canary, Limits, Shadow
+from loraserve.registry.snapshot import now_iso
+from loraserve.registry.store import Store
 
 SmokeFactory = Callable[[Path, tuple[str, ...] | None], Callable]
 """(base model path, prompts or None for the default ones) -> a tester for Store.register."""
@@ -100,7 +100,7 @@ def _show(args, store: Store) -> int:
 
 
 def _register(args, store: Store) -> int:
-    from registry.identity import base_identity
+    from loraserve.registry.identity import base_identity
 
     # The adapter's test set (given, else the one its versions were gated on) is recorded pending
     # with the version, so a crash before the evaluation leaves it unpromotable.
@@ -389,7 +389,7 @@ def run_adapters(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m registry.cli")
+    parser = argparse.ArgumentParser(prog="python -m loraserve.registry.cli")
     add_adapters_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["adapters", *(argv if argv is not None else sys.argv[1:])])
     return args.func(args)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from loraserve.contract import NAME
-from registry.errors import StoreError
+from loraserve.registry.errors import StoreError
 
 log = logging.getLogger(__name__)
 

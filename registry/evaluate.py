@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import jsonschema
 
-from registry.fields import from_known
+from loraserve.registry.fields import from_known
 
 SIDES = ("candidate", "active", "base")
 SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences")

@@ -43,12 +43,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from loraserve.contract import NAME
-from registry.durable import flocked, fsync_dir, write_atomic
-from registry.errors import IndexInvalid, StoreError
-from registry.passport import PASSPORT_FILE, Passport
-from registry.prepare import CONFIG, PICKLE_WEIGHTS, WEIGHTS
-from registry.reconcile import reconcile
-from registry.snapshot import INDEX, Snapshot, index_text, parse_index
+from loraserve.registry.durable import flocked, fsync_dir, write_atomic
+from loraserve.registry.errors import IndexInvalid, StoreError
+from loraserve.registry.passport import PASSPORT_FILE, Passport
+from loraserve.registry.prepare import CONFIG, PICKLE_WEIGHTS, WEIGHTS
+from loraserve.registry.reconcile import reconcile
+from loraserve.registry.snapshot import INDEX, Snapshot, index_text, parse_index
 
 log = logging.getLogger(__name__)
 

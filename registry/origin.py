@@ -6,8 +6,8 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-from registry.location import is_remote
-from registry.store import Store
+from loraserve.registry.location import is_remote
+from loraserve.registry.store import Store
 
 
 def open_store(location: str | Path, *, endpoint_url: str | None = None, cache_dir: Path = Path("var/adapter-cache"),
@@ -16,8 +16,8 @@ def open_store(location: str | Path, *, endpoint_url: str | None = None, cache_d
     go under `cache_dir`, in a directory of their own per bucket, prefix and endpoint."""
     if not is_remote(location):
         return Store.local(Path(location))
-    from registry.s3 import S3, Retry  # boto3 only for a bucket
-    from registry.s3backend import S3Backend
+    from loraserve.registry.s3 import S3, Retry  # boto3 only for a bucket
+    from loraserve.registry.s3backend import S3Backend
 
     s3 = S3(str(location), endpoint_url=endpoint_url, timeout_s=timeout_s, retry=Retry(attempts=retries + 1),
             on_retry=on_retry)

@@ -15,10 +15,10 @@ from enum import StrEnum
 from pathlib import Path
 
 from loraserve.contract import NAME, name_problem, versioned
-from registry.fields import from_known
-from registry.durable import write_atomic
-from registry.evaluate import Gate
-from registry.rollout import Canary, Shadow
+from loraserve.registry.fields import from_known
+from loraserve.registry.durable import write_atomic
+from loraserve.registry.evaluate import Gate
+from loraserve.registry.rollout import Canary, Shadow
 
 FALLBACKS = ("fail", "base")
 PASSPORT_FILE = "metadata.json"

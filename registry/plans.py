@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from loraserve.contract import name_problem
-from registry.errors import StoreError
-from registry.evaluate import Gate
-from registry.passport import FALLBACKS, Passport, Status
-from registry.policy import Policy, history_entry
-from registry.rollout import Canary, CanaryState, Shadow
-from registry.snapshot import Snapshot, now_iso
+from loraserve.registry.errors import StoreError
+from loraserve.registry.evaluate import Gate
+from loraserve.registry.passport import FALLBACKS, Passport, Status
+from loraserve.registry.policy import Policy, history_entry
+from loraserve.registry.rollout import Canary, CanaryState, Shadow
+from loraserve.registry.snapshot import Snapshot, now_iso
 
 
 def check_ids(name: str, aliases) -> None:

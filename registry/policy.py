@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterable
 
-from registry.passport import Passport
+from loraserve.registry.passport import Passport
 
 FIELDS = ("allowed_clients", "aliases", "fallback")
 

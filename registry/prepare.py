@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from registry.durable import fsync_file
-from registry.errors import StoreError
-from registry.identity import BaseIdentity, sha256_file
-from registry.passport import FALLBACKS, Evaluation, Passport, SmokeTest, Status
-from registry.plans import check_ids
-from registry.snapshot import now_iso
-from registry.weights import WeightsError, check_against_config, weight_facts
+from loraserve.registry.durable import fsync_file
+from loraserve.registry.errors import StoreError
+from loraserve.registry.identity import BaseIdentity, sha256_file
+from loraserve.registry.passport import FALLBACKS, Evaluation, Passport, SmokeTest, Status
+from loraserve.registry.plans import check_ids
+from loraserve.registry.snapshot import now_iso
+from loraserve.registry.weights import WeightsError, check_against_config, weight_facts
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from registry.errors import StoreError
-from registry.passport import Passport, Status
-from registry.policy import FIELDS as POLICY, Policy, PolicyConflict, history_entry, history_of, unify
-from registry.snapshot import now_iso
+from loraserve.registry.errors import StoreError
+from loraserve.registry.passport import Passport, Status
+from loraserve.registry.policy import FIELDS as POLICY, Policy, PolicyConflict, history_entry, history_of, unify
+from loraserve.registry.snapshot import now_iso
 
 log = logging.getLogger(__name__)
 

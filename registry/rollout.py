@@ -19,7 +19,7 @@ import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from registry.fields import from_known
+from loraserve.registry.fields import from_known
 
 KEYS = ("request", "client")
 

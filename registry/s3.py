@@ -27,8 +27,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from registry.location import S3Location
-from registry.errors import StoreError
+from loraserve.registry.location import S3Location
+from loraserve.registry.errors import StoreError
 
 log = logging.getLogger(__name__)
 

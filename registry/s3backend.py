@@ -38,13 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from registry.diskcache import DiskCache
-from registry.errors import MOVES, IndexInvalid, IndexMoved, StoreError
-from registry.passport import PASSPORT_FILE, Passport
-from registry.prepare import CONFIG, WEIGHTS
-from registry.reconcile import reconcile
-from registry.s3 import S3, Conflict, NotFound, OriginError
-from registry.snapshot import INDEX, Snapshot, index_text, parse_index
+from loraserve.registry.diskcache import DiskCache
+from loraserve.registry.errors import MOVES, IndexInvalid, IndexMoved, StoreError
+from loraserve.registry.passport import PASSPORT_FILE, Passport
+from loraserve.registry.prepare import CONFIG, WEIGHTS
+from loraserve.registry.reconcile import reconcile
+from loraserve.registry.s3 import S3, Conflict, NotFound, OriginError
+from loraserve.registry.snapshot import INDEX, Snapshot, index_text, parse_index
 
 log = logging.getLogger(__name__)
 

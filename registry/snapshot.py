@@ -17,9 +17,9 @@ from functools import cached_property
 from typing import Iterable
 
 from loraserve.contract import versioned
-from registry.errors import AmbiguousId, IndexInvalid, StoreError
-from registry.passport import Passport, Status
-from registry.policy import Policy, PolicyConflict, history_of, unify
+from loraserve.registry.errors import AmbiguousId, IndexInvalid, StoreError
+from loraserve.registry.passport import Passport, Status
+from loraserve.registry.policy import Policy, PolicyConflict, history_of, unify
 
 INDEX = "registry.json"
 

@@ -30,17 +30,17 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable, Protocol
 
-from registry.errors import MOVES, IndexMoved, StoreError
-from registry.evaluate import Gate
-from registry.identity import BaseIdentity
-from registry.local import LocalBackend
-from registry.passport import Evaluation, Passport, SmokeTest, Status
-from registry.plans import (plan_abort_canary, plan_archive, plan_canary, plan_gate, plan_promote, plan_registration,
+from loraserve.registry.errors import MOVES, IndexMoved, StoreError
+from loraserve.registry.evaluate import Gate
+from loraserve.registry.identity import BaseIdentity
+from loraserve.registry.local import LocalBackend
+from loraserve.registry.passport import Evaluation, Passport, SmokeTest, Status
+from loraserve.registry.plans import (plan_abort_canary, plan_archive, plan_canary, plan_gate, plan_promote, plan_registration,
                             plan_rollback, plan_set_policy, plan_shadow)
-from registry.policy import FIELDS as POLICY
-from registry.prepare import new_draft, prepare
-from registry.rollout import Canary, Shadow
-from registry.snapshot import Snapshot, with_changes
+from loraserve.registry.policy import FIELDS as POLICY
+from loraserve.registry.prepare import new_draft, prepare
+from loraserve.registry.rollout import Canary, Shadow
+from loraserve.registry.snapshot import Snapshot, with_changes
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from registry.prepare import CONFIG, WEIGHTS  # safetensors only: pickle weights can run code
-from registry.weights import WeightsError, check_against_config, held_bytes, weight_facts
-from runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
+from loraserve.registry.prepare import CONFIG, WEIGHTS  # safetensors only: pickle weights can run code
+from loraserve.registry.weights import WeightsError, check_against_config, held_bytes, weight_facts
+from loraserve.runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
-from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, LoraServeError
-from scheduler.types import AdapterRef
+from loraserve.scheduler.errors import AdapterIncompatible, AdapterLoadFailed, LoraServeError
+from loraserve.scheduler.types import AdapterRef
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from runner import determinism
+from loraserve.runner import determinism
 
 Progress = Callable[[str, int, int], None]
 """(stage, done, total): called as each stage starts (done 0) and after each of its steps."""
@@ -186,9 +186,9 @@ def _build(out: Path, spec: DemoSpec, progress: Progress) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from registry.identity import base_identity
-    from registry.store import Store
-    from runner.smoke import SmokeTester
+    from loraserve.registry.identity import base_identity
+    from loraserve.registry.store import Store
+    from loraserve.runner.smoke import SmokeTester
 
     started = time.perf_counter()
     rng = random.Random(spec.seed)

@@ -20,22 +20,22 @@ from typing import Sequence
 
 import torch
 
-from runner import determinism
-from runner.adapters import AdapterSlots
-from runner.config import EngineConfig
-from runner.detok import decode_new
-from runner.graphs import CaptureFailed, DecodeGraphs
-from runner.guided import Guide
-from runner.kvpool import ATTENTION, KERNELS
-from runner.loading import allocate_pool, load_model, lora_kernel, refuse_unsupported_attention, resolve_dtype
-from runner.logprobs import Logprobs
-from runner.lora import RowSlots
-from runner.sampling import Processor, Sampler
-from runner.staging import Staging
-from runner.steps import Steps
-from scheduler.engine import Row, StepResult, Text, TextJob
-from scheduler.errors import GenerationFailed, LoraServeError
-from scheduler.types import AdapterRef, ResponseFormat
+from loraserve.runner import determinism
+from loraserve.runner.adapters import AdapterSlots
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.detok import decode_new
+from loraserve.runner.graphs import CaptureFailed, DecodeGraphs
+from loraserve.runner.guided import Guide
+from loraserve.runner.kvpool import ATTENTION, KERNELS
+from loraserve.runner.loading import allocate_pool, load_model, lora_kernel, refuse_unsupported_attention, resolve_dtype
+from loraserve.runner.logprobs import Logprobs
+from loraserve.runner.lora import RowSlots
+from loraserve.runner.sampling import Processor, Sampler
+from loraserve.runner.staging import Staging
+from loraserve.runner.steps import Steps
+from loraserve.scheduler.engine import Row, StepResult, Text, TextJob
+from loraserve.scheduler.errors import GenerationFailed, LoraServeError
+from loraserve.scheduler.types import AdapterRef, ResponseFormat
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from runner.kvpool import KVPool, decode_view
-from runner.staging import Staging, decode_rows, decode_views
+from loraserve.runner.kvpool import KVPool, decode_view
+from loraserve.runner.staging import Staging, decode_rows, decode_views
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from typing import Sequence
 import torch
 import xgrammar as xgr
 
-from scheduler.engine import Row
-from scheduler.errors import GenerationFailed, InvalidArgument, LoraServeError
-from scheduler.types import ResponseFormat
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.errors import GenerationFailed, InvalidArgument, LoraServeError
+from loraserve.scheduler.types import ResponseFormat
 
 SCHEMA_FIELD = "response_format.json_schema"
 MAX_SCHEMA_CHARS = 65536

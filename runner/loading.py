@@ -7,8 +7,8 @@ import logging
 
 import torch
 
-from runner.config import EngineConfig
-from runner.kvpool import KVPool, geometry_of
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.kvpool import KVPool, geometry_of
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Sequence
 
 import torch
 
-from runner.staging import Staging
-from scheduler.engine import Row
-from scheduler.types import TokenLogprob
+from loraserve.runner.staging import Staging
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import TokenLogprob
 
 
 def _table(scores: torch.Tensor, targets: torch.Tensor, top: int) -> torch.Tensor:

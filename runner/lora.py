@@ -189,7 +189,7 @@ class RowSlots:
         self.add_lora = None
         """The kernels' entry point (runner/lora_kernels.py, which imports triton) when kernel is "triton"."""
         if kernel == "triton":
-            from runner.lora_kernels import add_lora
+            from loraserve.runner.lora_kernels import add_lora
 
             self.add_lora = add_lora
         self.index: torch.Tensor | None = None

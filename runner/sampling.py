@@ -39,9 +39,9 @@ from typing import Sequence
 
 import torch
 
-from runner.staging import Staging
-from scheduler.engine import Row
-from scheduler.types import SamplingParams
+from loraserve.runner.staging import Staging
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import SamplingParams
 
 MIN_TEMPERATURE = 1e-4
 _MASK32 = 0xFFFFFFFF

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from registry.passport import SmokeTest
-from registry.snapshot import now_iso
-from runner.config import EngineConfig
-from runner.engine import TorchEngine
-from scheduler.cache import Budgets, Tier
-from scheduler.errors import LoraServeError
-from scheduler.scheduler import Scheduler
-from scheduler.types import AdapterRef, GenerationRequest
+from loraserve.registry.passport import SmokeTest
+from loraserve.registry.snapshot import now_iso
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.engine import TorchEngine
+from loraserve.scheduler.cache import Budgets, Tier
+from loraserve.scheduler.errors import LoraServeError
+from loraserve.scheduler.scheduler import Scheduler
+from loraserve.scheduler.types import AdapterRef, GenerationRequest
 
 PROMPTS = ("Question: What should I do next?\nAnswer:", "Question: Tell me more.\nAnswer:",
            "Question: Is this normal?\nAnswer:")

@@ -14,17 +14,17 @@ import logging
 
 import torch
 
-from runner.adapters import AdapterSlots
-from runner.config import EngineConfig
-from runner.graphs import CaptureFailed, DecodeGraphs
-from runner.guided import Guide
-from runner.kvpool import KVPool, MixedContext, decode_view, plan_prefill, prefill_context
-from runner.logprobs import Logprobs
-from runner.lora import RowSlots
-from runner.sampling import Processor, Sampler
-from runner.staging import Staging, decode_rows, decode_views
-from scheduler.engine import Row, StepResult
-from scheduler.errors import GenerationFailed, OutOfMemory
+from loraserve.runner.adapters import AdapterSlots
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.graphs import CaptureFailed, DecodeGraphs
+from loraserve.runner.guided import Guide
+from loraserve.runner.kvpool import KVPool, MixedContext, decode_view, plan_prefill, prefill_context
+from loraserve.runner.logprobs import Logprobs
+from loraserve.runner.lora import RowSlots
+from loraserve.runner.sampling import Processor, Sampler
+from loraserve.runner.staging import Staging, decode_rows, decode_views
+from loraserve.scheduler.engine import Row, StepResult
+from loraserve.scheduler.errors import GenerationFailed, OutOfMemory
 
 log = logging.getLogger(__name__)
 

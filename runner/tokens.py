@@ -8,7 +8,7 @@ from typing import Sequence
 
 from jinja2 import TemplateError
 
-from scheduler.errors import InvalidArgument, NoChatTemplate
+from loraserve.scheduler.errors import InvalidArgument, NoChatTemplate
 
 Spans = list[tuple[int, int]]
 """Each token's [start, end) in the text, in characters; (0, 0) for a token the tokenizer added."""

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from scheduler.batch import Batch
-from scheduler.cache import NoRoom, Tier
-from scheduler.completion import Completions
-from scheduler.errors import LoraServeError
-from scheduler.observer import Observer
-from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
-from scheduler.readahead import ReadAhead
-from scheduler.seq import Seq, prefix_key
-from scheduler.tiers import AdapterTiers
-from scheduler.types import AdapterRef
+from loraserve.scheduler.batch import Batch
+from loraserve.scheduler.cache import NoRoom, Tier
+from loraserve.scheduler.completion import Completions
+from loraserve.scheduler.errors import LoraServeError
+from loraserve.scheduler.observer import Observer
+from loraserve.scheduler.policy import BatchLimits, fair_order, select_batch, should_join
+from loraserve.scheduler.readahead import ReadAhead
+from loraserve.scheduler.seq import Seq, prefix_key
+from loraserve.scheduler.tiers import AdapterTiers
+from loraserve.scheduler.types import AdapterRef
 
 SHADOW_SHARE = 4
 """Shadow requests run only while a batch's real rows are under 1/SHADOW_SHARE of max_batch_size."""

@@ -9,10 +9,10 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from scheduler.blocks import BlockManager
-from scheduler.errors import Shed
-from scheduler.seq import Seq
-from scheduler.types import AdapterRef
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.errors import Shed
+from loraserve.scheduler.seq import Seq
+from loraserve.scheduler.types import AdapterRef
 
 log = logging.getLogger(__name__)
 

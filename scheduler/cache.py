@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from scheduler.errors import NoCacheRoom
-from scheduler.types import AdapterRef, Tier
+from loraserve.scheduler.errors import NoCacheRoom
+from loraserve.scheduler.types import AdapterRef, Tier
 
 
 @dataclass

@@ -8,13 +8,13 @@ import asyncio
 import logging
 from typing import Callable
 
-from scheduler.batch import Batch
-from scheduler.engine import Engine, StepResult, TextJob
-from scheduler.errors import GenerationFailed, LoraServeError, OutOfMemory
-from scheduler.fallback import carried, to_base
-from scheduler.seq import Detok, Seq
-from scheduler.text import find_stop, stable_length
-from scheduler.types import Completion, FinishReason
+from loraserve.scheduler.batch import Batch
+from loraserve.scheduler.engine import Engine, StepResult, TextJob
+from loraserve.scheduler.errors import GenerationFailed, LoraServeError, OutOfMemory
+from loraserve.scheduler.fallback import carried, to_base
+from loraserve.scheduler.seq import Detok, Seq
+from loraserve.scheduler.text import find_stop, stable_length
+from loraserve.scheduler.types import Completion, FinishReason
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from scheduler.errors import LoraServeError
-from scheduler.tiers import TierEngine
-from scheduler.types import AdapterRef, ResponseFormat, SamplingParams, TokenLogprob
+from loraserve.scheduler.errors import LoraServeError
+from loraserve.scheduler.tiers import TierEngine
+from loraserve.scheduler.types import AdapterRef, ResponseFormat, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scheduler.errors import LoraServeError
-from scheduler.types import BASE, GenerationRequest
+from loraserve.scheduler.errors import LoraServeError
+from loraserve.scheduler.types import BASE, GenerationRequest
 
 def falls_back(mode: str, adapter: str | None, produced: int = 0) -> bool:
     """The rule above: `mode` the request's, `adapter` its passport's `fallback` (None: no

@@ -7,7 +7,7 @@ import datetime as dt
 import logging
 from typing import Awaitable, Callable, Sequence
 
-from scheduler.tiers import AdapterTiers
+from loraserve.scheduler.tiers import AdapterTiers
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from scheduler.types import AdapterRef, Tier
+from loraserve.scheduler.types import AdapterRef, Tier
 
 
 class Observer(Protocol):

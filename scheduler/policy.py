@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from scheduler.types import GenerationRequest
+from loraserve.scheduler.types import GenerationRequest
 
 POLICIES = ("mixed", "grouped")
 

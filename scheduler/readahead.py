@@ -10,13 +10,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import Callable
 
-from scheduler.batch import Batch
-from scheduler.cache import NoRoom, Tier
-from scheduler.completion import Completions
-from scheduler.errors import LoraServeError
-from scheduler.observer import Observer
-from scheduler.tiers import AdapterTiers, Fetch
-from scheduler.types import AdapterRef
+from loraserve.scheduler.batch import Batch
+from loraserve.scheduler.cache import NoRoom, Tier
+from loraserve.scheduler.completion import Completions
+from loraserve.scheduler.errors import LoraServeError
+from loraserve.scheduler.observer import Observer
+from loraserve.scheduler.tiers import AdapterTiers, Fetch
+from loraserve.scheduler.types import AdapterRef
 
 
 @dataclass(frozen=True)

@@ -18,23 +18,23 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from scheduler.admission import Admission
-from scheduler.batch import Batch, SchedulerStats
-from scheduler.blocks import BlockManager
-from scheduler.cache import Budgets
-from scheduler.completion import Completions
-from scheduler.engine import Engine
-from scheduler.errors import DeadlineTooShort, LoraServeError, QueueFull, ShuttingDown
-from scheduler.fallback import carried, to_base
-from scheduler.observer import NullObserver, Observer
-from scheduler.policy import BatchLimits
-from scheduler.readahead import ReadAhead
-from scheduler.seq import Seq
-from scheduler.step import Steps
-from scheduler.stretch import StepClock
-from scheduler.ticket import Ticket
-from scheduler.tiers import AdapterTiers, Origin
-from scheduler.types import AdapterRef, GenerationRequest, TokenLogprob
+from loraserve.scheduler.admission import Admission
+from loraserve.scheduler.batch import Batch, SchedulerStats
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.cache import Budgets
+from loraserve.scheduler.completion import Completions
+from loraserve.scheduler.engine import Engine
+from loraserve.scheduler.errors import DeadlineTooShort, LoraServeError, QueueFull, ShuttingDown
+from loraserve.scheduler.fallback import carried, to_base
+from loraserve.scheduler.observer import NullObserver, Observer
+from loraserve.scheduler.policy import BatchLimits
+from loraserve.scheduler.readahead import ReadAhead
+from loraserve.scheduler.seq import Seq
+from loraserve.scheduler.step import Steps
+from loraserve.scheduler.stretch import StepClock
+from loraserve.scheduler.ticket import Ticket
+from loraserve.scheduler.tiers import AdapterTiers, Origin
+from loraserve.scheduler.types import AdapterRef, GenerationRequest, TokenLogprob
 
 
 class Scheduler:

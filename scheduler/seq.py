@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from scheduler.blocks import BlockTable
-from scheduler.engine import Row
-from scheduler.types import (AdapterRef, Cost, FinishReason, GenerationRequest, TextDelta, Tier, Timeline,
+from loraserve.scheduler.blocks import BlockTable
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import (AdapterRef, Cost, FinishReason, GenerationRequest, TextDelta, Tier, Timeline,
                              TokenLogprob)
 
 

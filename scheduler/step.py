@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from scheduler.batch import Batch
-from scheduler.completion import Completions, alone
-from scheduler.engine import Engine, StepResult
-from scheduler.errors import OutOfMemory
-from scheduler.seq import Seq, prefix_key
+from loraserve.scheduler.batch import Batch
+from loraserve.scheduler.completion import Completions, alone
+from loraserve.scheduler.engine import Engine, StepResult
+from loraserve.scheduler.errors import OutOfMemory
+from loraserve.scheduler.seq import Seq, prefix_key
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from scheduler.engine import StepResult
-from scheduler.observer import Observer
-from scheduler.seq import Seq
-from scheduler.types import BASE, AdapterRef
+from loraserve.scheduler.engine import StepResult
+from loraserve.scheduler.observer import Observer
+from loraserve.scheduler.seq import Seq
+from loraserve.scheduler.types import BASE, AdapterRef
 
 
 def _adapter_of(seqs: list[Seq] | tuple[Seq, ...]) -> AdapterRef:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Callable
 
-from scheduler.seq import Seq
-from scheduler.types import Completion, TextDelta
+from loraserve.scheduler.seq import Seq
+from loraserve.scheduler.types import Completion, TextDelta
 
 
 def _merge_deltas(items: list) -> list:

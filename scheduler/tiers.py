@@ -20,10 +20,10 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Protocol, TypeVar
 
-from scheduler.cache import Action, AdapterCache, Budgets, Demote, Drop, NoRoom, Tier, TierStats
-from scheduler.errors import AdapterBusy, AdapterLoadFailed
-from scheduler.loads import LoadLimiter
-from scheduler.types import AdapterRef
+from loraserve.scheduler.cache import Action, AdapterCache, Budgets, Demote, Drop, NoRoom, Tier, TierStats
+from loraserve.scheduler.errors import AdapterBusy, AdapterLoadFailed
+from loraserve.scheduler.loads import LoadLimiter
+from loraserve.scheduler.types import AdapterRef
 
 T = TypeVar("T")
 

@@ -22,18 +22,18 @@ import random
 from dataclasses import dataclass, replace
 
 from loraserve.contract import ADAPTER_ID, BASE_ADAPTER_ID
-from registry.identity import BaseIdentity
-from registry.errors import AmbiguousId, IndexInvalid, StoreError
-from registry.passport import Passport, Status
-from registry.prepare import PICKLE_WEIGHTS, WEIGHTS
-from registry.rollout import routed
-from registry.snapshot import Snapshot
-from registry.store import Store
-from scheduler.errors import (AdapterAmbiguous, AdapterIncompatible, AdapterNotActive, AdapterNotFound,
+from loraserve.registry.identity import BaseIdentity
+from loraserve.registry.errors import AmbiguousId, IndexInvalid, StoreError
+from loraserve.registry.passport import Passport, Status
+from loraserve.registry.prepare import PICKLE_WEIGHTS, WEIGHTS
+from loraserve.registry.rollout import routed
+from loraserve.registry.snapshot import Snapshot
+from loraserve.registry.store import Store
+from loraserve.scheduler.errors import (AdapterAmbiguous, AdapterIncompatible, AdapterNotActive, AdapterNotFound,
                               InvalidArgument, LoraServeError, PermissionDenied)
-from scheduler.types import BASE, AdapterRef
-from server.convert import check_adapter_id
-from server.rollouts import Split
+from loraserve.scheduler.types import BASE, AdapterRef
+from loraserve.server.convert import check_adapter_id
+from loraserve.server.rollouts import Split
 
 log = logging.getLogger(__name__)
 _UNREADABLE = "unreadable"

@@ -6,14 +6,14 @@ import time
 
 from loraserve.v1 import admin_pb2 as pb
 from loraserve.v1 import admin_pb2_grpc
-from registry.passport import Passport
-from scheduler.errors import InvalidArgument, NotReady
-from scheduler.scheduler import Scheduler
-from scheduler.tiers import AdapterState
-from scheduler.types import AdapterRef, Tier
-from server.adapters import AdapterRegistry
-from server.convert import PB_TIER, TIER_PB
-from server.errors import unary_errors
+from loraserve.registry.passport import Passport
+from loraserve.scheduler.errors import InvalidArgument, NotReady
+from loraserve.scheduler.scheduler import Scheduler
+from loraserve.scheduler.tiers import AdapterState
+from loraserve.scheduler.types import AdapterRef, Tier
+from loraserve.server.adapters import AdapterRegistry
+from loraserve.server.convert import PB_TIER, TIER_PB
+from loraserve.server.errors import unary_errors
 
 
 async def warm(scheduler: Scheduler, adapter: AdapterRef, tier: Tier) -> None:
@@ -24,7 +24,7 @@ async def warm(scheduler: Scheduler, adapter: AdapterRef, tier: Tier) -> None:
 
 
 class AdminServicer(admin_pb2_grpc.AdapterAdminServiceServicer):
-    """server.interceptors lets only admin callers (when authentication is on) reach it."""
+    """loraserve.server.interceptors lets only admin callers (when authentication is on) reach it."""
 
     def __init__(self, registry: AdapterRegistry):
         self._registry = registry

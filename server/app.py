@@ -12,29 +12,29 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from runner.config import EngineConfig
-from runner.engine import TorchEngine
-from runner.tokens import Tokens
-from scheduler.cache import Budgets, Tier
-from scheduler.housekeeping import sweep_idle_forever, warm_daily
-from scheduler.scheduler import Scheduler
-from server import admin, http
-from registry.identity import BaseIdentity, base_identity
-from registry.diskcache import DiskCache
-from registry.origin import open_store
-from registry.errors import StoreError
-from registry.passport import Status
-from scheduler.errors import ShuttingDown
-from server.adapters import AdapterRegistry
-from server.auth import Authenticator
-from server.interceptors import AccessInterceptor
-from server.config import ServerConfig
-from server.convert import RequestLimits
-from server.memory import EngineMemory
-from server.metrics import Metrics
-from server.remote import OriginMetrics, RemoteOrigin, poll_index
-from server.service import InferenceServicer
-from server.telemetry import Telemetry, provider_from_env
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.engine import TorchEngine
+from loraserve.runner.tokens import Tokens
+from loraserve.scheduler.cache import Budgets, Tier
+from loraserve.scheduler.housekeeping import sweep_idle_forever, warm_daily
+from loraserve.scheduler.scheduler import Scheduler
+from loraserve.server import admin, http
+from loraserve.registry.identity import BaseIdentity, base_identity
+from loraserve.registry.diskcache import DiskCache
+from loraserve.registry.origin import open_store
+from loraserve.registry.errors import StoreError
+from loraserve.registry.passport import Status
+from loraserve.scheduler.errors import ShuttingDown
+from loraserve.server.adapters import AdapterRegistry
+from loraserve.server.auth import Authenticator
+from loraserve.server.interceptors import AccessInterceptor
+from loraserve.server.config import ServerConfig
+from loraserve.server.convert import RequestLimits
+from loraserve.server.memory import EngineMemory
+from loraserve.server.metrics import Metrics
+from loraserve.server.remote import OriginMetrics, RemoteOrigin, poll_index
+from loraserve.server.service import InferenceServicer
+from loraserve.server.telemetry import Telemetry, provider_from_env
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from scheduler.errors import PermissionDenied, Unauthenticated
+from loraserve.scheduler.errors import PermissionDenied, Unauthenticated
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`loraserve serve`: run the gRPC server (also `python -m server.cli serve ...`).
+"""`loraserve serve`: run the gRPC server (also `python -m loraserve.server.cli serve ...`).
 
 The `loraserve` command itself (tools/cli.py) adds the demo, client, registry and bench
 subcommands; this module imports none of them.
@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 
-from server import settings
+from loraserve.server import settings
 
 
 def try_it_line(host: str, port: int, adapter: str) -> str:
@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"loraserve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.telemetry.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from server.app import LoraServer
+    from loraserve.server.app import LoraServer
 
     log = logging.getLogger("loraserve")
 
@@ -89,7 +89,7 @@ def add_serve_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.cli")
+    parser = argparse.ArgumentParser(prog="python -m loraserve.server.cli")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -16,9 +16,9 @@ from typing import Annotated
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from loraserve.contract import ROUTING_HEADER, adapter_id_problem
-from registry.location import S3Location, is_remote
-from scheduler.policy import POLICIES, BatchLimits
-from server.auth import Authenticator
+from loraserve.registry.location import S3Location, is_remote
+from loraserve.scheduler.policy import POLICIES, BatchLimits
+from loraserve.server.auth import Authenticator
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 KERNELS = ("auto", "flex", "reference")  # runner.kvpool.KERNELS, without importing torch here

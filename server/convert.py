@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 from loraserve.contract import adapter_id_problem
 from loraserve.v1 import admin_pb2
 from loraserve.v1 import inference_pb2 as pb
-from scheduler.errors import InvalidArgument
-from scheduler.types import (AdapterRef, Completion, Cost, FinishReason, GenerationRequest, ResponseFormat,
+from loraserve.scheduler.errors import InvalidArgument
+from loraserve.scheduler.types import (AdapterRef, Completion, Cost, FinishReason, GenerationRequest, ResponseFormat,
                              SamplingParams, TextDelta, Tier, TokenLogprob)
 
 MAX_STOP_SEQUENCES = 8

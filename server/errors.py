@@ -12,7 +12,7 @@ import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from scheduler import errors as e
+from loraserve.scheduler import errors as e
 
 log = logging.getLogger(__name__)
 

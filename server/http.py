@@ -29,11 +29,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 from starlette.exceptions import HTTPException
 
 from loraserve.v1 import inference_pb2 as pb
-from scheduler.errors import InvalidArgument, LoraServeError
-from server import openai_json as oj
-from server.adapters import AdapterRegistry
-from server.interceptors import AccessInterceptor
-from server.service import InferenceServicer
+from loraserve.scheduler.errors import InvalidArgument, LoraServeError
+from loraserve.server import openai_json as oj
+from loraserve.server.adapters import AdapterRegistry
+from loraserve.server.interceptors import AccessInterceptor
+from loraserve.server.service import InferenceServicer
 
 T = TypeVar("T")
 

@@ -22,11 +22,11 @@ from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from loraserve.v1 import admin_pb2, inference_pb2
-from scheduler.errors import InvalidArgument, LoraServeError, TooManyStreams
-from server.auth import CALLER, Authenticator, Caller
-from server.errors import abort, call_over
-from server.metrics import Metrics
-from server.requestlog import log_request
+from loraserve.scheduler.errors import InvalidArgument, LoraServeError, TooManyStreams
+from loraserve.server.auth import CALLER, Authenticator, Caller
+from loraserve.server.errors import abort, call_over
+from loraserve.server.metrics import Metrics
+from loraserve.server.requestlog import log_request
 
 OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME,
                            "grpc.reflection.v1.ServerReflection"})

@@ -17,11 +17,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from scheduler.scheduler import Scheduler
-from scheduler.thrash import ThrashDetector
-from scheduler.types import AdapterRef, Completion, Tier
-from server.labels import BoundedLabels
-from server.memory import EngineMemory
+from loraserve.scheduler.scheduler import Scheduler
+from loraserve.scheduler.thrash import ThrashDetector
+from loraserve.scheduler.types import AdapterRef, Completion, Tier
+from loraserve.server.labels import BoundedLabels
+from loraserve.server.memory import EngineMemory
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from loraserve.contract import BASE_ADAPTER_ID
 from loraserve.v1 import inference_pb2 as pb
-from scheduler.errors import InvalidArgument
+from loraserve.scheduler.errors import InvalidArgument
 
 UINT32 = 2**32
 UINT64 = 2**64

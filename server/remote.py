@@ -17,13 +17,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from registry.diskcache import DiskCache, DiskCacheFull
-from registry.s3 import HashMismatch, OriginError
-from registry.store import Store
-from scheduler.errors import AdapterIncompatible, AdapterLoadFailed, OriginFetchFailed
-from scheduler.tiers import Fetch
-from scheduler.types import AdapterRef
-from server.adapters import AdapterRegistry
+from loraserve.registry.diskcache import DiskCache, DiskCacheFull
+from loraserve.registry.s3 import HashMismatch, OriginError
+from loraserve.registry.store import Store
+from loraserve.scheduler.errors import AdapterIncompatible, AdapterLoadFailed, OriginFetchFailed
+from loraserve.scheduler.tiers import Fetch
+from loraserve.scheduler.types import AdapterRef
+from loraserve.server.adapters import AdapterRegistry
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class _DiskCacheCollector(Collector):
 
 
 class RemoteOrigin:
-    """scheduler.tiers.Origin over a bucket's Store and its DiskCache."""
+    """loraserve.scheduler.tiers.Origin over a bucket's Store and its DiskCache."""
 
     def __init__(self, store: Store, cache: DiskCache, metrics: OriginMetrics, wait_s: float):
         self.store, self.cache, self.metrics = store, cache, metrics

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 
-from scheduler.types import Completion
+from loraserve.scheduler.types import Completion
 
 log = logging.getLogger("loraserve.requests")
 

@@ -17,8 +17,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from registry.rollout import Limits
-from scheduler.types import Completion
+from loraserve.registry.rollout import Limits
+from loraserve.scheduler.types import Completion
 
 log = logging.getLogger(__name__)
 

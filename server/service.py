@@ -17,20 +17,20 @@ from typing import AsyncIterator, Iterator, Sequence
 from loraserve.contract import ROUTING_HEADER
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.tokens import Tokens
-from scheduler.errors import InvalidArgument, LoraServeError, NotReady
-from scheduler.fallback import falls_back, to_base
-from scheduler.scheduler import Scheduler, Ticket
-from scheduler.types import BASE, Completion, GenerationRequest, ResponseFormat, TextDelta
-from server.adapters import AdapterRegistry
-from server.auth import current_caller
-from server.convert import (FALLBACKS, RequestLimits, check_fields, check_messages, check_token_ids, combined,
+from loraserve.runner.tokens import Tokens
+from loraserve.scheduler.errors import InvalidArgument, LoraServeError, NotReady
+from loraserve.scheduler.fallback import falls_back, to_base
+from loraserve.scheduler.scheduler import Scheduler, Ticket
+from loraserve.scheduler.types import BASE, Completion, GenerationRequest, ResponseFormat, TextDelta
+from loraserve.server.adapters import AdapterRegistry
+from loraserve.server.auth import current_caller
+from loraserve.server.convert import (FALLBACKS, RequestLimits, check_fields, check_messages, check_token_ids, combined,
                             delta_pb, fan_out, final_chunk_pb, from_pb, to_pb, tokenize_pb)
-from server.errors import stream_errors, unary_errors
-from server.requestlog import log_request
-from server.rollouts import RolloutWatch, Split
-from server.shadow import ShadowMirror
-from server.telemetry import Telemetry, fail
+from loraserve.server.errors import stream_errors, unary_errors
+from loraserve.server.requestlog import log_request
+from loraserve.server.rollouts import RolloutWatch, Split
+from loraserve.server.shadow import ShadowMirror
+from loraserve.server.telemetry import Telemetry, fail
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ValidationError
 
-from server.config import ServerConfig
+from loraserve.server.config import ServerConfig
 
 ENV_PREFIX = "LORASERVE_"
 FILE_ENV = ENV_PREFIX + "CONFIG"

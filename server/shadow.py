@@ -17,10 +17,10 @@ import logging
 import random
 from dataclasses import replace
 
-from registry.passport import Status
-from scheduler.errors import LoraServeError
-from scheduler.scheduler import Scheduler, Ticket
-from scheduler.types import Completion, GenerationRequest
+from loraserve.registry.passport import Status
+from loraserve.scheduler.errors import LoraServeError
+from loraserve.scheduler.scheduler import Scheduler, Ticket
+from loraserve.scheduler.types import Completion, GenerationRequest
 
 log = logging.getLogger("loraserve.shadow")
 

@@ -34,8 +34,8 @@ from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from loraserve.contract import BASE_ADAPTER_ID
-from scheduler.types import AdapterRef, Completion, GenerationRequest, Tier
-from server.metrics import Metrics
+from loraserve.scheduler.types import AdapterRef, Completion, GenerationRequest, Tier
+from loraserve.server.metrics import Metrics
 
 TEXT_COMPLETION = gen_ai.GenAiOperationNameValues.TEXT_COMPLETION.value
 

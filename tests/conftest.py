@@ -22,8 +22,8 @@ if not torch.cuda.is_available():
     # tests/test_lora_kernels.py. Nothing else on a CPU runs Triton code.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from runner.demo import DemoSpec, build_demo
-from scheduler.types import BASE, AdapterRef
+from loraserve.runner.demo import DemoSpec, build_demo
+from loraserve.scheduler.types import BASE, AdapterRef
 
 REPO = Path(__file__).resolve().parent.parent
 # Processes the tests start import this checkout's rooms and its client distribution (pytest's
@@ -89,8 +89,8 @@ def demo_ref(demo_dir: Path, name: str) -> AdapterRef:
 def clone_adapter(demo_dir: Path, root: Path, source: str, name: str, version: str = "1", **changes) -> Path:
     """Copy demo adapter `source` into store `root` as `name`@`version`, passport fields changed
     as given, and reindex: a registered adapter without re-running registration."""
-    from registry.passport import Passport
-    from registry.store import Store
+    from loraserve.registry.passport import Passport
+    from loraserve.registry.store import Store
 
     target = root / name / version
     shutil.copytree(demo_dir / "adapters" / source / "1", target)
@@ -106,7 +106,7 @@ class ServerThread:
     """A LoraServer on its own event loop thread, so tests can use plain sync gRPC clients."""
 
     def __init__(self, cfg, load: bool = True, engine=None, tracer_provider=None):
-        from server.app import LoraServer
+        from loraserve.server.app import LoraServer
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -141,9 +141,9 @@ def one_adapter_bytes(cfg) -> tuple[int, int]:
     asked of a started engine of that very configuration: what reading it into RAM holds (its
     tensors in the serving dtype) and the device slot attaching it takes. Tests size budgets in
     adapters from these, never from the file on disk (float32, while CUDA serves bfloat16)."""
-    from runner.engine import TorchEngine
-    from scheduler.types import AdapterRef
-    from server.app import engine_config
+    from loraserve.runner.engine import TorchEngine
+    from loraserve.scheduler.types import AdapterRef
+    from loraserve.server.app import engine_config
 
     ref = AdapterRef(ADAPTERS[0], "1", str(Path(cfg.registry.adapters_dir) / ADAPTERS[0] / "1"))
     engine = TorchEngine(engine_config(cfg))
@@ -160,7 +160,7 @@ def one_adapter_bytes(cfg) -> tuple[int, int]:
 def room_for_one_in_ram(demo_dir: Path, **overrides):
     """`server_config(demo_dir, **overrides)` whose RAM tier holds one demo adapter, not two
     (a budget of 1.5 adapters as this server holds them)."""
-    from server.settings import replace
+    from loraserve.server.settings import replace
 
     cfg = server_config(demo_dir, **overrides)
     return replace(cfg, ram_budget_mib=1.5 * one_adapter_bytes(cfg)[0] / 2**20)
@@ -168,7 +168,7 @@ def room_for_one_in_ram(demo_dir: Path, **overrides):
 
 def server_config(demo_dir: Path, **overrides):
     """A ServerConfig from flat settings (`max_batch_size=4`), as flags give them; not the environment."""
-    from server.settings import load
+    from loraserve.server.settings import load
 
     return load({"port": 0, "metrics_port": 0, "http_port": 0, "model_path": demo_dir / "base",
                  "adapters_dir": demo_dir / "adapters", "batch_wait_ms": 5.0, "grace_period_s": 10.0,
@@ -180,7 +180,7 @@ def batch_exact(cfg) -> bool:
     alone, token for token: always with --deterministic; unquantized float32 on a CPU as far as
     this suite has seen (scores agree to ~1e-6 of their range, tests/test_isolation.py, far
     inside the demo's greedy margins); not otherwise (bfloat16, nf4, a GPU's kernels)."""
-    from runner.loading import resolve_device, resolve_dtype
+    from loraserve.runner.loading import resolve_device, resolve_dtype
 
     model = cfg.model
     device = resolve_device(model.device)
@@ -191,7 +191,7 @@ def batch_exact(cfg) -> bool:
 def comparable(cfg):
     """`cfg` for a server whose tests compare batched answers with alone ones exactly: made
     --deterministic where its numerics do not already keep them equal (batch_exact)."""
-    from server.settings import replace
+    from loraserve.server.settings import replace
 
     return cfg if batch_exact(cfg) else replace(cfg, deterministic=True)
 

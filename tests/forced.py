@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from runner.engine import TorchEngine
-from scheduler.blocks import BlockManager
-from scheduler.engine import Row
-from scheduler.types import AdapterRef, SamplingParams
+from loraserve.runner.engine import TorchEngine
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import AdapterRef, SamplingParams
 
 
 class LogitsEngine(TorchEngine):

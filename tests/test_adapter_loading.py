@@ -14,8 +14,8 @@ import pytest
 from conftest import ADAPTERS, PROMPT, ServerThread, clone_adapter, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import TorchEngine
-from server.app import engine_config
+from loraserve.runner.engine import TorchEngine
+from loraserve.server.app import engine_config
 from test_generate import details
 
 

@@ -12,7 +12,7 @@ from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from server.app import engine_config
+from loraserve.server.app import engine_config
 from test_generate import details
 from test_lifecycle import PacedEngine, wait_for
 

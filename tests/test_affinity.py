@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from clients.affinity import headless, replicas
-from clients.client import LoraServeClient
+from loraserve.clients.affinity import headless, replicas
+from loraserve.clients.client import LoraServeClient
 from conftest import ADAPTERS, PROMPT, ServerThread, clone_adapter, server_config
 
 

@@ -9,9 +9,9 @@ import threading
 import grpc
 import pytest
 
-from clients.client import LoraServeClient, RequestFailed
+from loraserve.clients.client import LoraServeClient, RequestFailed
 from conftest import PROMPT, ServerThread, server_config
-from server.app import engine_config
+from loraserve.server.app import engine_config
 from test_lifecycle import PacedEngine, wait_for
 
 TOKENS = {"noisy-token": {"client": "noisy"}, "quiet-token": {"client": "quiet"}}

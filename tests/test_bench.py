@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from tools.bench.cli import add_bench_parser
-from tools.bench.load import Workload
-from tools.bench.overhead import scheduler_overhead
+from loraserve.tools.bench.cli import add_bench_parser
+from loraserve.tools.bench.load import Workload
+from loraserve.tools.bench.overhead import scheduler_overhead
 
 
 def test_bench_reports_every_figure(demo_dir, tmp_path):
@@ -78,7 +78,7 @@ def test_gpu_matrix_preset_runs_every_part_and_resumes(tmp_path):
 def test_paged_capacity_counts_what_the_block_manager_holds():
     """`loraserve bench --kvcap capacity`: the 1b preset's geometry at 2048 positions held 16
     whole-context slots per GiB; 200-token sequences in 16-token blocks take 13 blocks each."""
-    from tools.bench.kvcap import capacity, paged_sequences
+    from loraserve.tools.bench.kvcap import capacity, paged_sequences
 
     rows = {(r["model"], r["max_model_len"]): r for r in capacity(max_lens=(2048,))}
     preset = next(r for (model, _), r in rows.items() if "1b" in model)
@@ -89,9 +89,9 @@ def test_paged_capacity_counts_what_the_block_manager_holds():
 
 
 def test_the_lora_step_bench_alternates_base_and_adapter_steps(demo_dir, tmp_path):
-    """`python -m tools.bench.lora_step`: the same batch's decode steps base-only and over adapters."""
-    from tools.bench.lora_step import lora_step
-    from tools.bench.synth import make_store
+    """`python -m loraserve.tools.bench.lora_step`: the same batch's decode steps base-only and over adapters."""
+    from loraserve.tools.bench.lora_step import lora_step
+    from loraserve.tools.bench.synth import make_store
 
     make_store(demo_dir / "base", tmp_path / "store", 4, rank=4)
     out = lora_step(demo_dir / "base", tmp_path / "store", batch=6, adapters=4, rounds=2, steps=3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.blocks import BlockManager
+from loraserve.scheduler.blocks import BlockManager
 
 SIZE = 4
 

@@ -9,11 +9,11 @@ import random
 import pytest
 from fakes import WeightsRecorder
 
-from scheduler.cache import Budgets, Demote, Drop, Entry, NoRoom, Tier, plan_admit
-from scheduler.errors import LoraServeError
-from scheduler.housekeeping import next_occurrence
-from scheduler.tiers import AdapterTiers
-from scheduler.types import AdapterRef
+from loraserve.scheduler.cache import Budgets, Demote, Drop, Entry, NoRoom, Tier, plan_admit
+from loraserve.scheduler.errors import LoraServeError
+from loraserve.scheduler.housekeeping import next_occurrence
+from loraserve.scheduler.tiers import AdapterTiers
+from loraserve.scheduler.types import AdapterRef
 
 
 def ref(name: str, version: str = "1") -> AdapterRef:
@@ -81,7 +81,7 @@ def test_next_occurrence_is_today_or_tomorrow():
 
 
 def test_warm_daily_fires_at_the_scheduled_minute():
-    from scheduler.housekeeping import warm_daily
+    from loraserve.scheduler.housekeeping import warm_daily
 
     start = dt.datetime(2026, 11, 22, 8, 54, 59, 950000)  # 50 ms before 08:55
     warmed: list[str] = []

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from conftest import PROMPT, REPO
-from runner.demo import DemoSpec
-from tools.cli import summary_text
+from loraserve.runner.demo import DemoSpec
+from loraserve.tools.cli import summary_text
 
 
 def loraserve(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "loraserve.tools.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=env)
 
 
@@ -96,7 +96,7 @@ def test_adapters_cli_lifecycle(demo_dir, tmp_path):
 
 def test_serve_says_how_to_try_it_in_one_line_and_the_commands_work(demo_dir):
     env = {**os.environ, "LORASERVE_PORT": "0", "LORASERVE_METRICS_PORT": "-1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--model-path", str(demo_dir / "base"),
+    proc = subprocess.Popen([sys.executable, "-m", "loraserve.tools.cli", "serve", "--model-path", str(demo_dir / "base"),
                              "--adapters-dir", str(demo_dir / "adapters")], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -113,7 +113,7 @@ def test_serve_says_how_to_try_it_in_one_line_and_the_commands_work(demo_dir):
         assert ready.wait(120), lines
         cli, grpcurl = re.findall(r"`([^`]+)`", lines[-1])
         assert cli.startswith("loraserve generate ") and grpcurl.startswith("grpcurl ")
-        tried = subprocess.run(["bash", "-c", cli.replace("loraserve", f"{sys.executable} -m tools.cli", 1)],
+        tried = subprocess.run(["bash", "-c", cli.replace("loraserve", f"{sys.executable} -m loraserve.tools.cli", 1)],
                                cwd=REPO, capture_output=True, text=True, timeout=60)
         assert tried.returncode == 0 and tried.stdout.strip() and "legal@1" in tried.stderr, tried.stderr
         binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
@@ -140,8 +140,8 @@ def test_demo_summary_reads_as_text():
 @pytest.mark.slow
 def test_demo_build_shows_one_bar_per_stage(tmp_path):
     """A smaller spec through the same command path: one line per stage off a terminal."""
-    from runner.demo import build_demo
-    from tools.progress import StageBars
+    from loraserve.runner.demo import build_demo
+    from loraserve.tools.progress import StageBars
 
     class Log:
         text = ""
@@ -164,8 +164,8 @@ def test_demo_build_shows_one_bar_per_stage(tmp_path):
 
 
 def test_registry_cli_alone_registers_only_without_the_smoke_test(tmp_path, capsys):
-    """`python -m registry.cli` imports no runner: a smoke-tested registration needs `loraserve adapters`."""
-    from registry.cli import main
+    """`python -m loraserve.registry.cli` imports no runner: a smoke-tested registration needs `loraserve adapters`."""
+    from loraserve.registry.cli import main
     from tiny import fake_base, tiny_adapter
 
     raw, base, store = tiny_adapter(tmp_path / "raw"), fake_base(tmp_path / "base"), tmp_path / "store"
@@ -178,7 +178,7 @@ def test_registry_cli_alone_registers_only_without_the_smoke_test(tmp_path, caps
 
 def test_serve_exits_non_zero_and_says_why_when_start_up_fails(demo_dir):
     """A warm adapter that is not there fails the load: the process says so and exits, not idles NOT_SERVING."""
-    res = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model-path", str(demo_dir / "base"),
+    res = subprocess.run([sys.executable, "-m", "loraserve.server.cli", "serve", "--model-path", str(demo_dir / "base"),
                           "--adapters-dir", str(demo_dir / "adapters"), "--port", "0", "--metrics-port", "-1",
                           "--warm", "ghost"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stderr

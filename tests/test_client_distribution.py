@@ -24,7 +24,7 @@ import json, sys
 import grpc
 from grpc_status import rpc_status
 from google.rpc import error_details_pb2
-from clients import LoraServeClient, RequestFailed
+from loraserve.clients import LoraServeClient, RequestFailed
 from loraserve.contract import ROUTING_HEADER
 from loraserve.v1 import inference_pb2 as pb, inference_pb2_grpc
 

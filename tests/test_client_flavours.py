@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from clients.client import AsyncLoraServeClient, LoraServeClient, RequestFailed
+from loraserve.clients.client import AsyncLoraServeClient, LoraServeClient, RequestFailed
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ServerConfig
-from server.settings import FLAT, add_arguments, from_args
+from loraserve.server.config import ServerConfig
+from loraserve.server.settings import FLAT, add_arguments, from_args
 
 
 def parse(argv, env):

@@ -13,13 +13,13 @@ import subprocess
 import grpc
 import pytest
 
-from clients.client import LoraServeClient, RequestFailed
+from loraserve.clients.client import LoraServeClient, RequestFailed
 from conftest import PROMPT, ServerThread, clone_adapter, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from scheduler.types import BASE, AdapterRef, Completion, Cost, FinishReason, SamplingParams, TextDelta, Tier
-from scheduler.types import GenerationRequest, TokenLogprob
-from server.convert import combined, delta_pb, fan_out, final_chunk_pb, to_pb
+from loraserve.scheduler.types import BASE, AdapterRef, Completion, Cost, FinishReason, SamplingParams, TextDelta, Tier
+from loraserve.scheduler.types import GenerationRequest, TokenLogprob
+from loraserve.server.convert import combined, delta_pb, fan_out, final_chunk_pb, to_pb
 from test_lifecycle import _grpcurl, wait_for
 
 QUESTION = "What should I do next?"  # PROMPT is the demo template's rendering of this user message
@@ -250,7 +250,7 @@ def test_the_typed_client_sends_the_new_fields(server):
 
 
 def test_the_async_client_has_the_same_calls(server):
-    from clients import AsyncLoraServeClient
+    from loraserve.clients import AsyncLoraServeClient
 
     async def calls():
         async with AsyncLoraServeClient(server.target, timeout=60) as client:
@@ -267,7 +267,7 @@ def test_the_async_client_has_the_same_calls(server):
 
 
 def test_the_client_cli_chats_tokenizes_and_lists_models(server, capsys):
-    from clients.cli import main
+    from loraserve.clients.cli import main
 
     def run(*argv) -> str:
         assert main([argv[0], "--target", server.target, *argv[1:]]) == 0

@@ -13,7 +13,7 @@ import pytest
 from conftest import PROMPT, ServerThread, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from server.app import engine_config
+from loraserve.server.app import engine_config
 from test_lifecycle import PacedEngine, wait_for
 from test_observability import scrape
 

@@ -1,5 +1,5 @@
 """The CLI killed with SIGKILL at random moments never leaves the store broken, and concurrent
-writers are serialised (`python -m registry.cli`, tiny adapters, `--no-smoke`: no torch, so each
+writers are serialised (`python -m loraserve.registry.cli`, tiny adapters, `--no-smoke`: no torch, so each
 run takes a fraction of a second)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import sys
 import time
 
 from conftest import REPO
-from registry.identity import BaseIdentity, base_identity
-from registry.passport import SmokeTest
-from registry.store import Store
+from loraserve.registry.identity import BaseIdentity, base_identity
+from loraserve.registry.passport import SmokeTest
+from loraserve.registry.store import Store
 from test_store_safety import consistent
 from tiny import fake_base, tiny_adapter
 
@@ -38,7 +38,7 @@ def passed(_dir):
 
 
 def cli(store, *args, env):
-    return subprocess.Popen([sys.executable, "-m", "registry.cli", "--store", str(store.root), *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "loraserve.registry.cli", "--store", str(store.root), *args], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

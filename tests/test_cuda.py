@@ -21,7 +21,7 @@ from conftest import ADAPTERS, PROMPT, ServerThread, demo_ref, server_config
 from forced import LogitsEngine, forced_scores
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.config import EngineConfig
+from loraserve.runner.config import EngineConfig
 from test_generate import in_own_domain
 from test_graphs import _engine, _workload, drive
 from test_isolation import TOLERANCE, mixed_requests

@@ -7,8 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from runner import determinism
-from runner.demo import DemoSpec, build_demo
+from loraserve.runner import determinism
+from loraserve.runner.demo import DemoSpec, build_demo
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from server.settings import ENV_PREFIX, FILE_ENV, FLAT, env_name
+from loraserve.server.settings import ENV_PREFIX, FILE_ENV, FLAT, env_name
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 COMPOSE = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())

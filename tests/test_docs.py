@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from clients.cli import build_parser as client_parser
-from server.settings import reference
-from tools.cli import build_parser as server_parser
+from loraserve.clients.cli import build_parser as client_parser
+from loraserve.server.settings import reference
+from loraserve.tools.cli import build_parser as server_parser
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -169,4 +169,4 @@ def test_the_configuration_section_is_the_one_generated_from_the_config_tree():
     start = operations.index("\n## Configuration\n") + 1
     section = operations[start:operations.index("\n## ", start) + 1]
     assert section == reference() + "\n", ("docs/operations.md's configuration section differs from "
-                                          "server.settings.reference(): write that in its place")
+                                          "loraserve.server.settings.reference(): write that in its place")

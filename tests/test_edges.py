@@ -8,15 +8,15 @@ import json
 import grpc
 import pytest
 
-from clients.client import LoraServeClient, RequestFailed
+from loraserve.clients.client import LoraServeClient, RequestFailed
 from conftest import PROMPT, ServerThread, server_config
 from loraserve.v1 import admin_pb2, admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from server.app import engine_config
-from scheduler.errors import Unauthenticated
-from server.auth import Authenticator
-from server.cli import main as cli_main
+from loraserve.server.app import engine_config
+from loraserve.scheduler.errors import Unauthenticated
+from loraserve.server.auth import Authenticator
+from loraserve.server.cli import main as cli_main
 from test_lifecycle import PacedEngine, wait_for
 
 GENERATE = "/loraserve.v1.InferenceService/Generate"

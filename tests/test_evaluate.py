@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from conftest import PROMPT, ServerThread, clone_adapter, server_config
-from registry.evaluate import (Answer, BadTestSet, Gate, cases_sha256, check, judge, parse_case, parse_test_set,
+from loraserve.registry.evaluate import (Answer, BadTestSet, Gate, cases_sha256, check, judge, parse_case, parse_test_set,
                                pending)
-from registry.identity import BaseIdentity, base_identity
-from registry.origin import open_store
-from registry.passport import SmokeTest
-from registry.rollout import Canary
-from registry.errors import StoreError
-from registry.store import Store
+from loraserve.registry.identity import BaseIdentity, base_identity
+from loraserve.registry.origin import open_store
+from loraserve.registry.passport import SmokeTest
+from loraserve.registry.rollout import Canary
+from loraserve.registry.errors import StoreError
+from loraserve.registry.store import Store
 from tiny import tiny_adapter
 
 LEGAL = "lessee|contracting party|court|licensor|defendant"
@@ -156,7 +156,7 @@ def test_promote_follows_the_gate_and_force_is_recorded(any_store, tmp_path):
 
 # -- the cases through a real server, in process and with --target ---------------------------------
 def cli(*args) -> int:
-    from tools.cli import main
+    from loraserve.tools.cli import main
 
     return main(["adapters", *args])
 
@@ -228,7 +228,7 @@ def test_an_interrupted_registration_leaves_the_gate_pending(tmp_path):
     never finishes (the process dies in it), the version cannot be promoted."""
     import argparse
 
-    from registry.cli import add_adapters_parser
+    from loraserve.registry.cli import add_adapters_parser
     from tiny import fake_base
 
     def dies(**_):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from scheduler.errors import AdapterIncompatible
-from scheduler.fallback import carried, falls_back, to_base
-from scheduler.types import BASE, AdapterRef, GenerationRequest
+from loraserve.scheduler.errors import AdapterIncompatible
+from loraserve.scheduler.fallback import carried, falls_back, to_base
+from loraserve.scheduler.types import BASE, AdapterRef, GenerationRequest
 
 FAST = settings(max_examples=200, deadline=None)
 modes = st.sampled_from(("", "fail", "base"))

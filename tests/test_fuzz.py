@@ -20,7 +20,7 @@ from hypothesis import strategies as st  # noqa: E402
 from conftest import ADAPTERS, PROMPT, REPO, ServerThread, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from server.errors import DOMAIN
+from loraserve.server.errors import DOMAIN
 from test_lifecycle import health
 
 TOKEN = "fuzz-token"

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ADAPTERS, PROMPT
 from loraserve.v1 import inference_pb2 as pb
-from runner.demo import DOMAINS
+from loraserve.runner.demo import DOMAINS
 
 PROMPTS = [PROMPT, "Question: Is this normal?\nAnswer:", "Question: Tell me more.\nAnswer:",
            "Question: Why did this happen?\nAnswer:"]

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import ADAPTERS, PROMPT, demo_ref
-from runner.config import EngineConfig
-from runner.engine import TorchEngine
-from runner.graphs import DecodeGraphs
-from scheduler.blocks import BlockManager
-from scheduler.engine import Row
-from scheduler.types import BASE, AdapterRef, SamplingParams
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.engine import TorchEngine
+from loraserve.runner.graphs import DecodeGraphs
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import BASE, AdapterRef, SamplingParams
 
 PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there", "Question: Why?\nAnswer:")
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from conftest import ADAPTERS, PROMPT, demo_ref
-import runner.steps as steps_module
+import loraserve.runner.steps as steps_module
 from loraserve.v1 import inference_pb2 as pb
-from runner.config import EngineConfig
-from runner.engine import TorchEngine
-from runner.guided import Guide
-from scheduler.blocks import BlockManager
-from scheduler.engine import Row
-from scheduler.types import BASE, ResponseFormat, SamplingParams
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.engine import TorchEngine
+from loraserve.runner.guided import Guide
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import BASE, ResponseFormat, SamplingParams
 from test_generate import details, gen
 
 # The demo is a tiny greedy model: a bare "string" or "integer" never closes (its strings run on
@@ -217,7 +217,7 @@ def test_a_length_bounded_string_takes_no_raw_control_character(engine):
 
 
 def test_the_guided_bench_runs(demo_dir):
-    from tools.bench.guided import guided_costs
+    from loraserve.tools.bench.guided import guided_costs
 
     rows = guided_costs(demo_dir / "base", batches=(2,), rounds=1)
     assert [r.get("format") for r in rows[:2]] == ["json_schema", "json_object"]

@@ -20,8 +20,8 @@ from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from registry.local import file_stamp
-from registry.store import Store
+from loraserve.registry.local import file_stamp
+from loraserve.registry.store import Store
 from test_observability import scrape, total
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -18,9 +18,9 @@ import torch
 
 from conftest import ADAPTERS, demo_ref
 from forced import Forced, LogitsEngine, forced_scores
-from runner.demo import DOMAINS
-from runner.config import EngineConfig
-from scheduler.types import AdapterRef
+from loraserve.runner.demo import DOMAINS
+from loraserve.runner.config import EngineConfig
+from loraserve.scheduler.types import AdapterRef
 
 PROMPTS = ("Question: What should I do next?\nAnswer:", "Question: Is this normal?\nAnswer:", "Hello there",
            "Question: Why did this happen?\nAnswer:", "Question: Tell me more.\nAnswer:")
@@ -55,7 +55,7 @@ def start(demo_dir, **cfg) -> LogitsEngine:
 def wide(demo_dir, tmp_path_factory) -> AdapterRef:
     """A rank-32 adapter for the demo base (the demo's are rank 8): attached, it makes the stacks'
     widest adapter, which each row's LoRA must not read past its own rank for."""
-    from tools.bench.synth import make_store
+    from loraserve.tools.bench.synth import make_store
 
     store = make_store(demo_dir / "base", tmp_path_factory.mktemp("wide"), 1, rank=32)
     path = store.version_dir("bench0", "1")

@@ -31,18 +31,18 @@ import pytest
 import yaml
 
 from certs import make_pki
-from clients.client import LoraServeClient, RequestFailed
+from loraserve.clients.client import LoraServeClient, RequestFailed
 from conftest import ADAPTERS, PROMPT, REPO, ServerThread, clone_adapter, server_config
 from loraserve.contract import ROUTING_HEADER
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import TorchEngine
-from server.app import CLOSE_GRACE_S, engine_config
-from server.config import ServerConfig
-from server.settings import ENV_PREFIX, from_args
+from loraserve.runner.engine import TorchEngine
+from loraserve.server.app import CLOSE_GRACE_S, engine_config
+from loraserve.server.config import ServerConfig
+from loraserve.server.settings import ENV_PREFIX, from_args
 from test_deploy import CONFIG_ENV
 from test_lifecycle import NOT_SERVING, SERVING, health, wait_for
-from tools.prometheusrule import RULES, TARGET, render
+from loraserve.tools.prometheusrule import RULES, TARGET, render
 
 KUBE = REPO / "deploy" / "kubernetes"
 OVERLAYS = ("cpu-demo", "gpu")
@@ -279,7 +279,7 @@ def test_disruption_budget_and_monitors_select_the_server_pods(docs):
 
 
 def test_the_prometheus_rule_is_the_rules_file_and_the_dashboard_is_the_json_file(docs):
-    assert TARGET.read_text() == render(RULES.read_text()), "run `python -m tools.prometheusrule`"
+    assert TARGET.read_text() == render(RULES.read_text()), "run `python -m loraserve.tools.prometheusrule`"
     rule = one(docs, "PrometheusRule", "loraserve")
     assert set(rule["spec"]) == {"groups"} and rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
     dashboard = one(docs, "ConfigMap", "loraserve-dashboard")
@@ -399,7 +399,7 @@ def test_sigterm_flips_the_probe_port_and_finishes_in_flight_calls_in_time(demo_
     env = {**os.environ, **overlay, "LORASERVE_HOST": "127.0.0.1",
            "LORASERVE_PORT": "0", "LORASERVE_HEALTH_PORT": "0", "LORASERVE_METRICS_PORT": "-1",
            "LORASERVE_MODEL_PATH": str(demo_dir / "base"), "LORASERVE_ADAPTERS_DIR": str(demo_dir / "adapters")}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "loraserve.server.cli", "serve"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()

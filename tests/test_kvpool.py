@@ -18,13 +18,13 @@ import torch
 from conftest import ADAPTERS, PROMPT, ServerThread, comparable, demo_ref, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.config import EngineConfig
-from runner.engine import TorchEngine
-from runner.loading import CPU_KV_DEFAULT_MIB
-from scheduler.blocks import BlockManager
-from scheduler.engine import Row
-from scheduler.types import BASE, SamplingParams
-from server.app import engine_config
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.engine import TorchEngine
+from loraserve.runner.loading import CPU_KV_DEFAULT_MIB
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import BASE, SamplingParams
+from loraserve.server.app import engine_config
 
 PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there")
 LONG = "Question: " + "the notice period under the contract and the terms that apply " * 4 + "?\nAnswer:"

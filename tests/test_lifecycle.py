@@ -20,8 +20,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from conftest import PROMPT, REPO, ServerThread, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import TorchEngine
-from server.app import engine_config
+from loraserve.runner.engine import TorchEngine
+from loraserve.server.app import engine_config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -142,7 +142,7 @@ def test_sigterm_under_load_loses_no_accepted_request(demo_dir):
     env = {**os.environ, "LORASERVE_PORT": "0", "LORASERVE_METRICS_PORT": "-1",
            "LORASERVE_MODEL_PATH": str(demo_dir / "base"),
            "LORASERVE_ADAPTERS_DIR": str(demo_dir / "adapters")}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "loraserve.server.cli", "serve"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)

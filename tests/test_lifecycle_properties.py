@@ -9,13 +9,13 @@ from dataclasses import replace
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from registry.errors import StoreError
-from registry.evaluate import parse_case, pending
-from registry.passport import Passport, SmokeTest
-from registry.plans import (plan_abort_canary, plan_archive, plan_canary, plan_gate, plan_promote, plan_rollback,
+from loraserve.registry.errors import StoreError
+from loraserve.registry.evaluate import parse_case, pending
+from loraserve.registry.passport import Passport, SmokeTest
+from loraserve.registry.plans import (plan_abort_canary, plan_archive, plan_canary, plan_gate, plan_promote, plan_rollback,
                             plan_set_policy, plan_shadow)
-from registry.rollout import Canary, Shadow
-from registry.snapshot import Snapshot, now_iso, with_changes
+from loraserve.registry.rollout import Canary, Shadow
+from loraserve.registry.snapshot import Snapshot, now_iso, with_changes
 
 NAMES = ("legal", "support")
 VERSIONS = ("1", "2", "3")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import random
 
-from tools.bench.soak import PROMPTS, run_soak
-from clients.client import AsyncLoraServeClient
+from loraserve.tools.bench.soak import PROMPTS, run_soak
+from loraserve.clients.client import AsyncLoraServeClient
 from conftest import ADAPTERS, ServerThread, clone_adapter, comparable, server_config
 
 MIXED = (*ADAPTERS, "base")

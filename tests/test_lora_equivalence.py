@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from runner.lora import RowSlots, UnsupportedAdapter, parse_peft, wrap_linear_layers
+from loraserve.runner.lora import RowSlots, UnsupportedAdapter, parse_peft, wrap_linear_layers
 
 RANKS = {"r4": 4, "r8": 8, "r16": 16, "r64": 64}
 TARGETS = {"r4": ["q_proj", "v_proj"], "r8": ["q_proj", "k_proj", "v_proj", "o_proj"],

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from runner.lora import LoRALinear, RowSlots, parse_peft, wrap_linear_layers
+from loraserve.runner.lora import LoRALinear, RowSlots, parse_peft, wrap_linear_layers
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -97,7 +97,7 @@ def test_a_batch_without_adapter_rows_and_a_layer_no_present_adapter_adapts_cost
 def test_rows_are_packed_by_slot_once_per_forward():
     """Each adapter's rows in chunks of one size (the last padded with its first row); every
     adapter row read back from its own packed position, base rows nowhere."""
-    from runner.lora import group_rows
+    from loraserve.runner.lora import group_rows
 
     groups = group_rows([2, 2, 0, 1, 3, 1, 3, 3], torch.device("cpu"))
     assert (groups.slots, groups.sizes, groups.chunk) == ((1, 2, 3), (2, 2, 3), 2)
@@ -143,12 +143,12 @@ def test_a_whole_model_grouped_matches_the_per_row_gather(demo_dir, adapters):
 
 @pytest.fixture()
 def kernels():
-    """runner.lora_kernels: compiled on CUDA; elsewhere interpreted (tests/conftest.py sets
+    """loraserve.runner.lora_kernels: compiled on CUDA; elsewhere interpreted (tests/conftest.py sets
     TRITON_INTERPRET=1 for the session, before anything imports triton)."""
     pytest.importorskip("triton", reason="triton is not installed (the `test` extra installs it on Linux x86_64)")
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA device, and TRITON_INTERPRET is not 1 (the kernels cannot run on CPU tensors)")
-    return importlib.import_module("runner.lora_kernels")
+    return importlib.import_module("loraserve.runner.lora_kernels")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -16,13 +16,13 @@ from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from registry.store import Store
-from runner.config import EngineConfig
-from runner.engine import TorchEngine
-from scheduler.errors import AdapterIncompatible
-from scheduler.types import AdapterRef
+from loraserve.registry.store import Store
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.engine import TorchEngine
+from loraserve.scheduler.errors import AdapterIncompatible
+from loraserve.scheduler.types import AdapterRef
 from test_generate import details
-from tools.bench.synth import make_store
+from loraserve.tools.bench.synth import make_store
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import ADAPTERS, TEST_DTYPE, fetch_on
-from runner.config import EngineConfig
-from runner.engine import TorchEngine
-from scheduler.cache import Budgets, Tier
-from scheduler.errors import AdapterIncompatible
-from scheduler.tiers import AdapterTiers
-from scheduler.types import AdapterRef
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.engine import TorchEngine
+from loraserve.scheduler.cache import Budgets, Tier
+from loraserve.scheduler.errors import AdapterIncompatible
+from loraserve.scheduler.tiers import AdapterTiers
+from loraserve.scheduler.types import AdapterRef
 
 CYCLES = 2000
 WARMUP = 200

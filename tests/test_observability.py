@@ -22,11 +22,11 @@ from conftest import PROMPT, ServerThread, room_for_one_in_ram, server_config
 from loraserve.v1 import admin_pb2, admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from scheduler.thrash import ThrashDetector
-from scheduler.types import AdapterRef, Completion, FinishReason, Tier
-from server.labels import OTHER, BoundedLabels
-from server.metrics import Metrics
-from server.telemetry import provider_from_env
+from loraserve.scheduler.thrash import ThrashDetector
+from loraserve.scheduler.types import AdapterRef, Completion, FinishReason, Tier
+from loraserve.server.labels import OTHER, BoundedLabels
+from loraserve.server.metrics import Metrics
+from loraserve.server.telemetry import provider_from_env
 from test_lifecycle import wait_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

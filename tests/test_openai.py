@@ -26,16 +26,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from certs import make_pki
-from clients.client import LoraServeClient
+from loraserve.clients.client import LoraServeClient
 from conftest import PROMPT, REPO, ServerThread, clone_adapter, comparable, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from scheduler.errors import InvalidArgument
-from server import openai_json as oj
-from server import http
-from server.http import ERRORS, Aborted, error_body
-from server.errors import rich_status, status_code
-from scheduler import errors as e
+from loraserve.scheduler.errors import InvalidArgument
+from loraserve.server import openai_json as oj
+from loraserve.server import http
+from loraserve.server.http import ERRORS, Aborted, error_body
+from loraserve.server.errors import rich_status, status_code
+from loraserve.scheduler import errors as e
 from test_lifecycle import wait_for
 
 pytestmark = pytest.mark.slow
@@ -324,7 +324,7 @@ def test_serve_says_how_to_call_the_http_front_and_sigterm_still_drains(demo_dir
     so SIGTERM drains and the process exits 0."""
     env = {**os.environ, "LORASERVE_PORT": "0", "LORASERVE_METRICS_PORT": "-1", "LORASERVE_HTTP_PORT": str(free_port()),
            "LORASERVE_MODEL_PATH": str(demo_dir / "base"), "LORASERVE_ADAPTERS_DIR": str(demo_dir / "adapters")}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "loraserve.server.cli", "serve"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()

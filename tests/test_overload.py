@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from conftest import PROMPT, ServerThread, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from server.app import engine_config
+from loraserve.server.app import engine_config
 from test_fuzz import ALLOWED
 from test_lifecycle import NOT_SERVING, PacedEngine, health, wait_for
 

@@ -19,12 +19,12 @@ import pytest
 from conftest import PROMPT, REPO, ServerThread, clone_adapter, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from registry.identity import BaseIdentity, base_identity
-from registry.origin import open_store
-from registry.passport import Passport, SmokeTest
-from registry.policy import Policy
-from registry.errors import IndexInvalid, StoreError
-from registry.store import Store
+from loraserve.registry.identity import BaseIdentity, base_identity
+from loraserve.registry.origin import open_store
+from loraserve.registry.passport import Passport, SmokeTest
+from loraserve.registry.policy import Policy
+from loraserve.registry.errors import IndexInvalid, StoreError
+from loraserve.registry.store import Store
 from test_generate import details
 from tiny import fake_base, tiny_adapter
 
@@ -157,7 +157,7 @@ def test_cli_register_inherits_refuses_a_silent_change_and_set_policy_changes(tm
     root = tmp_path / "store"
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "registry.cli", "--store", str(root), "--json", *args],
+        return subprocess.run([sys.executable, "-m", "loraserve.registry.cli", "--store", str(root), "--json", *args],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
     register = ("register", str(raw), "--name", "secret", "--no-smoke", "--model-path", str(base))

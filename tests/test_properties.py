@@ -9,11 +9,11 @@ from dataclasses import replace
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from scheduler.blocks import BlockManager
-from scheduler.cache import AdapterCache, Budgets, Demote, Entry, NoRoom, plan_admit, usage
-from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
-from scheduler.text import find_stop, stable_length
-from scheduler.types import AdapterRef, GenerationRequest, Tier
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.cache import AdapterCache, Budgets, Demote, Entry, NoRoom, plan_admit, usage
+from loraserve.scheduler.policy import BatchLimits, fair_order, select_batch, should_join
+from loraserve.scheduler.text import find_stop, stable_length
+from loraserve.scheduler.types import AdapterRef, GenerationRequest, Tier
 
 FAST = settings(max_examples=100, deadline=None)
 ADAPTERS = [AdapterRef(name, "1", f"/store/{name}") for name in "abc"]

@@ -12,7 +12,7 @@ serve = pytest.importorskip("ray.serve")
 
 @pytest.fixture(scope="module")
 def ray_app(demo_dir):
-    from tools.ray_serve import app
+    from loraserve.tools.ray_serve import app
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

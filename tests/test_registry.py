@@ -17,7 +17,7 @@ from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from registry.store import Store
+from loraserve.registry.store import Store
 from test_generate import details
 
 TOKENS = {"acme-token": {"client": "acme"}, "other-token": {"client": "other"},

@@ -22,12 +22,12 @@ from conftest import PROMPT, REPO, ServerThread, clone_adapter, server_config
 from loraserve.v1 import admin_pb2, admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from registry.origin import open_store
-from registry.rollout import Canary, Limits, routed
-from registry.errors import IndexInvalid, StoreError
-from registry.snapshot import INDEX, now_iso, parse_index
-from registry.store import Store
-from server.rollouts import Sample, judge
+from loraserve.registry.origin import open_store
+from loraserve.registry.rollout import Canary, Limits, routed
+from loraserve.registry.errors import IndexInvalid, StoreError
+from loraserve.registry.snapshot import INDEX, now_iso, parse_index
+from loraserve.registry.store import Store
+from loraserve.server.rollouts import Sample, judge
 from test_crash import passed, timed, wait_for_lock
 from test_generate import details
 from test_policy import BASE
@@ -146,7 +146,7 @@ def test_cli_promote_canary_show_and_list(tmp_path):
     store.promote("x", "1")
 
     def run(*args):
-        out = subprocess.run([sys.executable, "-m", "registry.cli", "--store", str(store.root), *args], cwd=REPO,
+        out = subprocess.run([sys.executable, "-m", "loraserve.registry.cli", "--store", str(store.root), *args], cwd=REPO,
                              env=env, capture_output=True, text=True, timeout=60)
         return out.returncode, out.stdout, out.stderr
 
@@ -173,7 +173,7 @@ def test_sigkill_during_canary_changes_leaves_one_consistent_store(tmp_path):
            ("promote", "x", "2"), ("promote", "x", "3", "--canary", "50"), ("promote", "x", "1")]
 
     def cli(*args):
-        return subprocess.Popen([sys.executable, "-m", "registry.cli", "--store", str(store.root), *args], cwd=REPO,
+        return subprocess.Popen([sys.executable, "-m", "loraserve.registry.cli", "--store", str(store.root), *args], cwd=REPO,
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     span = timed(cli("list"))

@@ -24,9 +24,9 @@ from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from registry.identity import base_identity
-from registry.origin import open_store
-from registry.passport import SmokeTest
+from loraserve.registry.identity import base_identity
+from loraserve.registry.origin import open_store
+from loraserve.registry.passport import SmokeTest
 from s3util import Proxy, credentials_checked, s3_client
 from test_generate import details
 
@@ -38,7 +38,7 @@ FAULTY = ("ghost", "corrupt", "stalled", "denied", "cold1", "cold2", "cold3")
 
 
 def cli(endpoint: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "tools.cli", "adapters", "--store", STORE, "--s3-endpoint-url", endpoint,
+    done = subprocess.run([sys.executable, "-m", "loraserve.tools.cli", "adapters", "--store", STORE, "--s3-endpoint-url", endpoint,
                            *args], capture_output=True, text=True, cwd=REPO, timeout=300,
                           env=os.environ)
     assert done.returncode == 0, done.stderr

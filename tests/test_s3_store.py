@@ -12,12 +12,12 @@ import threading
 import pytest
 
 from conftest import REPO
-from registry.diskcache import DiskCache, DiskCacheFull
-from registry.identity import BaseIdentity
-from registry.origin import open_store
-from registry.passport import SmokeTest
-from registry.s3 import S3, Conflict, HashMismatch, NotFound, OriginError, Retry
-from registry.errors import StoreError
+from loraserve.registry.diskcache import DiskCache, DiskCacheFull
+from loraserve.registry.identity import BaseIdentity
+from loraserve.registry.origin import open_store
+from loraserve.registry.passport import SmokeTest
+from loraserve.registry.s3 import S3, Conflict, HashMismatch, NotFound, OriginError, Retry
+from loraserve.registry.errors import StoreError
 from s3util import Proxy, s3_client
 from tiny import fake_base, tiny_adapter
 
@@ -153,7 +153,7 @@ def test_cli_against_the_bucket(bucket, moto_endpoint, raw, tmp_path):
     base = fake_base(tmp_path / "base")
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "registry.cli", "--store", bucket, "--s3-endpoint-url",
+        return subprocess.run([sys.executable, "-m", "loraserve.registry.cli", "--store", bucket, "--s3-endpoint-url",
                                moto_endpoint, *args], capture_output=True, text=True, cwd=REPO,
                               env=os.environ, timeout=120)
 
@@ -168,7 +168,7 @@ def test_cli_against_the_bucket(bucket, moto_endpoint, raw, tmp_path):
     assert refused.returncode == 1 and "smoke test" in refused.stderr
     assert cli("archive", "legal").returncode == 0
     assert json.loads(cli("--json", "list").stdout)[0]["status"] == "archived"
-    missing = subprocess.run([sys.executable, "-m", "registry.cli", "--store", "s3://no-such-bucket-here/x",
+    missing = subprocess.run([sys.executable, "-m", "loraserve.registry.cli", "--store", "s3://no-such-bucket-here/x",
                               "--s3-endpoint-url", moto_endpoint, "list"], capture_output=True, text=True,
                              cwd=REPO, env=os.environ, timeout=120)
     assert missing.returncode == 1 and "NoSuchBucket" in missing.stderr

@@ -3,8 +3,8 @@ normalised instead of crashing, and the draws follow the distribution asked for.
 
 import torch
 
-from runner.sampling import sample
-from scheduler.types import SamplingParams
+from loraserve.runner.sampling import sample
+from loraserve.scheduler.types import SamplingParams
 
 
 def test_a_seeded_row_draws_the_same_token_whatever_its_batch_holds():
@@ -43,7 +43,7 @@ def test_text_still_incomplete_when_a_row_ends_is_not_lost(demo_dir):
     there (EOS, max_new_tokens), the decoder's text is what the answer gets."""
     from transformers import AutoTokenizer
 
-    from runner.detok import decode_new
+    from loraserve.runner.detok import decode_new
 
     tok = AutoTokenizer.from_pretrained(demo_dir / "base")
     ids = tok.encode("ok \ufffd", add_special_tokens=False)
@@ -57,7 +57,7 @@ def test_text_still_incomplete_when_a_row_ends_is_not_lost(demo_dir):
 def _as_before(logits, params, steps):
     """The sampler as it was before it ran on the device without host round trips (one full sort
     per step, a host sync on top_p): the reference the device path must agree with."""
-    from runner.sampling import MIN_TEMPERATURE, gumbel
+    from loraserve.runner.sampling import MIN_TEMPERATURE, gumbel
 
     chosen = logits.argmax(dim=-1)
     drawn = [i for i, p in enumerate(params) if not p.greedy]
@@ -87,7 +87,7 @@ def test_every_path_draws_what_the_full_sort_drew():
     are distinct: between equal scores at the top_k boundary the sort's choice was arbitrary."""
     import random
 
-    from runner.sampling import Sampler
+    from loraserve.runner.sampling import Sampler
 
     rng, sampler = random.Random(0), Sampler(torch.device("cpu"), rows=2)
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def test_every_path_draws_what_the_full_sort_drew():
 
 
 def test_no_sort_unless_a_row_asks_for_top_p(monkeypatch):
-    from runner.sampling import Sampler
+    from loraserve.runner.sampling import Sampler
 
     sorts = []
     real_sort = torch.Tensor.sort

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from conftest import PROMPT, demo_ref
-from runner.config import EngineConfig
-from runner.engine import TorchEngine
-from runner.sampling import Processor, sample
-from scheduler.engine import Row, StepResult
-from scheduler.errors import LoraServeError
-from scheduler.policy import BatchLimits
-from scheduler.scheduler import Scheduler
-from scheduler.types import BASE, FinishReason, GenerationRequest, SamplingParams, TextDelta, TokenLogprob
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.engine import TorchEngine
+from loraserve.runner.sampling import Processor, sample
+from loraserve.scheduler.engine import Row, StepResult
+from loraserve.scheduler.errors import LoraServeError
+from loraserve.scheduler.policy import BatchLimits
+from loraserve.scheduler.scheduler import Scheduler
+from loraserve.scheduler.types import BASE, FinishReason, GenerationRequest, SamplingParams, TextDelta, TokenLogprob
 
 EOS = frozenset({0, 3})
 
@@ -192,7 +192,7 @@ def test_a_sampled_penalised_rows_logprobs_are_of_its_penalised_scores_before_te
 def test_prompt_logprobs_from_a_prefill_alone_in_chunks(engine, hf):
     """engine.prefill runs the prompt in column chunks of 8: every chunk's positions are scored."""
     prompt = tuple(engine.encode(PROMPT + " a long enough prompt to need three chunks"))
-    from scheduler.blocks import BlockManager
+    from loraserve.scheduler.blocks import BlockManager
 
     manager = BlockManager(engine.kv_blocks, engine.kv_block_size, prefix_caching=False)
     tables = [manager.admit("x", prompt), manager.admit("x", prompt[:5])]

@@ -7,14 +7,14 @@ import asyncio
 import pytest
 from fakes import WeightsRecorder
 
-from scheduler.engine import StepResult, Text
+from loraserve.scheduler.engine import StepResult, Text
 from dataclasses import replace
 
-from scheduler.errors import AdapterLoadFailed, DeadlineTooShort, OutOfMemory, QueueFull, ShuttingDown
-from scheduler.policy import BatchLimits, fair_order, select_batch, should_join
-from scheduler.scheduler import Scheduler
-from scheduler.text import find_stop, stable_length
-from scheduler.types import BASE, AdapterRef, Completion, FinishReason, GenerationRequest, Tier, TextDelta
+from loraserve.scheduler.errors import AdapterLoadFailed, DeadlineTooShort, OutOfMemory, QueueFull, ShuttingDown
+from loraserve.scheduler.policy import BatchLimits, fair_order, select_batch, should_join
+from loraserve.scheduler.scheduler import Scheduler
+from loraserve.scheduler.text import find_stop, stable_length
+from loraserve.scheduler.types import BASE, AdapterRef, Completion, FinishReason, GenerationRequest, Tier, TextDelta
 
 EOS = 0
 

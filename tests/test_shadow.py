@@ -15,13 +15,13 @@ import pytest
 from conftest import PROMPT, ServerThread, clone_adapter, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from registry.rollout import Shadow
-from registry.errors import StoreError
-from registry.snapshot import now_iso
-from registry.store import Store
-from scheduler.errors import Shed
-from scheduler.policy import BatchLimits
-from server.shadow import agreement
+from loraserve.registry.rollout import Shadow
+from loraserve.registry.errors import StoreError
+from loraserve.registry.snapshot import now_iso
+from loraserve.registry.store import Store
+from loraserve.scheduler.errors import Shed
+from loraserve.scheduler.policy import BatchLimits
+from loraserve.server.shadow import agreement
 from test_crash import passed
 from test_policy import BASE
 from test_rollout import any_store  # noqa: F401 - the local and S3 store fixture
@@ -179,7 +179,7 @@ def test_a_shadow_is_compared_and_never_returned(shadowed, caplog):
 
 
 def test_the_shadow_benchmark_runs(demo_dir, capsys):
-    from tools.bench.shadow import main
+    from loraserve.tools.bench.shadow import main
 
     assert main(["--demo", str(demo_dir), "--clients", "2", "--requests", "4", "--rounds", "2",
                  "--new-tokens", "2"]) == 0

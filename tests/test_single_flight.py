@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from scheduler.loads import LoadLimiter
+from loraserve.scheduler.loads import LoadLimiter
 
 FAST = settings(max_examples=100, deadline=None)
 KEYS = "abc"

@@ -13,8 +13,8 @@ import torch
 from conftest import ADAPTERS, PROMPT, ServerThread, comparable, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from runner.engine import TorchEngine
-from server.app import engine_config
+from loraserve.runner.engine import TorchEngine
+from loraserve.server.app import engine_config
 from test_generate import details
 
 POISON = "Question: Why is this request poisoned?\nAnswer:"

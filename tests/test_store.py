@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from registry.identity import BaseIdentity
-from registry.passport import Evaluation, Passport, SmokeTest
-from registry.errors import StoreError
-from registry.store import Store
+from loraserve.registry.identity import BaseIdentity
+from loraserve.registry.passport import Evaluation, Passport, SmokeTest
+from loraserve.registry.errors import StoreError
+from loraserve.registry.store import Store
 from tiny import tiny_adapter
 
 BASE = BaseIdentity("demo", "rev-1")
@@ -124,7 +124,7 @@ def test_evaluation_block_lineage_and_stale_by_training_date(tmp_path):
 
 
 def test_list_sorts_by_any_field_or_metric(tmp_path, capsys):
-    from registry.cli import main
+    from loraserve.registry.cli import main
 
     store, raw = Store.local(tmp_path / "store"), tiny_adapter(tmp_path / "raw")
     for name, score in (("b", 0.2), ("a", 0.9), ("c", None)):

@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 
-from registry.identity import BaseIdentity
-from registry.passport import Passport, SmokeTest
-from registry.errors import AmbiguousId, IndexInvalid, StoreError
-from registry.store import Store
+from loraserve.registry.identity import BaseIdentity
+from loraserve.registry.passport import Passport, SmokeTest
+from loraserve.registry.errors import AmbiguousId, IndexInvalid, StoreError
+from loraserve.registry.store import Store
 from tiny import tiny_adapter
 
 BASE = BaseIdentity("tiny-base", "rev-1")

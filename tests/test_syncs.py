@@ -24,13 +24,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-import runner.steps as steps_module
+import loraserve.runner.steps as steps_module
 from conftest import ADAPTERS, PROMPT, demo_ref
-from runner.config import EngineConfig
-from runner.engine import TorchEngine
-from scheduler.blocks import BlockManager
-from scheduler.engine import Row
-from scheduler.types import SamplingParams
+from loraserve.runner.config import EngineConfig
+from loraserve.runner.engine import TorchEngine
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import SamplingParams
 
 PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there", "Question: Why?\nAnswer:")
 SAMPLING = (SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=1),
@@ -180,7 +180,7 @@ def test_a_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch, mode,
 
 
 def test_the_finite_flag_is_isfinite_all():
-    from runner.steps import _finite
+    from loraserve.runner.steps import _finite
 
     scores = torch.randn(6, 50) * 1e37  # large finite scores: their sum would overflow, not 0 x them
     for row, bad in ((1, float("nan")), (2, float("inf")), (3, float("-inf")), (4, 3.4e38)):
@@ -190,7 +190,7 @@ def test_the_finite_flag_is_isfinite_all():
 
 
 def test_the_step_host_bench_runs(demo_dir):
-    from tools.bench.step_host import MIXES, step_host
+    from loraserve.tools.bench.step_host import MIXES, step_host
 
     rows = step_host(demo_dir / "base", batches=(3,), vocab=1000, steps=2)
     assert [(r["batch"], r["mix"]) for r in rows] == [(3, mix) for mix in MIXES]

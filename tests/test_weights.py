@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from registry.identity import BaseIdentity
-from registry.passport import SmokeTest
-from registry.errors import StoreError
-from registry.store import Store
-from registry.weights import WeightsError, check_against_config, weight_facts
+from loraserve.registry.identity import BaseIdentity
+from loraserve.registry.passport import SmokeTest
+from loraserve.registry.errors import StoreError
+from loraserve.registry.store import Store
+from loraserve.registry.weights import WeightsError, check_against_config, weight_facts
 from tiny import tiny_adapter
 
 BASE = BaseIdentity("tiny-base", "rev-1")

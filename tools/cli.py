@@ -16,11 +16,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from clients.cli import add_generate_parser
-from registry.cli import add_adapters_parser
-from server.cli import add_serve_parser
-from tools.bench.cli import add_bench_parser
-from tools.bench.soak import add_soak_parser
+from loraserve.clients.cli import add_generate_parser
+from loraserve.registry.cli import add_adapters_parser
+from loraserve.server.cli import add_serve_parser
+from loraserve.tools.bench.cli import add_bench_parser
+from loraserve.tools.bench.soak import add_soak_parser
 
 
 def quiet_third_party() -> None:
@@ -37,7 +37,7 @@ def quiet_third_party() -> None:
 
 
 def _smoke_tester(model_path: Path, prompts: tuple[str, ...] | None):
-    from runner.smoke import PROMPTS, SmokeTester  # torch: only when a smoke test runs
+    from loraserve.runner.smoke import PROMPTS, SmokeTester  # torch: only when a smoke test runs
 
     return SmokeTester(model_path, prompts or PROMPTS)
 
@@ -46,14 +46,14 @@ def _run_cases(model_path: Path, store: str, s3_endpoint_url: str | None, target
                cases: list) -> dict:
     import asyncio
 
-    from tools.evaluate import answers, in_process  # torch: only when the cases run here
+    from loraserve.tools.evaluate import answers, in_process  # torch: only when the cases run here
 
     return asyncio.run(answers(target, sides, cases) if target else
                        in_process(model_path, store, s3_endpoint_url, sides, cases))
 
 
 def summary_text(summary: dict) -> str:
-    """runner.demo's summary as a person reads it."""
+    """loraserve.runner.demo's summary as a person reads it."""
     losses = ", ".join(f"{name} {loss:.2f}" for name, loss in summary["adapter_losses"].items())
     names = ", ".join(summary["adapter_losses"])
     return "\n".join([
@@ -67,8 +67,8 @@ def summary_text(summary: dict) -> str:
 
 
 def _demo_build(args: argparse.Namespace) -> int:
-    from runner.demo import build_demo
-    from tools.progress import StageBars
+    from loraserve.runner.demo import build_demo
+    from loraserve.tools.progress import StageBars
 
     out = Path(args.out)
     if (out / "adapters" / "registry.json").exists() and not args.force:

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
-from registry.evaluate import Answer, Case
+from loraserve.registry.evaluate import Answer, Case
 
 TIMEOUT_S = 120.0
 """Per request: a cold adapter load on a large model included."""
@@ -67,8 +67,8 @@ async def answers(target: str, sides: dict[str, str], cases: list[Case]) -> dict
 async def in_process(model_path: Path, store: str, s3_endpoint_url: str | None, sides: dict[str, str],
                      cases: list[Case]) -> dict[str, list[Answer]]:
     """`answers` from a server started here on `store` and the base model, stopped after."""
-    from server.app import LoraServer  # torch: only when the cases run here
-    from server.settings import load
+    from loraserve.server.app import LoraServer  # torch: only when the cases run here
+    from loraserve.server.settings import load
 
     with tempfile.TemporaryDirectory(prefix="loraserve-evaluate-") as cache:
         cfg = load(dict(port=0, metrics_port=-1, http_port=0, model_path=Path(model_path), adapters_dir=str(store),

@@ -86,11 +86,11 @@ def engine_check(model: Path, device: str, out: Path, expect: bool) -> int:
     be FlexAttention and captured CUDA graphs."""
     import torch
 
-    from runner.config import EngineConfig
-    from runner.engine import TorchEngine
-    from scheduler.blocks import BlockManager
-    from scheduler.engine import Row
-    from scheduler.types import BASE, SamplingParams
+    from loraserve.runner.config import EngineConfig
+    from loraserve.runner.engine import TorchEngine
+    from loraserve.scheduler.blocks import BlockManager
+    from loraserve.scheduler.engine import Row
+    from loraserve.scheduler.types import BASE, SamplingParams
 
     texts = [f"request {i}: the quick brown fox jumps over the lazy dog " * (1 + i % 3) for i in range(8)]
 
@@ -144,7 +144,7 @@ def engine_check(model: Path, device: str, out: Path, expect: bool) -> int:
 
 
 def build_model(out: Path, shape: str, device: str) -> Path:
-    from tools.bench.models import SHAPES, build_random_llama
+    from loraserve.tools.bench.models import SHAPES, build_random_llama
 
     return build_random_llama(out / f"model-{shape}", SHAPES[shape], device)
 
@@ -196,7 +196,7 @@ def figures(out: Path, preset: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m tools.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 -m loraserve.tools.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "var/gpu-check"))
     parser.add_argument("--stand-in", action="store_true", help="small stand-ins on this machine's device "
                         "(tiny preset, tiny model); asserts nothing about the kernels")
@@ -223,12 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     preset, device = ("tiny", "cpu") if args.stand_in else ("1b", "cuda")
     batches, counts = ("1,2", "0,3") if args.stand_in else ("1,32,128", "0,100")
     commands = {
-        "engine": lambda: [py, "-m", "tools.gpu_check", "--out", str(out), "--engine-check", preset,
+        "engine": lambda: [py, "-m", "loraserve.tools.gpu_check", "--out", str(out), "--engine-check", preset,
                            "--device", device, *(["--stand-in"] if args.stand_in else [])],
         "pytest": lambda: [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"],
-        "kvcap": lambda: [py, "-m", "tools.cli", "bench", "--kvcap", "--out", str(out / "kvcap"),
+        "kvcap": lambda: [py, "-m", "loraserve.tools.cli", "bench", "--kvcap", "--out", str(out / "kvcap"),
                           "--device", device, *(["--model-path", str(args.kvcap_model)] if args.kvcap_model else [])],
-        "matrix": lambda: [py, "-m", "tools.cli", "bench", "--preset", preset, "--batches", batches,
+        "matrix": lambda: [py, "-m", "loraserve.tools.cli", "bench", "--preset", preset, "--batches", batches,
                            "--adapter-counts", counts, "--references", "hf_static", "--device", device,
                            "--out", str(out / "bench")],
     }

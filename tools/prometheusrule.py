@@ -2,7 +2,7 @@
 (deploy/kubernetes/monitoring/prometheusrule.yaml), so the two cannot drift:
 tests/test_kubernetes.py fails when the committed file is not what this writes.
 
-    python -m tools.prometheusrule    # after editing rules.yml
+    python -m loraserve.tools.prometheusrule    # after editing rules.yml
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 TARGET = REPO / "deploy" / "kubernetes" / "monitoring" / "prometheusrule.yaml"
 
 HEADER = """\
-# Generated from deploy/prometheus/rules.yml by `python -m tools.prometheusrule`: edit that file,
+# Generated from deploy/prometheus/rules.yml by `python -m loraserve.tools.prometheusrule`: edit that file,
 # then run this. tests/test_kubernetes.py fails when the two differ.
 apiVersion: monitoring.coreos.com/v1
 kind: PrometheusRule

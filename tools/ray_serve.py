@@ -20,12 +20,12 @@ from pathlib import Path
 
 from ray import serve
 
-from clients.client import AsyncLoraServeClient, RequestFailed
+from loraserve.clients.client import AsyncLoraServeClient, RequestFailed
 from loraserve.contract import BASE_ADAPTER_ID
-from scheduler.types import Tier
-from server import admin
-from server.app import LoraServer
-from server.settings import load
+from loraserve.scheduler.types import Tier
+from loraserve.server import admin
+from loraserve.server.app import LoraServer
+from loraserve.server.settings import load
 
 
 class _Resident:

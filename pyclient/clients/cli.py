@@ -8,7 +8,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from clients.client import LoraServeClient, RequestFailed
+from loraserve.clients.client import LoraServeClient, RequestFailed
 from loraserve.contract import versioned
 
 

@@ -2,7 +2,7 @@
 `generate` with a static cache (which transformers compiles into CUDA graphs on a GPU: the torch
 ceiling), `generate` eager, peft's mixed batch (`adapter_names=`), and the naive baseline.
 
-Runs in a child process (`python -m tools.bench.ceiling SPEC_JSON`, one JSON line out) so every
+Runs in a child process (`python -m loraserve.tools.bench.ceiling SPEC_JSON`, one JSON line out) so every
 byte it put on the device is gone before a server starts."""
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def _timed(run, batch: int, new_tokens: int, repeats: int, device: torch.device,
 
 
 def measure(spec: dict) -> dict:
-    from runner.config import EngineConfig
-    from runner.loading import load_model
-    from tools.bench.naive import naive_loop, with_adapters
+    from loraserve.runner.config import EngineConfig
+    from loraserve.runner.loading import load_model
+    from loraserve.tools.bench.naive import naive_loop, with_adapters
 
     tokenizer, model, device = load_model(EngineConfig(Path(spec["model_path"]), device=spec["device"],
                                                        dtype=spec["dtype"], quantization=spec["quantization"]))

@@ -9,10 +9,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from tools.bench.load import Workload, run
-from tools.bench.matrix import PRESETS, print_matrix, run_matrix
-from tools.bench.report import plot, plot_matrix, summarize
-from tools.bench.server import ServerProcess
+from loraserve.tools.bench.load import Workload, run
+from loraserve.tools.bench.matrix import PRESETS, print_matrix, run_matrix
+from loraserve.tools.bench.report import plot, plot_matrix, summarize
+from loraserve.tools.bench.server import ServerProcess
 
 
 def add_bench_parser(sub) -> None:
@@ -54,7 +54,7 @@ def add_bench_parser(sub) -> None:
 
 def bench_model(out: Path) -> Path:
     """The size the performance brief measured with; throughput needs no training."""
-    from runner.demo import DemoSpec, build_demo
+    from loraserve.runner.demo import DemoSpec, build_demo
 
     if not (out / "base" / "config.json").exists():
         build_demo(out, DemoSpec(adapters=(), hidden_size=256, layers=4, base_steps=0))
@@ -72,7 +72,7 @@ def _ints(raw: str | None) -> tuple[int, ...] | None:
 
 def run_bench(args) -> int:
     if args.kvcap:
-        from tools.bench.kvcap import run_kvcap
+        from loraserve.tools.bench.kvcap import run_kvcap
 
         extra = ["--device", args.device, "--dtype", args.dtype, *args.server_arg]
         return run_kvcap(args.out, tuple(p.strip() for p in args.kvcap.split(",") if p.strip()), args.model_path,
@@ -87,10 +87,10 @@ def run_bench(args) -> int:
             print("matplotlib is not installed: no plot (pip install 'loraserve[bench]')", file=sys.stderr)
         print_matrix(results)
         return 0
-    from tools.bench.engine_limit import engine_limit
-    from tools.bench.naive import run_naive
-    from tools.bench.overhead import scheduler_overhead
-    from tools.bench.synth import make_store
+    from loraserve.tools.bench.engine_limit import engine_limit
+    from loraserve.tools.bench.naive import run_naive
+    from loraserve.tools.bench.overhead import scheduler_overhead
+    from loraserve.tools.bench.synth import make_store
 
     counts = sorted({int(n) for n in args.sweep.split(",")} | {args.adapters})
     args.out.mkdir(parents=True, exist_ok=True)

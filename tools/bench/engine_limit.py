@@ -14,16 +14,16 @@ import asyncio
 import time
 from pathlib import Path
 
-from scheduler.blocks import BlockManager
-from scheduler.engine import Row
-from scheduler.types import BASE, SamplingParams
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import BASE, SamplingParams
 
 
 def engine_limit(model_path: Path, plan: list[tuple[str, str, int]], batch_size: int, dtype: str = "auto",
                  deterministic: bool = False) -> dict:
     """`deterministic`: the batch-invariant engine (--deterministic), whose cost this measures."""
-    from runner.config import EngineConfig
-    from runner.engine import TorchEngine
+    from loraserve.runner.config import EngineConfig
+    from loraserve.runner.engine import TorchEngine
 
     async def measure() -> dict:
         engine = TorchEngine(EngineConfig(Path(model_path), dtype=dtype, max_rows=batch_size,

@@ -6,7 +6,7 @@ token its row generated since the step before, its next-token bitmask filled, th
 copied and masked. Every row walks the same valid document, one token a step; the logits are
 zeros on the CPU (their values do not change the work). The forward and sampling are not in it.
 
-    python -m tools.bench.guided [--tokenizer DIR] [--batches 1,8,32] [--rounds 5]
+    python -m loraserve.tools.bench.guided [--tokenizer DIR] [--batches 1,8,32] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from runner.guided import Guide
-from scheduler.engine import Row
-from scheduler.types import BASE, ResponseFormat, SamplingParams
+from loraserve.runner.guided import Guide
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import BASE, ResponseFormat, SamplingParams
 
 SCHEMA = json.dumps({"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 24},

@@ -34,7 +34,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.blocks import BlockManager
+from loraserve.scheduler.blocks import BlockManager
 
 GIB = 2**30
 PARTS = ("capacity", "concurrency", "prefix")
@@ -65,7 +65,7 @@ GEOMETRIES = (
 def bytes_per_token(g: KVGeometry, max_len: int, block_size: int) -> int:
     import torch
 
-    from runner.kvpool import PoolGeometry
+    from loraserve.runner.kvpool import PoolGeometry
 
     return PoolGeometry(g.layers, g.kv_heads, g.head_dim, max_len, block_size).bytes_per_token(getattr(torch, g.dtype))
 
@@ -121,7 +121,7 @@ def print_capacity(rows: list[dict], prompt: int = 100, generated: int = 100, sh
 
 # -- prompts of exact token counts ---------------------------------------------
 def _words() -> list[str]:
-    from runner.demo import DOMAINS, QUESTIONS
+    from loraserve.runner.demo import DOMAINS, QUESTIONS
 
     words = [w for q in QUESTIONS for w in q.split()]
     for domain in DOMAINS.values():
@@ -243,7 +243,7 @@ async def _requests(target: str, prompts: list[str], new_tokens: int, together: 
 
 
 def _server(model: Path, store: Path, args: list[str], log: Path):
-    from tools.bench.server import ServerProcess
+    from loraserve.tools.bench.server import ServerProcess
 
     return ServerProcess(model, store, args, log=log)
 
@@ -377,7 +377,7 @@ def print_prefix(r: dict) -> None:
 # -- the command --------------------------------------------------------------------
 def demo_model(out: Path) -> Path:
     """The demo base model (runner.demo, trained, no adapters) under `out`, built once."""
-    from runner.demo import DemoSpec, build_demo
+    from loraserve.runner.demo import DemoSpec, build_demo
 
     if not (out / "base" / "config.json").exists():
         build_demo(out, DemoSpec(adapters=()))
@@ -388,7 +388,7 @@ def _store_beside(model: Path, out: Path) -> Path:
     store = model.parent / "adapters"
     if (store / "registry.json").exists():
         return store
-    from registry.store import Store
+    from loraserve.registry.store import Store
 
     empty = out / "kvcap-store"
     empty.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ one prompt, Zipf(1.1) adapter popularity over N synthetic q/k/v/o adapters of ra
 attached) runs its decode steps base-only and with adapters in alternating rounds; what is
 reported is each kind's median step over all rounds, and their ratio.
 
-    python -m tools.bench.lora_step [--batch 32] [--adapters 100] [--rounds 6] [--steps 20]
+    python -m loraserve.tools.bench.lora_step [--batch 32] [--adapters 100] [--rounds 6] [--steps 20]
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import statistics
 import time
 from pathlib import Path
 
-from scheduler.blocks import BlockManager
-from scheduler.engine import Row
-from scheduler.types import BASE, AdapterRef, SamplingParams
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.engine import Row
+from loraserve.scheduler.types import BASE, AdapterRef, SamplingParams
 
 PROMPT = "Question: what does the notice period in this contract mean for me?\nAnswer:"
 
 
 def lora_step(model_path: Path, store: Path, batch: int = 32, adapters: int = 100, rounds: int = 6,
               steps: int = 20, device: str = "auto") -> dict:
-    from registry.store import Store
-    from runner.config import EngineConfig
-    from runner.engine import TorchEngine
+    from loraserve.registry.store import Store
+    from loraserve.runner.config import EngineConfig
+    from loraserve.runner.engine import TorchEngine
 
     async def measure() -> dict:
         engine = TorchEngine(EngineConfig(Path(model_path), device=device, max_rows=batch))
@@ -80,8 +80,8 @@ def lora_step(model_path: Path, store: Path, batch: int = 32, adapters: int = 10
 
 
 def main() -> None:
-    from tools.bench.cli import bench_model
-    from tools.bench.synth import make_store
+    from loraserve.tools.bench.cli import bench_model
+    from loraserve.tools.bench.synth import make_store
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("var/bench"))

@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tools.bench.load import Workload, run
-from tools.bench.report import summarize
+from loraserve.tools.bench.load import Workload, run
+from loraserve.tools.bench.report import summarize
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ def run_matrix(preset_name: str, out: Path, device: str, fresh: bool, extra_args
                references: tuple[str, ...] | None = None) -> dict:
     """`batches`, `counts` (the server's adapter counts, 0 = base only) and `references` (some of
     REFERENCES) restrict or change the preset's; None keeps them."""
-    from tools.bench.server import ServerProcess
-    from tools.bench.models import SHAPES, build_random_llama
-    from tools.bench.synth import make_store
+    from loraserve.tools.bench.server import ServerProcess
+    from loraserve.tools.bench.models import SHAPES, build_random_llama
+    from loraserve.tools.bench.synth import make_store
 
     preset = PRESETS[preset_name]
     if batches:
@@ -111,7 +111,7 @@ def run_matrix(preset_name: str, out: Path, device: str, fresh: bool, extra_args
     for part in references:
         if part in reference or (part == "peft" and "peft_mixed" in reference):
             continue
-        done = subprocess.run([sys.executable, "-m", "tools.bench.ceiling", json.dumps({**spec, "part": part})],
+        done = subprocess.run([sys.executable, "-m", "loraserve.tools.bench.ceiling", json.dumps({**spec, "part": part})],
                               stdout=subprocess.PIPE, text=True)
         if done.returncode:  # e.g. a static cache that cannot be compiled: the other parts still run
             results.setdefault("errors", {})[part] = f"exited with status {done.returncode} (stderr above)"

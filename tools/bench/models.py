@@ -41,7 +41,7 @@ def build_random_llama(out: Path, shape: Shape, device: str, dtype: torch.dtype 
     """Write `out/base` (weights, config and the demo tokenizer) unless it is already there."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from runner.demo import DemoSpec, train_tokenizer
+    from loraserve.runner.demo import DemoSpec, train_tokenizer
 
     base = out / "base"
     if (base / "config.json").exists():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from scheduler.cache import Budgets
-from scheduler.engine import StepResult, Text
-from scheduler.policy import BatchLimits
-from scheduler.scheduler import Scheduler
-from scheduler.types import AdapterRef, GenerationRequest
+from loraserve.scheduler.cache import Budgets
+from loraserve.scheduler.engine import StepResult, Text
+from loraserve.scheduler.policy import BatchLimits
+from loraserve.scheduler.scheduler import Scheduler
+from loraserve.scheduler.types import AdapterRef, GenerationRequest
 
 
 class InstantEngine:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tools.bench.load import RunResult
+from loraserve.tools.bench.load import RunResult
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -25,7 +25,7 @@ class ServerProcess:
         self.target = f"127.0.0.1:{self.port}"
         sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--metrics-port", "-1",
+            [sys.executable, "-m", "loraserve.server.cli", "serve", "--port", str(self.port), "--metrics-port", "-1",
              "--model-path", str(model_path), "--adapters-dir", str(store), "--log-level", "WARNING", *extra],
             stdout=sink, stderr=sink)
         if log:

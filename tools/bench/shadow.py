@@ -4,7 +4,7 @@ see the same machine state); the real requests' latency p95 of each kind over al
 ratio. The store is made from the demo's adapters: legal@1 (the demo's legal) active, legal@2
 (the demo's medical weights) shadowing it.
 
-    python -m tools.bench.shadow --demo var/demo [--clients 8] [--requests 48] [--rounds 4]
+    python -m loraserve.tools.bench.shadow --demo var/demo [--clients 8] [--requests 48] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ PROMPT = "Question: What should I do next?\nAnswer:"
 
 
 def _store(demo: Path, root: Path) -> None:
-    from registry.passport import Passport, Status
-    from registry.store import Store
+    from loraserve.registry.passport import Passport, Status
+    from loraserve.registry.store import Store
 
     for source, version, status in (("legal", "1", Status.ACTIVE), ("medical", "2", Status.STAGING)):
         target = root / "legal" / version
@@ -43,11 +43,11 @@ async def _measure(demo: Path, root: Path, clients: int, requests: int, rounds: 
 
     from loraserve.v1 import inference_pb2 as pb
     from loraserve.v1 import inference_pb2_grpc
-    from registry.rollout import Shadow
-    from registry.snapshot import now_iso
-    from registry.store import Store
-    from server.app import LoraServer
-    from server.settings import load
+    from loraserve.registry.rollout import Shadow
+    from loraserve.registry.snapshot import now_iso
+    from loraserve.registry.store import Store
+    from loraserve.server.app import LoraServer
+    from loraserve.server.settings import load
 
     server = LoraServer(load(dict(port=0, metrics_port=-1, http_port=0, model_path=demo / "base", adapters_dir=root),
                              env={}))
@@ -87,7 +87,7 @@ async def _measure(demo: Path, root: Path, clients: int, requests: int, rounds: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench.shadow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m loraserve.tools.bench.shadow", description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("var/demo"), help="a `loraserve demo build` directory")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=48, help="real requests per round of each kind")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from clients.client import AsyncLoraServeClient, RequestFailed, auth_metadata
+from loraserve.clients.client import AsyncLoraServeClient, RequestFailed, auth_metadata
 from loraserve.v1 import admin_pb2 as apb
 from loraserve.v1 import admin_pb2_grpc
 

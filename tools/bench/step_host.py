@@ -11,7 +11,7 @@ stay printable (the vocabulary can be larger than the demo tokenizer's). Rows ar
 (no adapter), each `generated` long, decoding the same step over and over (their KV blocks are
 never written: the forward that would write them is the stand-in).
 
-    python -m tools.bench.step_host [--batches 32,128] [--vocab 32000] [--steps 200]
+    python -m loraserve.tools.bench.step_host [--batches 32,128] [--vocab 32000] [--steps 200]
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from scheduler.blocks import BlockManager
-from scheduler.engine import Row, TextJob
-from scheduler.types import BASE, SamplingParams
+from loraserve.scheduler.blocks import BlockManager
+from loraserve.scheduler.engine import Row, TextJob
+from loraserve.scheduler.types import BASE, SamplingParams
 
 MIXES = {
     "greedy": [SamplingParams()],
@@ -44,8 +44,8 @@ MIXES = {
 
 def step_host(model_path: Path, batches: tuple[int, ...] = (32, 128), vocab: int = 32000, steps: int = 200,
               mixes: tuple[str, ...] = tuple(MIXES), generated: int = 16) -> list[dict]:
-    from runner.config import EngineConfig
-    from runner.engine import TorchEngine
+    from loraserve.runner.config import EngineConfig
+    from loraserve.runner.engine import TorchEngine
 
     engine = TorchEngine(EngineConfig(Path(model_path), max_rows=max(batches), max_model_len=256,
                                       kv_cache_mib=64, decode_graphs="off"))
@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--mixes", default=",".join(MIXES))
     args = p.parse_args()
     if args.model_path is None:
-        from tools.bench.cli import bench_model
+        from loraserve.tools.bench.cli import bench_model
         args.model_path = bench_model(Path("var/bench"))
     torch.manual_seed(0)
     for row in step_host(args.model_path, tuple(int(b) for b in args.batches.split(",")), args.vocab, args.steps,

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from registry.identity import base_identity, sha256_file
-from registry.passport import Passport, SmokeTest, Status
-from registry.prepare import CONFIG, WEIGHTS
-from registry.snapshot import now_iso
-from registry.store import Store
+from loraserve.registry.identity import base_identity, sha256_file
+from loraserve.registry.passport import Passport, SmokeTest, Status
+from loraserve.registry.prepare import CONFIG, WEIGHTS
+from loraserve.registry.snapshot import now_iso
+from loraserve.registry.store import Store
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
