@@ -16,7 +16,7 @@ COPY runner runner
 COPY registry registry
 COPY tools tools
 # The client distribution first: loraserve depends on it by name.
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir ./pyclient .
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
 ENV PATH=/opt/venv/bin:$PATH \
     LORASERVE_HOST=0.0.0.0 \
     LORASERVE_MODEL_PATH=/models/base \

@@ -8,15 +8,15 @@ STAMP := $(VENV)/.installed-stamp
 timed = @t=$$(date +%s); printf '\n== %s\n' "$(1)"; $(2) && echo "   done in $$(( $$(date +%s) - t )) s"
 EXTRAS := .[test,ray]
 
-.PHONY: serve test test-gpu gpu-check install demo bench stubs lint clean
+.PHONY: serve test test-gpu gpu-check srcpath install demo bench stubs lint clean
 
 # torch first and pinned: that exact CPU wheel is on local disk; anything looser pulls GBs of CUDA.
-# The client distribution (pyclient/) before loraserve, which depends on it by name.
-$(STAMP): pyproject.toml pyclient/pyproject.toml
+# loraserve carries the contract and the clients (pyclient/) under its one import name.
+$(STAMP): pyproject.toml
 	$(call timed,install 1/3: a virtual environment in $(VENV),$(PYTHON) -m venv $(VENV))
 	$(call timed,install 2/3: torch 2.13.0 (CPU wheel),$(PY) -m pip install --quiet torch==2.13.0)
-	$(call timed,install 3/3: loraserve-client (pyclient/) then loraserve with its test and Ray extras: the longest stage,\
-		$(PY) -m pip install --quiet -e ./pyclient -e '$(EXTRAS)')
+	$(call timed,install 3/3: loraserve with its test and Ray extras: the longest stage,\
+		$(PY) -m pip install --quiet -e '$(EXTRAS)')
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -44,11 +44,20 @@ test-gpu:
 # 1b preset at batch 1/32/128; writes $(OUT) (default var/gpu-check). Without a venv it uses python3
 # and sources .gpu/env.sh when the carried wheels are not importable yet. Never part of `make test`.
 GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
-gpu-check:
+gpu-check: $(if $(wildcard $(PY)),,srcpath)
 	@if [ ! -x $(PY) ] && [ -f .gpu/env.sh ] && ! python3 -c 'import grpc_health.v1, bitsandbytes' 2>/dev/null; \
 	then . .gpu/env.sh; fi; \
-	PYTHONPATH=$(CURDIR)/pyclient:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+	$(if $(wildcard $(PY)),,PYTHONPATH=$(CURDIR)/$(SRCPATH)$${PYTHONPATH:+:$$PYTHONPATH}) \
 	$(GPU_PY) -m loraserve.tools.gpu_check --out $(or $(OUT),var/gpu-check) $(GPU_CHECK_ARGS)
+
+# Where nothing is installed (the offline CUDA machine): $(SRCPATH)/loraserve links the checkout's folders
+# under their import names, so `PYTHONPATH=$$PWD/$(SRCPATH)` imports loraserve.* from this checkout.
+SRCPATH := var/srcpath
+srcpath:
+	@mkdir -p $(SRCPATH)/loraserve
+	@for f in __init__.py contract.py py.typed v1; do ln -sfn $(CURDIR)/pyclient/loraserve/$$f $(SRCPATH)/loraserve/$$f; done
+	@ln -sfn $(CURDIR)/pyclient/clients $(SRCPATH)/loraserve/clients
+	@for room in server scheduler runner registry tools; do ln -sfn $(CURDIR)/$$room $(SRCPATH)/loraserve/$$room; done
 
 # The performance benchmark (docs/performance.md); writes var/bench/bench.json and bench.png.
 bench: $(STAMP)

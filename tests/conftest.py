@@ -22,14 +22,16 @@ if not torch.cuda.is_available():
     # tests/test_lora_kernels.py. Nothing else on a CPU runs Triton code.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import loraserve.server
 from loraserve.runner.demo import DemoSpec, build_demo
 from loraserve.scheduler.types import BASE, AdapterRef
 
 REPO = Path(__file__).resolve().parent.parent
-# Processes the tests start import this checkout's rooms and its client distribution (pytest's
-# own `pythonpath` setting covers only this process).
-os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "pyclient"),
-                                            *filter(None, [os.environ.get("PYTHONPATH")])])
+# The rooms import as loraserve.<folder> through the editable install (`make install`); the
+# processes tests start find them the same way. Another checkout's install would test its code.
+if Path(loraserve.server.__file__).resolve().parent.parent != REPO:
+    raise pytest.UsageError(f"loraserve is installed from {Path(loraserve.server.__file__).parent.parent}, "
+                            f"not this checkout: `pip install --no-deps -e {REPO}`")
 # Servers the tests start, in this process or as `loraserve serve`, serve no HTTP front unless a
 # test asks for one (its default port, 8000, is one for the whole machine).
 os.environ.setdefault("LORASERVE_HTTP_PORT", "0")

@@ -48,9 +48,9 @@ with grpc.insecure_channel(target) as ch:
         info = error_details_pb2.ErrorInfo()
         unpacked = [d.Unpack(info) for d in status.details]
         out["error_info"] = [err.code().name, any(unpacked), info.reason, info.domain]
-out["modules"] = sorted(m for m in ("torch", "transformers", "server", "scheduler", "runner", "registry", "tools")
-                        if m in sys.modules)
-out["files"] = [sys.modules["clients"].__file__, sys.modules["loraserve"].__file__]
+out["modules"] = sorted(m for m in ("torch", "transformers", *(f"loraserve.{room}" for room in
+                        ("server", "scheduler", "runner", "registry", "tools"))) if m in sys.modules)
+out["files"] = [sys.modules["loraserve.clients"].__file__, sys.modules["loraserve"].__file__]
 print(json.dumps(out))
 """
 
@@ -71,8 +71,9 @@ def client_venv(tmp_path_factory) -> Path:
     wheel = next((tmp / "dist").glob("loraserve_client-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"loraserve/v1/inference.proto", "loraserve/v1/admin.proto", "loraserve/v1/inference_pb2.py",
-            "loraserve/contract.py", "clients/client.py", "clients/cli.py"} <= names, names
-    assert not any(n.split("/")[0] in ("server", "scheduler", "runner", "registry", "tools") for n in names)
+            "loraserve/contract.py", "loraserve/clients/client.py", "loraserve/clients/cli.py"} <= names, names
+    assert {n.split("/")[0] for n in names} == {"loraserve", wheel.name.split("-py3")[0] + ".dist-info"}, names
+    assert not any(n.split("/")[1] in ("server", "scheduler", "runner", "registry", "tools") for n in names)
     try:
         venv.create(tmp / "venv", with_pip=True, system_site_packages=False)
     except Exception as exc:  # no ensurepip on this Python, etc.
@@ -87,10 +88,10 @@ def client_venv(tmp_path_factory) -> Path:
 def test_fresh_venv_has_no_torch(client_venv):
     probe = _run([client_venv, "-c", "import importlib.util as u, json; "
                   "print(json.dumps({m: u.find_spec(m) is not None for m in "
-                  "('torch', 'transformers', 'server', 'scheduler', 'grpc', 'grpc_status', 'clients')}))"],
+                  "('torch', 'transformers', 'grpc', 'grpc_status', 'loraserve.server', 'loraserve.clients')}))"],
                  cwd=client_venv.parent)
-    assert json.loads(probe.stdout) == {"torch": False, "transformers": False, "server": False, "scheduler": False,
-                                        "grpc": True, "grpc_status": True, "clients": True}, probe.stderr
+    assert json.loads(probe.stdout) == {"torch": False, "transformers": False, "grpc": True, "grpc_status": True,
+                                        "loraserve.server": False, "loraserve.clients": True}, probe.stderr
 
 
 def test_client_alone_generates_streams_and_decodes_error_info(client_venv, server):

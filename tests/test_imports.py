@@ -4,41 +4,53 @@ distribution only the contract, grpc and protobuf. Every import counts, lazy one
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from conftest import REPO
 
 ROOMS = {"tools": REPO / "tools", "server": REPO / "server", "runner": REPO / "runner",
          "scheduler": REPO / "scheduler", "registry": REPO / "registry",
-         "clients": REPO / "pyclient" / "clients", "loraserve": REPO / "pyclient" / "loraserve"}
+         "clients": REPO / "pyclient" / "clients", "contract": REPO / "pyclient" / "loraserve"}
+"""Each room installs as loraserve.<room>; the contract is loraserve itself (loraserve.v1, loraserve.contract)."""
 BELOW = {
-    "tools": {"server", "runner", "scheduler", "registry", "clients", "loraserve"},
-    "server": {"runner", "scheduler", "registry", "loraserve"},
-    "runner": {"scheduler", "registry", "loraserve"},
-    "scheduler": {"loraserve"},
-    "registry": {"loraserve"},
-    "clients": {"loraserve"},
-    "loraserve": set(),
+    "tools": {"server", "runner", "scheduler", "registry", "clients", "contract"},
+    "server": {"runner", "scheduler", "registry", "contract"},
+    "runner": {"scheduler", "registry", "contract"},
+    "scheduler": {"contract"},
+    "registry": {"contract"},
+    "clients": {"contract"},
+    "contract": set(),
 }
 TORCH = {"torch", "transformers", "peft", "bitsandbytes", "tokenizers", "accelerate"}
-TORCH_FREE = ("scheduler", "registry", "clients", "loraserve")
-CLIENT_DISTRIBUTION = ("clients", "loraserve")
+TORCH_FREE = ("scheduler", "registry", "clients", "contract")
+CLIENT_DISTRIBUTION = ("clients", "contract")
 """What `pip install ./pyclient` has: grpcio, grpcio-status (google.rpc) and protobuf."""
 ACYCLIC = ("registry", "tools")
 """Rooms whose modules import one another without a circle (a lazy import that closes one still counts)."""
 
 
+def _room(module: str) -> str:
+    """The room an absolute import names, or its top-level module when it is not loraserve's."""
+    parts = module.split(".")
+    if parts[0] != "loraserve":
+        return parts[0]
+    return parts[1] if len(parts) > 1 and parts[1] in ROOMS else "contract"
+
+
 def _imports(room: str) -> dict[str, set[str]]:
-    """file -> top-level modules it imports."""
+    """file -> rooms and top-level modules it imports."""
     found = {}
     for path in sorted(ROOMS[room].rglob("*.py")):
         names = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
+                names |= {_room(a.name) for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
+                names |= ({_room(f"{node.module}.{a.name}") for a in node.names} if node.module == "loraserve"
+                          else {_room(node.module)})
         found[str(path.relative_to(REPO))] = names
     return found
 
@@ -69,8 +81,8 @@ def test_the_client_distribution_needs_only_grpc_and_protobuf():
 
 def _module_graph(room: str) -> dict[str, set[str]]:
     """module -> the modules of the same room it imports (`from a.b import c` counts a.b.c when c is a module)."""
-    modules = {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): path
-               for path in sorted(ROOMS[room].rglob("*.py"))}
+    modules = {".".join(("loraserve", room, *path.relative_to(ROOMS[room]).with_suffix("").parts))
+               .removesuffix(".__init__"): path for path in sorted(ROOMS[room].rglob("*.py"))}
     graph = {}
     for module, path in modules.items():
         named = set()
@@ -107,3 +119,22 @@ def test_the_circle_finder_sees_a_lazy_circle():
 def test_no_import_circles_within_the_registry_and_tools():
     circles = [" -> ".join(c) for room in ACYCLIC for c in _circles(_module_graph(room))]
     assert not circles, circles
+
+
+
+def test_the_wheel_installs_one_import_name(tmp_path):
+    """`pip install .` puts loraserve and nothing else at the top of site-packages (no generic `server`),
+    with the contract and the clients inside: nothing it needs is missing from a package index."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    wheel = zipfile.ZipFile(next(tmp_path.glob("loraserve-*.whl")))
+    names = wheel.namelist()
+    assert {n.split("/")[0] for n in names} == {"loraserve", "loraserve-0.1.0.dist-info"}, names
+    assert {"loraserve/server/app.py", "loraserve/scheduler/scheduler.py", "loraserve/runner/engine.py",
+            "loraserve/registry/store.py", "loraserve/tools/cli.py", "loraserve/clients/client.py",
+            "loraserve/contract.py", "loraserve/v1/inference.proto"} <= set(names)
+    metadata = wheel.read("loraserve-0.1.0.dist-info/METADATA").decode()
+    assert "Requires-Dist: loraserve-client" not in metadata
+    assert "loraserve = loraserve.tools.cli:main" in wheel.read("loraserve-0.1.0.dist-info/entry_points.txt").decode()
+

@@ -1,7 +1,7 @@
 """`make gpu-check`: what a CUDA machine should confirm, in one command of under 9 minutes.
 
 For the offline CUDA machine of ../shared/gpu/README.md (no venv: python3 with the carried wheels,
-PYTHONPATH=$PWD/pyclient). Four parts, each a child process in its own process group with its own
+PYTHONPATH=$PWD/var/srcpath as `make srcpath` links it). Four parts, each a child process in its own process group with its own
 time limit, all within one budget; a part that fails or runs out of time is recorded and the
 others still run:
 
@@ -44,7 +44,6 @@ BUDGET_S = 510
 
 def _env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "pyclient"), str(ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
