@@ -15,7 +15,7 @@ COPY scheduler scheduler
 COPY runner runner
 COPY registry registry
 COPY tools tools
-# The client distribution first: loraserve depends on it by name.
+# loraserve carries the contract and the clients (pyclient/): one install.
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
 ENV PATH=/opt/venv/bin:$PATH \
     LORASERVE_HOST=0.0.0.0 \

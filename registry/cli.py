@@ -19,8 +19,8 @@ from typing import Callable
 
 from loraserve.contract import BASE_ADAPTER_ID
 from loraserve.registry.errors import StoreError
-from loraserve.registry.evaluate import MIN_PASS_RATE, Case, Gate, judge, parse_test_set, pending, table
-from loraserve.registry.location import is_remote
+from loraserve.registry.evaluate import MIN_PASS_RATE, Case, Gate, GateState, judge, parse_test_set, pending, table
+from loraserve.registry.location import DEFAULT_MODEL, DEFAULT_STORE, is_remote
 from loraserve.registry.origin import open_store
 from loraserve.registry.passport import Evaluation, Passport, Status
 from loraserve.registry.rollout import KEYS, Canary, Limits, Shadow
@@ -125,11 +125,11 @@ def _register(args, store: Store) -> int:
     if cases and not args.no_smoke:
         p = store.record_gate(p.name, p.version, _gate(args, store, p, cases, args.min_pass_rate))
     _emit(args, [p])
-    if p.gate is not None and p.gate.state != "passed":
+    if p.gate is not None and p.gate.state is not GateState.PASSED:
         print(f"{p.key} is staging and cannot be promoted: "
-              + (p.gate.problem() if p.gate.state == "failed" else
+              + (p.gate.problem() if p.gate.state is GateState.FAILED else
                  f"run `loraserve adapters evaluate {p.name} {p.version}`"), file=sys.stderr)
-        return 1 if p.gate.state == "failed" else 0
+        return 1 if p.gate.state is GateState.FAILED else 0
     return 0
 
 
@@ -240,7 +240,7 @@ def _rate(raw: str) -> float:
 
 def add_adapters_parser(sub, smoke: SmokeFactory | None = None, run_cases: CaseRunner | None = None) -> None:
     p = sub.add_parser("adapters", help="the adapter registry (store of versioned adapters)")
-    p.add_argument("--store", default=os.environ.get("LORASERVE_ADAPTERS_DIR", "var/demo/adapters"),
+    p.add_argument("--store", default=os.environ.get("LORASERVE_ADAPTERS_DIR", DEFAULT_STORE),
                    help="store directory, or s3://BUCKET/PREFIX [env LORASERVE_ADAPTERS_DIR; var/demo/adapters]")
     p.add_argument("--s3-endpoint-url", default=os.environ.get("LORASERVE_S3_ENDPOINT_URL") or None,
                    help="S3-compatible endpoint for an s3:// store (credentials: the standard AWS variables "
@@ -265,7 +265,7 @@ def add_adapters_parser(sub, smoke: SmokeFactory | None = None, run_cases: CaseR
     reg.add_argument("path", help="directory with adapter_config.json and adapter_model.safetensors")
     reg.add_argument("--name", required=True)
     reg.add_argument("--model-path", type=Path,
-                     default=Path(os.environ.get("LORASERVE_MODEL_PATH", "var/demo/base")),
+                     default=Path(os.environ.get("LORASERVE_MODEL_PATH", DEFAULT_MODEL)),
                      help="the base model it must fit [env LORASERVE_MODEL_PATH; var/demo/base]")
     for field in ("task", "client", "language", "description", "constraints"):
         reg.add_argument(f"--{field}", default="")
@@ -303,7 +303,7 @@ def add_adapters_parser(sub, smoke: SmokeFactory | None = None, run_cases: CaseR
                          "the active version passes")
     ev.add_argument("--target", metavar="HOST:PORT",
                     help="a running server on this store (plaintext gRPC); default: a server started here")
-    ev.add_argument("--model-path", type=Path, default=Path(os.environ.get("LORASERVE_MODEL_PATH", "var/demo/base")),
+    ev.add_argument("--model-path", type=Path, default=Path(os.environ.get("LORASERVE_MODEL_PATH", DEFAULT_MODEL)),
                     help="the base model, for a server started here [env LORASERVE_MODEL_PATH; var/demo/base]")
     ev.set_defaults(run=_evaluate)
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import jsonschema
 
@@ -194,6 +195,13 @@ class Answer:
     error: str = ""
 
 
+class GateState(StrEnum):
+    PENDING = "pending"
+    """Registered; its evaluation has not run."""
+    PASSED = "passed"
+    FAILED = "failed"
+
+
 @dataclass
 class Gate:
     """A version's evaluation gate, in its passport (an index write, like its status). Written
@@ -242,12 +250,12 @@ class Gate:
             raise ValueError("gate: " + "; ".join(problems))
 
     @property
-    def state(self) -> str:
-        return "pending" if not self.evaluated_at else "passed" if self.passed else "failed"
+    def state(self) -> GateState:
+        return GateState.PENDING if not self.evaluated_at else GateState.PASSED if self.passed else GateState.FAILED
 
     def problem(self) -> str:
         """Why it does not let its version be promoted ('' when it does)."""
-        if self.state == "pending":
+        if self.state is GateState.PENDING:
             return "its evaluation has not run (an interrupted registration?)"
         if self.passed:
             return ""

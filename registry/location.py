@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCHEME = "s3://"
+DEFAULT_STORE = "var/demo/adapters"
+DEFAULT_MODEL = Path("var/demo/base")
+"""Where `make serve` builds the demo: the defaults of `loraserve serve` and `loraserve adapters`."""
 
 
 def is_remote(location: str | Path) -> bool:

@@ -25,8 +25,8 @@ class SmokeTester:
                  quantization: str = "none"):
         # One row at a time and one adapter: a small KV pool and one LoRA slot, whatever the
         # model's context (a 128K-context model's default pool would not fit).
-        self.engine = TorchEngine(EngineConfig(Path(model_path), quantization, max_rows=1, max_model_len=1024,
-                                               max_loras=1, max_lora_rank=256))
+        self.engine = TorchEngine(EngineConfig(model_path=Path(model_path), quantization=quantization, max_rows=1,
+                                               max_model_len=1024, max_loras=1, max_lora_rank=256))
         self.prompts, self.max_new_tokens = prompts, max_new_tokens
         self._started = False
 
@@ -37,7 +37,7 @@ class SmokeTester:
         if not self._started:
             await self.engine.start()
             self._started = True
-        scheduler = Scheduler(self.engine, budgets=Budgets(1 << 30, 1 << 30), batch_wait_s=0)
+        scheduler = Scheduler(self.engine, budgets=Budgets(ram=1 << 30, vram=1 << 30), batch_wait_s=0)
         loop = asyncio.create_task(scheduler.run())
         adapter = AdapterRef("smoke", str(abs(hash(version_dir)) % 10**9), str(version_dir))
         results = []

@@ -43,6 +43,14 @@ class Budgets:
 
 
 @dataclass(frozen=True)
+class Occupancy:
+    """What one tier holds."""
+
+    bytes: int
+    adapters: int
+
+
+@dataclass(frozen=True)
 class Demote:
     """VRAM -> RAM."""
 
@@ -152,20 +160,16 @@ class AdapterCache:
     budgets: Budgets
     entries: dict[AdapterRef, Entry] = field(default_factory=dict)
     stats: dict[Tier, TierStats] = field(default_factory=lambda: {Tier.RAM: TierStats(), Tier.VRAM: TierStats()})
-    occupancy: dict[Tier, tuple[int, int]] = field(init=False)
-    """RAM and VRAM -> (bytes, adapters), replaced whole after each change: what readers on other
-    threads (the metrics endpoint) take, since entries change field by field on the event loop."""
+    occupancy: dict[Tier, Occupancy] = field(init=False)
+    """RAM and VRAM, replaced whole after each change: what readers on other threads (the metrics
+    endpoint) take, since entries change field by field on the event loop."""
 
     def __post_init__(self):
         self._recount()
 
     def _recount(self) -> None:
-        counted = {Tier.RAM: [0, 0], Tier.VRAM: [0, 0]}
-        for e in self.entries.values():
-            if e.tier in counted:
-                counted[e.tier][0] += e.bytes
-                counted[e.tier][1] += 1
-        self.occupancy = {t: (b, n) for t, (b, n) in counted.items()}
+        held = {t: [e for e in self.entries.values() if e.tier is t] for t in (Tier.RAM, Tier.VRAM)}
+        self.occupancy = {t: Occupancy(sum(e.bytes for e in es), len(es)) for t, es in held.items()}
 
     def tier_of(self, adapter: AdapterRef) -> Tier:
         e = self.entries.get(adapter)

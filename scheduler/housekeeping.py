@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
 from loraserve.scheduler.tiers import AdapterTiers
@@ -26,12 +27,21 @@ async def sweep_idle_forever(tiers: AdapterTiers, ttl_s: float) -> None:
             log.info("unloaded idle adapter %s@%s", adapter.id, adapter.version)
 
 
-async def warm_daily(schedule: Sequence[tuple[int, int, str]], warm: Callable[[str], Awaitable[None]],
+@dataclass(frozen=True)
+class WarmAt:
+    """A daily warm-up: attach `adapter_id` at hour:minute, local time."""
+
+    hour: int
+    minute: int
+    adapter_id: str
+
+
+async def warm_daily(schedule: Sequence[WarmAt], warm: Callable[[str], Awaitable[None]],
                      now: Callable[[], dt.datetime] = dt.datetime.now) -> None:
-    """Run warm(adapter_id) at each (hour, minute, adapter_id) every day."""
+    """Run warm(adapter_id) at each WarmAt every day."""
     while True:
         current = now()
-        when, adapter_id = min((next_occurrence(current, h, m), a) for h, m, a in schedule)
+        when, adapter_id = min((next_occurrence(current, w.hour, w.minute), w.adapter_id) for w in schedule)
         await asyncio.sleep((when - current).total_seconds())
         try:
             await warm(adapter_id)

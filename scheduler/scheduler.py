@@ -39,7 +39,7 @@ from loraserve.scheduler.types import AdapterRef, GenerationRequest, TokenLogpro
 
 class Scheduler:
     def __init__(self, engine: Engine, limits: BatchLimits = BatchLimits(), *, max_queue: int = 1024,
-                 batch_wait_s: float = 0.002, budgets: Budgets = Budgets(2 << 30, 1 << 30), max_loads: int = 2,
+                 batch_wait_s: float = 0.002, budgets: Budgets = Budgets(ram=2 << 30, vram=1 << 30), max_loads: int = 2,
                  failed_load_backoff_s: float = 30.0, observer: Observer = NullObserver(),
                  clock: Callable[[], float] = time.perf_counter, origin: Origin | None = None,
                  prefix_caching: bool = True, reserve_kv: bool = False):

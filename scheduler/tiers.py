@@ -149,7 +149,7 @@ class AdapterTiers:
         """RAM and VRAM; safe from another thread (the metrics endpoint reads the occupancy the
         books last published whole, never an entry half-moved)."""
         cache, occupancy = self.cache, self.cache.occupancy
-        return {t: TierState(t, replace(cache.stats[t]), occupancy[t][0], cache.budgets.of(t), occupancy[t][1])
+        return {t: TierState(t, replace(cache.stats[t]), occupancy[t].bytes, cache.budgets.of(t), occupancy[t].adapters)
                 for t in (Tier.RAM, Tier.VRAM)}
 
     def _state(self, adapter: AdapterRef, busy: frozenset[AdapterRef], now: float) -> AdapterState:

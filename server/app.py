@@ -65,7 +65,7 @@ def engine_config(cfg: ServerConfig) -> EngineConfig:
                         kv_block_size=engine.kv_block_size, gpu_memory_fraction=engine.gpu_memory_fraction,
                         attention=engine.attention, max_model_len=engine.max_model_len, max_loras=lora.max_loras,
                         max_lora_rank=lora.max_lora_rank, lora_target_modules=lora.lora_target_modules,
-                        vram_budget_bytes=lora.budgets_bytes[1], prefill_chunk_tokens=engine.prefill_chunk_tokens,
+                        vram_budget_bytes=lora.vram_budget_bytes, prefill_chunk_tokens=engine.prefill_chunk_tokens,
                         decode_graphs="off" if engine.no_cuda_graphs else "auto",
                         deterministic=engine.deterministic)
 
@@ -188,7 +188,7 @@ class LoraServer:
         self.scheduler = Scheduler(
             self.engine, sched.batch_limits(), max_queue=sched.max_queue, batch_wait_s=sched.batch_wait_ms / 1e3,
             prefix_caching=not sched.no_prefix_caching,
-            budgets=Budgets(ram=lora.budgets_bytes[0], vram=self.engine.lora_budget_bytes),
+            budgets=Budgets(ram=lora.ram_budget_bytes, vram=self.engine.lora_budget_bytes),
             max_loads=lora.max_concurrent_loads, failed_load_backoff_s=lora.failed_load_backoff_s,
             observer=self.telemetry, origin=self.origin, reserve_kv=cfg.engine.deterministic)
         self.metrics.watch(self.scheduler, EngineMemory(self.engine.weights_bytes(), self.engine.kv_bytes,

@@ -16,7 +16,8 @@ from typing import Annotated
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from loraserve.contract import ROUTING_HEADER, adapter_id_problem
-from loraserve.registry.location import S3Location, is_remote
+from loraserve.registry.location import DEFAULT_MODEL, DEFAULT_STORE, S3Location, is_remote
+from loraserve.scheduler.housekeeping import WarmAt
 from loraserve.scheduler.policy import POLICIES, BatchLimits
 from loraserve.server.auth import Authenticator
 
@@ -84,7 +85,7 @@ class FrontsSection(Section):
 class ModelSection(Section):
     """The base model and how its weights are held."""
 
-    model_path: Path = _f(Path("var/demo/base"), "Hugging Face model directory of the base model.")
+    model_path: Path = _f(DEFAULT_MODEL, "Hugging Face model directory of the base model.")
     quantization: str = _f("none", "Base model weights: none, nf4 or int8 (bitsandbytes; both work on a CPU).")
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16.")
@@ -174,14 +175,17 @@ class LoraSection(Section):
         return problems
 
     @property
-    def budgets_bytes(self) -> tuple[int, int]:
-        """(RAM, VRAM) budgets in bytes."""
-        return int(self.ram_budget_mib * 2**20), int(self.vram_budget_mib * 2**20)
+    def ram_budget_bytes(self) -> int:
+        return int(self.ram_budget_mib * 2**20)
 
     @property
-    def warm_times(self) -> list[tuple[int, int, str]]:
-        """warm_schedule as (hour, minute, adapter id)."""
-        return [(int(m["hour"]), int(m["minute"]), m["adapter"]) for m in map(WARM_AT.fullmatch, self.warm_schedule)]
+    def vram_budget_bytes(self) -> int:
+        return int(self.vram_budget_mib * 2**20)
+
+    @property
+    def warm_times(self) -> list[WarmAt]:
+        return [WarmAt(int(m["hour"]), int(m["minute"]), m["adapter"])
+                for m in map(WARM_AT.fullmatch, self.warm_schedule)]
 
 
 class SchedulerSection(Section):
@@ -247,7 +251,7 @@ class LimitsSection(Section):
 class RegistrySection(Section):
     """The adapter registry store, and with an s3:// one the disk cache in front of it."""
 
-    adapters_dir: StoreLocation = _f("var/demo/adapters", "The adapter registry store (docs/adapters.md): a "
+    adapters_dir: StoreLocation = _f(DEFAULT_STORE, "The adapter registry store (docs/adapters.md): a "
                                                           "directory, or s3://BUCKET/PREFIX (credentials from the "
                                                           "standard AWS variables and files).")
     s3_endpoint_url: str = _f("", "S3-compatible endpoint (MinIO, Ceph, R2, moto) for an s3:// store; empty = AWS's "

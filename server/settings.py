@@ -155,7 +155,7 @@ def reference() -> str:
         f"(`--config PATH` or `{FILE_ENV}`: TOML, or YAML by its `.yaml`/`.yml` suffix) whose",
         "sections are the headings below. A flag beats the environment, which beats the file.",
         "Nonsense fails at start-up with every problem listed. Generated from `server/config.py`",
-        "(`python -c 'from server.settings import reference; print(reference())'`).",
+        "(`python -c 'from loraserve.server.settings import reference; print(reference())'`).",
         "",
         "```toml",
         "[scheduler]",

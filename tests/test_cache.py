@@ -81,7 +81,7 @@ def test_next_occurrence_is_today_or_tomorrow():
 
 
 def test_warm_daily_fires_at_the_scheduled_minute():
-    from loraserve.scheduler.housekeeping import warm_daily
+    from loraserve.scheduler.housekeeping import WarmAt, warm_daily
 
     start = dt.datetime(2026, 11, 22, 8, 54, 59, 950000)  # 50 ms before 08:55
     warmed: list[str] = []
@@ -90,7 +90,7 @@ def test_warm_daily_fires_at_the_scheduled_minute():
         warmed.append(adapter_id)
 
     async def scenario():
-        task = asyncio.create_task(warm_daily([(8, 55, "support"), (9, 30, "legal")], warm, now=lambda: start))
+        task = asyncio.create_task(warm_daily([WarmAt(8, 55, "support"), WarmAt(9, 30, "legal")], warm, now=lambda: start))
         await asyncio.sleep(0.3)
         task.cancel()
 

@@ -1,4 +1,4 @@
-"""The generation contract's edge (issue 26): every new GenerateRequest field validated naming
+"""The generation contract's edge: every new GenerateRequest field validated naming
 it, chat messages through the base's template, prompt_token_ids, truncate_input_tokens, n
 choices, Tokenize and ListModels (with the access rule), over the wire from Python, grpcurl and
 the typed client; and the conversion of token ids and logprobs into responses."""

@@ -66,10 +66,23 @@ def test_every_relative_link_and_anchor_resolves(doc):
     assert not broken, f"{doc.name}: {broken}"
 
 
+CODE = sorted(p for room in ("server", "scheduler", "runner", "registry", "tools", "pyclient", "tests")
+              for p in (REPO / room).rglob("*.py") if "build" not in p.relative_to(REPO).parts)
+
+
 def test_no_issue_numbers_or_seed_references():
-    for doc in DOCS:
-        text = doc.read_text()
-        assert not re.search(r"\bissues? ?\d|\bissue\b|seed[- ]0\d\d", text, re.I), doc.name
+    found = [doc.name for doc in DOCS if re.search(r"\bissues? ?\d|\bissue\b|seed[- ]0\d\d", doc.read_text(), re.I)]
+    found += [path.name for path in CODE if path != Path(__file__)
+              and re.search(r"\bissues? ?\d|\(issue\b|seed[- ]?0\d\d|\bseeds/", path.read_text(), re.I)]
+    assert not found, found
+
+
+def test_python_in_the_docs_imports_from_loraserve():
+    """Snippets a reader copies: every room imports as loraserve.<room>."""
+    bare = re.compile(r"^\s*(from|import) (server|scheduler|runner|registry|tools|clients)\b", re.M)
+    found = [f"{doc.name}: {m.group(0).strip()}" for doc in [*DOCS, REPO / "pyclient" / "README.md"]
+             for block in FENCE.findall(doc.read_text()) for m in bare.finditer(block)]
+    assert not found, found
 
 
 def shell_lines(text: str):

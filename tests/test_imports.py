@@ -36,7 +36,7 @@ def _room(module: str) -> str:
     """The room an absolute import names, or its top-level module when it is not loraserve's."""
     parts = module.split(".")
     if parts[0] != "loraserve":
-        return parts[0]
+        return f"bare {parts[0]}" if parts[0] in ROOMS else parts[0]
     return parts[1] if len(parts) > 1 and parts[1] in ROOMS else "contract"
 
 
@@ -58,6 +58,23 @@ def _imports(room: str) -> dict[str, set[str]]:
 def test_the_allowed_edges_have_an_order_top_down():
     order = list(BELOW)
     assert all(order.index(low) > order.index(high) for high, lows in BELOW.items() for low in lows)
+
+
+def test_every_import_names_a_room_under_loraserve():
+    """`from server.app import ...` would import a second copy of a room, or nothing once installed."""
+    wrong = [f"{path} imports {name}" for room in ROOMS for path, names in _imports(room).items()
+             for name in names if name.startswith("bare ")]
+    tests = [f"{path.name} imports {node.module if isinstance(node, ast.ImportFrom) else node.names[0].name}"
+             for path in sorted((REPO / "tests").glob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text(), str(path)))
+             if isinstance(node, (ast.Import, ast.ImportFrom)) and _bare(node)]
+    assert not wrong + tests, wrong + tests
+
+
+def _bare(node: ast.Import | ast.ImportFrom) -> bool:
+    names = [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else \
+        [a.name for a in node.names] if isinstance(node, ast.Import) else []
+    return any(_room(name).startswith("bare ") for name in names)
 
 
 def test_each_room_imports_only_rooms_below_it():

@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-check", metavar="SHAPE", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not (ROOT / "tests").is_dir():  # an installed wheel has no tests/: the check runs a checkout's
+        parser.error(f"no {ROOT / 'tests'}: run this from a loraserve checkout (make gpu-check)")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.engine_check:  # part 1's child: the preset's model (built once, under out/bench like the matrix's)

@@ -35,6 +35,8 @@ def render(rules: str) -> str:
 
 
 def main() -> None:
+    if not RULES.exists():  # an installed wheel has no deploy/: this edits a checkout
+        raise SystemExit(f"no {RULES}: run this from an editable install of a loraserve checkout")
     TARGET.write_text(render(RULES.read_text()))
     print(f"wrote {TARGET.relative_to(REPO)}")
 

@@ -1,4 +1,4 @@
-"""The baseline everyone starts from (seed 003's server, minus its race): one request at a time
+"""The baseline everyone starts from (a server that swaps adapters per request): one request at a time
 under a lock, `set_adapter` then `generate`. Adapters are loaded before timing starts."""
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def scheduler_overhead(requests: int = 2000, adapters: int = 100, new_tokens: in
 
     async def main() -> float:
         scheduler = Scheduler(InstantEngine(), BatchLimits(max_batch_size=concurrency), batch_wait_s=0,
-                              budgets=Budgets(1 << 30, 1 << 30))
+                              budgets=Budgets(ram=1 << 30, vram=1 << 30))
         loop = asyncio.create_task(scheduler.run())
         pending = iter(range(requests))
 
