@@ -119,7 +119,7 @@ class AdapterTiers:
                  clock: Callable[[], float] = time.monotonic, origin: Origin | None = None):
         self.cache = AdapterCache(budgets)
         # A remote fetch is part of its read: it takes one of the same max_loads slots, once per adapter.
-        self.loads: LoadLimiter[AdapterRef, tuple[float, Fetch | None]] = LoadLimiter(self._read, max_loads)
+        self.loads: LoadLimiter[AdapterRef, Moved] = LoadLimiter(self._read, max_loads)
         self._origin = origin
         self._engine = engine
         self._moves = asyncio.Lock()
@@ -167,16 +167,15 @@ class AdapterTiers:
         tier = self.tier_of(adapter)
         if tier >= Tier.RAM and not self.loads.loading(adapter):
             return Moved(tier, 0.0)
-        ms, fetched = await self.loads.get(adapter)
-        return Moved(Tier.DISK, ms, fetched)
+        return await self.loads.get(adapter)
 
-    async def _read(self, adapter: AdapterRef) -> tuple[float, Fetch | None]:
+    async def _read(self, adapter: AdapterRef) -> Moved:
         if self._origin is None:
-            return await self._read_local(adapter), None
+            return Moved(Tier.DISK, await self._read_local(adapter))
         started = time.perf_counter()
         async with self._origin.local(adapter) as fetched:
             await self._read_local(adapter)
-        return (time.perf_counter() - started) * 1e3, fetched
+        return Moved(Tier.DISK, (time.perf_counter() - started) * 1e3, fetched)
 
     async def _read_local(self, adapter: AdapterRef) -> float:
         started = time.perf_counter()
