@@ -245,3 +245,15 @@ def bucket(moto_endpoint) -> str:
     name = f"adapters-{uuid.uuid4().hex[:12]}"
     s3_client(moto_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}/team/adapters"
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path):
+    """An empty store: a directory, then a moto bucket (the same lifecycle over both index backends)."""
+    from loraserve.registry.origin import open_store
+    from loraserve.registry.store import Store
+
+    if request.param == "local":
+        return Store.local(tmp_path / "store")
+    endpoint = request.getfixturevalue("moto_endpoint")
+    return open_store(request.getfixturevalue("bucket"), endpoint_url=endpoint, cache_dir=tmp_path / "cache")

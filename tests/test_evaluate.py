@@ -113,14 +113,6 @@ def passed(_dir):
     return SmokeTest(True, "now", [{"prompt": "p", "output": "o"}])
 
 
-@pytest.fixture(params=["local", "s3"])
-def any_store(request, tmp_path):
-    if request.param == "local":
-        return Store.local(tmp_path / "store")
-    endpoint = request.getfixturevalue("moto_endpoint")
-    return open_store(request.getfixturevalue("bucket"), endpoint_url=endpoint, cache_dir=tmp_path / "cache")
-
-
 def evaluated(passed_: bool, regressions=()) -> Gate:
     cases = parse_test_set(jsonl(CASES))
     return Gate(pending(cases).test_set, cases_sha256(cases), passed_, 1.0 if passed_ else 0.5, 0.8,

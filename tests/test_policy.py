@@ -20,7 +20,6 @@ from conftest import PROMPT, REPO, ServerThread, clone_adapter, server_config
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
 from loraserve.registry.identity import BaseIdentity, base_identity
-from loraserve.registry.origin import open_store
 from loraserve.registry.passport import Passport, SmokeTest
 from loraserve.registry.policy import Policy
 from loraserve.registry.errors import IndexInvalid, StoreError
@@ -38,14 +37,6 @@ def passed(_dir):
 @pytest.fixture()
 def raw(tmp_path):
     return tiny_adapter(tmp_path / "raw")
-
-
-@pytest.fixture(params=["local", "s3"])
-def any_store(request, tmp_path):
-    if request.param == "local":
-        return Store.local(tmp_path / "store")
-    endpoint = request.getfixturevalue("moto_endpoint")
-    return open_store(request.getfixturevalue("bucket"), endpoint_url=endpoint, cache_dir=tmp_path / "cache")
 
 
 def policies(store, name) -> set[Policy]:

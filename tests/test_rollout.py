@@ -22,7 +22,6 @@ from conftest import PROMPT, REPO, ServerThread, clone_adapter, server_config
 from loraserve.v1 import admin_pb2, admin_pb2_grpc
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc
-from loraserve.registry.origin import open_store
 from loraserve.registry.rollout import Canary, Limits, routed
 from loraserve.registry.errors import IndexInvalid, StoreError
 from loraserve.registry.snapshot import INDEX, now_iso, parse_index
@@ -37,14 +36,6 @@ from tiny import fake_base, tiny_adapter
 
 def canary(percent=10.0, **kw) -> Canary:
     return Canary(percent=percent, started_at=now_iso(), **kw)
-
-
-@pytest.fixture(params=["local", "s3"])
-def any_store(request, tmp_path):
-    if request.param == "local":
-        return Store.local(tmp_path / "store")
-    endpoint = request.getfixturevalue("moto_endpoint")
-    return open_store(request.getfixturevalue("bucket"), endpoint_url=endpoint, cache_dir=tmp_path / "cache")
 
 
 @pytest.fixture()
