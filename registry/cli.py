@@ -238,10 +238,15 @@ def _rate(raw: str) -> float:
     return value
 
 
+def _model_path_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--model-path", type=Path, default=Path(os.environ.get("LORASERVE_MODEL_PATH", DEFAULT_MODEL)),
+                        help=f"{what} [env LORASERVE_MODEL_PATH; {DEFAULT_MODEL}]")
+
+
 def add_adapters_parser(sub, smoke: SmokeFactory | None = None, run_cases: CaseRunner | None = None) -> None:
     p = sub.add_parser("adapters", help="the adapter registry (store of versioned adapters)")
     p.add_argument("--store", default=os.environ.get("LORASERVE_ADAPTERS_DIR", DEFAULT_STORE),
-                   help="store directory, or s3://BUCKET/PREFIX [env LORASERVE_ADAPTERS_DIR; var/demo/adapters]")
+                   help=f"store directory, or s3://BUCKET/PREFIX [env LORASERVE_ADAPTERS_DIR; {DEFAULT_STORE}]")
     p.add_argument("--s3-endpoint-url", default=os.environ.get("LORASERVE_S3_ENDPOINT_URL") or None,
                    help="S3-compatible endpoint for an s3:// store (credentials: the standard AWS variables "
                         "and files) [env LORASERVE_S3_ENDPOINT_URL; AWS's]")
@@ -264,9 +269,7 @@ def add_adapters_parser(sub, smoke: SmokeFactory | None = None, run_cases: CaseR
     reg = cmds.add_parser("register", help="add a PEFT adapter directory as the next version (smoke-tested)")
     reg.add_argument("path", help="directory with adapter_config.json and adapter_model.safetensors")
     reg.add_argument("--name", required=True)
-    reg.add_argument("--model-path", type=Path,
-                     default=Path(os.environ.get("LORASERVE_MODEL_PATH", DEFAULT_MODEL)),
-                     help="the base model it must fit [env LORASERVE_MODEL_PATH; var/demo/base]")
+    _model_path_argument(reg, "the base model it must fit")
     for field in ("task", "client", "language", "description", "constraints"):
         reg.add_argument(f"--{field}", default="")
     reg.add_argument("--allowed-clients", help="comma-separated; a new adapter's default: every client; a new "
@@ -303,8 +306,7 @@ def add_adapters_parser(sub, smoke: SmokeFactory | None = None, run_cases: CaseR
                          "the active version passes")
     ev.add_argument("--target", metavar="HOST:PORT",
                     help="a running server on this store (plaintext gRPC); default: a server started here")
-    ev.add_argument("--model-path", type=Path, default=Path(os.environ.get("LORASERVE_MODEL_PATH", DEFAULT_MODEL)),
-                    help="the base model, for a server started here [env LORASERVE_MODEL_PATH; var/demo/base]")
+    _model_path_argument(ev, "the base model, for a server started here")
     ev.set_defaults(run=_evaluate)
 
     policy = cmds.add_parser("set-policy", help="change an adapter's access, aliases or fallback, for every "
