@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import ADAPTERS, PROMPT, demo_ref
-import loraserve.runner.steps as steps_module
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.runner.config import EngineConfig
 from loraserve.runner.engine import TorchEngine
@@ -247,21 +246,10 @@ def test_a_guided_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch
                                          ("base", ResponseFormat(), [])])
         batch.run(3)  # allocates the bitmask and compiles the mask kernel: both synchronise, once
         torch.cuda.synchronize()
-        real_fetch = steps_module._fetch
+        from test_syncs import syncs_only_in_fetch
 
-        def fetch(tensor):
-            torch.cuda.set_sync_debug_mode("default")
-            try:
-                return real_fetch(tensor)
-            finally:
-                torch.cuda.set_sync_debug_mode("error")
-
-        monkeypatch.setattr(steps_module, "_fetch", fetch)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with syncs_only_in_fetch(monkeypatch):
             results = batch.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         assert all(r.error is None for r in results)
     finally:
         asyncio.run(engine.close())

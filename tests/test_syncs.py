@@ -147,6 +147,28 @@ def test_a_step_reads_the_device_once(demo_dir, monkeypatch, mode, joining, aski
         asyncio.run(engine.close())
 
 
+@contextlib.contextmanager
+def syncs_only_in_fetch(monkeypatch):
+    """Inside: any implicit cuda synchronisation raises, except within the step's one transfer
+    (runner/steps.py _fetch); yields the devices of the tensors that transfer read."""
+    real_fetch, fetched = steps_module._fetch, []
+
+    def fetch(tensor):
+        fetched.append(tensor.device.type)
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return real_fetch(tensor)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(steps_module, "_fetch", fetch)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield fetched
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,joining,asking", [("auto", False, False), ("off", False, False), ("auto", True, False),
                                                 ("auto", True, True), ("auto", False, True)])
@@ -159,20 +181,7 @@ def test_a_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch, mode,
         step = _mixed_batch(engine, demo_dir, joining=joining, asking=asking)
         step()  # captures the bucket's graph, compiles FlexAttention: both synchronise, once
         torch.cuda.synchronize()
-        real_fetch, fetched = steps_module._fetch, []
-
-        def fetch(tensor):
-            fetched.append(tensor.device.type)
-            torch.cuda.set_sync_debug_mode("default")
-            try:
-                return real_fetch(tensor)
-            finally:
-                torch.cuda.set_sync_debug_mode("error")
-
-        monkeypatch.setattr(steps_module, "_fetch", fetch)
-        torch.cuda.set_sync_debug_mode("error")
-        with contextlib.ExitStack() as undo:
-            undo.callback(torch.cuda.set_sync_debug_mode, "default")
+        with syncs_only_in_fetch(monkeypatch) as fetched:
             step()
         assert fetched == ["cuda"]
     finally:
