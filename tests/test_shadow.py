@@ -24,7 +24,6 @@ from loraserve.scheduler.policy import BatchLimits
 from loraserve.server.shadow import agreement
 from test_crash import passed
 from test_policy import BASE
-from test_rollout import any_store  # noqa: F401 - the local and S3 store fixture
 from test_scheduler import ScriptedEngine, ref, req, run
 from tiny import tiny_adapter
 
@@ -120,7 +119,7 @@ def test_agreement_is_the_share_of_positions_that_agree():
     assert agreement((), ()) == 1.0
 
 
-def test_shadow_lifecycle(any_store, tmp_path):  # noqa: F811 - the fixture
+def test_shadow_lifecycle(any_store, tmp_path):
     store = any_store
     raw = tiny_adapter(tmp_path / "raw")
     for _ in range(3):
