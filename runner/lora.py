@@ -15,7 +15,12 @@ the stacks in place (no per-row copy of the weights):
   their activations, worked out once per forward), each chunk's A and B read once, and one pair
   of batched matmuls over every adapter present, then one index-add into the rows: a fixed
   handful of operations per layer however many adapters the batch mixes; rows of slot 0 cost
-  nothing here, and a layer no present adapter adapts costs nothing at all.
+  nothing here, and a layer no present adapter adapts costs nothing at all. When every row has
+  an adapter and no two share one, the rows are their own chunks in place (no copy of
+  activations, the delta added by one batched multiply-add). Each layer keeps its chunks' A and
+  B, gathered from the stacks, for as long as the batch's slots repeat (decode steps mostly carry
+  the same rows) and no slot of that layer is written: at most as many chunks as the stacks
+  have slots, so never more memory than the stacks themselves.
 
 A batch without any adapter row skips LoRA altogether. Weights are read from ordinary PEFT
 files; features this does not implement (DoRA, embedding LoRA, modules_to_save, fan_in_fan_out,
@@ -133,12 +138,12 @@ class Groups:
     chunk: int
     chunk_slots: torch.Tensor
     """[P] each chunk's slot."""
-    gather: torch.Tensor
-    """[P x chunk] the row at each packed position."""
-    rows: torch.Tensor
-    """[n] the adapter rows, in packed order."""
-    back: torch.Tensor
-    """[n] each of those rows' packed position."""
+    gather: torch.Tensor | None
+    """[P x chunk] the row at each packed position; None when the rows are the chunks, in order."""
+    rows: torch.Tensor | None
+    """[n] the adapter rows, in packed order (None with gather)."""
+    back: torch.Tensor | None
+    """[n] each of those rows' packed position; None when chunks are single rows (it is 0..n-1)."""
 
 
 def group_rows(slots: tuple[int, ...] | list[int], device: torch.device) -> Groups:
@@ -150,6 +155,8 @@ def group_rows(slots: tuple[int, ...] | list[int], device: torch.device) -> Grou
     present = tuple(sorted(members))
     sizes = tuple(len(members[s]) for s in present)
     m = _chunk_rows(sizes)
+    if m == 1 and sum(sizes) == len(slots):  # every row its own chunk, where it already is
+        return Groups(len(slots), present, sizes, 1, torch.tensor(slots, device=device), None, None, None)
     chunk_slots, gather, rows, back = [], [], [], []
     for slot in present:
         for at in range(0, len(members[slot]), m):
@@ -160,8 +167,16 @@ def group_rows(slots: tuple[int, ...] | list[int], device: torch.device) -> Grou
             gather.extend(part + [part[0]] * (m - len(part)))
     # One copy to the device, then views.
     flat = torch.tensor(chunk_slots + gather + rows + back, device=device)
-    cut = flat.split([len(chunk_slots), len(gather), len(rows), len(back)])
-    return Groups(len(slots), present, sizes, m, *cut)
+    chunk_slots_t, gather_t, rows_t, back_t = flat.split([len(chunk_slots), len(gather), len(rows), len(back)])
+    return Groups(len(slots), present, sizes, m, chunk_slots_t, gather_t, rows_t, back_t if m > 1 else None)
+
+
+@dataclass(frozen=True)
+class _Gathered:
+    """One layer's chunks' A and B for `groups` (None: no present adapter adapts the layer)."""
+
+    groups: Groups
+    weights: tuple[torch.Tensor, torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -250,6 +265,7 @@ class LoRALinear(nn.Module):
         """Per slot, on the host (the grouped path)."""
         self.rank_table: torch.Tensor | None = None
         """The same per slot, [S] int32 on the device (the kernels)."""
+        self._gathered: _Gathered | None = None
 
     def allocate(self, slots: int, rank: int, device, dtype) -> None:
         self.a = torch.zeros(slots, self.in_features, rank, device=device, dtype=dtype)
@@ -272,27 +288,51 @@ class LoRALinear(nn.Module):
     def _grouped(self, x: torch.Tensor, y: torch.Tensor, groups: Groups) -> torch.Tensor:
         """y += each present adapter's delta on its own rows, x [B, in] or [B, T, in] (every
         column of a row uses the row's slot): the rows' activations gathered into chunks (a copy
-        of activations, not of weights), each chunk's A and B taken once at the largest rank
-        present here (columns past a slot's rank are zero), two batched matmuls for all adapters
-        at once, and one index-add of the real rows' deltas back."""
-        r = max(self.ranks[slot] for slot in groups.slots)
-        if not r:  # no adapter present adapts this layer
+        of activations, not of weights; none when the rows are the chunks), each chunk's A and B
+        at the largest rank present here (columns past a slot's rank are zero), two batched
+        matmuls for all adapters at once, and one index-add of the real rows' deltas back."""
+        weights = self._chunk_weights(groups)
+        if weights is None:  # no adapter present adapts this layer
             return y
+        a, b = weights
         rows = groups.count
         width = x.numel() // (rows * self.in_features)  # columns per row
+        ys = y.view(rows, width, self.out_features)
+        if groups.gather is None:
+            shrunk = torch.bmm(x.reshape(rows, width, self.in_features).to(a.dtype), a)
+            if y.dtype == b.dtype:
+                ys.baddbmm_(shrunk, b)
+            else:
+                ys.add_(torch.bmm(shrunk, b).to(y.dtype))
+            return y
         chunks, m = groups.chunk_slots.shape[0], groups.chunk
-        a = self.a[:, :, :r].index_select(0, groups.chunk_slots)  # [P, in, r]
-        b = self.b[:, :r, :].index_select(0, groups.chunk_slots)  # [P, r, out]
         xs = x.reshape(rows, width, self.in_features).index_select(0, groups.gather)
         xs = xs.view(chunks, m * width, self.in_features).to(a.dtype)
         delta = torch.bmm(torch.bmm(xs, a), b).view(chunks * m, width, self.out_features)
-        y.view(rows, width, self.out_features).index_add_(
-            0, groups.rows, delta.index_select(0, groups.back).to(y.dtype))
+        if groups.back is not None:
+            delta = delta.index_select(0, groups.back)
+        ys.index_add_(0, groups.rows, delta.to(y.dtype))
         return y
+
+    def _chunk_weights(self, groups: Groups) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """[P, in, r] and [P, r, out]: each chunk's slot's A and B at the largest rank present
+        here, kept while the same `groups` come back (when they fit in as many chunks as slots)."""
+        cached = self._gathered
+        if cached is not None and cached.groups is groups:
+            return cached.weights
+        r = max(self.ranks[slot] for slot in groups.slots)
+        weights = None
+        if r:
+            weights = (self.a[:, :, :r].index_select(0, groups.chunk_slots),
+                       self.b[:, :r, :].index_select(0, groups.chunk_slots))
+        if groups.chunk_slots.shape[0] <= self.a.shape[0]:
+            self._gathered = _Gathered(groups, weights)
+        return weights
 
     def write(self, slot: int, entry: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Put one adapter's (A^T, scale x B^T) for this layer into `slot` (None clears it). From
         page-locked host memory the copies are asynchronous on the current stream."""
+        self._gathered = None  # before any copy: a write that raises leaves no stale chunks
         r = 0 if entry is None else entry[0].shape[1]
         if entry is not None:
             self.a[slot, :, :r].copy_(entry[0], non_blocking=True)

@@ -104,9 +104,12 @@ def test_rows_are_packed_by_slot_once_per_forward():
     assert groups.chunk_slots.tolist() == [1, 2, 3, 3]
     assert groups.gather.tolist() == [3, 5, 0, 1, 4, 6, 7, 7]
     assert groups.gather[groups.back].tolist() == groups.rows.tolist() == [3, 5, 0, 1, 4, 6, 7]
-    # Every row its own adapter: chunks of one row, nothing padded.
+    # Every row its own adapter: the rows are the chunks, where they are (nothing copied, nothing padded).
     groups = group_rows([1, 4, 2], torch.device("cpu"))
-    assert (groups.chunk, groups.chunk_slots.tolist(), groups.gather.tolist()) == (1, [1, 2, 4], [0, 2, 1])
+    assert (groups.chunk, groups.chunk_slots.tolist(), groups.gather, groups.back) == (1, [1, 4, 2], None, None)
+    # The same beside a base row: the adapter rows gathered, each read back from where it went.
+    groups = group_rows([1, 0, 2], torch.device("cpu"))
+    assert (groups.chunk, groups.chunk_slots.tolist(), groups.gather.tolist(), groups.back) == (1, [1, 2], [0, 2], None)
     # One adapter's 8 rows beside one of 1: chunks of 4, so that adapter's weights are read twice, not 8 times.
     groups = group_rows([5] * 8 + [6], torch.device("cpu"))
     assert (groups.chunk, groups.chunk_slots.tolist()) == (4, [5, 5, 6])
@@ -119,6 +122,27 @@ def test_the_grouped_path_in_every_shape_of_batch(slots):
     wrapped = layer(40, 24, RowSlots("grouped"), torch.float32)
     x = torch.randn(len(slots), 3, 40, generator=torch.Generator().manual_seed(6))
     assert share(forward(wrapped, x, slots), gathered(wrapped, x, slots)) <= 1e-6
+
+
+def test_each_layer_keeps_its_chunks_weights_while_the_slots_repeat_and_rereads_them_after_a_write():
+    """Decode steps mostly carry the same rows: their chunks' A and B are gathered once, not per
+    step. A write to any slot (attach, detach, or one that raised half-way and was cleared)
+    drops them, so no forward reads an adapter that is no longer in its slot."""
+    wrapped = layer(40, 24, RowSlots("grouped"), torch.float32)
+    x = torch.randn(4, 1, 40, generator=torch.Generator().manual_seed(3))
+    slots = [3, 1, 2, 1]
+    first = forward(wrapped, x, slots)
+    kept = wrapped._gathered.weights[0]
+    assert torch.equal(forward(wrapped, x, slots), first) and wrapped._gathered.weights[0] is kept
+    g = torch.Generator().manual_seed(9)
+    wrapped.write(1, (torch.randn(40, 8, generator=g), torch.randn(8, 24, generator=g)))
+    assert share(forward(wrapped, x, slots), gathered(wrapped, x, slots)) <= 1e-6
+    assert not torch.equal(forward(wrapped, x, slots), first)
+    with pytest.raises(RuntimeError):  # B of the wrong width: A is copied, then the copy of B raises
+        wrapped.write(2, (torch.randn(40, 8, generator=g), torch.randn(8, 23, generator=g)))
+    wrapped.write(2, None)  # what AdapterSlots.attach does when a write raises
+    assert share(forward(wrapped, x, slots), gathered(wrapped, x, slots)) <= 1e-6
+    assert torch.equal(forward(wrapped, x, [0, 2, 0, 2]), wrapped.base(x))
 
 
 def test_a_whole_model_grouped_matches_the_per_row_gather(demo_dir, adapters):

@@ -34,12 +34,15 @@ def lora_step(model_path: Path, store: Path, batch: int = 32, adapters: int = 10
     from loraserve.runner.engine import TorchEngine
 
     async def measure() -> dict:
-        engine = TorchEngine(EngineConfig(Path(model_path), device=device, max_rows=batch))
+        index = Store.local(store).snapshot()
+        # What the server wraps by default: the modules its adapters target.
+        targets = tuple(sorted({t for p in index.passports for t in p.target_modules}))
+        engine = TorchEngine(EngineConfig(Path(model_path), device=device, max_rows=batch,
+                                          lora_target_modules=targets))
         await engine.start()
         try:
             names = random.Random(0).choices([f"bench{i}" for i in range(adapters)],
                                              [1 / (i + 1) ** 1.1 for i in range(adapters)], k=batch)
-            index = Store.local(store).snapshot()
             refs = {}
             for name in dict.fromkeys(names):
                 passport = index.active(name)
