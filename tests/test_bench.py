@@ -15,7 +15,7 @@ def test_bench_reports_every_figure(demo_dir, tmp_path):
     add_bench_parser(parser.add_subparsers())
     args = parser.parse_args(["bench", "--model-path", str(demo_dir / "base"), "--out", str(tmp_path),
                               "--sweep", "1,3", "--adapters", "3", "--requests", "12", "--concurrency", "4",
-                              "--new-tokens", "4:6", "--naive-requests", "3"])
+                              "--new-tokens", "4:6", "--naive-requests", "3", "--pairs", "2"])
     assert args.func(args) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["sweep"]) == {"1", "3"}
@@ -30,6 +30,12 @@ def test_bench_reports_every_figure(demo_dir, tmp_path):
     assert report["engine_limit"]["tokens"] == sum(n for _, _, n in Workload(
         ["base"], 12, 1.1, 4, None, (8, 24), (4, 6)).plan())
     assert {"base_only_vs_naive", "engine_limit_vs_naive"} <= set(report["ratios"])
+    # A second base-only and headline pair; the headline ratios are the pairs' median.
+    first, second = report["pairs"]
+    assert first["throughput_vs_base_only"] == round(
+        report["sweep"]["3"]["tok_per_s"] / report["base_only"]["tok_per_s"], 3)
+    assert report["ratios"]["throughput_vs_base_only"] == (
+        first["throughput_vs_base_only"] + second["throughput_vs_base_only"]) / 2
 
 
 def test_workload_plan_is_reproducible_and_zipf_skewed():

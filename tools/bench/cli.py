@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +31,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--prompt-words", default="8:24")
     p.add_argument("--new-tokens", default="32:32")
     p.add_argument("--naive-requests", type=int, default=32, help="0 skips the naive baseline")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="base-only and headline runs, alternated this many times; the ratios are each pair's, "
+                        "and their median (a shared machine drifts between two runs by more than LoRA costs) [1]")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="the server's compute dtype; the naive baseline (always on CPU) uses the same, "
                         "float32 for auto [auto]")
@@ -113,19 +117,22 @@ def run_bench(args) -> int:
 
     results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                                 if k != "func"}}
+    headline = [f"bench{i}" for i in range(args.adapters)]
     results["base_only"] = measure(["base"])
     results["sweep"] = {n: measure([f"bench{i}" for i in range(n)]) for n in counts}
+    pairs = [(results["base_only"], results["sweep"][args.adapters])]
+    pairs += [(measure(["base"]), measure(headline)) for _ in range(args.pairs - 1)]
+    results["pairs"] = [_ratios(head, base) for base, head in pairs]
     naive = None
     if args.naive_requests:
-        plan = workload([f"bench{i}" for i in range(args.adapters)]).plan()[:args.naive_requests]
+        plan = workload(headline).plan()[:args.naive_requests]
         naive = run_naive(args.model_path, store, plan, "float32" if args.dtype == "auto" else args.dtype)
         results["naive"] = {k: v for k, v in naive.items() if k != "latencies_s"}
     results["engine_limit"] = engine_limit(args.model_path, workload(["base"]).plan(), args.concurrency, args.dtype)
     results["scheduler_overhead"] = scheduler_overhead(adapters=args.adapters, concurrency=args.concurrency)
     head, base = results["sweep"][args.adapters], results["base_only"]
     results["ratios"] = {
-        "throughput_vs_base_only": round(head["tok_per_s"] / base["tok_per_s"], 3),
-        "warm_p95_vs_base_only_p95": round(head["warm_latency_p95_ms"] / base["latency_ms"][95], 3),
+        **{k: statistics.median(pair[k] for pair in results["pairs"]) for k in results["pairs"][0]},
         **({"throughput_vs_naive": round(head["tok_per_s"] / naive["tok_per_s"], 2),
             "base_only_vs_naive": round(base["tok_per_s"] / naive["tok_per_s"], 2),
             "engine_limit_vs_naive": round(results["engine_limit"]["tok_per_s"] / naive["tok_per_s"], 2)}
@@ -138,6 +145,11 @@ def run_bench(args) -> int:
         print("matplotlib is not installed: no plot (pip install 'loraserve[bench]')", file=sys.stderr)
     _print(results, args.adapters)
     return 0
+
+
+def _ratios(head: dict, base: dict) -> dict:
+    return {"throughput_vs_base_only": round(head["tok_per_s"] / base["tok_per_s"], 3),
+            "warm_p95_vs_base_only_p95": round(head["warm_latency_p95_ms"] / base["latency_ms"][95], 3)}
 
 
 def _print(results: dict, headline: int) -> None:
@@ -154,4 +166,6 @@ def _print(results: dict, headline: int) -> None:
     print(f"{'engine limit':>14} {results['engine_limit']['tok_per_s']:>9.1f}   (in process, base model, "
           f"static batches: no gRPC, scheduler or client)")
     print(f"scheduler overhead: {results['scheduler_overhead']['ms_per_request']:.3f} ms/request")
+    if len(results["pairs"]) > 1:
+        print(f"each pair at {headline} adapters: {json.dumps(results['pairs'])}")
     print(f"ratios at {headline} adapters: {json.dumps(results['ratios'])}")
