@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from loraserve.registry.prepare import CONFIG, WEIGHTS  # safetensors only: pick
 from loraserve.registry.weights import WeightsError, check_against_config, held_bytes, weight_facts
 from loraserve.runner.lora import (LoRALinear, LoraWeights, RowSlots, UnsupportedAdapter, parse_peft, slot_bytes,
                          wrap_linear_layers)
+from loraserve.runner.threads import side_executor
 from loraserve.scheduler.errors import AdapterIncompatible, AdapterLoadFailed, LoraServeError
 from loraserve.scheduler.types import AdapterRef
 
@@ -57,7 +57,7 @@ class AdapterSlots:
 
     def __init__(self, max_loras: int, max_rank: int, vram_budget_bytes: int, load_threads: int):
         self.max_loras, self.max_rank, self.vram_budget_bytes = max_loras, max_rank, vram_budget_bytes
-        self._loaders = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="adapter-load")
+        self._loaders = side_executor(load_threads, "adapter-load")
         self.ram: dict[AdapterRef, LoraWeights] = {}
         """Read (fetch) or demoted, not attached: in the serving dtype, page-locked on cuda."""
         self.attached: dict[AdapterRef, Attached] = {}

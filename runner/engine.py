@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +32,7 @@ from loraserve.runner.lora import RowSlots
 from loraserve.runner.sampling import Processor, Sampler
 from loraserve.runner.staging import Staging
 from loraserve.runner.steps import Steps
+from loraserve.runner.threads import engine_executor, side_executor
 from loraserve.scheduler.engine import Row, StepResult, Text, TextJob
 from loraserve.scheduler.errors import GenerationFailed, LoraServeError
 from loraserve.scheduler.types import AdapterRef, ResponseFormat
@@ -45,9 +45,9 @@ class TorchEngine(Steps):
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._executor = engine_executor()
         # Text is decoded here while the engine thread runs the next step (Engine.detokenize).
-        self._detokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detokenize")
+        self._detokenizer = side_executor(1, "detokenize")
         self._adapters = AdapterSlots(cfg.max_loras, cfg.max_lora_rank, cfg.vram_budget_bytes, cfg.load_threads)
         self._rows = RowSlots()
         self._module_names: frozenset[str] = frozenset()
