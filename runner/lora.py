@@ -16,8 +16,9 @@ the stacks in place (no per-row copy of the weights):
   of batched matmuls over every adapter present, then one index-add into the rows: a fixed
   handful of operations per layer however many adapters the batch mixes; rows of slot 0 cost
   nothing here, and a layer no present adapter adapts costs nothing at all. When every row has
-  an adapter and no two share one, the rows are their own chunks in place (no copy of
-  activations, the delta added by one batched multiply-add). Each layer keeps its chunks' A and
+  an adapter and the chunks are single rows (few rows share an adapter) or runs of one adapter's
+  rows already in order (a batch of one adapter), the rows stay in place: no copy of
+  activations, the delta added by one batched multiply-add. Each layer keeps its chunks' A and
   B, gathered from the stacks, for as long as the batch's slots repeat (decode steps mostly carry
   the same rows) and no slot of that layer is written: at most as many chunks as the stacks
   have slots, so never more memory than the stacks themselves.
@@ -139,7 +140,8 @@ class Groups:
     chunk_slots: torch.Tensor
     """[P] each chunk's slot."""
     gather: torch.Tensor | None
-    """[P x chunk] the row at each packed position; None when the rows are the chunks, in order."""
+    """[P x chunk] the row at each packed position; None when the rows already sit in their chunks
+    (every row has an adapter, and chunks are single rows or runs of one adapter's rows)."""
     rows: torch.Tensor | None
     """[n] the adapter rows, in packed order (None with gather)."""
     back: torch.Tensor | None
@@ -155,8 +157,10 @@ def group_rows(slots: tuple[int, ...] | list[int], device: torch.device) -> Grou
     present = tuple(sorted(members))
     sizes = tuple(len(members[s]) for s in present)
     m = _chunk_rows(sizes)
-    if m == 1 and sum(sizes) == len(slots):  # every row its own chunk, where it already is
-        return Groups(len(slots), present, sizes, 1, torch.tensor(slots, device=device), None, None, None)
+    if sum(sizes) == len(slots) and (m == 1 or (all(s % m == 0 for s in sizes) and list(slots) == sorted(slots))):
+        # Every row has an adapter and the chunks are the rows where they already are: one row
+        # each, or runs of m rows of one adapter (a batch of one adapter is one chunk).
+        return Groups(len(slots), present, sizes, m, torch.tensor(slots[::m], device=device), None, None, None)
     chunk_slots, gather, rows, back = [], [], [], []
     for slot in present:
         for at in range(0, len(members[slot]), m):
@@ -297,15 +301,16 @@ class LoRALinear(nn.Module):
         a, b = weights
         rows = groups.count
         width = x.numel() // (rows * self.in_features)  # columns per row
-        ys = y.view(rows, width, self.out_features)
+        chunks, m = groups.chunk_slots.shape[0], groups.chunk
         if groups.gather is None:
-            shrunk = torch.bmm(x.reshape(rows, width, self.in_features).to(a.dtype), a)
+            shrunk = torch.bmm(x.reshape(chunks, m * width, self.in_features).to(a.dtype), a)
+            ys = y.view(chunks, m * width, self.out_features)
             if y.dtype == b.dtype:
                 ys.baddbmm_(shrunk, b)
             else:
                 ys.add_(torch.bmm(shrunk, b).to(y.dtype))
             return y
-        chunks, m = groups.chunk_slots.shape[0], groups.chunk
+        ys = y.view(rows, width, self.out_features)
         xs = x.reshape(rows, width, self.in_features).index_select(0, groups.gather)
         xs = xs.view(chunks, m * width, self.in_features).to(a.dtype)
         delta = torch.bmm(torch.bmm(xs, a), b).view(chunks * m, width, self.out_features)

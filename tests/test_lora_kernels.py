@@ -110,15 +110,21 @@ def test_rows_are_packed_by_slot_once_per_forward():
     # The same beside a base row: the adapter rows gathered, each read back from where it went.
     groups = group_rows([1, 0, 2], torch.device("cpu"))
     assert (groups.chunk, groups.chunk_slots.tolist(), groups.gather.tolist(), groups.back) == (1, [1, 2], [0, 2], None)
+    # One adapter's rows, or runs of each adapter's rows in slot order: chunks of several rows, in place.
+    groups = group_rows([3] * 8, torch.device("cpu"))
+    assert (groups.chunk, groups.chunk_slots.tolist(), groups.gather) == (8, [3], None)
+    groups = group_rows([1, 1, 2, 2], torch.device("cpu"))
+    assert (groups.chunk, groups.chunk_slots.tolist(), groups.gather) == (2, [1, 2], None)
     # One adapter's 8 rows beside one of 1: chunks of 4, so that adapter's weights are read twice, not 8 times.
     groups = group_rows([5] * 8 + [6], torch.device("cpu"))
     assert (groups.chunk, groups.chunk_slots.tolist()) == (4, [5, 5, 6])
 
 
-@pytest.mark.parametrize("slots", [[3, 3, 3, 3], [1, 1, 2, 3], [0, 0, 2, 0], [2, 0, 2, 0], [1] * 9 + [2, 3]])
+@pytest.mark.parametrize("slots", [[3, 3, 3, 3], [1, 1, 2, 3], [1, 1, 2, 2], [2, 2, 1, 1], [0, 0, 2, 0], [2, 0, 2, 0],
+                                   [1] * 9 + [2, 3]])
 def test_the_grouped_path_in_every_shape_of_batch(slots):
-    """One adapter, rows already in slot order (added in place), base rows only but one, and
-    one adapter's rows apart: the same as the gather."""
+    """One adapter, rows already in slot order (added in place), the same runs out of slot order
+    (gathered), base rows only but one, and one adapter's rows apart: the same as the gather."""
     wrapped = layer(40, 24, RowSlots("grouped"), torch.float32)
     x = torch.randn(len(slots), 3, 40, generator=torch.Generator().manual_seed(6))
     assert share(forward(wrapped, x, slots), gathered(wrapped, x, slots)) <= 1e-6
