@@ -5,14 +5,14 @@ Only the linear layers that served adapters target are wrapped (the engine's
 gets a slot; each wrapped layer keeps its resident adapters' A^T and (scale x B^T) stacked by
 slot, with room for the largest rank, and a per-slot rank table (0 where the slot's adapter does
 not adapt this layer, and for slot 0, the rows without an adapter). A batch's rows each name a
-slot, and every forward adds each row's `(x @ a[slot, :, :rank]) @ b[slot, :rank, :]`, reading
-the stacks in place (no per-row copy of the weights):
+slot, and every forward adds each row's `(x @ a[slot, :, :rank]) @ b[slot, :rank, :]`:
 
-* on CUDA, two Triton kernels over the rows' slot indices and the rank table
-  (runner/lora_kernels.py; BGMV: each row reads its own adapter's weights, at its own rank; rows
-  of slot 0 return at once), with fixed shapes and no host syncs, so CUDA graphs capture them;
+* on CUDA, two Triton kernels over the rows' slot indices and the rank table, reading the stacks
+  in place, with no copy of the weights (runner/lora_kernels.py; BGMV: each row reads its own
+  adapter's weights, at its own rank; rows of slot 0 return at once), with fixed shapes and no
+  host syncs, so CUDA graphs capture them;
 * elsewhere, grouped by slot (SGMV-like): each adapter's rows packed into chunks (a copy of
-  their activations, worked out once per forward), each chunk's A and B read once, and one pair
+  their activations, worked out once per forward), each chunk's A and B copied once, and one pair
   of batched matmuls over every adapter present, then one index-add into the rows: a fixed
   handful of operations per layer however many adapters the batch mixes; rows of slot 0 cost
   nothing here, and a layer no present adapter adapts costs nothing at all. When every row has
