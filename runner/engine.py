@@ -25,8 +25,9 @@ from loraserve.runner.config import EngineConfig
 from loraserve.runner.detok import decode_new
 from loraserve.runner.graphs import CaptureFailed, DecodeGraphs
 from loraserve.runner.guided import Guide
-from loraserve.runner.kvpool import ATTENTION, KERNELS
-from loraserve.runner.loading import allocate_pool, load_model, lora_kernel, refuse_unsupported_attention, resolve_dtype
+from loraserve.runner.kvpool import ATTENTION
+from loraserve.runner.loading import (allocate_pool, attention_kernel, load_model, lora_kernel,
+                                     refuse_unsupported_attention, resolve_dtype)
 from loraserve.runner.logprobs import Logprobs
 from loraserve.runner.lora import RowSlots
 from loraserve.runner.sampling import Processor, Sampler
@@ -79,10 +80,7 @@ class TorchEngine(Steps):
         self._tokenizer, self._model, self._device = load_model(self.cfg)
         self._dtype = resolve_dtype(self.cfg.dtype, self._device)
         self._module_names = frozenset(n.rsplit(".", 1)[-1] for n, _ in self._model.named_modules() if n)
-        if self.cfg.attention not in KERNELS:
-            raise ValueError(f"attention must be one of {', '.join(KERNELS)}, not {self.cfg.attention!r}")
-        self._kernel = self.cfg.attention if self.cfg.attention != "auto" else (
-            "flex" if self._device.type == "cuda" else "reference")
+        self._kernel = attention_kernel(self.cfg.attention, self._device, self.cfg.kv_block_size)
         # A captured step has fixed shapes: only the block mask reads a row's length without a host int.
         capture = self._device.type == "cuda" and self._kernel == "flex" and self.cfg.decode_graphs == "auto"
         # FlexAttention is compiled per shape: uncaptured decode takes the graphs' row buckets too.

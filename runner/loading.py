@@ -8,7 +8,7 @@ import logging
 import torch
 
 from loraserve.runner.config import EngineConfig
-from loraserve.runner.kvpool import KVPool, geometry_of
+from loraserve.runner.kvpool import KERNELS, KVPool, geometry_of
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,29 @@ def load_model(cfg: EngineConfig):
         model.to(device)
     model.eval()
     return tokenizer, model, device
+
+
+def attention_kernel(attention: str, device: torch.device, block_size: int) -> str:
+    """The decode attention: `attention` as asked, or for auto FlexAttention on cuda and the
+    reference gather elsewhere. FlexAttention's cuda decode kernel tiles the keys by the KV block
+    and multiplies them with Triton's tl.dot, which compiles only for a K dimension of at least 16
+    (a power of two, as every tile is): with smaller blocks auto takes the reference kernel, and
+    flex asked for is refused here rather than by the first decode step."""
+    if attention not in KERNELS:
+        raise ValueError(f"attention must be one of {', '.join(KERNELS)}, not {attention!r}")
+    tiles = device.type != "cuda" or (block_size >= 16 and block_size & (block_size - 1) == 0)
+    if attention == "flex" and not tiles:
+        raise ValueError(f"--attention flex on cuda needs --kv-block-size a power of two of at least 16 (its decode "
+                         f"kernel's tl.dot), not {block_size}")
+    if attention != "auto":
+        return attention
+    if device.type != "cuda":
+        return "reference"
+    if not tiles:
+        log.warning("KV blocks of %d positions are too small for FlexAttention's cuda kernel (a power of two of at "
+                    "least 16): decode attention is the reference gather, without CUDA graphs", block_size)
+        return "reference"
+    return "flex"
 
 
 def lora_kernel(device: torch.device) -> str:

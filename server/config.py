@@ -110,8 +110,9 @@ class EngineSection(Section):
     kv_block_size: int = _f(16, "Token positions per KV cache block (the unit sequences take as they grow).")
     gpu_memory_fraction: float = _f(0.90, "cuda: the share of device memory the process may fill (weights, "
                                           "adapters, KV pool) when kv_cache_mib is 0.")
-    attention: str = _f("auto", "Decode attention: auto (flex on cuda, reference elsewhere), flex (FlexAttention "
-                                "over the block tables) or reference (a gather of each row's positions, and SDPA).")
+    attention: str = _f("auto", "Decode attention: auto (flex on cuda with --kv-block-size a power of two of at "
+                                "least 16, reference otherwise), flex (FlexAttention over the block tables) or "
+                                "reference (a gather of each row's positions, and SDPA).")
     max_model_len: int = _f(0, "Most tokens (prompt + generated) per sequence; 0 = the model's position limit "
                                "(max_position_embeddings).")
     prefill_chunk_tokens: int = _f(512, "Prompt tokens one prefill forward takes at most; longer prompts run in "

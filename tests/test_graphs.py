@@ -22,8 +22,9 @@ PROMPTS = (PROMPT, "Question: Is this normal?\nAnswer:", "Hello there", "Questio
 
 
 def _engine(demo_dir, mode: str, device: str = "cpu", dtype: str = "float32", **cfg) -> TorchEngine:
+    # FlexAttention's cuda kernel needs blocks of at least 16 (runner/loading.attention_kernel).
     engine = TorchEngine(EngineConfig(demo_dir / "base", device=device, dtype=dtype, max_rows=8, max_model_len=160,
-                                      kv_block_size=8, decode_graphs=mode, **cfg))
+                                      kv_block_size=16 if device == "cuda" else 8, decode_graphs=mode, **cfg))
     asyncio.run(engine.start())
     return engine
 

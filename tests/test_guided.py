@@ -239,7 +239,7 @@ def test_a_guided_step_reads_no_device_value_but_its_one_transfer(engine, demo_d
 def test_a_guided_cuda_step_synchronises_only_in_its_fetch(demo_dir, monkeypatch):
     """The bitmask goes in from page-locked memory, asynchronously; the mask is applied by a kernel."""
     engine = TorchEngine(EngineConfig(demo_dir / "base", device="cuda", max_rows=8, max_model_len=192,
-                                      kv_block_size=8))
+                                      kv_block_size=16))
     asyncio.run(engine.start())
     try:
         batch = Batch(engine, demo_dir, [("base", ResponseFormat(PERSON), []), ("base", None, []),

@@ -327,6 +327,22 @@ def test_a_deterministic_server_reserves_blocks_and_never_preempts(demo_dir):
         srv.stop()
 
 
+def test_flex_attention_on_cuda_takes_blocks_its_kernel_tiles():
+    """FlexAttention's cuda decode kernel multiplies key tiles of one KV block with tl.dot, which
+    Triton compiles only for K >= 16: smaller blocks take the reference kernel under auto, and flex
+    asked for is refused at start-up. Elsewhere any block size goes (no device is touched here)."""
+    from loraserve.runner.loading import attention_kernel
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [attention_kernel("auto", cuda, bs) for bs in (8, 16, 24, 32)] == ["reference", "flex", "reference", "flex"]
+    with pytest.raises(ValueError, match="--attention flex on cuda needs --kv-block-size a power of two"):
+        attention_kernel("flex", cuda, 8)
+    assert attention_kernel("flex", cpu, 4) == "flex" and attention_kernel("auto", cpu, 16) == "reference"
+    assert attention_kernel("reference", cuda, 8) == "reference"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        attention_kernel("paged", cpu, 16)
+
+
 def test_engine_config_carries_the_pool_flags(demo_dir):
     cfg = server_config(demo_dir, kv_cache_mib=3.5, kv_block_size=8, gpu_memory_fraction=0.5, attention="flex")
     ec = engine_config(cfg)

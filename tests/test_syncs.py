@@ -40,8 +40,9 @@ READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "
 
 
 def _engine(demo_dir, mode: str, device: str = "cpu") -> TorchEngine:
+    # FlexAttention's cuda kernel needs blocks of at least 16 (runner/loading.attention_kernel).
     engine = TorchEngine(EngineConfig(demo_dir / "base", device=device, max_rows=8, max_model_len=160,
-                                      kv_block_size=8, decode_graphs=mode))
+                                      kv_block_size=16 if device == "cuda" else 8, decode_graphs=mode))
     asyncio.run(engine.start())
     return engine
 
