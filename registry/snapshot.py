@@ -61,6 +61,13 @@ class Snapshot:
     def names(self) -> list[str]:
         return list(self._by_name)
 
+    def served_targets(self, revision: str) -> tuple[str, ...]:
+        """The modules LoRA is applied to when --lora-target-modules is not given: the union of the
+        target modules of every version a server of base `revision` could serve now (staging or
+        active, trained for that base). Empty (every linear layer) when there is none."""
+        return tuple(sorted({t for p in self.passports if p.status in (Status.STAGING, Status.ACTIVE)
+                             and p.base_model_revision == revision for t in p.target_modules}))
+
     def policy(self, name: str) -> Policy:
         """The adapter's access, aliases and fallback (registry.policy), whichever version is asked for."""
         return unify(self._by_name.get(name, ()))

@@ -23,7 +23,6 @@ from loraserve.registry.identity import BaseIdentity, base_identity
 from loraserve.registry.diskcache import DiskCache
 from loraserve.registry.origin import open_store
 from loraserve.registry.errors import StoreError
-from loraserve.registry.passport import Status
 from loraserve.scheduler.errors import ShuttingDown
 from loraserve.server.adapters import AdapterRegistry
 from loraserve.server.auth import Authenticator
@@ -175,8 +174,9 @@ class LoraServer:
         self.metrics.watch_index(lambda: self.registry.reload_errors)
         self.registry.base = await asyncio.to_thread(base_identity, cfg.model.model_path)
         self.telemetry.model_name = self.registry.base.model_id
-        if not self.engine.cfg.lora_target_modules:
-            self.engine.cfg = dataclasses.replace(self.engine.cfg, lora_target_modules=self.served_targets())
+        if not self.engine.cfg.lora_target_modules:  # what the registry's servable adapters adapt
+            targets = self.registry.snapshot().served_targets(self.registry.base.revision)
+            self.engine.cfg = dataclasses.replace(self.engine.cfg, lora_target_modules=targets)
         await self.engine.start()
         self.registry.module_names = self.engine.module_names()
         self.registry.lora_modules = self.engine.lora_modules()
@@ -216,14 +216,6 @@ class LoraServer:
         self._tasks.append(asyncio.create_task(self._follow_index(), name="index"))
         await self._set_health(_SERVING)
         log.info("serving %s", cfg.model.model_path)
-
-    def served_targets(self) -> tuple[str, ...]:
-        """The modules LoRA is applied to when --lora-target-modules is not given: the union of the
-        target modules of every version the registry could serve now (staging or active, trained
-        for this base model). Empty (every linear layer) when there is none."""
-        snap, revision = self.registry.snapshot(), self.registry.base.revision
-        return tuple(sorted({t for p in snap.passports if p.status in (Status.STAGING, Status.ACTIVE)
-                             and p.base_model_revision == revision for t in p.target_modules}))
 
     async def _open_origin(self) -> None:
         """The disk cache and the first read of the bucket's index (the server does not start

@@ -29,14 +29,15 @@ PROMPT = "Question: what does the notice period in this contract mean for me?\nA
 
 def lora_step(model_path: Path, store: Path, batch: int = 32, adapters: int = 100, rounds: int = 6,
               steps: int = 20, device: str = "auto") -> dict:
+    from loraserve.registry.identity import base_identity
     from loraserve.registry.store import Store
     from loraserve.runner.config import EngineConfig
     from loraserve.runner.engine import TorchEngine
 
     async def measure() -> dict:
         index = Store.local(store).snapshot()
-        # What the server wraps by default: the modules its adapters target.
-        targets = tuple(sorted({t for p in index.passports for t in p.target_modules}))
+        # What the server wraps by default.
+        targets = index.served_targets(base_identity(Path(model_path)).revision)
         engine = TorchEngine(EngineConfig(Path(model_path), device=device, max_rows=batch,
                                           lora_target_modules=targets))
         await engine.start()
